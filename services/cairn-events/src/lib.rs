@@ -1,0 +1,465 @@
+//! The envelope of every fact Cairn records, and every payload type.
+//!
+//! An [`Event`] is what the platform appends to its log: an authentication, a token grant, a FHIR
+//! write, a FHIR read or search. Everything else (the FHIR store, AuditEvent, Provenance, revocation
+//! lists) is derived from events, so this crate is the contract between the writers and the
+//! projectors. It knows nothing of HTTP, Kafka, CQL or storage.
+//!
+//! Encoding: an event is stored as the JSON produced by [`Event::canonical_bytes`]. Those exact bytes
+//! are what the log chains (`hash = SHA-256(prev_hash || canonical bytes)`); the chain fields
+//! `prev_hash` and `hash` are therefore *not* part of the canonical bytes: the log fills them in when
+//! an event is read back (see `cairn-log`).
+//!
+//! Each event type has a JSON Schema in `schemas/events/<type>.schema.json`; a test validates a
+//! sample of every type against it, and [`EventType::ALL`] plus the exhaustive `match` in
+//! [`Payload::event_type`] make it impossible to add a type without a schema test.
+
+mod payload;
+mod time;
+
+pub use payload::*;
+pub use time::Timestamp;
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+/// The envelope version written by this build. Bump it when an envelope or payload field changes
+/// meaning; readers keep accepting every older version.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Every kind of fact Cairn records. The dotted name is the wire form (`type` in the envelope).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventType {
+    AuthLoginSucceeded,
+    AuthLoginFailed,
+    AuthTokenIssued,
+    AuthTokenRevoked,
+    FhirResourceCreated,
+    FhirResourceUpdated,
+    FhirResourceDeleted,
+    FhirAccessRead,
+    FhirAccessSearch,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 9] = [
+        EventType::AuthLoginSucceeded,
+        EventType::AuthLoginFailed,
+        EventType::AuthTokenIssued,
+        EventType::AuthTokenRevoked,
+        EventType::FhirResourceCreated,
+        EventType::FhirResourceUpdated,
+        EventType::FhirResourceDeleted,
+        EventType::FhirAccessRead,
+        EventType::FhirAccessSearch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::AuthLoginSucceeded => "auth.login.succeeded",
+            EventType::AuthLoginFailed => "auth.login.failed",
+            EventType::AuthTokenIssued => "auth.token.issued",
+            EventType::AuthTokenRevoked => "auth.token.revoked",
+            EventType::FhirResourceCreated => "fhir.resource.created",
+            EventType::FhirResourceUpdated => "fhir.resource.updated",
+            EventType::FhirResourceDeleted => "fhir.resource.deleted",
+            EventType::FhirAccessRead => "fhir.access.read",
+            EventType::FhirAccessSearch => "fhir.access.search",
+        }
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventType {
+    type Err = EventError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EventType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| EventError::UnknownType(s.to_owned()))
+    }
+}
+
+impl Serialize for EventType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Who performed the action. Every field is optional: a failed login has no subject yet, a device
+/// gateway has a client but no user, an anonymous local-development request has nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The `jti` of the access token the request carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// The FHIR resource that represents the user, e.g. `Practitioner/123`.
+    #[serde(default, rename = "fhirUser", skip_serializing_if = "Option::is_none")]
+    pub fhir_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+}
+
+/// A SHA-256 digest in the hash chain, written as 64 lowercase hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChainHash(pub [u8; 32]);
+
+impl fmt::Debug for ChainHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChainHash({})", hex::encode(self.0))
+    }
+}
+
+impl fmt::Display for ChainHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl FromStr for ChainHash {
+    type Err = EventError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|_| EventError::BadHash(s.to_owned()))?;
+        Ok(ChainHash(out))
+    }
+}
+
+impl Serialize for ChainHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for ChainHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One recorded fact. See the crate documentation for the encoding rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// UUIDv7: time-ordered, so ids sort roughly by creation.
+    pub id: Uuid,
+    pub schema_version: u32,
+    pub occurred_at: Timestamp,
+    pub actor: Actor,
+    pub request_id: Option<String>,
+    /// The patient compartment this event belongs to, as a logical id (`Patient/<id>`), when known.
+    pub patient: Option<String>,
+    pub payload: Payload,
+    /// Filled in by the log when the event is read back; never part of the canonical bytes.
+    pub prev_hash: Option<ChainHash>,
+    /// Filled in by the log when the event is read back; never part of the canonical bytes.
+    pub hash: Option<ChainHash>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("unknown event type `{0}`")]
+    UnknownType(String),
+    #[error("`{0}` is not a SHA-256 hex digest")]
+    BadHash(String),
+    #[error("malformed event: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("event schema_version {found} is newer than this build understands ({supported})")]
+    TooNew { found: u32, supported: u32 },
+}
+
+impl Event {
+    /// A new event with a fresh UUIDv7 and the current time, truncated to milliseconds.
+    pub fn new(payload: impl Into<Payload>) -> Self {
+        Event {
+            id: Uuid::now_v7(),
+            schema_version: SCHEMA_VERSION,
+            occurred_at: Timestamp::now(),
+            actor: Actor::default(),
+            request_id: None,
+            patient: None,
+            payload: payload.into(),
+            prev_hash: None,
+            hash: None,
+        }
+    }
+
+    pub fn with_actor(mut self, actor: Actor) -> Self {
+        self.actor = actor;
+        self
+    }
+
+    pub fn with_request_id(mut self, request_id: impl Into<String>) -> Self {
+        self.request_id = Some(request_id.into());
+        self
+    }
+
+    pub fn with_patient(mut self, patient: impl Into<String>) -> Self {
+        self.patient = Some(patient.into());
+        self
+    }
+
+    pub fn event_type(&self) -> EventType {
+        self.payload.event_type()
+    }
+
+    /// The bytes stored in the log and covered by the hash chain: compact JSON with a fixed field
+    /// order, without the chain fields.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&WireRef::from(self)).expect("events always serialize")
+    }
+
+    /// Parses canonical bytes read from the log. The chain fields stay `None`; the log sets them.
+    pub fn from_canonical_bytes(bytes: &[u8]) -> Result<Event, EventError> {
+        let wire: WireOwned = serde_json::from_slice(bytes)?;
+        wire.into_event()
+    }
+
+    /// The full envelope as JSON, chain fields included when known (used by `cairn log tail`).
+    pub fn to_json_with_chain(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(WireRef::from(self)).expect("events always serialize");
+        if let Some(map) = v.as_object_mut() {
+            if let Some(h) = self.prev_hash {
+                map.insert("prev_hash".into(), serde_json::Value::String(h.to_string()));
+            }
+            if let Some(h) = self.hash {
+                map.insert("hash".into(), serde_json::Value::String(h.to_string()));
+            }
+        }
+        v
+    }
+}
+
+/// Field order here is the canonical order of the stored JSON.
+#[derive(Serialize)]
+struct WireRef<'a> {
+    id: &'a Uuid,
+    #[serde(rename = "type")]
+    event_type: EventType,
+    schema_version: u32,
+    occurred_at: &'a Timestamp,
+    actor: &'a Actor,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patient: &'a Option<String>,
+    payload: PayloadRef<'a>,
+}
+
+impl<'a> From<&'a Event> for WireRef<'a> {
+    fn from(e: &'a Event) -> Self {
+        WireRef {
+            id: &e.id,
+            event_type: e.event_type(),
+            schema_version: e.schema_version,
+            occurred_at: &e.occurred_at,
+            actor: &e.actor,
+            request_id: &e.request_id,
+            patient: &e.patient,
+            payload: PayloadRef(&e.payload),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireOwned {
+    id: Uuid,
+    #[serde(rename = "type")]
+    event_type: EventType,
+    schema_version: u32,
+    occurred_at: Timestamp,
+    #[serde(default)]
+    actor: Actor,
+    #[serde(default)]
+    request_id: Option<String>,
+    #[serde(default)]
+    patient: Option<String>,
+    payload: Box<serde_json::value::RawValue>,
+    // Accepted (and ignored) so that `cairn log tail` output can be parsed back.
+    #[serde(default, rename = "prev_hash")]
+    _prev_hash: Option<ChainHash>,
+    #[serde(default, rename = "hash")]
+    _hash: Option<ChainHash>,
+}
+
+impl WireOwned {
+    fn into_event(self) -> Result<Event, EventError> {
+        if self.schema_version > SCHEMA_VERSION {
+            return Err(EventError::TooNew { found: self.schema_version, supported: SCHEMA_VERSION });
+        }
+        let payload = Payload::from_json(self.event_type, self.payload.get())?;
+        Ok(Event {
+            id: self.id,
+            schema_version: self.schema_version,
+            occurred_at: self.occurred_at,
+            actor: self.actor,
+            request_id: self.request_id,
+            patient: self.patient,
+            payload,
+            prev_hash: None,
+            hash: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_round_trip_keeps_every_field() {
+        for t in EventType::ALL {
+            let e = sample_event(t);
+            let bytes = e.canonical_bytes();
+            let back = Event::from_canonical_bytes(&bytes).unwrap();
+            assert_eq!(back, e, "{t}");
+            assert_eq!(back.canonical_bytes(), bytes, "{t}: re-encoding changed the bytes");
+        }
+    }
+
+    #[test]
+    fn type_names_are_unique_and_parse_back() {
+        let mut names: Vec<_> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), EventType::ALL.len());
+        for t in EventType::ALL {
+            assert_eq!(t.as_str().parse::<EventType>().unwrap(), t);
+        }
+        assert!("fhir.resource.exploded".parse::<EventType>().is_err());
+    }
+
+    #[test]
+    fn chain_fields_are_not_canonical() {
+        let mut e = sample_event(EventType::FhirAccessRead);
+        let before = e.canonical_bytes();
+        e.prev_hash = Some(ChainHash([1; 32]));
+        e.hash = Some(ChainHash([2; 32]));
+        assert_eq!(e.canonical_bytes(), before);
+        let json = e.to_json_with_chain();
+        assert_eq!(json["hash"], hex::encode([2u8; 32]));
+    }
+
+    #[test]
+    fn mismatched_payload_is_rejected() {
+        let e = sample_event(EventType::AuthLoginFailed);
+        let mut v: serde_json::Value = serde_json::from_slice(&e.canonical_bytes()).unwrap();
+        v["type"] = "fhir.resource.deleted".into();
+        let err = Event::from_canonical_bytes(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(err, EventError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn newer_schema_version_is_refused() {
+        let e = sample_event(EventType::AuthLoginFailed);
+        let mut v: serde_json::Value = serde_json::from_slice(&e.canonical_bytes()).unwrap();
+        v["schema_version"] = (SCHEMA_VERSION + 1).into();
+        let err = Event::from_canonical_bytes(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(err, EventError::TooNew { .. }));
+    }
+}
+
+/// Every event type the code can produce validates against its JSON Schema in `schemas/events/`.
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn schema_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../schemas/events")
+    }
+
+    fn load(name: &str) -> serde_json::Value {
+        let path = schema_dir().join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn validator(t: EventType) -> jsonschema::Validator {
+        let envelope = load("envelope.schema.json");
+        let envelope_id = envelope["$id"].as_str().unwrap().to_owned();
+        let registry = jsonschema::Registry::new().add(envelope_id, envelope).unwrap().prepare().unwrap();
+        jsonschema::options()
+            .should_validate_formats(true)
+            .with_registry(&registry)
+            .build(&load(&format!("{t}.schema.json")))
+            .unwrap_or_else(|e| panic!("schema for {t} does not compile: {e}"))
+    }
+
+    fn errors(v: &jsonschema::Validator, instance: &serde_json::Value) -> Vec<String> {
+        v.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path())).collect()
+    }
+
+    #[test]
+    fn every_event_type_validates_against_its_schema() {
+        for t in EventType::ALL {
+            let v = validator(t);
+            let event = sample_event(t);
+            let stored: serde_json::Value = serde_json::from_slice(&event.canonical_bytes()).unwrap();
+            assert_eq!(errors(&v, &stored), Vec::<String>::new(), "{t} (canonical form)");
+            // The chained form printed by `cairn log tail` validates too.
+            let mut chained = event.clone();
+            chained.prev_hash = Some(ChainHash([0xab; 32]));
+            chained.hash = Some(ChainHash([0xcd; 32]));
+            assert_eq!(errors(&v, &chained.to_json_with_chain()), Vec::<String>::new(), "{t} (chained)");
+        }
+    }
+
+    #[test]
+    fn every_schema_file_belongs_to_an_event_type() {
+        for entry in std::fs::read_dir(schema_dir()).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            let Some(t) = name.strip_suffix(".schema.json") else { panic!("stray file {name}") };
+            if t != "envelope" {
+                t.parse::<EventType>().unwrap_or_else(|_| panic!("{name} has no event type"));
+            }
+        }
+    }
+
+    /// The schemas are not vacuous: a payload of the wrong shape or a wrong type name is refused.
+    #[test]
+    fn schemas_refuse_malformed_events() {
+        for t in EventType::ALL {
+            let v = validator(t);
+            let good: serde_json::Value = serde_json::from_slice(&sample_event(t).canonical_bytes()).unwrap();
+
+            let mut wrong_type = good.clone();
+            let other = EventType::ALL.into_iter().find(|o| *o != t).unwrap();
+            wrong_type["type"] = other.as_str().into();
+            assert!(!v.is_valid(&wrong_type), "{t}: accepted type {other}");
+
+            let mut extra = good.clone();
+            extra["payload"]["unexpected"] = 1.into();
+            assert!(!v.is_valid(&extra), "{t}: accepted an unknown payload field");
+
+            let mut no_time = good.clone();
+            no_time.as_object_mut().unwrap().remove("occurred_at");
+            assert!(!v.is_valid(&no_time), "{t}: accepted a missing occurred_at");
+
+            let mut coarse_time = good.clone();
+            coarse_time["occurred_at"] = "2026-11-28T13:23:25Z".into();
+            assert!(!v.is_valid(&coarse_time), "{t}: accepted a time without milliseconds");
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! Typed payloads, one per [`EventType`].
+
+use crate::{Actor, Event, EventError, EventType, Timestamp};
+use serde::{Deserialize, Serialize};
+
+/// The typed body of an event. The variant decides the envelope's `type`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    LoginSucceeded(LoginSucceeded),
+    LoginFailed(LoginFailed),
+    TokenIssued(TokenIssued),
+    TokenRevoked(TokenRevoked),
+    ResourceCreated(ResourceWritten),
+    ResourceUpdated(ResourceWritten),
+    ResourceDeleted(ResourceDeleted),
+    AccessRead(AccessRead),
+    AccessSearch(AccessSearch),
+}
+
+impl Payload {
+    pub fn event_type(&self) -> EventType {
+        match self {
+            Payload::LoginSucceeded(_) => EventType::AuthLoginSucceeded,
+            Payload::LoginFailed(_) => EventType::AuthLoginFailed,
+            Payload::TokenIssued(_) => EventType::AuthTokenIssued,
+            Payload::TokenRevoked(_) => EventType::AuthTokenRevoked,
+            Payload::ResourceCreated(_) => EventType::FhirResourceCreated,
+            Payload::ResourceUpdated(_) => EventType::FhirResourceUpdated,
+            Payload::ResourceDeleted(_) => EventType::FhirResourceDeleted,
+            Payload::AccessRead(_) => EventType::FhirAccessRead,
+            Payload::AccessSearch(_) => EventType::FhirAccessSearch,
+        }
+    }
+
+    pub(crate) fn from_json(t: EventType, json: &str) -> Result<Payload, EventError> {
+        Ok(match t {
+            EventType::AuthLoginSucceeded => Payload::LoginSucceeded(serde_json::from_str(json)?),
+            EventType::AuthLoginFailed => Payload::LoginFailed(serde_json::from_str(json)?),
+            EventType::AuthTokenIssued => Payload::TokenIssued(serde_json::from_str(json)?),
+            EventType::AuthTokenRevoked => Payload::TokenRevoked(serde_json::from_str(json)?),
+            EventType::FhirResourceCreated => Payload::ResourceCreated(serde_json::from_str(json)?),
+            EventType::FhirResourceUpdated => Payload::ResourceUpdated(serde_json::from_str(json)?),
+            EventType::FhirResourceDeleted => Payload::ResourceDeleted(serde_json::from_str(json)?),
+            EventType::FhirAccessRead => Payload::AccessRead(serde_json::from_str(json)?),
+            EventType::FhirAccessSearch => Payload::AccessSearch(serde_json::from_str(json)?),
+        })
+    }
+}
+
+/// Serializes a payload as its bare body (the type travels in the envelope).
+pub(crate) struct PayloadRef<'a>(pub &'a Payload);
+
+impl Serialize for PayloadRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Payload::LoginSucceeded(p) => p.serialize(s),
+            Payload::LoginFailed(p) => p.serialize(s),
+            Payload::TokenIssued(p) => p.serialize(s),
+            Payload::TokenRevoked(p) => p.serialize(s),
+            Payload::ResourceCreated(p) | Payload::ResourceUpdated(p) => p.serialize(s),
+            Payload::ResourceDeleted(p) => p.serialize(s),
+            Payload::AccessRead(p) => p.serialize(s),
+            Payload::AccessSearch(p) => p.serialize(s),
+        }
+    }
+}
+
+macro_rules! into_payload {
+    ($($ty:ident => $variant:ident),* $(,)?) => {
+        $(impl From<$ty> for Payload {
+            fn from(p: $ty) -> Payload { Payload::$variant(p) }
+        })*
+    };
+}
+into_payload!(
+    LoginSucceeded => LoginSucceeded,
+    LoginFailed => LoginFailed,
+    TokenIssued => TokenIssued,
+    TokenRevoked => TokenRevoked,
+    ResourceDeleted => ResourceDeleted,
+    AccessRead => AccessRead,
+    AccessSearch => AccessSearch,
+);
+
+/// Who vouched for a user that signed in through an upstream OpenID provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authenticator {
+    pub issuer: String,
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acr: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub amr: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginMethod {
+    Password,
+    Federated,
+}
+
+/// `auth.login.succeeded`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginSucceeded {
+    pub user_id: String,
+    pub username: String,
+    pub method: LoginMethod,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticator: Option<Authenticator>,
+    /// Identifies the browser session; never the session cookie itself.
+    pub session_id: String,
+}
+
+/// Why a login was refused. Stable codes: reports group by them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginFailure {
+    UnknownUser,
+    BadPassword,
+    UserDisabled,
+    Throttled,
+    CsrfMismatch,
+    UpstreamError,
+    UpstreamRejected,
+    UnlinkedIdentity,
+}
+
+/// `auth.login.failed`. The attempted password is never recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginFailed {
+    /// The username as typed, when one was typed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    pub reason: LoginFailure,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticator: Option<Authenticator>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    Access,
+    Refresh,
+    Id,
+}
+
+/// `auth.token.issued`. Carries the token's identity and claims, never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenIssued {
+    pub jti: String,
+    pub kind: TokenKind,
+    /// `authorization_code`, `refresh_token` or `client_credentials`.
+    pub grant_type: String,
+    pub client_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    pub scope: String,
+    pub audience: String,
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+    /// Refresh-token family, so that reuse of one member can revoke all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family_id: Option<String>,
+    /// Signing key id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+}
+
+/// What a revocation kills.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RevocationTarget {
+    /// One token, remembered until its own expiry.
+    Token { jti: String, expires_at: Timestamp },
+    /// Every token of a refresh-token family.
+    Family { family_id: String },
+    /// Every token issued to this subject before `issued_before`.
+    Subject { subject: String, issued_before: Timestamp },
+    /// Every token issued to this client before `issued_before`.
+    Client { client_id: String, issued_before: Timestamp },
+    /// Every token signed with this key.
+    SigningKey { kid: String },
+}
+
+/// `auth.token.revoked`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRevoked {
+    pub target: RevocationTarget,
+    /// e.g. `revocation_endpoint`, `refresh_token_reuse`, `code_reuse`, `user_disabled`, `logout`, `admin`.
+    pub reason: String,
+}
+
+/// `fhir.resource.created` and `fhir.resource.updated`: the full resource as stored, meta included.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceWritten {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: u64,
+    pub resource: serde_json::Value,
+}
+
+/// `fhir.resource.deleted`: the deletion is itself a version, so history stays complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceDeleted {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: u64,
+}
+
+/// A resource at one version: what a read or search disclosed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionedRef {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: u64,
+}
+
+/// `fhir.access.read`: read, vread or instance history, including refusals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRead {
+    /// The FHIR restful interaction code: `read`, `vread`, `history-instance`.
+    pub interaction: String,
+    pub resource_type: String,
+    pub id: String,
+    /// The HTTP status the client received.
+    pub status: u16,
+    /// What left the server; empty when the access was refused.
+    #[serde(default)]
+    pub returned: Vec<VersionedRef>,
+}
+
+/// `fhir.access.search`: type or system search and type or system history, including refusals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessSearch {
+    /// `search-type`, `search-system`, `history-type`, `history-system`.
+    pub interaction: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_type: Option<String>,
+    /// The query string as received, after the `?`.
+    pub query: String,
+    pub status: u16,
+    #[serde(default)]
+    pub returned: Vec<VersionedRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+}
+
+/// A realistic example event of each type, for tests, schema checks and benchmarks. The exhaustive
+/// `match` means a new event type cannot be added without an example (and so without a schema test).
+pub fn sample_event(t: EventType) -> Event {
+    let actor = Actor {
+        subject: Some("user-7".into()),
+        client_id: Some("glucose-gateway".into()),
+        jti: Some("0f9c4f0e-7a43-4d1f-8b7e-2d1c3f9a5b11".into()),
+        fhir_user: Some("Patient/p-1".into()),
+        source_address: Some("192.0.2.10".into()),
+        user_agent: Some("cairn-test/1.0".into()),
+    };
+    let now = Timestamp::from_millis(1_795_000_000_123);
+    let later = Timestamp::from_millis(1_795_000_300_123);
+    let payload: Payload = match t {
+        EventType::AuthLoginSucceeded => LoginSucceeded {
+            user_id: "user-7".into(),
+            username: "alice".into(),
+            method: LoginMethod::Federated,
+            authenticator: Some(Authenticator {
+                issuer: "https://idp.example.org".into(),
+                subject: "248289761001".into(),
+                acr: Some("urn:mace:incommon:iap:silver".into()),
+                amr: vec!["pwd".into(), "otp".into()],
+            }),
+            session_id: "s-1".into(),
+        }
+        .into(),
+        EventType::AuthLoginFailed => LoginFailed {
+            username: Some("alice".into()),
+            reason: LoginFailure::BadPassword,
+            authenticator: None,
+        }
+        .into(),
+        EventType::AuthTokenIssued => TokenIssued {
+            jti: "0f9c4f0e-7a43-4d1f-8b7e-2d1c3f9a5b11".into(),
+            kind: TokenKind::Access,
+            grant_type: "authorization_code".into(),
+            client_id: "growth-chart".into(),
+            subject: Some("user-7".into()),
+            scope: "launch/patient patient/Observation.rs openid fhirUser".into(),
+            audience: "https://cairn.example.org/fhir".into(),
+            issued_at: now,
+            expires_at: later,
+            family_id: Some("fam-1".into()),
+            kid: Some("k-2026-11".into()),
+        }
+        .into(),
+        EventType::AuthTokenRevoked => TokenRevoked {
+            target: RevocationTarget::Subject { subject: "user-7".into(), issued_before: now },
+            reason: "user_disabled".into(),
+        }
+        .into(),
+        EventType::FhirResourceCreated | EventType::FhirResourceUpdated => {
+            let version_id = if t == EventType::FhirResourceCreated { 1 } else { 2 };
+            let written = ResourceWritten {
+                resource_type: "Observation".into(),
+                id: "obs-1".into(),
+                version_id,
+                resource: serde_json::json!({
+                    "resourceType": "Observation",
+                    "id": "obs-1",
+                    "meta": {"versionId": version_id.to_string(), "lastUpdated": "2026-11-18T09:46:40.123Z"},
+                    "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
+                    "subject": {"reference": "Patient/p-1"},
+                    "valueQuantity": {"value": 104, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+                }),
+            };
+            if t == EventType::FhirResourceCreated {
+                Payload::ResourceCreated(written)
+            } else {
+                Payload::ResourceUpdated(written)
+            }
+        }
+        EventType::FhirResourceDeleted => {
+            ResourceDeleted { resource_type: "Observation".into(), id: "obs-1".into(), version_id: 3 }
+                .into()
+        }
+        EventType::FhirAccessRead => AccessRead {
+            interaction: "read".into(),
+            resource_type: "Observation".into(),
+            id: "obs-1".into(),
+            status: 200,
+            returned: vec![VersionedRef {
+                resource_type: "Observation".into(),
+                id: "obs-1".into(),
+                version_id: 2,
+            }],
+        }
+        .into(),
+        EventType::FhirAccessSearch => AccessSearch {
+            interaction: "search-type".into(),
+            resource_type: Some("Observation".into()),
+            query: "patient=p-1&code=http://loinc.org|2339-0".into(),
+            status: 200,
+            returned: vec![VersionedRef {
+                resource_type: "Observation".into(),
+                id: "obs-1".into(),
+                version_id: 2,
+            }],
+            total: Some(1),
+        }
+        .into(),
+    };
+    let mut e = Event::new(payload)
+        .with_actor(actor)
+        .with_request_id("req-42")
+        .with_patient("Patient/p-1");
+    e.occurred_at = now;
+    e
+}
