@@ -463,3 +463,56 @@ mod schema_tests {
         }
     }
 }
+
+/// The log's topics and which events go where. Projectors subscribe by topic.
+pub mod topics {
+    /// FHIR writes: `fhir.resource.*`.
+    pub const FHIR: &str = "cairn.fhir";
+    /// FHIR reads and searches: `fhir.access.*`.
+    pub const ACCESS: &str = "cairn.access";
+    /// Authentication and tokens: `auth.*`.
+    pub const AUTH: &str = "cairn.auth";
+    pub const ALL: [&str; 3] = [FHIR, ACCESS, AUTH];
+}
+
+impl Event {
+    /// The topic this event is appended to.
+    pub fn topic(&self) -> &'static str {
+        match self.event_type() {
+            EventType::FhirResourceCreated | EventType::FhirResourceUpdated | EventType::FhirResourceDeleted => {
+                topics::FHIR
+            }
+            EventType::FhirAccessRead | EventType::FhirAccessSearch => topics::ACCESS,
+            EventType::AuthLoginSucceeded
+            | EventType::AuthLoginFailed
+            | EventType::AuthTokenIssued
+            | EventType::AuthTokenRevoked => topics::AUTH,
+        }
+    }
+
+    /// The key that picks the event's partition. Every version of a resource shares a key, so its
+    /// history is totally ordered; accesses are keyed by patient so one patient's audit trail is one
+    /// ordered stream; authentication events by subject (or client), so a user's logins and tokens
+    /// are ordered.
+    pub fn partition_key(&self) -> String {
+        match &self.payload {
+            Payload::ResourceCreated(w) | Payload::ResourceUpdated(w) => format!("{}/{}", w.resource_type, w.id),
+            Payload::ResourceDeleted(d) => format!("{}/{}", d.resource_type, d.id),
+            Payload::AccessRead(_) | Payload::AccessSearch(_) => self
+                .patient
+                .clone()
+                .or_else(|| self.actor.subject.clone())
+                .unwrap_or_else(|| self.id.to_string()),
+            Payload::TokenIssued(t) => t.subject.clone().unwrap_or_else(|| t.client_id.clone()),
+            Payload::LoginSucceeded(l) => l.user_id.clone(),
+            Payload::LoginFailed(l) => l.username.clone().unwrap_or_else(|| self.id.to_string()),
+            Payload::TokenRevoked(r) => match &r.target {
+                RevocationTarget::Token { jti, .. } => jti.clone(),
+                RevocationTarget::Family { family_id } => family_id.clone(),
+                RevocationTarget::Subject { subject, .. } => subject.clone(),
+                RevocationTarget::Client { client_id, .. } => client_id.clone(),
+                RevocationTarget::SigningKey { kid } => kid.clone(),
+            },
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Settings resolution: flag, then `CAIRN_*` environment variable (both handled by clap), then the
+//! optional TOML file, then the built-in default.
+
+use crate::{CommonArgs, ServeArgs};
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_DATA_DIR: &str = "./cairn-data";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_PARTITIONS: u32 = 8;
+pub const DEFAULT_SEGMENT_BYTES: u64 = 256 << 20;
+
+/// The keys a `--config` file may hold. Unknown keys are an error, so a typo never goes unnoticed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    public_url: Option<String>,
+    partitions: Option<u32>,
+    segment_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub public_url: String,
+    pub partitions: u32,
+    pub segment_bytes: u64,
+}
+
+fn read_file(path: Option<&Path>) -> anyhow::Result<FileSettings> {
+    let Some(path) = path else { return Ok(FileSettings::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let message = e.message().to_owned();
+        let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+        match line {
+            Some(line) => anyhow::anyhow!("config file {} line {line}: {message}", path.display()),
+            None => anyhow::anyhow!("config file {}: {message}", path.display()),
+        }
+    })
+}
+
+/// The data directory for commands that take only the common settings.
+pub fn data_dir(common: &CommonArgs) -> anyhow::Result<PathBuf> {
+    let file = read_file(common.config.as_deref())?;
+    Ok(common.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)))
+}
+
+pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
+    let file = read_file(args.common.config.as_deref())?;
+    let data_dir = args.common.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let listen_text = args.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let listen: SocketAddr = listen_text
+        .parse()
+        .with_context(|| format!("--listen `{listen_text}` is not an address like 127.0.0.1:8080"))?;
+    let public_url = args.public_url.clone().or(file.public_url).unwrap_or_else(|| format!("http://{listen}"));
+    let public_url = public_url.trim_end_matches('/').to_owned();
+    if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
+        bail!("--public-url `{public_url}` must start with http:// or https://");
+    }
+    let partitions = args.partitions.or(file.partitions).unwrap_or(DEFAULT_PARTITIONS);
+    if !(1..=1024).contains(&partitions) {
+        bail!("--partitions {partitions} is out of range (1 to 1024)");
+    }
+    let segment_bytes = file.segment_bytes.unwrap_or(DEFAULT_SEGMENT_BYTES);
+    if segment_bytes < 1 << 20 {
+        bail!("segment_bytes {segment_bytes} is below the 1 MiB minimum");
+    }
+    Ok(Settings { data_dir, listen, public_url, partitions, segment_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(config: Option<PathBuf>, listen: Option<&str>) -> ServeArgs {
+        ServeArgs {
+            common: CommonArgs { data_dir: None, config },
+            listen: listen.map(str::to_owned),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cairn.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9999\"\ndata_dir = \"/srv/cairn\"\npartitions = 4\n").unwrap();
+        let s = resolve_serve(&serve_args(Some(file.clone()), None)).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(s.data_dir, PathBuf::from("/srv/cairn"));
+        assert_eq!(s.partitions, 4);
+        assert_eq!(s.public_url, "http://127.0.0.1:9999");
+        let s = resolve_serve(&serve_args(Some(file), Some("127.0.0.1:7000"))).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:7000");
+        let s = resolve_serve(&serve_args(None, None)).unwrap();
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(s.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+    }
+
+    #[test]
+    fn bad_files_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cairn.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:1\"\nlisen = \"x\"\n").unwrap();
+        let err = resolve_serve(&serve_args(Some(file.clone()), None)).unwrap_err().to_string();
+        assert!(err.contains("cairn.toml line 2") && err.contains("lisen"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+        let err = resolve_serve(&serve_args(None, Some("localhost"))).unwrap_err().to_string();
+        assert!(err.contains("--listen `localhost`"), "{err}");
+    }
+}

@@ -1,0 +1,160 @@
+//! The `cairn` binary as an operator uses it: serve, health, metrics, shutdown, log tail and verify,
+//! and clear one-line errors for bad input.
+
+use cairn_events::{EventType, sample_event};
+use cairn_log::EventLog;
+use cairn_log::embedded::{EmbeddedLog, EmbeddedOptions};
+use cairn_tests::{Server, run_cairn};
+use std::path::Path;
+
+fn get(url: &str) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let r = reqwest::get(url).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    })
+}
+
+#[test]
+fn serve_answers_health_readiness_and_metrics_then_stops_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, &[]);
+    let (status, body) = get(&format!("{}/healthz", server.base_url));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(&format!("{}/readyz", server.base_url));
+    assert_eq!(status, 200, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["ready"], true);
+    assert!(ready["checks"].as_array().unwrap().iter().any(|c| c["name"] == "event-log" && c["ok"] == true));
+
+    let (status, metrics) = get(&format!("{}/metrics", server.base_url));
+    assert_eq!(status, 200);
+    assert!(metrics.contains("cairn_http_requests_total{method=\"GET\",route=\"/readyz\",status=\"200\"} 1"), "{metrics}");
+    assert!(metrics.contains("# TYPE cairn_http_request_duration_seconds histogram"), "{metrics}");
+
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "exit {status:?}: {stderr}");
+    assert!(stderr.contains("stopped cleanly"), "{stderr}");
+    // The data directory was laid out and the log verifies.
+    assert!(data.join("CAIRN_DATA_DIR").exists());
+    let (status, out, err) = run_cairn(&["log", "verify", "--data-dir", data.to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("ok: 0 events in 24 partitions"), "{out}");
+}
+
+#[test]
+fn a_data_directory_in_use_is_refused_with_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), &[]);
+    let (status, out, err) =
+        run_cairn(&["serve", "--data-dir", tmp.path().to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("in use by another process") && err.contains(&format!("pid {}", server.pid())), "{err}");
+    assert!(err.contains(tmp.path().to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_touches_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let (status, _, err) = run_cairn(&["serve", "--data-dir", foreign.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("not a Cairn data directory") && err.contains("notes") == false, "{err}");
+    assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1, "nothing written into a foreign directory");
+
+    let (status, _, err) = run_cairn(&["serve", "--no-such-flag"]);
+    assert_eq!(status.code(), Some(2));
+    assert!(err.contains("--no-such-flag"), "{err}");
+
+    let (status, _, err) = run_cairn(&["log", "verify", "--data-dir", tmp.path().join("absent").to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!tmp.path().join("absent").exists(), "verify never creates a directory");
+
+    let config = tmp.path().join("cairn.toml");
+    std::fs::write(&config, "listen = 5\n").unwrap();
+    let (status, _, err) = run_cairn(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("cairn.toml line 1"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn help_documents_every_setting() {
+    let (status, out, _) = run_cairn(&["serve", "--help"]);
+    assert!(status.success());
+    for needle in ["--data-dir", "CAIRN_DATA_DIR", "--listen", "CAIRN_LISTEN", "--public-url", "--config", "--partitions"] {
+        assert!(out.contains(needle), "`{needle}` missing from serve --help:\n{out}");
+    }
+}
+
+/// Writes real events to a data directory with the library, as the server would.
+fn write_events(data: &Path, per_type: usize) {
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::write(data.join("CAIRN_DATA_DIR"), "cairn data directory, format 1\n").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let log = EmbeddedLog::open(data.join("log"), EmbeddedOptions::default()).unwrap();
+        for topic in cairn_events::topics::ALL {
+            log.create_topic(topic, 2).await.unwrap();
+        }
+        for _ in 0..per_type {
+            for t in EventType::ALL {
+                let e = sample_event(t);
+                log.append(cairn_log::NewRecord::new(e.topic(), e.partition_key(), e.canonical_bytes())).await.unwrap();
+            }
+        }
+    });
+}
+
+#[test]
+fn log_tail_prints_every_event_with_its_chain_position() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_events(tmp.path(), 3);
+    let (status, out, err) = run_cairn(&["log", "tail", "--data-dir", tmp.path().to_str().unwrap()]);
+    assert!(status.success(), "{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3 * EventType::ALL.len());
+    for line in &lines {
+        let event = &line["event"];
+        assert_eq!(event["hash"].as_str().unwrap().len(), 64, "{line}");
+        assert_eq!(event["prev_hash"].as_str().unwrap().len(), 64, "{line}");
+        // Parses back into a typed event.
+        cairn_events::Event::from_canonical_bytes(serde_json::to_string(event).unwrap().as_bytes()).unwrap();
+    }
+    let (_, out, _) = run_cairn(&["log", "tail", "--data-dir", tmp.path().to_str().unwrap(), "--topic", "cairn.fhir"]);
+    assert_eq!(out.lines().count(), 3 * 3, "three fhir.resource.* types, three times");
+    let (status, _, err) = run_cairn(&["log", "tail", "--data-dir", tmp.path().to_str().unwrap(), "--topic", "nope"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("unknown topic `nope`"), "{err}");
+}
+
+#[test]
+fn log_verify_reports_the_first_broken_link_and_exits_non_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_events(tmp.path(), 5);
+    let dir = tmp.path().to_str().unwrap();
+    let (status, out, _) = run_cairn(&["log", "verify", "--data-dir", dir]);
+    assert!(status.success(), "{out}");
+    assert!(out.contains(&format!("ok: {} events", 5 * EventType::ALL.len())), "{out}");
+
+    // Change one byte of one stored event's value (the glucose reading 104 -> 105).
+    let seg = tmp.path().join("log/segments/0000000000.seg");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.windows(11).position(|w| w == b"\"value\":104").expect("reading present") + 10;
+    bytes[at] = b'5';
+    std::fs::write(&seg, &bytes).unwrap();
+    let (status, out, _) = run_cairn(&["log", "verify", "--data-dir", dir]);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("BROKEN:") && out.contains("checksum"), "{out}");
+
+    let (status, out, _) = run_cairn(&["log", "verify", "--data-dir", dir, "--json"]);
+    assert_eq!(status.code(), Some(2));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["ok"], false);
+    assert!(json["problem"]["position"].as_u64().is_some());
+}

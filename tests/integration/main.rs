@@ -1,0 +1,4 @@
+//! One integration-test binary for the whole workspace (one link, one process per run); each module
+//! covers one area.
+
+mod cli;

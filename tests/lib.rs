@@ -1,0 +1,128 @@
+//! Shared harness for the integration tests: build and find the `cairn` binary, start a server on a
+//! free port, stop it the way an operator would.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `cairn` binary of this workspace, built (once per test run) in the same profile as the tests.
+pub fn cairn_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/integration-<hash> -> target/<profile>/cairn
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "--quiet", "-p", "cairn", "--bin", "cairn"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build for the cairn binary");
+        assert!(status.success(), "building the cairn binary failed");
+        let bin = profile_dir.join("cairn");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// Runs `cairn <args>` to completion; returns (exit status, stdout, stderr).
+pub fn run_cairn(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(cairn_bin())
+        .args(args)
+        .env_remove("CAIRN_DATA_DIR")
+        .env_remove("CAIRN_CONFIG")
+        .env_remove("CAIRN_LISTEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cairn");
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A `cairn serve` child process on a free loopback port.
+pub struct Server {
+    child: Child,
+    pub base_url: String,
+    stderr_path: PathBuf,
+    _stderr_dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let stderr_dir = tempfile::tempdir().unwrap();
+        let stderr_path = stderr_dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = Command::new(cairn_bin())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env_remove("CAIRN_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn cairn serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("cairn: listening on ") {
+                    let url = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = tx.send(url);
+                }
+            }
+        });
+        let base_url = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("cairn serve did not start: {}", std::fs::read_to_string(&stderr_path).unwrap_or_default());
+            }
+        };
+        Server { child, base_url, stderr_path, _stderr_dir: stderr_dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait (at most 30 s) for the exit status.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        signal(self.pid(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, self.stderr());
+            }
+            assert!(Instant::now() < deadline, "server ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success());
+}
