@@ -179,17 +179,21 @@ impl EmbeddedLog {
                 }
                 Ok(())
             })?;
-            last_len = data.len() as u64;
-            if let ScanEnd::Torn { position, len, reason } = end {
-                tracing::warn!(segment = %path.display(), position, len, %reason, "torn tail of an unacknowledged append");
-                if !options.read_only {
-                    quarantine_tail(&dir, path, &data[position as usize..], position)?;
-                    let f = OpenOptions::new().write(true).open(path).map_err(|e| LogError::io(path, e))?;
-                    f.set_len(position).map_err(|e| LogError::io(path, e))?;
-                    f.sync_all().map_err(|e| LogError::io(path, e))?;
+            match end {
+                ScanEnd::Clean { end } => last_len = end,
+                ScanEnd::Torn { position, len, reason } => {
+                    tracing::warn!(segment = %path.display(), position, len, %reason, "torn tail of an unacknowledged append");
+                    let torn = segment::trim_zeros(&data[position as usize..]);
+                    if !options.read_only {
+                        quarantine_tail(&dir, path, torn, position)?;
+                        // Zero the torn bytes in place: the space stays preallocated.
+                        let f = OpenOptions::new().write(true).open(path).map_err(|e| LogError::io(path, e))?;
+                        f.write_all_at(&vec![0u8; torn.len()], position).map_err(|e| LogError::io(path, e))?;
+                        f.sync_all().map_err(|e| LogError::io(path, e))?;
+                    }
+                    last_len = position;
+                    report.torn_tail = Some((path.clone(), position, torn.len() as u64, reason));
                 }
-                last_len = position;
-                report.torn_tail = Some((path.clone(), position, len, reason));
             }
         }
         for (key, list) in entries {
@@ -225,13 +229,15 @@ impl EmbeddedLog {
             (None, None)
         } else {
             let last = paths.last().expect("created above");
-            let file = OpenOptions::new().append(true).open(last).map_err(|e| LogError::io(last, e))?;
+            let file = OpenOptions::new().read(true).write(true).open(last).map_err(|e| LogError::io(last, e))?;
+            let allocated = file.metadata().map_err(|e| LogError::io(last, e))?.len();
             let (tx, rx) = mpsc::channel();
             let state = WriterState {
                 shared: shared.clone(),
                 file,
                 segment: (paths.len() - 1) as u32,
                 segment_len: last_len,
+                allocated,
                 segment_bytes: options.segment_bytes,
                 heads,
             };
@@ -489,10 +495,18 @@ struct WriterState {
     shared: Arc<Shared>,
     file: File,
     segment: u32,
+    /// Where the data of the open segment ends; zeros follow up to `allocated`.
     segment_len: u64,
+    /// Bytes of the open segment already written (zeros or data) and fsynced.
+    allocated: u64,
     segment_bytes: u64,
     heads: HashMap<PartitionKey, (u64, Hash)>,
 }
+
+/// Zero-filled space written ahead of the data at a time. Overwriting existing blocks lets
+/// `fdatasync` skip the journal commit a growing file needs (measured: 0.10 ms instead of 0.23 ms for
+/// a 32 KiB group on the development machine).
+const PREALLOCATE_BYTES: u64 = 8 << 20;
 
 /// Bytes taken into one group commit at most; beyond it the rest waits for the next fsync.
 const GROUP_BYTES: usize = 8 << 20;
@@ -609,11 +623,25 @@ impl WriterState {
         if self.segment_len > 0 && self.segment_len + buf.len() as u64 > self.segment_bytes {
             self.roll()?;
         }
+        self.ensure_allocated(self.segment_len + buf.len() as u64)?;
         let started = Instant::now();
-        self.file.write_all(buf)?;
+        self.file.write_all_at(buf, self.segment_len)?;
         self.file.sync_data()?;
         metrics::histogram!("cairn_log_fsync_seconds").record(started.elapsed().as_secs_f64());
         self.segment_len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Zero-fills the segment ahead of the data, so that data writes overwrite existing blocks.
+    fn ensure_allocated(&mut self, end: u64) -> std::io::Result<()> {
+        if end <= self.allocated {
+            return Ok(());
+        }
+        let target = (end + PREALLOCATE_BYTES).min(end.max(self.segment_bytes));
+        let zeros = vec![0u8; (target - self.allocated) as usize];
+        self.file.write_all_at(&zeros, self.allocated)?;
+        self.file.sync_data()?;
+        self.allocated = target;
         Ok(())
     }
 
@@ -624,13 +652,14 @@ impl WriterState {
         let seg_dir = self.shared.dir.join("segments");
         let next = self.segment + 1;
         let path = seg_dir.join(segment::segment_name(next));
-        let file = OpenOptions::new().create_new(true).append(true).open(&path)?;
+        let file = OpenOptions::new().create_new(true).read(true).write(true).open(&path)?;
         File::open(&seg_dir)?.sync_all()?;
         let reader = File::open(&path)?;
         self.shared.segments.write().unwrap().push(Arc::new(reader));
         self.file = file;
         self.segment = next;
         self.segment_len = 0;
+        self.allocated = 0;
         Ok(())
     }
 }

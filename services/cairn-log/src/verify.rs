@@ -134,8 +134,9 @@ pub fn verify_embedded(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result
             Ok(())
         });
         match scanned {
-            Ok(ScanEnd::Clean) => {}
+            Ok(ScanEnd::Clean { .. }) => {}
             Ok(ScanEnd::Torn { position, len, reason }) => {
+                let len = segment::trim_zeros(&data[position as usize..]).len().min(len as usize);
                 report.torn_tail = Some(format!("{}: {len} bytes at {position} ({reason})", path.display()));
             }
             Err(LogError::Corrupt { path, position, detail }) => {
