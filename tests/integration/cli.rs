@@ -32,6 +32,9 @@ fn serve_answers_health_readiness_and_metrics_then_stops_cleanly() {
     assert_eq!(status, 200);
     assert!(metrics.contains("cairn_http_requests_total{method=\"GET\",route=\"/readyz\",status=\"200\"} 1"), "{metrics}");
     assert!(metrics.contains("# TYPE cairn_http_request_duration_seconds histogram"), "{metrics}");
+    for log_metric in ["cairn_log_append_seconds", "cairn_log_fsync_seconds", "cairn_log_fsync_batch_records"] {
+        assert!(metrics.contains(&format!("# TYPE {log_metric} histogram")), "{log_metric} missing: {metrics}");
+    }
 
     let (status, stderr) = server.terminate();
     assert!(status.success(), "exit {status:?}: {stderr}");
@@ -157,4 +160,55 @@ fn log_verify_reports_the_first_broken_link_and_exits_non_zero() {
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["ok"], false);
     assert!(json["problem"]["position"].as_u64().is_some());
+}
+
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, request spans reach an OTLP/HTTP collector; the test plays
+/// the collector. Without it nothing is sent (the other tests run without it).
+#[test]
+fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
+    use std::io::{Read, Write};
+    let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<(String, usize)>();
+    std::thread::spawn(move || {
+        for stream in collector.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 8192];
+            // Read the head, then the body by Content-Length.
+            let (head, body_len) = loop {
+                let n = stream.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), 0);
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + len {
+                        let n = stream.read(&mut chunk).unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    break (head, len);
+                }
+            };
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
+            let _ = tx.send((head.lines().next().unwrap_or_default().to_owned(), body_len));
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with_env(tmp.path(), &[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]);
+    let (status, _) = get(&format!("{}/healthz", server.base_url));
+    assert_eq!(status, 200);
+    let (status, stderr) = server.terminate(); // shutdown flushes the batch exporter
+    assert!(status.success(), "{stderr}");
+    let (request_line, body_len) = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("an OTLP export arrived");
+    assert_eq!(request_line, "POST /v1/traces HTTP/1.1");
+    assert!(body_len > 0, "the export carries spans");
 }

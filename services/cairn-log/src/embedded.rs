@@ -387,6 +387,7 @@ impl EventLog for EmbeddedLog {
         self.shared.topics.read().unwrap().get(topic).copied().ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))
     }
 
+    #[tracing::instrument(name = "log.append", level = "debug", skip_all, fields(records = records.len()))]
     async fn append_batch(&self, records: Vec<NewRecord>) -> Result<Vec<Position>> {
         if records.is_empty() {
             return Err(LogError::EmptyBatch);

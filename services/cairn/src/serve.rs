@@ -49,6 +49,7 @@ impl Platform for RunningPlatform {
 }
 
 async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> {
+    cairn_log::describe_metrics();
     let data = DataDir::open_or_create(&settings.data_dir)?;
     let log = EmbeddedLog::open(
         data.log_dir(),
