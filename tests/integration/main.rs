@@ -2,3 +2,4 @@
 //! covers one area.
 
 mod cli;
+mod fhir;

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Instant;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
+pub mod fhir;
+
 /// The request header carrying the request id; set by us when the client did not send one.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -27,10 +29,11 @@ pub struct Check {
 }
 
 /// What the HTTP layer needs from the running platform.
+#[async_trait::async_trait]
 pub trait Platform: Send + Sync + 'static {
     /// Readiness checks: the log is open and accepting appends, projections are caught up within
     /// their bound. `/readyz` answers 200 only if every check is ok.
-    fn readiness(&self) -> Vec<Check>;
+    async fn readiness(&self) -> Vec<Check>;
 
     /// Prometheus text exposition of every metric.
     fn render_metrics(&self) -> String;
@@ -38,14 +41,17 @@ pub trait Platform: Send + Sync + 'static {
 
 type SharedPlatform = Arc<dyn Platform>;
 
-/// The whole HTTP surface: operational endpoints now; the FHIR and OAuth routers join here.
-pub fn router(platform: SharedPlatform) -> Router {
-    Router::new()
+/// The whole HTTP surface: operational endpoints and, when given, the FHIR API.
+pub fn router(platform: SharedPlatform, fhir: Option<fhir::FhirApi>) -> Router {
+    let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(platform)
-        .layer(middleware::from_fn(observe))
+        .with_state(platform);
+    if let Some(api) = fhir {
+        app = app.merge(fhir::routes(api));
+    }
+    app.layer(middleware::from_fn(observe))
         .layer(PropagateRequestIdLayer::new(header::HeaderName::from_static(REQUEST_ID_HEADER)))
         .layer(SetRequestIdLayer::new(header::HeaderName::from_static(REQUEST_ID_HEADER), MakeRequestUuid))
 }
@@ -56,7 +62,7 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(platform): State<SharedPlatform>) -> Response {
-    let checks = platform.readiness();
+    let checks = platform.readiness().await;
     let ready = checks.iter().all(|c| c.ok);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(serde_json::json!({"ready": ready, "checks": checks}))).into_response()
@@ -102,8 +108,9 @@ async fn observe(request: Request, next: Next) -> Response {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     platform: SharedPlatform,
+    fhir: Option<fhir::FhirApi>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(platform).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = router(platform, fhir).into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

@@ -11,6 +11,8 @@ pub const DEFAULT_DATA_DIR: &str = "./cairn-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_PARTITIONS: u32 = 8;
 pub const DEFAULT_SEGMENT_BYTES: u64 = 256 << 20;
+pub const DEFAULT_MAX_RESOURCE_BYTES: usize = 1 << 20;
+pub const DEFAULT_READ_WAIT_MS: u64 = 5000;
 
 /// The keys a `--config` file may hold. Unknown keys are an error, so a typo never goes unnoticed.
 #[derive(Debug, Default, Deserialize)]
@@ -21,6 +23,8 @@ struct FileSettings {
     public_url: Option<String>,
     partitions: Option<u32>,
     segment_bytes: Option<u64>,
+    max_resource_bytes: Option<usize>,
+    read_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -30,6 +34,9 @@ pub struct Settings {
     pub public_url: String,
     pub partitions: u32,
     pub segment_bytes: u64,
+    pub max_resource_bytes: usize,
+    pub read_wait: std::time::Duration,
+    pub insecure_no_auth: bool,
 }
 
 fn read_file(path: Option<&Path>) -> anyhow::Result<FileSettings> {
@@ -71,7 +78,24 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
     if segment_bytes < 1 << 20 {
         bail!("segment_bytes {segment_bytes} is below the 1 MiB minimum");
     }
-    Ok(Settings { data_dir, listen, public_url, partitions, segment_bytes })
+    let max_resource_bytes = args.max_resource_bytes.or(file.max_resource_bytes).unwrap_or(DEFAULT_MAX_RESOURCE_BYTES);
+    if max_resource_bytes < 1024 {
+        bail!("--max-resource-bytes {max_resource_bytes} is below the 1024-byte minimum");
+    }
+    let read_wait = std::time::Duration::from_millis(args.read_wait_ms.or(file.read_wait_ms).unwrap_or(DEFAULT_READ_WAIT_MS));
+    if args.insecure_no_auth && !listen.ip().is_loopback() {
+        bail!("--insecure-no-auth refuses to serve on {listen}: unauthenticated access is for a loopback address only");
+    }
+    Ok(Settings {
+        data_dir,
+        listen,
+        public_url,
+        partitions,
+        segment_bytes,
+        max_resource_bytes,
+        read_wait,
+        insecure_no_auth: args.insecure_no_auth,
+    })
 }
 
 #[cfg(test)]

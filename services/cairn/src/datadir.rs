@@ -71,4 +71,9 @@ impl DataDir {
     pub fn log_dir(&self) -> PathBuf {
         self.root.join("log")
     }
+
+    /// Projections: derived from the log, safe to delete (they are rebuilt at the next start).
+    pub fn store_dir(&self) -> PathBuf {
+        self.root.join("store")
+    }
 }

@@ -1,10 +1,12 @@
 //! `cairn`: the command line. Every subcommand is a thin shell over a plain function; errors become
 //! one readable line on stderr and a non-zero exit.
 
+mod bench;
 mod config;
 mod datadir;
 mod logcmd;
 mod serve;
+mod storecmd;
 mod telemetry;
 
 use clap::{Args, Parser, Subcommand};
@@ -25,6 +27,47 @@ enum Command {
     /// Inspect and verify the event log.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Load generator for any FHIR server: creates, batch Bundles or searches; prints throughput and latency.
+    Bench(BenchArgs),
+    /// Inspect the projection store (derived from the log; safe to delete while stopped).
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// FHIR base URL, e.g. http://127.0.0.1:8080/fhir
+    #[arg(long)]
+    pub base_url: String,
+    /// Bearer token to send
+    #[arg(long, env = "CAIRN_BENCH_TOKEN")]
+    pub token: Option<String>,
+    #[arg(long, value_enum, default_value = "create")]
+    pub workload: bench::Workload,
+    /// Concurrent connections
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// How long to run, in seconds
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Observations per batch Bundle (workload batch)
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Distinct patients the readings are spread over
+    #[arg(long, default_value_t = 1000)]
+    pub patients: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Print a SHA-256 digest of everything projected (checkpoints excluded), to compare rebuilds.
+    Digest(StoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StoreArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// Settings every command shares. Precedence: flag, then `CAIRN_*` environment variable, then the
@@ -34,7 +77,7 @@ pub struct CommonArgs {
     /// Data directory holding the event log and everything derived from it [default: ./cairn-data]
     #[arg(long, env = "CAIRN_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
-    /// Optional TOML settings file (keys: data_dir, listen, public_url, partitions, readiness_max_lag_ms, segment_bytes)
+    /// Optional TOML settings file (keys: data_dir, listen, public_url, partitions, segment_bytes, max_resource_bytes, read_wait_ms)
     #[arg(long, env = "CAIRN_CONFIG", global = true)]
     pub config: Option<PathBuf>,
 }
@@ -52,6 +95,16 @@ pub struct ServeArgs {
     /// Partitions per topic when a topic is first created [default: 8]
     #[arg(long, env = "CAIRN_PARTITIONS")]
     pub partitions: Option<u32>,
+    /// Largest FHIR resource accepted, in bytes; larger bodies get 413 [default: 1048576]
+    #[arg(long, env = "CAIRN_MAX_RESOURCE_BYTES")]
+    pub max_resource_bytes: Option<usize>,
+    /// How long a read waits for the store to reach the log before answering 503, in ms [default: 5000]
+    #[arg(long, env = "CAIRN_READ_WAIT_MS")]
+    pub read_wait_ms: Option<u64>,
+    /// LOCAL DEVELOPMENT ONLY: serve the FHIR API without authentication, as an anonymous actor.
+    /// Refused on a non-loopback address.
+    #[arg(long, env = "CAIRN_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,6 +148,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Log(LogCommand::Tail(args)) => logcmd::tail(args),
         Command::Log(LogCommand::Verify(args)) => logcmd::verify(args),
+        Command::Store(StoreCommand::Digest(args)) => storecmd::digest(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,

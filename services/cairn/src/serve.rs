@@ -8,6 +8,11 @@ use anyhow::Context;
 use cairn_http::{Check, Platform};
 use cairn_log::EventLog;
 use cairn_log::embedded::{EmbeddedLog, EmbeddedOptions};
+use cairn_projector::{Progress, ResourceProjector};
+use cairn_service::FhirService;
+use cairn_store::ResourceStore;
+use cairn_store::embedded::EmbeddedStore;
+use std::time::Duration;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,12 +29,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 /// What the HTTP layer sees of the running platform.
 struct RunningPlatform {
     log: Arc<EmbeddedLog>,
+    resources: Progress,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     draining: AtomicBool,
 }
 
+/// A projection counts as caught up if it reaches the log's current end within this bound.
+const READINESS_LAG_BOUND: Duration = Duration::from_secs(1);
+
+#[async_trait::async_trait]
 impl Platform for RunningPlatform {
-    fn readiness(&self) -> Vec<Check> {
+    async fn readiness(&self) -> Vec<Check> {
         let log = match self.log.failure() {
             None => Check { name: "event-log".into(), ok: true, detail: "open, accepting appends".into() },
             Some(why) => Check { name: "event-log".into(), ok: false, detail: format!("failed: {why}") },
@@ -40,7 +50,22 @@ impl Platform for RunningPlatform {
             ok: !draining,
             detail: if draining { "shutting down".into() } else { "accepting requests".into() },
         };
-        vec![log, serving]
+        let mut ends = Vec::new();
+        for p in 0..self.log.partitions(cairn_events::topics::FHIR).unwrap_or(0) {
+            ends.push(self.log.end_offset(cairn_events::topics::FHIR, p).await.unwrap_or(0));
+        }
+        let caught_up = self.resources.wait_for(&ends, READINESS_LAG_BOUND).await;
+        let behind: u64 = ends.iter().zip(self.resources.snapshot()).map(|(e, h)| e.saturating_sub(h)).sum();
+        let projection = Check {
+            name: "projection:resources".into(),
+            ok: caught_up,
+            detail: if caught_up {
+                "caught up with the log".into()
+            } else {
+                format!("{behind} events behind the log after {} ms", READINESS_LAG_BOUND.as_millis())
+            },
+        };
+        vec![log, projection, serving]
     }
 
     fn render_metrics(&self) -> String {
@@ -69,8 +94,37 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
             log.create_topic(topic, settings.partitions).await?;
         }
     }
+    let store: Arc<dyn ResourceStore> = Arc::new(EmbeddedStore::open(data.store_dir().join("resources.redb"))?);
+    let dyn_log: Arc<dyn EventLog> = log.clone();
+    let (projector, progress) = ResourceProjector::new(dyn_log.clone(), store.clone(), cairn_events::topics::FHIR)?;
+    // Catch up before serving, so the first reads are not held back by a long replay.
+    let started = std::time::Instant::now();
+    projector.catch_up().await.map_err(|e| anyhow::anyhow!("resource projection: {e}"))?;
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "resource projection caught up");
+    let projector_task = tokio::spawn(async move {
+        if let Err(e) = projector.run().await {
+            tracing::error!(error = %e, "resource projector stopped");
+        }
+    });
+    let service = Arc::new(FhirService::new(
+        dyn_log,
+        store,
+        progress.clone(),
+        cairn_service::Settings {
+            base_url: format!("{}/fhir", settings.public_url),
+            read_wait: settings.read_wait,
+            max_resource_bytes: settings.max_resource_bytes,
+        },
+    ));
+    if settings.insecure_no_auth {
+        let banner = "WARNING: --insecure-no-auth: the FHIR API accepts requests WITHOUT AUTHENTICATION. Local development only.";
+        eprintln!("\n{}\n{banner}\n{}\n", "!".repeat(banner.len()), "!".repeat(banner.len()));
+        tracing::warn!("{banner}");
+    }
+    let fhir = cairn_http::fhir::FhirApi { service, allow_anonymous: settings.insecure_no_auth };
     let platform = Arc::new(RunningPlatform {
         log: log.clone(),
+        resources: progress,
         metrics: telemetry.metrics.clone(),
         draining: AtomicBool::new(false),
     });
@@ -88,7 +142,7 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     // Machine- and human-readable: tests and scripts read the bound address from this line.
     println!("cairn: listening on http://{bound} (public URL {})", settings.public_url);
     let drain = platform.clone();
-    cairn_http::serve(listener, platform, async move {
+    cairn_http::serve(listener, platform, Some(fhir), async move {
         shutdown_signal().await;
         drain.draining.store(true, Ordering::Relaxed);
         tracing::info!("shutting down: finishing in-flight requests");
@@ -96,6 +150,7 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     .await
     .context("HTTP server")?;
     // Every acknowledged append is already durable; close lets queued appends finish.
+    projector_task.abort();
     log.close();
     tracing::info!("stopped cleanly");
     Ok(())

@@ -1,0 +1,630 @@
+//! Parsing and validating the resources Cairn owns, before anything is appended.
+//!
+//! The resource is kept as the JSON the client sent (plus `id` and `meta`), so extensions and
+//! elements we do not index survive a round trip. Validation checks what we rely on: well-formed
+//! JSON without duplicate keys or absurd nesting, the right `resourceType`, no unknown elements, the
+//! cardinality and types of the elements we index, and the data types of dates, instants, decimals,
+//! quantities and references.
+
+use crate::outcome::{Issue, IssueCode};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// The resource types this server stores.
+pub const RESOURCE_TYPES: [&str; 3] = ["Observation", "Patient", "Device"];
+
+/// Deepest JSON nesting accepted. R4 resources of these types need far less; the bound keeps a
+/// hostile document from exhausting the stack or the CPU.
+pub const MAX_DEPTH: usize = 32;
+
+pub fn is_supported_type(t: &str) -> bool {
+    RESOURCE_TYPES.contains(&t)
+}
+
+/// Parses a request body as a FHIR JSON resource of `expected_type`, or explains every problem.
+pub fn parse(body: &[u8], expected_type: &str) -> Result<Value, Vec<Issue>> {
+    let value = parse_json(body)?;
+    validate(&value, expected_type)?;
+    Ok(value)
+}
+
+/// Strict JSON: UTF-8, no duplicate keys, bounded depth, numbers in range.
+pub fn parse_json(body: &[u8]) -> Result<Value, Vec<Issue>> {
+    if std::str::from_utf8(body).is_err() {
+        return Err(vec![Issue::error(IssueCode::Structure, "the body is not valid UTF-8")]);
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let strict = StrictValue::deserialize_with_depth(&mut de, 0)
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| vec![Issue::error(IssueCode::Structure, format!("malformed JSON: {e}"))])?;
+    Ok(strict)
+}
+
+struct StrictValue;
+
+impl StrictValue {
+    fn deserialize_with_depth<'de, D: Deserializer<'de>>(d: D, depth: usize) -> Result<Value, D::Error> {
+        d.deserialize_any(StrictVisitor { depth })
+    }
+}
+
+struct StrictVisitor {
+    depth: usize,
+}
+
+struct Nested {
+    depth: usize,
+}
+
+impl<'de> de::DeserializeSeed<'de> for Nested {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        StrictValue::deserialize_with_depth(d, self.depth)
+    }
+}
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v).map(Value::Number).ok_or_else(|| E::custom("number out of range"))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        if self.depth >= MAX_DEPTH {
+            return Err(de::Error::custom(format!("nested deeper than {MAX_DEPTH} levels")));
+        }
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(Nested { depth: self.depth + 1 })? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        if self.depth >= MAX_DEPTH {
+            return Err(de::Error::custom(format!("nested deeper than {MAX_DEPTH} levels")));
+        }
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(de::Error::custom(format!("duplicate key `{key}`")));
+            }
+            let v = map.next_value_seed(Nested { depth: self.depth + 1 })?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// Element names of each type in R4 (4.0.1). `_name` siblings carry extensions of primitives.
+fn known_elements(resource_type: &str) -> &'static [&'static str] {
+    const OBSERVATION: &[&str] = &[
+        "identifier", "basedOn", "partOf", "status", "category", "code", "subject", "focus", "encounter",
+        "effectiveDateTime", "effectivePeriod", "effectiveTiming", "effectiveInstant", "issued", "performer",
+        "valueQuantity", "valueCodeableConcept", "valueString", "valueBoolean", "valueInteger", "valueRange",
+        "valueRatio", "valueSampledData", "valueTime", "valueDateTime", "valuePeriod", "dataAbsentReason",
+        "interpretation", "note", "bodySite", "method", "specimen", "device", "referenceRange", "hasMember",
+        "derivedFrom", "component",
+    ];
+    const PATIENT: &[&str] = &[
+        "identifier", "active", "name", "telecom", "gender", "birthDate", "deceasedBoolean", "deceasedDateTime",
+        "address", "maritalStatus", "multipleBirthBoolean", "multipleBirthInteger", "photo", "contact",
+        "communication", "generalPractitioner", "managingOrganization", "link",
+    ];
+    const DEVICE: &[&str] = &[
+        "identifier", "definition", "udiCarrier", "status", "statusReason", "distinctIdentifier", "manufacturer",
+        "manufactureDate", "expirationDate", "lotNumber", "serialNumber", "deviceName", "modelNumber",
+        "partNumber", "type", "specialization", "version", "property", "patient", "owner", "contact", "location",
+        "url", "note", "safety", "parent",
+    ];
+    match resource_type {
+        "Observation" => OBSERVATION,
+        "Patient" => PATIENT,
+        "Device" => DEVICE,
+        _ => &[],
+    }
+}
+
+fn is_known(resource_type: &str, key: &str) -> bool {
+    const COMMON: &[&str] = &[
+        "resourceType", "id", "meta", "implicitRules", "language", "text", "contained", "extension",
+        "modifierExtension",
+    ];
+    let base = key.strip_prefix('_').unwrap_or(key);
+    COMMON.contains(&base) || known_elements(resource_type).contains(&base)
+}
+
+/// Checks a parsed resource; collects every problem rather than stopping at the first.
+pub fn validate(value: &Value, expected_type: &str) -> Result<(), Vec<Issue>> {
+    let mut issues = Vec::new();
+    let Some(obj) = value.as_object() else {
+        return Err(vec![Issue::error(IssueCode::Structure, "a resource must be a JSON object")]);
+    };
+    match obj.get("resourceType").and_then(Value::as_str) {
+        None => {
+            return Err(vec![Issue::error(IssueCode::Required, "resourceType is missing").at("resourceType")]);
+        }
+        Some(t) if t != expected_type => {
+            return Err(vec![
+                Issue::error(IssueCode::Invalid, format!("resourceType `{t}` does not match the URL (`{expected_type}`)"))
+                    .at("resourceType"),
+            ]);
+        }
+        Some(_) => {}
+    }
+    for key in obj.keys() {
+        if !is_known(expected_type, key) {
+            issues.push(Issue::error(IssueCode::Structure, format!("unknown element `{key}`")).at(format!("{expected_type}.{key}")));
+        }
+    }
+    if let Some(id) = obj.get("id") {
+        match id.as_str() {
+            Some(s) if is_valid_id(s) => {}
+            _ => issues.push(Issue::error(IssueCode::Value, "id must be 1-64 of A-Z a-z 0-9 - .").at(format!("{expected_type}.id"))),
+        }
+    }
+    if let Some(meta) = obj.get("meta") {
+        if !meta.is_object() {
+            issues.push(Issue::error(IssueCode::Structure, "meta must be an object").at(format!("{expected_type}.meta")));
+        }
+    }
+    check_choice(obj, expected_type, "effective", &mut issues);
+    check_choice(obj, expected_type, "value", &mut issues);
+    check_choice(obj, expected_type, "deceased", &mut issues);
+    check_choice(obj, expected_type, "multipleBirth", &mut issues);
+    match expected_type {
+        "Observation" => validate_observation(obj, &mut issues),
+        "Patient" => validate_patient(obj, &mut issues),
+        "Device" => validate_device(obj, &mut issues),
+        _ => issues.push(Issue::error(IssueCode::NotSupported, format!("resource type `{expected_type}` is not supported"))),
+    }
+    if issues.is_empty() { Ok(()) } else { Err(issues) }
+}
+
+fn check_choice(obj: &Map<String, Value>, t: &str, prefix: &str, issues: &mut Vec<Issue>) {
+    let present: Vec<&String> = obj
+        .keys()
+        .filter(|k| k.strip_prefix(prefix).is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase())))
+        .collect();
+    if present.len() > 1 {
+        issues.push(Issue::error(IssueCode::Structure, format!("only one {prefix}[x] is allowed, found {present:?}")).at(format!("{t}.{prefix}[x]")));
+    }
+}
+
+const OBSERVATION_STATUS: &[&str] =
+    &["registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error", "unknown"];
+
+fn validate_observation(obj: &Map<String, Value>, issues: &mut Vec<Issue>) {
+    let at = |e: &str| format!("Observation.{e}");
+    match obj.get("status") {
+        None => issues.push(Issue::error(IssueCode::Required, "Observation.status is required").at(at("status"))),
+        Some(Value::String(s)) if OBSERVATION_STATUS.contains(&s.as_str()) => {}
+        Some(other) => issues.push(
+            Issue::error(IssueCode::Value, format!("status {other} is not one of {}", OBSERVATION_STATUS.join(", "))).at(at("status")),
+        ),
+    }
+    match obj.get("code") {
+        None => issues.push(Issue::error(IssueCode::Required, "Observation.code is required").at(at("code"))),
+        Some(c) => check_codeable_concept(c, &at("code"), issues),
+    }
+    if let Some(c) = obj.get("category") {
+        check_array(c, &at("category"), issues, |v, p, i| check_codeable_concept(v, p, i));
+    }
+    if let Some(ids) = obj.get("identifier") {
+        check_array(ids, &at("identifier"), issues, check_identifier);
+    }
+    for r in ["subject", "device", "encounter", "specimen"] {
+        if let Some(v) = obj.get(r) {
+            check_reference(v, &at(r), issues);
+        }
+    }
+    if let Some(v) = obj.get("effectiveDateTime") {
+        check_primitive(v, &at("effectiveDateTime"), issues, "dateTime", is_date_time);
+    }
+    if let Some(v) = obj.get("effectiveInstant") {
+        check_primitive(v, &at("effectiveInstant"), issues, "instant", is_instant);
+    }
+    if let Some(v) = obj.get("issued") {
+        check_primitive(v, &at("issued"), issues, "instant", is_instant);
+    }
+    if let Some(v) = obj.get("effectivePeriod") {
+        check_period(v, &at("effectivePeriod"), issues);
+    }
+    if let Some(v) = obj.get("valueQuantity") {
+        check_quantity(v, &at("valueQuantity"), issues);
+    }
+    if let Some(v) = obj.get("valueDateTime") {
+        check_primitive(v, &at("valueDateTime"), issues, "dateTime", is_date_time);
+    }
+    if let Some(v) = obj.get("valueInteger") {
+        if !v.as_i64().is_some_and(|n| i32::try_from(n).is_ok()) {
+            issues.push(Issue::error(IssueCode::Value, "valueInteger must be a 32-bit integer").at(at("valueInteger")));
+        }
+    }
+    if let Some(components) = obj.get("component") {
+        check_array(components, &at("component"), issues, |c, path, issues| {
+            match c.get("code") {
+                None => issues.push(Issue::error(IssueCode::Required, "component.code is required").at(path.to_owned())),
+                Some(code) => check_codeable_concept(code, &format!("{path}.code"), issues),
+            }
+            if let Some(q) = c.get("valueQuantity") {
+                check_quantity(q, &format!("{path}.valueQuantity"), issues);
+            }
+        });
+    }
+}
+
+fn validate_patient(obj: &Map<String, Value>, issues: &mut Vec<Issue>) {
+    let at = |e: &str| format!("Patient.{e}");
+    if let Some(ids) = obj.get("identifier") {
+        check_array(ids, &at("identifier"), issues, check_identifier);
+    }
+    if let Some(v) = obj.get("birthDate") {
+        check_primitive(v, &at("birthDate"), issues, "date", is_date);
+    }
+    if let Some(v) = obj.get("gender") {
+        if !matches!(v.as_str(), Some("male" | "female" | "other" | "unknown")) {
+            issues.push(Issue::error(IssueCode::Value, "gender must be male, female, other or unknown").at(at("gender")));
+        }
+    }
+    if let Some(v) = obj.get("active") {
+        if !v.is_boolean() {
+            issues.push(Issue::error(IssueCode::Value, "active must be a boolean").at(at("active")));
+        }
+    }
+    if let Some(names) = obj.get("name") {
+        check_array(names, &at("name"), issues, |n, path, issues| {
+            if !n.is_object() {
+                issues.push(Issue::error(IssueCode::Structure, "a HumanName must be an object").at(path.to_owned()));
+                return;
+            }
+            if let Some(f) = n.get("family") {
+                if !f.is_string() {
+                    issues.push(Issue::error(IssueCode::Value, "family must be a string").at(format!("{path}.family")));
+                }
+            }
+            if let Some(g) = n.get("given") {
+                if !g.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
+                    issues.push(Issue::error(IssueCode::Value, "given must be an array of strings").at(format!("{path}.given")));
+                }
+            }
+        });
+    }
+    if let Some(v) = obj.get("deceasedDateTime") {
+        check_primitive(v, &at("deceasedDateTime"), issues, "dateTime", is_date_time);
+    }
+}
+
+const DEVICE_STATUS: &[&str] = &["active", "inactive", "entered-in-error", "unknown"];
+
+fn validate_device(obj: &Map<String, Value>, issues: &mut Vec<Issue>) {
+    let at = |e: &str| format!("Device.{e}");
+    if let Some(ids) = obj.get("identifier") {
+        check_array(ids, &at("identifier"), issues, check_identifier);
+    }
+    if let Some(v) = obj.get("status") {
+        if !v.as_str().is_some_and(|s| DEVICE_STATUS.contains(&s)) {
+            issues.push(Issue::error(IssueCode::Value, format!("status must be one of {}", DEVICE_STATUS.join(", "))).at(at("status")));
+        }
+    }
+    if let Some(t) = obj.get("type") {
+        check_codeable_concept(t, &at("type"), issues);
+    }
+    for r in ["patient", "owner", "location", "parent"] {
+        if let Some(v) = obj.get(r) {
+            check_reference(v, &at(r), issues);
+        }
+    }
+    for d in ["manufactureDate", "expirationDate"] {
+        if let Some(v) = obj.get(d) {
+            check_primitive(v, &at(d), issues, "dateTime", is_date_time);
+        }
+    }
+}
+
+fn check_array(v: &Value, path: &str, issues: &mut Vec<Issue>, each: impl Fn(&Value, &str, &mut Vec<Issue>)) {
+    match v.as_array() {
+        None => issues.push(Issue::error(IssueCode::Structure, "must be an array").at(path.to_owned())),
+        Some(items) if items.is_empty() => {
+            issues.push(Issue::error(IssueCode::Structure, "an array must not be empty (omit the element)").at(path.to_owned()))
+        }
+        Some(items) => {
+            for (i, item) in items.iter().enumerate() {
+                each(item, &format!("{path}[{i}]"), issues);
+            }
+        }
+    }
+}
+
+fn check_primitive(v: &Value, path: &str, issues: &mut Vec<Issue>, type_name: &str, ok: fn(&str) -> bool) {
+    match v.as_str() {
+        Some(s) if ok(s) => {}
+        _ => issues.push(Issue::error(IssueCode::Value, format!("{v} is not a valid FHIR {type_name}")).at(path.to_owned())),
+    }
+}
+
+fn check_codeable_concept(v: &Value, path: &str, issues: &mut Vec<Issue>) {
+    let Some(obj) = v.as_object() else {
+        issues.push(Issue::error(IssueCode::Structure, "a CodeableConcept must be an object").at(path.to_owned()));
+        return;
+    };
+    if let Some(codings) = obj.get("coding") {
+        check_array(codings, &format!("{path}.coding"), issues, |c, p, issues| {
+            let Some(c) = c.as_object() else {
+                issues.push(Issue::error(IssueCode::Structure, "a Coding must be an object").at(p.to_owned()));
+                return;
+            };
+            for field in ["system", "code", "display", "version"] {
+                if c.get(field).is_some_and(|f| !f.as_str().is_some_and(|s| !s.trim().is_empty())) {
+                    issues.push(Issue::error(IssueCode::Value, format!("{field} must be a non-empty string")).at(format!("{p}.{field}")));
+                }
+            }
+        });
+    }
+    if obj.get("text").is_some_and(|t| !t.is_string()) {
+        issues.push(Issue::error(IssueCode::Value, "text must be a string").at(format!("{path}.text")));
+    }
+    if !obj.contains_key("coding") && !obj.contains_key("text") {
+        issues.push(Issue::error(IssueCode::Required, "a CodeableConcept needs coding or text").at(path.to_owned()));
+    }
+}
+
+fn check_identifier(v: &Value, path: &str, issues: &mut Vec<Issue>) {
+    let Some(obj) = v.as_object() else {
+        issues.push(Issue::error(IssueCode::Structure, "an Identifier must be an object").at(path.to_owned()));
+        return;
+    };
+    for field in ["system", "value"] {
+        if obj.get(field).is_some_and(|f| !f.as_str().is_some_and(|s| !s.is_empty())) {
+            issues.push(Issue::error(IssueCode::Value, format!("{field} must be a non-empty string")).at(format!("{path}.{field}")));
+        }
+    }
+}
+
+/// A literal reference must be `Type/id`, `Type/id/_history/n`, an absolute URL, `#local` or a
+/// `urn:uuid:` (the latter only inside a Bundle, resolved before storing).
+fn check_reference(v: &Value, path: &str, issues: &mut Vec<Issue>) {
+    let Some(obj) = v.as_object() else {
+        issues.push(Issue::error(IssueCode::Structure, "a Reference must be an object").at(path.to_owned()));
+        return;
+    };
+    if let Some(r) = obj.get("reference") {
+        match r.as_str() {
+            Some(s) if is_valid_reference(s) => {}
+            _ => issues.push(
+                Issue::error(IssueCode::Value, format!("{r} is not a valid reference (Type/id, an absolute URL or #id)"))
+                    .at(format!("{path}.reference")),
+            ),
+        }
+    }
+}
+
+pub fn is_valid_reference(s: &str) -> bool {
+    if let Some(local) = s.strip_prefix('#') {
+        return !local.is_empty();
+    }
+    if s.starts_with("urn:uuid:") || s.starts_with("urn:oid:") {
+        return s.len() > 9;
+    }
+    if s.starts_with("http://") || s.starts_with("https://") {
+        return !s.contains(char::is_whitespace);
+    }
+    let parts: Vec<&str> = s.split('/').collect();
+    match parts.as_slice() {
+        [t, id] => is_type_name(t) && is_valid_id(id),
+        [t, id, "_history", v] => is_type_name(t) && is_valid_id(id) && v.parse::<u64>().is_ok(),
+        _ => false,
+    }
+}
+
+fn is_type_name(t: &str) -> bool {
+    t.starts_with(|c: char| c.is_ascii_uppercase()) && t.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// FHIR id: `[A-Za-z0-9\-\.]{1,64}`.
+pub fn is_valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// FHIR date: `YYYY`, `YYYY-MM` or `YYYY-MM-DD`, with a real calendar date.
+pub fn is_date(s: &str) -> bool {
+    match s.len() {
+        4 => s.bytes().all(|b| b.is_ascii_digit()),
+        7 => chrono::NaiveDate::parse_from_str(&format!("{s}-01"), "%Y-%m-%d").is_ok() && s.as_bytes()[4] == b'-',
+        10 => chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok(),
+        _ => false,
+    }
+}
+
+/// FHIR dateTime: a date, or a date with a time and a zone (seconds required by R4, fraction optional).
+pub fn is_date_time(s: &str) -> bool {
+    is_date(s) || is_instant(s)
+}
+
+/// FHIR instant: full date and time with seconds and a zone.
+pub fn is_instant(s: &str) -> bool {
+    s.len() >= 20 && s.as_bytes()[10] == b'T' && chrono::DateTime::parse_from_rfc3339(s).is_ok()
+}
+
+fn check_period(v: &Value, path: &str, issues: &mut Vec<Issue>) {
+    let Some(obj) = v.as_object() else {
+        issues.push(Issue::error(IssueCode::Structure, "a Period must be an object").at(path.to_owned()));
+        return;
+    };
+    for f in ["start", "end"] {
+        if let Some(x) = obj.get(f) {
+            check_primitive(x, &format!("{path}.{f}"), issues, "dateTime", is_date_time);
+        }
+    }
+    if let (Some(s), Some(e)) = (obj.get("start").and_then(Value::as_str), obj.get("end").and_then(Value::as_str)) {
+        if let (Ok(s), Ok(e)) = (chrono::DateTime::parse_from_rfc3339(s), chrono::DateTime::parse_from_rfc3339(e)) {
+            if e < s {
+                issues.push(Issue::error(IssueCode::Value, "Period.end is before Period.start").at(path.to_owned()));
+            }
+        }
+    }
+}
+
+pub const UCUM: &str = "http://unitsofmeasure.org";
+
+fn check_quantity(v: &Value, path: &str, issues: &mut Vec<Issue>) {
+    let Some(obj) = v.as_object() else {
+        issues.push(Issue::error(IssueCode::Structure, "a Quantity must be an object").at(path.to_owned()));
+        return;
+    };
+    if let Some(value) = obj.get("value") {
+        if !value.is_number() {
+            issues.push(Issue::error(IssueCode::Value, format!("{value} is not a decimal")).at(format!("{path}.value")));
+        }
+    }
+    if let Some(c) = obj.get("comparator") {
+        if !matches!(c.as_str(), Some("<" | "<=" | ">=" | ">")) {
+            issues.push(Issue::error(IssueCode::Value, "comparator must be <, <=, >= or >").at(format!("{path}.comparator")));
+        }
+    }
+    for f in ["unit", "system", "code"] {
+        if obj.get(f).is_some_and(|x| !x.as_str().is_some_and(|s| !s.is_empty())) {
+            issues.push(Issue::error(IssueCode::Value, format!("{f} must be a non-empty string")).at(format!("{path}.{f}")));
+        }
+    }
+    if obj.contains_key("code") && !obj.contains_key("system") {
+        issues.push(Issue::error(IssueCode::Required, "a coded Quantity needs a system").at(format!("{path}.system")));
+    }
+    if obj.get("system").and_then(Value::as_str) == Some(UCUM) {
+        match obj.get("code").and_then(Value::as_str) {
+            Some(code) if is_plausible_ucum(code) => {}
+            Some(code) => issues.push(Issue::error(IssueCode::Value, format!("`{code}` is not a UCUM unit code")).at(format!("{path}.code"))),
+            None => issues.push(Issue::error(IssueCode::Required, "a UCUM Quantity needs a code").at(format!("{path}.code"))),
+        }
+    }
+}
+
+/// UCUM codes are printable ASCII without spaces; common clinical units are checked exactly.
+fn is_plausible_ucum(code: &str) -> bool {
+    !code.is_empty() && code.bytes().all(|b| b.is_ascii_graphic()) && !code.contains(['"', '{', '}']) || code.starts_with('{')
+}
+
+/// Sets `id` and the server-owned parts of `meta`, keeping everything else the client sent.
+pub fn stamp(resource: &mut Value, id: &str, version_id: u64, last_updated: &str) {
+    let obj = resource.as_object_mut().expect("validated resources are objects");
+    obj.insert("id".into(), Value::String(id.to_owned()));
+    let meta = obj.entry("meta").or_insert_with(|| Value::Object(Map::new()));
+    if let Some(meta) = meta.as_object_mut() {
+        meta.insert("versionId".into(), Value::String(version_id.to_string()));
+        meta.insert("lastUpdated".into(), Value::String(last_updated.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn glucose() -> Value {
+        json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0", "display": "Glucose [Mass/volume] in Blood"}]},
+            "subject": {"reference": "Patient/p1"},
+            "device": {"reference": "Device/meter-7"},
+            "identifier": [{"system": "urn:ietf:rfc:3986", "value": "urn:uuid:2b1f0f6e-3c7a-4e8e-9f59-0c5d2b0f2a11"}],
+            "effectiveDateTime": "2026-11-28T08:30:00+01:00",
+            "valueQuantity": {"value": 104, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"},
+            "extension": [{"url": "http://example.org/x", "valueString": "kept"}]
+        })
+    }
+
+    fn codes(r: Result<Value, Vec<Issue>>) -> Vec<String> {
+        r.unwrap_err().into_iter().map(|i| format!("{}: {}", i.expression.unwrap_or_default(), i.diagnostics)).collect()
+    }
+
+    #[test]
+    fn a_realistic_reading_is_accepted_unchanged() {
+        let body = serde_json::to_vec(&glucose()).unwrap();
+        assert_eq!(parse(&body, "Observation").unwrap(), glucose());
+    }
+
+    #[test]
+    fn malformed_documents_are_refused() {
+        assert!(codes(parse(b"{", "Observation"))[0].contains("malformed JSON"));
+        assert!(codes(parse(&[0xff, 0xfe], "Observation"))[0].contains("UTF-8"));
+        let dup = br#"{"resourceType":"Observation","status":"final","status":"final","code":{"text":"x"}}"#;
+        assert!(codes(parse(dup, "Observation"))[0].contains("duplicate key `status`"));
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        assert!(codes(parse(deep.as_bytes(), "Observation"))[0].contains("nested deeper"));
+        assert!(codes(parse(br#"{"resourceType":"Observation","x":1e999}"#, "Observation"))[0].contains("malformed JSON"));
+        assert!(codes(parse(b"[]", "Observation"))[0].contains("object"));
+    }
+
+    #[test]
+    fn element_rules_are_enforced() {
+        let mut r = glucose();
+        r["resourceType"] = "Patient".into();
+        assert!(codes(parse(&serde_json::to_vec(&r).unwrap(), "Observation"))[0].contains("does not match"));
+
+        let mut r = glucose();
+        r.as_object_mut().unwrap().remove("status");
+        r.as_object_mut().unwrap().remove("code");
+        r["bogus"] = 1.into();
+        r["effectiveDateTime"] = "2026-02-30".into();
+        r["valueQuantity"]["value"] = "104".into();
+        r["subject"]["reference"] = "Patient/has space".into();
+        r["effectiveInstant"] = "2026-11-28T08:30:00Z".into();
+        let found = codes(parse(&serde_json::to_vec(&r).unwrap(), "Observation"));
+        for expected in [
+            "Observation.status: Observation.status is required",
+            "Observation.code: Observation.code is required",
+            "Observation.bogus: unknown element `bogus`",
+            "Observation.effectiveDateTime",
+            "Observation.valueQuantity.value",
+            "Observation.subject.reference",
+            "Observation.effective[x]",
+        ] {
+            assert!(found.iter().any(|f| f.starts_with(expected)), "missing {expected}: {found:#?}");
+        }
+    }
+
+    #[test]
+    fn dates_and_instants_follow_fhir() {
+        for ok in ["2026", "2026-11", "2026-11-28", "2026-11-28T08:30:00Z", "2026-11-28T08:30:00.123+01:00"] {
+            assert!(is_date_time(ok), "{ok}");
+        }
+        for bad in ["26", "2026-13", "2026-11-31", "2026-11-28T08:30", "2026-11-28T08:30:00", "2026-11-28 08:30:00Z"] {
+            assert!(!is_date_time(bad), "{bad}");
+        }
+        assert!(is_instant("2026-11-28T08:30:00Z") && !is_instant("2026-11-28"));
+    }
+
+    #[test]
+    fn stamping_keeps_client_meta() {
+        let mut r = glucose();
+        r["meta"] = json!({"profile": ["http://example.org/p"], "versionId": "99"});
+        stamp(&mut r, "abc", 3, "2026-11-28T10:00:00.000Z");
+        assert_eq!(r["id"], "abc");
+        assert_eq!(r["meta"]["versionId"], "3");
+        assert_eq!(r["meta"]["profile"][0], "http://example.org/p");
+        assert_eq!(r["extension"][0]["valueString"], "kept");
+    }
+}

@@ -1,0 +1,331 @@
+//! The FHIR REST API (`{base}/fhir`): thin handlers over `cairn_service::FhirService`.
+//!
+//! Handlers extract the request context and the FHIR headers, call one service function, and map its
+//! result to HTTP: `Location`, `ETag`, `Last-Modified`, `Prefer: return=`, and an OperationOutcome
+//! for every error.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use cairn_events::Actor;
+use cairn_fhir::outcome::{Issue, IssueCode, operation_outcome};
+use cairn_service::{FhirError, FhirService, RequestContext, Versioned, WriteOutcome};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+/// What the FHIR routes need.
+#[derive(Clone)]
+pub struct FhirApi {
+    pub service: Arc<FhirService>,
+    /// `--insecure-no-auth`: accept requests without a token, as an anonymous actor (local development).
+    pub allow_anonymous: bool,
+}
+
+pub fn routes(api: FhirApi) -> Router {
+    Router::new()
+        .route("/fhir/metadata", get(metadata))
+        .route("/fhir/_history", get(history_system))
+        .route("/fhir/{rtype}", get(search).post(create))
+        .route("/fhir/{rtype}/_history", get(history_type))
+        .route("/fhir/{rtype}/{id}", get(read).put(update).delete(delete))
+        .route("/fhir/{rtype}/{id}/_history", get(history_instance))
+        .route("/fhir/{rtype}/{id}/_history/{vid}", get(vread))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(api)
+}
+
+/// An error as an OperationOutcome response.
+pub struct Outcome(pub FhirError);
+
+impl From<FhirError> for Outcome {
+    fn from(e: FhirError) -> Self {
+        Outcome(e)
+    }
+}
+
+impl IntoResponse for Outcome {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = fhir_json(status, &operation_outcome(&self.0.issues));
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+fn fhir_json(status: StatusCode, body: &Value) -> Response {
+    let bytes = serde_json::to_vec(body).expect("JSON values serialize");
+    let mut r = (status, bytes).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    r
+}
+
+fn error(status: u16, code: IssueCode, diagnostics: impl Into<String>) -> Outcome {
+    Outcome(FhirError::new(status, code, diagnostics))
+}
+
+/// The acting party. Authentication arrives with the authorization server; until then only
+/// `--insecure-no-auth` lets requests through, as an anonymous actor.
+fn context(api: &FhirApi, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<RequestContext, Outcome> {
+    if !api.allow_anonymous {
+        return Err(error(401, IssueCode::Security, "authentication required: this build has no token support yet; run with --insecure-no-auth for local development"));
+    }
+    let request_id = headers
+        .get(crate::REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let actor = Actor {
+        source_address: peer.map(|p| p.ip().to_string()),
+        user_agent: headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned),
+        ..Actor::default()
+    };
+    Ok(RequestContext { actor, request_id })
+}
+
+/// JSON only: `_format` and `Accept` must allow it.
+fn negotiate(headers: &HeaderMap, query: &str) -> Result<(), Outcome> {
+    for pair in query.split('&') {
+        if let Some(f) = pair.strip_prefix("_format=") {
+            let f = percent_encoding::percent_decode_str(f).decode_utf8_lossy();
+            if !matches!(f.as_ref(), "json" | "application/json" | "application/fhir+json") {
+                return Err(error(406, IssueCode::NotSupported, format!("_format={f}: this server speaks JSON only")));
+            }
+        }
+    }
+    if let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+        let ok = accept.split(',').any(|a| {
+            let media = a.split(';').next().unwrap_or("").trim();
+            matches!(media, "*/*" | "application/*" | "application/json" | "application/fhir+json" | "")
+        });
+        if !ok {
+            return Err(error(406, IssueCode::NotSupported, format!("Accept: {accept}: this server answers application/fhir+json only")));
+        }
+    }
+    Ok(())
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), Outcome> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media = ct.split(';').next().unwrap_or("").trim();
+    if matches!(media, "application/fhir+json" | "application/json") {
+        Ok(())
+    } else {
+        Err(error(415, IssueCode::NotSupported, format!("Content-Type `{ct}`: send application/fhir+json")))
+    }
+}
+
+async fn body_bytes(api: &FhirApi, body: Body) -> Result<Bytes, Outcome> {
+    let limit = api.service.settings().max_resource_bytes;
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        error(413, IssueCode::TooLong, format!("the request body exceeds the {limit}-byte limit"))
+    })
+}
+
+fn http_date(last_updated: &str) -> Option<HeaderValue> {
+    let t = chrono::DateTime::parse_from_rfc3339(last_updated).ok()?;
+    HeaderValue::from_str(&t.with_timezone(&chrono::Utc).format("%a, %d %b %Y %H:%M:%S GMT").to_string()).ok()
+}
+
+fn resource_response(status: StatusCode, v: &Versioned, base: &str, rtype: &str, prefer: Option<&str>, location: bool) -> Response {
+    let mut r = match prefer {
+        Some("minimal") => status.into_response(),
+        Some("OperationOutcome") => {
+            let issue = Issue::information(format!("{rtype}/{} version {}", v.id, v.version_id));
+            fhir_json(status, &operation_outcome(&[issue]))
+        }
+        _ => fhir_json(status, &v.resource),
+    };
+    let h = r.headers_mut();
+    if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{}\"", v.version_id)) {
+        h.insert(header::ETAG, etag);
+    }
+    if let Some(lm) = http_date(&v.last_updated) {
+        h.insert(header::LAST_MODIFIED, lm);
+    }
+    if location {
+        if let Ok(loc) = HeaderValue::from_str(&format!("{base}/{rtype}/{}/_history/{}", v.id, v.version_id)) {
+            h.insert(header::LOCATION, loc);
+        }
+    }
+    r
+}
+
+fn prefer_return(headers: &HeaderMap) -> Option<String> {
+    let prefer = headers.get("prefer")?.to_str().ok()?;
+    prefer.split(',').find_map(|p| p.trim().strip_prefix("return=").map(str::to_owned))
+}
+
+fn lenient(headers: &HeaderMap) -> bool {
+    headers
+        .get("prefer")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.split(',').any(|x| x.trim() == "handling=lenient"))
+}
+
+/// The client's address, when the server was started with connect info.
+pub struct Peer(Option<SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)))
+    }
+}
+
+async fn metadata(State(api): State<FhirApi>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, Outcome> {
+    negotiate(&headers, q.as_deref().unwrap_or(""))?;
+    let cs = cairn_service::capability_statement(&api.service.settings().base_url, env!("CARGO_PKG_VERSION"));
+    Ok(fhir_json(StatusCode::OK, &cs))
+}
+
+async fn create(
+    State(api): State<FhirApi>,
+    Path(rtype): Path<String>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    request: Request,
+) -> Result<Response, Outcome> {
+    let ctx = context(&api, &headers, peer.0)?;
+    negotiate(&headers, q.as_deref().unwrap_or(""))?;
+    check_content_type(&headers)?;
+    let body = body_bytes(&api, request.into_body()).await?;
+    let if_none_exist = headers.get("if-none-exist").and_then(|v| v.to_str().ok());
+    let base = &api.service.settings().base_url;
+    let prefer = prefer_return(&headers);
+    match api.service.create(&ctx, &rtype, &body, if_none_exist).await? {
+        WriteOutcome::Created(v) => Ok(resource_response(StatusCode::CREATED, &v, base, &rtype, prefer.as_deref(), true)),
+        WriteOutcome::Existing(v) | WriteOutcome::Updated(v) => {
+            Ok(resource_response(StatusCode::OK, &v, base, &rtype, prefer.as_deref(), true))
+        }
+    }
+}
+
+async fn update(
+    State(api): State<FhirApi>,
+    Path((rtype, id)): Path<(String, String)>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    request: Request,
+) -> Result<Response, Outcome> {
+    let ctx = context(&api, &headers, peer.0)?;
+    negotiate(&headers, q.as_deref().unwrap_or(""))?;
+    check_content_type(&headers)?;
+    let body = body_bytes(&api, request.into_body()).await?;
+    let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
+    let base = &api.service.settings().base_url;
+    let prefer = prefer_return(&headers);
+    match api.service.update(&ctx, &rtype, &id, &body, if_match).await? {
+        WriteOutcome::Created(v) => Ok(resource_response(StatusCode::CREATED, &v, base, &rtype, prefer.as_deref(), true)),
+        WriteOutcome::Updated(v) | WriteOutcome::Existing(v) => {
+            Ok(resource_response(StatusCode::OK, &v, base, &rtype, prefer.as_deref(), true))
+        }
+    }
+}
+
+async fn delete(State(api): State<FhirApi>, Path((rtype, id)): Path<(String, String)>, peer: Peer, headers: HeaderMap) -> Result<Response, Outcome> {
+    let ctx = context(&api, &headers, peer.0)?;
+    let deleted = api.service.delete(&ctx, &rtype, &id).await?;
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    if let Some(v) = deleted {
+        if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{v}\"")) {
+            r.headers_mut().insert(header::ETAG, etag);
+        }
+    }
+    Ok(r)
+}
+
+async fn read(
+    State(api): State<FhirApi>,
+    Path((rtype, id)): Path<(String, String)>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Outcome> {
+    let ctx = context(&api, &headers, peer.0)?;
+    negotiate(&headers, q.as_deref().unwrap_or(""))?;
+    let v = api.service.read(&ctx, &rtype, &id).await?;
+    Ok(resource_response(StatusCode::OK, &v, &api.service.settings().base_url, &rtype, None, false))
+}
+
+async fn vread(
+    State(api): State<FhirApi>,
+    Path((rtype, id, vid)): Path<(String, String, String)>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Outcome> {
+    let ctx = context(&api, &headers, peer.0)?;
+    negotiate(&headers, q.as_deref().unwrap_or(""))?;
+    let v = api.service.vread(&ctx, &rtype, &id, &vid).await?;
+    Ok(resource_response(StatusCode::OK, &v, &api.service.settings().base_url, &rtype, None, false))
+}
+
+async fn search(
+    State(api): State<FhirApi>,
+    Path(rtype): Path<String>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Outcome> {
+    let ctx = context(&api, &headers, peer.0)?;
+    let q = q.unwrap_or_default();
+    negotiate(&headers, &q)?;
+    let bundle = api.service.search(&ctx, &rtype, &q, lenient(&headers)).await?;
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+async fn history_instance(
+    State(api): State<FhirApi>,
+    Path((rtype, id)): Path<(String, String)>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Outcome> {
+    let ctx = context(&api, &headers, peer.0)?;
+    let q = q.unwrap_or_default();
+    negotiate(&headers, &q)?;
+    let bundle = api.service.history(&ctx, Some(&rtype), Some(&id), &q).await?;
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+async fn history_type(
+    State(api): State<FhirApi>,
+    Path(rtype): Path<String>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Outcome> {
+    let ctx = context(&api, &headers, peer.0)?;
+    let q = q.unwrap_or_default();
+    negotiate(&headers, &q)?;
+    let bundle = api.service.history(&ctx, Some(&rtype), None, &q).await?;
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+async fn history_system(State(api): State<FhirApi>, peer: Peer, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, Outcome> {
+    let ctx = context(&api, &headers, peer.0)?;
+    let q = q.unwrap_or_default();
+    negotiate(&headers, &q)?;
+    let bundle = api.service.history(&ctx, None, None, &q).await?;
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+async fn unknown_route(request: Request) -> Outcome {
+    error(404, IssueCode::NotSupported, format!("{} {} is not a FHIR interaction this server supports", request.method(), request.uri().path()))
+}
+
+async fn method_not_allowed(request: Request) -> Outcome {
+    error(405, IssueCode::NotSupported, format!("{} is not allowed on {}", request.method(), request.uri().path()))
+}

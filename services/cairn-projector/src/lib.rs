@@ -1,0 +1,134 @@
+//! Projectors: turn the log into the stores the API reads.
+//!
+//! Each projector is a pure function from an event to store changes ([`resources::project`]) plus a
+//! runner ([`ResourceProjector`]) that tails every partition of its topic, applies what is available
+//! in one store transaction together with the new checkpoints, and publishes how far it got, so that
+//! readers can wait for their own writes (read-your-writes).
+
+pub mod resources;
+
+use cairn_log::{EventLog, Record};
+use cairn_store::{Checkpoint, ResourceStore};
+use futures_util::StreamExt;
+use futures_util::stream::select_all;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How far a projector has applied each partition of its topic (next offset per partition).
+#[derive(Clone)]
+pub struct Progress {
+    rx: watch::Receiver<Vec<u64>>,
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until every partition `p` has been applied up to `targets[p]` (exclusive). False on
+    /// timeout or if the projector stopped.
+    pub async fn wait_for(&self, targets: &[u64], timeout: Duration) -> bool {
+        let mut rx = self.rx.clone();
+        let reached = |v: &Vec<u64>| targets.iter().zip(v.iter()).all(|(t, have)| have >= t);
+        match tokio::time::timeout(timeout, rx.wait_for(reached)).await {
+            Ok(Ok(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Runs the resource projector over `topic` until the log closes. Commits are made durable at most
+/// every `durable_every`; in between they are atomic and visible, and a crash replays from the last
+/// durable checkpoint.
+pub struct ResourceProjector {
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn ResourceStore>,
+    topic: String,
+    progress: watch::Sender<Vec<u64>>,
+    durable_every: Duration,
+}
+
+/// Records taken into one store transaction at most.
+const BATCH_RECORDS: usize = 2048;
+
+impl ResourceProjector {
+    pub fn new(log: Arc<dyn EventLog>, store: Arc<dyn ResourceStore>, topic: &str) -> cairn_log::Result<(Self, Progress)> {
+        let partitions = log.partitions(topic)?;
+        let mut start = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            start.push(store.checkpoint(topic, p).ok().flatten().unwrap_or(0));
+        }
+        let (tx, rx) = watch::channel(start);
+        let projector =
+            ResourceProjector { log, store, topic: topic.to_owned(), progress: tx, durable_every: Duration::from_secs(1) };
+        Ok((projector, Progress { rx }))
+    }
+
+    /// Applies everything already in the log, then returns (used by rebuilds and tests).
+    pub async fn catch_up(&self) -> anyhow_like::Result<()> {
+        let partitions = self.progress.borrow().len() as u32;
+        for p in 0..partitions {
+            loop {
+                let from = self.progress.borrow()[p as usize];
+                let records = self.log.read(&self.topic, p, from, BATCH_RECORDS).await.map_err(|e| e.to_string())?;
+                if records.is_empty() {
+                    break;
+                }
+                self.apply(&records, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tails every partition forever, applying in batches.
+    pub async fn run(self) -> anyhow_like::Result<()> {
+        let start = self.progress.borrow().clone();
+        let tails = start.iter().enumerate().map(|(p, &from)| self.log.tail(&self.topic, p as u32, from));
+        let mut merged = select_all(tails);
+        let mut last_durable = Instant::now();
+        loop {
+            let Some(first) = merged.next().await else { return Ok(()) };
+            let mut batch = vec![first.map_err(|e| e.to_string())?];
+            while batch.len() < BATCH_RECORDS {
+                match futures_util::FutureExt::now_or_never(merged.next()) {
+                    Some(Some(r)) => batch.push(r.map_err(|e| e.to_string())?),
+                    _ => break,
+                }
+            }
+            let durable = last_durable.elapsed() >= self.durable_every;
+            self.apply(&batch, durable)?;
+            if durable {
+                last_durable = Instant::now();
+            }
+        }
+    }
+
+    fn apply(&self, records: &[Record], durable: bool) -> anyhow_like::Result<()> {
+        let mut versions = Vec::with_capacity(records.len());
+        let mut next = self.progress.borrow().clone();
+        for r in records {
+            match cairn_events::Event::from_canonical_bytes(&r.value) {
+                Ok(event) => versions.extend(resources::project(&event)),
+                // A record this build cannot read is skipped loudly, never silently: the checkpoint
+                // still advances so one bad record cannot stall every reader.
+                Err(e) => tracing::error!(topic = %r.topic, partition = r.partition, offset = r.offset, error = %e, "unreadable event skipped by the resource projector"),
+            }
+            let slot = &mut next[r.partition as usize];
+            *slot = (*slot).max(r.offset + 1);
+        }
+        let checkpoints: Vec<Checkpoint> = next
+            .iter()
+            .enumerate()
+            .map(|(p, &o)| Checkpoint { topic: self.topic.clone(), partition: p as u32, next_offset: o })
+            .collect();
+        self.store.apply(&versions, &checkpoints, durable).map_err(|e| e.to_string())?;
+        self.progress.send_replace(next);
+        Ok(())
+    }
+}
+
+/// A tiny string error, so this crate needs no error framework.
+pub mod anyhow_like {
+    pub type Result<T> = std::result::Result<T, String>;
+}

@@ -1,0 +1,186 @@
+//! Response Bundles: searchset and history.
+
+use crate::{FhirError, FhirResult};
+use cairn_fhir::outcome::{Issue, IssueCode, operation_outcome};
+use cairn_fhir::search::{self, SearchQuery};
+use cairn_store::ResourceVersion;
+use serde_json::{Value, json};
+
+/// Sorts, pages and wraps search hits. Default order: `_lastUpdated` ascending then id, so resources
+/// written while a client pages land after the pages it has seen.
+pub fn searchset(
+    base: &str,
+    resource_type: &str,
+    raw_query: &str,
+    query: &SearchQuery,
+    mut hits: Vec<ResourceVersion>,
+    ignored: &[String],
+) -> Value {
+    let sort_keys: Vec<(String, bool)> = if query.sort.is_empty() {
+        vec![("_lastUpdated".to_owned(), false)]
+    } else {
+        query.sort.iter().map(|k| (k.param.clone(), k.descending)).collect()
+    };
+    hits.sort_by(|a, b| {
+        for (param, descending) in &sort_keys {
+            let (ra, rb) = (a.resource.as_ref().unwrap_or(&Value::Null), b.resource.as_ref().unwrap_or(&Value::Null));
+            let ord = search::sort_value(ra, param).cmp(&search::sort_value(rb, param));
+            let ord = if *descending { ord.reverse() } else { ord };
+            if ord != std::cmp::Ordering::Equal {
+                return ord;
+            }
+        }
+        a.id.cmp(&b.id)
+    });
+    let total = hits.len();
+    let self_url = link(base, resource_type, raw_query, None);
+    let mut bundle = json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total,
+        "link": [{"relation": "self", "url": self_url}],
+    });
+    if query.summary_count {
+        return bundle;
+    }
+    let start = query.offset.min(total);
+    let end = (start + query.count).min(total);
+    let links = bundle["link"].as_array_mut().expect("link array");
+    if end < total {
+        links.push(json!({"relation": "next", "url": link(base, resource_type, raw_query, Some(end))}));
+    }
+    if start > 0 {
+        let prev = start.saturating_sub(query.count);
+        links.push(json!({"relation": "previous", "url": link(base, resource_type, raw_query, Some(prev))}));
+    }
+    let mut entries: Vec<Value> = hits[start..end]
+        .iter()
+        .map(|v| {
+            let mut resource = v.resource.clone().unwrap_or(Value::Null);
+            if let Some(elements) = &query.elements {
+                resource = subset(resource, elements);
+            }
+            json!({
+                "fullUrl": format!("{base}/{}/{}", v.resource_type, v.id),
+                "resource": resource,
+                "search": {"mode": "match"},
+            })
+        })
+        .collect();
+    if !ignored.is_empty() {
+        let issue = Issue { severity: cairn_fhir::outcome::Severity::Warning, code: IssueCode::NotSupported,
+            diagnostics: format!("ignored unknown search parameters: {}", ignored.join(", ")), expression: None };
+        entries.push(json!({"resource": operation_outcome(&[issue]), "search": {"mode": "outcome"}}));
+    }
+    bundle["entry"] = Value::Array(entries);
+    bundle
+}
+
+/// The same query with `_offset` replaced.
+fn link(base: &str, resource_type: &str, raw_query: &str, offset: Option<usize>) -> String {
+    let mut parts: Vec<&str> = raw_query.split('&').filter(|p| !p.is_empty() && !p.starts_with("_offset=")).collect();
+    let offset_part;
+    if let Some(o) = offset {
+        offset_part = format!("_offset={o}");
+        parts.push(&offset_part);
+    }
+    if parts.is_empty() { format!("{base}/{resource_type}") } else { format!("{base}/{resource_type}?{}", parts.join("&")) }
+}
+
+/// `_elements`: the listed top-level elements plus the mandatory ones, tagged SUBSETTED.
+fn subset(resource: Value, elements: &[String]) -> Value {
+    let Value::Object(map) = resource else { return resource };
+    let mut out = serde_json::Map::new();
+    for (k, v) in map {
+        if k == "resourceType" || k == "id" || k == "meta" || elements.iter().any(|e| e == &k) {
+            out.insert(k, v);
+        }
+    }
+    let meta = out.entry("meta").or_insert_with(|| json!({}));
+    let tags = meta.as_object_mut().expect("meta is an object").entry("tag").or_insert_with(|| json!([]));
+    if let Some(tags) = tags.as_array_mut() {
+        tags.push(json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}));
+    }
+    Value::Object(out)
+}
+
+/// `_since`, `_at` and `_count` of a history interaction.
+pub struct HistoryParams {
+    pub since_ms: Option<i64>,
+    pub at: Option<(i64, i64)>,
+    pub count: usize,
+}
+
+impl HistoryParams {
+    pub fn parse(raw: &str) -> FhirResult<HistoryParams> {
+        let mut p = HistoryParams { since_ms: None, at: None, count: 100 };
+        for pair in raw.split('&').filter(|s| !s.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy().replace('+', " ");
+            let bad = |why: &str| FhirError::new(400, IssueCode::Invalid, format!("{name}={value}: {why}"));
+            match name {
+                "_since" => {
+                    let t: cairn_events::Timestamp = value.parse().map_err(|_| bad("not an instant"))?;
+                    p.since_ms = Some(t.as_millis());
+                }
+                "_at" => {
+                    let range = search::date_range(&value).ok_or_else(|| bad("not a date"))?;
+                    p.at = Some((range.low.timestamp_millis(), range.high.timestamp_millis()));
+                }
+                "_count" => {
+                    let n: usize = value.parse().map_err(|_| bad("not a count"))?;
+                    p.count = n.min(1000);
+                }
+                "_format" => {}
+                _ => return Err(FhirError::new(400, IssueCode::NotSupported, format!("history does not support `{name}`"))),
+            }
+        }
+        Ok(p)
+    }
+
+    /// Time window of versions to consider for type and system history.
+    pub fn window(&self) -> (i64, i64) {
+        let from = self.since_ms.unwrap_or(i64::MIN);
+        let to = self.at.map(|(_, high)| high - 1).unwrap_or(i64::MAX);
+        (from, to)
+    }
+}
+
+/// Instance history with `_at`: versions that were current at some moment of the window. Input and
+/// output newest first.
+pub fn current_during(versions: Vec<ResourceVersion>, at: (i64, i64)) -> Vec<ResourceVersion> {
+    let mut out = Vec::new();
+    let mut next_start = i64::MAX; // when the version after this one took over
+    for v in versions {
+        let start = v.last_updated_ms;
+        if start < at.1 && next_start > at.0 {
+            out.push(v);
+        }
+        next_start = start;
+    }
+    out
+}
+
+pub fn history(base: &str, versions: Vec<ResourceVersion>) -> Value {
+    let entries: Vec<Value> = versions
+        .iter()
+        .map(|v| {
+            let url = format!("{}/{}", v.resource_type, v.id);
+            let (method, status) = match (v.deleted, v.version_id) {
+                (true, _) => ("DELETE", "204 No Content"),
+                (false, 1) => ("POST", "201 Created"),
+                (false, _) => ("PUT", "200 OK"),
+            };
+            let mut e = json!({
+                "fullUrl": format!("{base}/{url}"),
+                "request": {"method": method, "url": if method == "POST" { v.resource_type.clone() } else { url.clone() }},
+                "response": {"status": status, "etag": format!("W/\"{}\"", v.version_id), "lastModified": v.last_updated},
+            });
+            if let Some(r) = &v.resource {
+                e["resource"] = r.clone();
+            }
+            e
+        })
+        .collect();
+    json!({"resourceType": "Bundle", "type": "history", "total": entries.len(), "entry": entries})
+}

@@ -1,0 +1,392 @@
+//! The FHIR interactions as plain async functions: validate, decide, append the event, answer.
+//!
+//! Every function takes the acting party as an explicit [`RequestContext`], so authentication plugs
+//! in without touching the interactions. Writes return only once their event is durable in the log;
+//! reads wait (with a bound) until the projection has caught up with the log as it was when the read
+//! began, so a client always sees its own writes, and past the bound they fail with 503 rather than
+//! answer with stale data. Nothing here knows HTTP: results and errors are FHIR values and statuses.
+
+mod bundle;
+mod capability;
+
+pub use capability::capability_statement;
+
+use cairn_events::{Actor, Event, ResourceDeleted, ResourceWritten, Timestamp, topics};
+use cairn_fhir::outcome::{Issue, IssueCode};
+use cairn_fhir::{index, resource, search};
+use cairn_log::{EventLog, NewRecord};
+use cairn_projector::Progress;
+use cairn_store::{ResourceStore, ResourceVersion};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Who is acting, and on behalf of which request. Until the authorization server lands the actor is
+/// anonymous (`--insecure-no-auth`); afterwards it is filled from the bearer token.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub actor: Actor,
+    pub request_id: String,
+}
+
+/// A FHIR error: the HTTP status and the issues for its OperationOutcome.
+#[derive(Debug, Clone)]
+pub struct FhirError {
+    pub status: u16,
+    pub issues: Vec<Issue>,
+}
+
+impl FhirError {
+    pub fn new(status: u16, code: IssueCode, diagnostics: impl Into<String>) -> FhirError {
+        FhirError { status, issues: vec![Issue::error(code, diagnostics)] }
+    }
+    fn invalid(issues: Vec<Issue>) -> FhirError {
+        FhirError { status: 400, issues }
+    }
+    fn unavailable(why: impl Into<String>) -> FhirError {
+        FhirError::new(503, IssueCode::Transient, why)
+    }
+}
+
+pub type FhirResult<T> = Result<T, FhirError>;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The FHIR base URL clients use, e.g. `http://127.0.0.1:8080/fhir`.
+    pub base_url: String,
+    /// How long a read waits for the projection to reach the log before answering 503.
+    pub read_wait: Duration,
+    /// Largest accepted resource body (413 above it).
+    pub max_resource_bytes: usize,
+}
+
+/// A resource at one version, as returned to clients.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    pub resource: Value,
+    pub id: String,
+    pub version_id: u64,
+    pub last_updated: String,
+}
+
+impl From<ResourceVersion> for Versioned {
+    fn from(v: ResourceVersion) -> Self {
+        Versioned {
+            resource: v.resource.unwrap_or(Value::Null),
+            id: v.id,
+            version_id: v.version_id,
+            last_updated: v.last_updated,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum WriteOutcome {
+    /// 201: a new resource (or a new resource created by update).
+    Created(Versioned),
+    /// 200: an existing resource was updated.
+    Updated(Versioned),
+    /// 200: a conditional create found the resource already there; nothing was written.
+    Existing(Versioned),
+}
+
+/// Write serialisation: one of these shards is held while a resource's next version is decided, so
+/// two writers of one resource never both take version n+1.
+const LOCK_SHARDS: usize = 256;
+
+pub struct FhirService {
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn ResourceStore>,
+    progress: Progress,
+    settings: Settings,
+    locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl FhirService {
+    pub fn new(log: Arc<dyn EventLog>, store: Arc<dyn ResourceStore>, progress: Progress, settings: Settings) -> Self {
+        FhirService { log, store, progress, settings, locks: (0..LOCK_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect() }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn lock_for(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        &self.locks[(h % LOCK_SHARDS as u64) as usize]
+    }
+
+    fn check_type(resource_type: &str) -> FhirResult<()> {
+        if resource::is_supported_type(resource_type) {
+            Ok(())
+        } else {
+            Err(FhirError::new(404, IssueCode::NotSupported, format!("resource type `{resource_type}` is not supported by this server")))
+        }
+    }
+
+    fn check_id(id: &str) -> FhirResult<()> {
+        if resource::is_valid_id(id) {
+            Ok(())
+        } else {
+            Err(FhirError::new(400, IssueCode::Value, format!("`{id}` is not a valid FHIR id")))
+        }
+    }
+
+    fn parse_body(&self, resource_type: &str, body: &[u8]) -> FhirResult<Value> {
+        if body.len() > self.settings.max_resource_bytes {
+            return Err(FhirError::new(
+                413,
+                IssueCode::TooLong,
+                format!("the resource is {} bytes; the limit is {}", body.len(), self.settings.max_resource_bytes),
+            ));
+        }
+        resource::parse(body, resource_type).map_err(FhirError::invalid)
+    }
+
+    /// Waits until the projection has applied everything the log held when this was called: in every
+    /// partition, or in the one partition of `key`.
+    async fn caught_up(&self, key: Option<&str>) -> FhirResult<()> {
+        let partitions = self.log.partitions(topics::FHIR).map_err(|e| FhirError::unavailable(e.to_string()))?;
+        let mut targets = vec![0u64; partitions as usize];
+        let only = key.map(|k| cairn_log::partition_for_key(k.as_bytes(), partitions));
+        for p in 0..partitions {
+            if only.is_none_or(|o| o == p) {
+                targets[p as usize] =
+                    self.log.end_offset(topics::FHIR, p).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
+            }
+        }
+        if self.progress.wait_for(&targets, self.settings.read_wait).await {
+            Ok(())
+        } else {
+            Err(FhirError::unavailable(format!(
+                "the resource store is more than {} ms behind the log; try again shortly",
+                self.settings.read_wait.as_millis()
+            )))
+        }
+    }
+
+    async fn append(&self, event: Event) -> FhirResult<()> {
+        let record = NewRecord::new(event.topic(), event.partition_key(), event.canonical_bytes());
+        self.log.append(record).await.map_err(|e| {
+            tracing::error!(error = %e, "append refused: failing closed");
+            FhirError::unavailable("the event log cannot accept writes right now; nothing was stored")
+        })?;
+        Ok(())
+    }
+
+    fn written_event(ctx: &RequestContext, resource_type: &str, id: &str, version_id: u64, resource: &Value, created: bool) -> Event {
+        let written = ResourceWritten {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            version_id,
+            resource: resource.clone(),
+        };
+        let payload =
+            if created { cairn_events::Payload::ResourceCreated(written) } else { cairn_events::Payload::ResourceUpdated(written) };
+        let mut e = Event::new(payload).with_actor(ctx.actor.clone()).with_request_id(ctx.request_id.clone());
+        if let Some(p) = index::patient_of(resource_type, id, resource) {
+            e = e.with_patient(p);
+        }
+        e
+    }
+
+    /// create, and conditional create when `if_none_exist` holds a search query.
+    pub async fn create(&self, ctx: &RequestContext, resource_type: &str, body: &[u8], if_none_exist: Option<&str>) -> FhirResult<WriteOutcome> {
+        Self::check_type(resource_type)?;
+        let mut resource = self.parse_body(resource_type, body)?;
+        let _guard;
+        if let Some(query) = if_none_exist {
+            let (parsed, _) = search::parse_query(resource_type, query, false).map_err(|e| {
+                FhirError::new(400, IssueCode::Invalid, format!("If-None-Exist: {e}"))
+            })?;
+            // Identical conditional creates queue on one lock and see each other's result.
+            _guard = self.lock_for(&format!("{resource_type}?{query}")).lock().await;
+            self.caught_up(None).await?;
+            let mut found = Vec::new();
+            self.scan(resource_type, &parsed, &mut |v| {
+                found.push(v);
+                found.len() < 2
+            })?;
+            match found.len() {
+                0 => {}
+                1 => return Ok(WriteOutcome::Existing(found.pop().expect("one").into())),
+                _ => {
+                    return Err(FhirError::new(412, IssueCode::Duplicate, "If-None-Exist matches more than one resource"));
+                }
+            }
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = Timestamp::now().to_rfc3339();
+        resource::stamp(&mut resource, &id, 1, &now);
+        self.append(Self::written_event(ctx, resource_type, &id, 1, &resource, true)).await?;
+        Ok(WriteOutcome::Created(Versioned { resource, id, version_id: 1, last_updated: now }))
+    }
+
+    /// update (and create-on-update with a client id). `if_match` is the ETag the client sent.
+    pub async fn update(&self, ctx: &RequestContext, resource_type: &str, id: &str, body: &[u8], if_match: Option<&str>) -> FhirResult<WriteOutcome> {
+        Self::check_type(resource_type)?;
+        Self::check_id(id)?;
+        let mut resource = self.parse_body(resource_type, body)?;
+        match resource.get("id").and_then(Value::as_str) {
+            Some(body_id) if body_id == id => {}
+            Some(body_id) => {
+                return Err(FhirError::new(400, IssueCode::Invalid, format!("the body's id `{body_id}` does not match the URL's `{id}`")));
+            }
+            None => return Err(FhirError::new(400, IssueCode::Required, "an update must carry the resource id in the body")),
+        }
+        let expected = match if_match {
+            Some(tag) => Some(parse_etag(tag).ok_or_else(|| FhirError::new(400, IssueCode::Invalid, format!("If-Match `{tag}` is not an ETag like W/\"3\"")))?),
+            None => None,
+        };
+        let key = format!("{resource_type}/{id}");
+        let _guard = self.lock_for(&key).lock().await;
+        self.caught_up(Some(&key)).await?;
+        let current = self.store.current(resource_type, id).map_err(|e| FhirError::unavailable(e.to_string()))?;
+        let current_version = current.as_ref().map(|c| c.version_id);
+        if let Some(expected) = expected {
+            if current_version != Some(expected) {
+                return Err(FhirError::new(
+                    412,
+                    IssueCode::Conflict,
+                    format!("If-Match W/\"{expected}\" but the current version is {}", current_version.map_or("none".into(), |v| v.to_string())),
+                ));
+            }
+        }
+        let version_id = current_version.unwrap_or(0) + 1;
+        let created = current.as_ref().is_none_or(|c| c.deleted);
+        let now = Timestamp::now().to_rfc3339();
+        resource::stamp(&mut resource, id, version_id, &now);
+        self.append(Self::written_event(ctx, resource_type, id, version_id, &resource, current.is_none())).await?;
+        let v = Versioned { resource, id: id.to_owned(), version_id, last_updated: now };
+        Ok(if created { WriteOutcome::Created(v) } else { WriteOutcome::Updated(v) })
+    }
+
+    /// delete: a new version marked deleted; history keeps the rest. Deleting what is absent or
+    /// already deleted succeeds without writing.
+    pub async fn delete(&self, ctx: &RequestContext, resource_type: &str, id: &str) -> FhirResult<Option<u64>> {
+        Self::check_type(resource_type)?;
+        Self::check_id(id)?;
+        let key = format!("{resource_type}/{id}");
+        let _guard = self.lock_for(&key).lock().await;
+        self.caught_up(Some(&key)).await?;
+        let current = self.store.current(resource_type, id).map_err(|e| FhirError::unavailable(e.to_string()))?;
+        let Some(current) = current.filter(|c| !c.deleted) else { return Ok(None) };
+        let version_id = current.version_id + 1;
+        let mut e = Event::new(ResourceDeleted { resource_type: resource_type.to_owned(), id: id.to_owned(), version_id })
+            .with_actor(ctx.actor.clone())
+            .with_request_id(ctx.request_id.clone());
+        if let Some(p) = current.patient {
+            e = e.with_patient(p);
+        }
+        self.append(e).await?;
+        Ok(Some(version_id))
+    }
+
+    pub async fn read(&self, _ctx: &RequestContext, resource_type: &str, id: &str) -> FhirResult<Versioned> {
+        Self::check_type(resource_type)?;
+        Self::check_id(id)?;
+        self.caught_up(Some(&format!("{resource_type}/{id}"))).await?;
+        match self.store.current(resource_type, id).map_err(|e| FhirError::unavailable(e.to_string()))? {
+            None => Err(FhirError::new(404, IssueCode::NotFound, format!("{resource_type}/{id} does not exist"))),
+            Some(v) if v.deleted => Err(FhirError::new(410, IssueCode::Deleted, format!("{resource_type}/{id} was deleted (version {})", v.version_id))),
+            Some(v) => Ok(v.into()),
+        }
+    }
+
+    pub async fn vread(&self, _ctx: &RequestContext, resource_type: &str, id: &str, version: &str) -> FhirResult<Versioned> {
+        Self::check_type(resource_type)?;
+        Self::check_id(id)?;
+        let version_id: u64 = version
+            .parse()
+            .map_err(|_| FhirError::new(400, IssueCode::Value, format!("`{version}` is not a version number")))?;
+        self.caught_up(Some(&format!("{resource_type}/{id}"))).await?;
+        match self.store.version(resource_type, id, version_id).map_err(|e| FhirError::unavailable(e.to_string()))? {
+            None => Err(FhirError::new(404, IssueCode::NotFound, format!("{resource_type}/{id} has no version {version_id}"))),
+            Some(v) if v.deleted => Err(FhirError::new(410, IssueCode::Deleted, format!("version {version_id} of {resource_type}/{id} is a deletion"))),
+            Some(v) => Ok(v.into()),
+        }
+    }
+
+    /// Current resources matching `query`, via the patient index when the query names one patient.
+    fn scan(&self, resource_type: &str, query: &search::SearchQuery, visit: &mut dyn FnMut(ResourceVersion) -> bool) -> FhirResult<()> {
+        let patient = single_patient(resource_type, query);
+        self.store
+            .scan_current(resource_type, patient.as_deref(), &mut |v| {
+                let keep = v.resource.as_ref().is_some_and(|r| search::matches(r, query));
+                if keep { visit(v) } else { true }
+            })
+            .map_err(|e| FhirError::unavailable(e.to_string()))
+    }
+
+    /// Type-level search; returns a searchset Bundle.
+    pub async fn search(&self, _ctx: &RequestContext, resource_type: &str, raw_query: &str, lenient: bool) -> FhirResult<Value> {
+        Self::check_type(resource_type)?;
+        let (query, ignored) = search::parse_query(resource_type, raw_query, lenient)
+            .map_err(|e| FhirError::new(400, IssueCode::Invalid, e.to_string()))?;
+        self.caught_up(None).await?;
+        let mut hits = Vec::new();
+        self.scan(resource_type, &query, &mut |v| {
+            hits.push(v);
+            true
+        })?;
+        Ok(bundle::searchset(&self.settings.base_url, resource_type, raw_query, &query, hits, &ignored))
+    }
+
+    /// Instance, type or system history (`resource_type`/`id` narrow it).
+    pub async fn history(&self, _ctx: &RequestContext, resource_type: Option<&str>, id: Option<&str>, raw_query: &str) -> FhirResult<Value> {
+        if let Some(t) = resource_type {
+            Self::check_type(t)?;
+        }
+        let params = bundle::HistoryParams::parse(raw_query)?;
+        let versions = match (resource_type, id) {
+            (Some(t), Some(id)) => {
+                Self::check_id(id)?;
+                self.caught_up(Some(&format!("{t}/{id}"))).await?;
+                let all = self.store.history(t, id).map_err(|e| FhirError::unavailable(e.to_string()))?;
+                if all.is_empty() {
+                    return Err(FhirError::new(404, IssueCode::NotFound, format!("{t}/{id} does not exist")));
+                }
+                let during = match params.at {
+                    Some(at) => bundle::current_during(all, at),
+                    None => all,
+                };
+                during.into_iter().filter(|v| params.since_ms.is_none_or(|s| v.last_updated_ms >= s)).take(params.count).collect()
+            }
+            _ => {
+                self.caught_up(None).await?;
+                let (from, to) = params.window();
+                self.store.changes(resource_type, from, to, params.count).map_err(|e| FhirError::unavailable(e.to_string()))?
+            }
+        };
+        Ok(bundle::history(&self.settings.base_url, versions))
+    }
+}
+
+/// `W/"3"` or `"3"` -> 3.
+pub fn parse_etag(tag: &str) -> Option<u64> {
+    let t = tag.trim();
+    let t = t.strip_prefix("W/").unwrap_or(t);
+    t.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
+}
+
+/// The one patient a query is confined to, if it names exactly one (`patient=` or `subject=Patient/`).
+fn single_patient(resource_type: &str, query: &search::SearchQuery) -> Option<String> {
+    if resource_type == "Patient" {
+        return None;
+    }
+    query.params.iter().find_map(|p| {
+        if p.modifier.is_some() || p.values.len() != 1 || !(p.name == "patient" || p.name == "subject") {
+            return None;
+        }
+        match &p.values[0] {
+            search::SearchValue::Reference { resource_type: t, id } => match (p.name.as_str(), t.as_deref()) {
+                ("patient", None | Some("Patient")) | ("subject", Some("Patient")) => Some(format!("Patient/{id}")),
+                _ => None,
+            },
+            _ => None,
+        }
+    })
+}

@@ -1,0 +1,92 @@
+//! The projection store: what the FHIR API reads. Everything in it is derived from the log by the
+//! projectors and can be deleted and rebuilt.
+//!
+//! [`ResourceStore`] is the trait the API and the projectors use; [`embedded::EmbeddedStore`] keeps it
+//! in one redb file (ACID transactions, MVCC readers). The projector's checkpoint is written in the
+//! same transaction as the data it covers, and applying a version twice changes nothing, so a crash at
+//! any point is repaired by replaying from the checkpoint.
+
+pub mod embedded;
+
+use serde::{Deserialize, Serialize};
+
+/// One version of a resource as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceVersion {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: u64,
+    /// `meta.lastUpdated` as written (RFC 3339, milliseconds, UTC) and as epoch milliseconds.
+    pub last_updated: String,
+    pub last_updated_ms: i64,
+    pub deleted: bool,
+    /// The full resource; `None` for a deletion.
+    pub resource: Option<serde_json::Value>,
+    /// Index keys computed by the projector: the patient compartment (`Patient/x`) ...
+    #[serde(default)]
+    pub patient: Option<String>,
+    /// ... and the identifiers as `system|value`.
+    #[serde(default)]
+    pub identifiers: Vec<String>,
+}
+
+impl ResourceVersion {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.resource_type, self.id)
+    }
+}
+
+/// A projector's position in one partition: the next offset it will apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub topic: String,
+    pub partition: u32,
+    pub next_offset: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("projection store {path}: {detail}")]
+    Storage { path: String, detail: String },
+    #[error("projection store holds an unreadable record: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Reads and writes of the projected FHIR resources.
+pub trait ResourceStore: Send + Sync + 'static {
+    /// Applies versions and checkpoints in one atomic write. Versions already present are skipped
+    /// (idempotent replay). `durable` asks for an fsync; without it the write is atomic and visible
+    /// but may be lost in a crash, which replay from the last durable checkpoint repairs.
+    fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()>;
+
+    fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>>;
+
+    /// The newest version (possibly a deletion).
+    fn current(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>>;
+
+    fn version(&self, resource_type: &str, id: &str, version_id: u64) -> Result<Option<ResourceVersion>>;
+
+    /// Every version of one resource, newest first.
+    fn history(&self, resource_type: &str, id: &str) -> Result<Vec<ResourceVersion>>;
+
+    /// Current, non-deleted resources of a type, optionally only one patient's compartment. `visit`
+    /// returns false to stop.
+    fn scan_current(
+        &self,
+        resource_type: &str,
+        patient: Option<&str>,
+        visit: &mut dyn FnMut(ResourceVersion) -> bool,
+    ) -> Result<()>;
+
+    /// Versions of every resource (or of one type) whose lastUpdated is in `[from_ms, to_ms]`, newest
+    /// first, at most `limit`.
+    fn changes(&self, resource_type: Option<&str>, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<ResourceVersion>>;
+
+    /// Ids of current, non-deleted resources of a type carrying the identifier `system|value`.
+    fn find_by_identifier(&self, resource_type: &str, identifier: &str) -> Result<Vec<String>>;
+
+    /// A digest of everything projected (checkpoints excluded), to prove a rebuild is identical.
+    fn digest(&self) -> Result<String>;
+}
