@@ -293,11 +293,7 @@ async fn history_instance(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0)?;
-    let q = q.unwrap_or_default();
-    negotiate(&headers, &q)?;
-    let bundle = api.service.history(&ctx, Some(&rtype), Some(&id), &q).await?;
-    Ok(fhir_json(StatusCode::OK, &bundle))
+    history(api, Some(rtype), Some(id), peer, headers, q).await
 }
 
 async fn history_type(
@@ -307,18 +303,18 @@ async fn history_type(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0)?;
-    let q = q.unwrap_or_default();
-    negotiate(&headers, &q)?;
-    let bundle = api.service.history(&ctx, Some(&rtype), None, &q).await?;
-    Ok(fhir_json(StatusCode::OK, &bundle))
+    history(api, Some(rtype), None, peer, headers, q).await
 }
 
 async fn history_system(State(api): State<FhirApi>, peer: Peer, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, Outcome> {
+    history(api, None, None, peer, headers, q).await
+}
+
+async fn history(api: FhirApi, rtype: Option<String>, id: Option<String>, peer: Peer, headers: HeaderMap, q: Option<String>) -> Result<Response, Outcome> {
     let ctx = context(&api, &headers, peer.0)?;
     let q = q.unwrap_or_default();
     negotiate(&headers, &q)?;
-    let bundle = api.service.history(&ctx, None, None, &q).await?;
+    let bundle = api.service.history(&ctx, rtype.as_deref(), id.as_deref(), &q).await?;
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
