@@ -434,3 +434,84 @@ fn deleting_the_projection_rebuilds_it_identically() {
     assert_eq!(before, after);
     assert_eq!(before.trim().len(), 64);
 }
+
+#[test]
+fn transactions_are_all_or_nothing_and_resolve_references() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--insecure-no-auth"]);
+    rt().block_on(async {
+        let c = Client::new(&s);
+        let mut obs = glucose("placeholder", "2026-11-28T07:00:00Z", 101.0, "t-1");
+        obs["subject"]["reference"] = json!("urn:uuid:6a1b0f1e-0000-4000-8000-000000000001");
+        let mut obs2 = obs.clone();
+        obs2["identifier"][0]["value"] = json!("t-2");
+        let tx = json!({
+            "resourceType": "Bundle", "type": "transaction",
+            "entry": [
+                {"fullUrl": "urn:uuid:6a1b0f1e-0000-4000-8000-000000000001",
+                 "resource": {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "M-1"}], "name": [{"family": "Ngata"}]},
+                 "request": {"method": "POST", "url": "Patient"}},
+                {"resource": obs, "request": {"method": "POST", "url": "Observation"}},
+                {"resource": obs2, "request": {"method": "POST", "url": "Observation"}}
+            ]
+        });
+        let r = c.post("", &tx).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["type"], "transaction-response");
+        let statuses: Vec<&str> = r.body["entry"].as_array().unwrap().iter().map(|e| e["response"]["status"].as_str().unwrap()).collect();
+        assert_eq!(statuses, vec!["201 Created"; 3]);
+        let patient_id = r.body["entry"][0]["resource"]["id"].as_str().unwrap().to_owned();
+        assert_eq!(r.body["entry"][1]["resource"]["subject"]["reference"], format!("Patient/{patient_id}"));
+        assert_eq!(c.get(&format!("/Observation?patient={patient_id}")).await.body["total"], 2);
+
+        // A conditional reference resolves to the one match.
+        let mut obs3 = glucose("x", "2026-11-28T08:00:00Z", 99.0, "t-3");
+        obs3["subject"]["reference"] = json!("Patient?identifier=urn:mrn|M-1");
+        let r = c.post("", &json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": obs3, "request": {"method": "POST", "url": "Observation"}}]})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["entry"][0]["resource"]["subject"]["reference"], format!("Patient/{patient_id}"));
+
+        // An invalid entry fails the whole transaction: nothing from it becomes visible.
+        let mut bad = glucose("x", "2026-11-28T09:00:00Z", 1.0, "t-bad");
+        bad.as_object_mut().unwrap().remove("code");
+        let good = glucose(&patient_id, "2026-11-28T09:00:00Z", 100.0, "t-good");
+        let r = c.post("", &json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": good, "request": {"method": "POST", "url": "Observation"}},
+            {"resource": bad, "request": {"method": "POST", "url": "Observation"}}
+        ]})).await;
+        assert_outcome(&r, 400, "Bundle.entry[1]");
+        assert_eq!(c.get("/Observation?identifier=urn:example:meter-1|t-good").await.body["total"], 0);
+        let r = c.post("", &json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": glucose("x", "2026-11-28", 1.0, "t-c"), "request": {"method": "POST", "url": "Observation"}},
+            {"resource": {"resourceType": "Observation"}, "request": {"method": "PUT", "url": "Observation/zz"}}
+        ]})).await;
+        assert_eq!(r.status, 400);
+        assert_eq!(c.get("/Observation?identifier=urn:example:meter-1|t-c").await.body["total"], 0);
+    });
+    let (status, _) = s.terminate();
+    assert!(status.success());
+    let (_, out, _) = run_cairn(&["log", "verify", "--data-dir", tmp.path().to_str().unwrap()]);
+    assert!(out.contains("ok: 4 events"), "only the two good transactions were appended: {out}");
+}
+
+#[test]
+fn batches_answer_each_entry() {
+    let (_tmp, s) = server();
+    rt().block_on(async {
+        let c = Client::new(&s);
+        let mut entries: Vec<Value> = (0..100)
+            .map(|i| json!({"resource": glucose("pb", "2026-11-28T10:00:00Z", 80.0 + i as f64, &format!("b-{i}")), "request": {"method": "POST", "url": "Observation"}}))
+            .collect();
+        entries.push(json!({"resource": {"resourceType": "Observation", "status": "final"}, "request": {"method": "POST", "url": "Observation"}}));
+        entries.push(json!({"request": {"method": "GET", "url": "Observation?patient=pb&_summary=count"}}));
+        let r = c.post("", &json!({"resourceType": "Bundle", "type": "batch", "entry": entries})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let e = r.body["entry"].as_array().unwrap();
+        assert_eq!(e.len(), 102);
+        assert!(e[..100].iter().all(|x| x["response"]["status"] == "201 Created" && x["response"]["location"].as_str().unwrap().starts_with("Observation/")));
+        assert_eq!(e[100]["response"]["status"], "400");
+        assert_eq!(e[100]["response"]["outcome"]["resourceType"], "OperationOutcome");
+        assert_eq!(c.get("/Observation?patient=pb&_summary=count").await.body["total"], 100);
+        assert_outcome(&c.post("", &json!({"resourceType": "Bundle", "type": "collection"})).await, 400, "batch and transaction");
+    });
+}

@@ -29,6 +29,7 @@ pub struct FhirApi {
 
 pub fn routes(api: FhirApi) -> Router {
     Router::new()
+        .route("/fhir", axum::routing::post(bundle))
         .route("/fhir/metadata", get(metadata))
         .route("/fhir/_history", get(history_system))
         .route("/fhir/{rtype}", get(search).post(create))
@@ -209,6 +210,18 @@ async fn create(
             Ok(resource_response(StatusCode::OK, &v, base, &rtype, prefer.as_deref(), true))
         }
     }
+}
+
+async fn bundle(State(api): State<FhirApi>, peer: Peer, headers: HeaderMap, RawQuery(q): RawQuery, request: Request) -> Result<Response, Outcome> {
+    let ctx = context(&api, &headers, peer.0)?;
+    negotiate(&headers, q.as_deref().unwrap_or(""))?;
+    check_content_type(&headers)?;
+    let limit = api.service.settings().max_bundle_bytes;
+    let body = axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| error(413, IssueCode::TooLong, format!("the Bundle exceeds the {limit}-byte limit")))?;
+    let response = api.service.bundle(&ctx, &body).await?;
+    Ok(fhir_json(StatusCode::OK, &response))
 }
 
 async fn update(

@@ -8,6 +8,7 @@
 
 mod bundle;
 mod capability;
+mod transaction;
 
 pub use capability::capability_statement;
 
@@ -58,6 +59,8 @@ pub struct Settings {
     pub read_wait: Duration,
     /// Largest accepted resource body (413 above it).
     pub max_resource_bytes: usize,
+    /// Largest accepted batch or transaction Bundle.
+    pub max_bundle_bytes: usize,
 }
 
 /// A resource at one version, as returned to clients.
@@ -111,12 +114,16 @@ impl FhirService {
         &self.settings
     }
 
-    fn lock_for(&self, key: &str) -> &tokio::sync::Mutex<()> {
+    fn shard_of(&self, key: &str) -> usize {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in key.bytes() {
             h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
         }
-        &self.locks[(h % LOCK_SHARDS as u64) as usize]
+        (h % LOCK_SHARDS as u64) as usize
+    }
+
+    fn lock_for(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        &self.locks[self.shard_of(key)]
     }
 
     fn check_type(resource_type: &str) -> FhirResult<()> {

@@ -12,6 +12,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_PARTITIONS: u32 = 8;
 pub const DEFAULT_SEGMENT_BYTES: u64 = 256 << 20;
 pub const DEFAULT_MAX_RESOURCE_BYTES: usize = 1 << 20;
+pub const DEFAULT_MAX_BUNDLE_BYTES: usize = 32 << 20;
 pub const DEFAULT_READ_WAIT_MS: u64 = 5000;
 
 /// The keys a `--config` file may hold. Unknown keys are an error, so a typo never goes unnoticed.
@@ -24,6 +25,7 @@ struct FileSettings {
     partitions: Option<u32>,
     segment_bytes: Option<u64>,
     max_resource_bytes: Option<usize>,
+    max_bundle_bytes: Option<usize>,
     read_wait_ms: Option<u64>,
 }
 
@@ -35,6 +37,7 @@ pub struct Settings {
     pub partitions: u32,
     pub segment_bytes: u64,
     pub max_resource_bytes: usize,
+    pub max_bundle_bytes: usize,
     pub read_wait: std::time::Duration,
     pub insecure_no_auth: bool,
 }
@@ -82,6 +85,7 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
     if max_resource_bytes < 1024 {
         bail!("--max-resource-bytes {max_resource_bytes} is below the 1024-byte minimum");
     }
+    let max_bundle_bytes = args.max_bundle_bytes.or(file.max_bundle_bytes).unwrap_or(DEFAULT_MAX_BUNDLE_BYTES);
     let read_wait = std::time::Duration::from_millis(args.read_wait_ms.or(file.read_wait_ms).unwrap_or(DEFAULT_READ_WAIT_MS));
     if args.insecure_no_auth && !listen.ip().is_loopback() {
         bail!("--insecure-no-auth refuses to serve on {listen}: unauthenticated access is for a loopback address only");
@@ -93,6 +97,7 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
         partitions,
         segment_bytes,
         max_resource_bytes,
+        max_bundle_bytes,
         read_wait,
         insecure_no_auth: args.insecure_no_auth,
     })

@@ -114,6 +114,7 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
             base_url: format!("{}/fhir", settings.public_url),
             read_wait: settings.read_wait,
             max_resource_bytes: settings.max_resource_bytes,
+            max_bundle_bytes: settings.max_bundle_bytes,
         },
     ));
     if settings.insecure_no_auth {
