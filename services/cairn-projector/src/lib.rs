@@ -68,6 +68,7 @@ impl ResourceProjector {
     /// Applies everything already in the log, then returns (used by rebuilds and tests).
     pub async fn catch_up(&self) -> anyhow_like::Result<()> {
         let partitions = self.progress.borrow().len() as u32;
+        let mut last_durable = Instant::now();
         for p in 0..partitions {
             loop {
                 let from = self.progress.borrow()[p as usize];
@@ -75,10 +76,15 @@ impl ResourceProjector {
                 if records.is_empty() {
                     break;
                 }
-                self.apply(&records, true)?;
+                let durable = last_durable.elapsed() >= self.durable_every;
+                self.apply(&records, durable)?;
+                if durable {
+                    last_durable = Instant::now();
+                }
             }
         }
-        Ok(())
+        // One durable commit at the end: the rebuilt state survives a crash right after.
+        self.apply(&[], true)
     }
 
     /// Tails every partition forever, applying in batches.
@@ -109,7 +115,7 @@ impl ResourceProjector {
         let mut next = self.progress.borrow().clone();
         for r in records {
             match cairn_events::Event::from_canonical_bytes(&r.value) {
-                Ok(event) => versions.extend(resources::project(&event)),
+                Ok(event) => versions.extend(resources::project(event)),
                 // A record this build cannot read is skipped loudly, never silently: the checkpoint
                 // still advances so one bad record cannot stall every reader.
                 Err(e) => tracing::error!(topic = %r.topic, partition = r.partition, offset = r.offset, error = %e, "unreadable event skipped by the resource projector"),

@@ -5,32 +5,33 @@ use cairn_events::{Event, Payload};
 use cairn_fhir::index;
 use cairn_store::ResourceVersion;
 
-pub fn project(event: &Event) -> Option<ResourceVersion> {
-    match &event.payload {
+pub fn project(event: Event) -> Option<ResourceVersion> {
+    let occurred_at = event.occurred_at;
+    match event.payload {
         Payload::ResourceCreated(w) | Payload::ResourceUpdated(w) => {
-            let last_updated = w.resource["meta"]["lastUpdated"].as_str().map(str::to_owned).unwrap_or_else(|| event.occurred_at.to_rfc3339());
+            let last_updated = w.resource["meta"]["lastUpdated"].as_str().map(str::to_owned).unwrap_or_else(|| occurred_at.to_rfc3339());
             let last_updated_ms = last_updated
                 .parse::<cairn_events::Timestamp>()
                 .map(|t| t.as_millis())
-                .unwrap_or(event.occurred_at.as_millis());
+                .unwrap_or(occurred_at.as_millis());
             Some(ResourceVersion {
-                resource_type: w.resource_type.clone(),
-                id: w.id.clone(),
+                patient: index::patient_of(&w.resource_type, &w.id, &w.resource),
+                identifiers: index::identifiers_of(&w.resource),
+                resource_type: w.resource_type,
+                id: w.id,
                 version_id: w.version_id,
                 last_updated,
                 last_updated_ms,
                 deleted: false,
-                patient: index::patient_of(&w.resource_type, &w.id, &w.resource),
-                identifiers: index::identifiers_of(&w.resource),
-                resource: Some(w.resource.clone()),
+                resource: Some(w.resource),
             })
         }
         Payload::ResourceDeleted(d) => Some(ResourceVersion {
-            resource_type: d.resource_type.clone(),
-            id: d.id.clone(),
+            resource_type: d.resource_type,
+            id: d.id,
             version_id: d.version_id,
-            last_updated: event.occurred_at.to_rfc3339(),
-            last_updated_ms: event.occurred_at.as_millis(),
+            last_updated: occurred_at.to_rfc3339(),
+            last_updated_ms: occurred_at.as_millis(),
             deleted: true,
             resource: None,
             patient: None,

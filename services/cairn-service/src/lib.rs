@@ -225,7 +225,7 @@ impl FhirService {
                 }
             }
         }
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = new_resource_id();
         let now = Timestamp::now().to_rfc3339();
         resource::stamp(&mut resource, &id, 1, &now);
         self.append(Self::written_event(ctx, resource_type, &id, 1, &resource, true)).await?;
@@ -370,6 +370,13 @@ impl FhirService {
         };
         Ok(bundle::history(&self.settings.base_url, versions))
     }
+}
+
+/// A new server-assigned id: a UUIDv7, so ids of new resources sort by creation time and the store's
+/// B-trees grow at their right edge instead of being rewritten all over (measured: the projector's
+/// rebuild rate depends on it).
+pub(crate) fn new_resource_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 /// `W/"3"` or `"3"` -> 3.

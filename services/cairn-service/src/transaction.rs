@@ -7,7 +7,7 @@
 //! but still appends its plain creates in one group so a gateway uploading 100 readings pays for one
 //! durable append, not a hundred.
 
-use crate::{FhirError, FhirResult, FhirService, RequestContext, Versioned, WriteOutcome, parse_etag};
+use crate::{FhirError, FhirResult, FhirService, RequestContext, Versioned, WriteOutcome, new_resource_id, parse_etag};
 use cairn_events::{Event, ResourceDeleted, Timestamp};
 use cairn_fhir::outcome::{IssueCode, operation_outcome};
 use cairn_fhir::{resource, search};
@@ -222,12 +222,12 @@ impl FhirService {
                             found.len() < 2
                         })?;
                         match found.len() {
-                            0 => (uuid::Uuid::new_v4().to_string(), None),
+                            0 => (new_resource_id(), None),
                             1 => (found[0].id.clone(), Some(found[0].version_id)),
                             _ => return Err(FhirError::new(412, IssueCode::Duplicate, format!("Bundle.entry[{i}]: ifNoneExist matches several resources"))),
                         }
                     }
-                    None => (uuid::Uuid::new_v4().to_string(), None),
+                    None => (new_resource_id(), None),
                 },
                 (Method::Put | Method::Delete, Some(id), None) => {
                     Self::check_id(&id).map_err(|err| err.at_entry(i))?;
@@ -349,7 +349,7 @@ impl FhirService {
                     match Self::check_type(&t).and_then(|()| resource::validate(&r, &t).map_err(FhirError::invalid)) {
                         Ok(()) => {
                             let mut r = r;
-                            let new_id = uuid::Uuid::new_v4().to_string();
+                            let new_id = new_resource_id();
                             resource::stamp(&mut r, &new_id, 1, &now);
                             let event = Self::written_event(ctx, &t, &new_id, 1, &r, true);
                             group.push((i, t, Versioned { resource: r, id: new_id, version_id: 1, last_updated: now.clone() }, event));
