@@ -515,3 +515,41 @@ fn batches_answer_each_entry() {
         assert_outcome(&c.post("", &json!({"resourceType": "Bundle", "type": "collection"})).await, 400, "batch and transaction");
     });
 }
+
+/// Pages stay correct while new readings keep arriving: every resource that existed when paging
+/// began is seen exactly once (new ones sort after them by _lastUpdated).
+#[test]
+fn paging_stays_correct_under_concurrent_writes() {
+    let (_tmp, s) = server();
+    rt().block_on(async {
+        let c = Client::new(&s);
+        let mut original = std::collections::HashSet::new();
+        for i in 0..30 {
+            let r = c.post("/Observation", &glucose("pg", "2026-11-28T06:00:00Z", 90.0, &format!("pg-{i}"))).await;
+            original.insert(r.body["id"].as_str().unwrap().to_owned());
+        }
+        let mut seen = Vec::new();
+        let mut url = "/Observation?patient=pg&_count=7".to_owned();
+        let mut written = 0;
+        loop {
+            let page = c.get(&url).await;
+            assert_eq!(page.status, 200, "{}", page.body);
+            for e in page.body["entry"].as_array().unwrap() {
+                seen.push(e["resource"]["id"].as_str().unwrap().to_owned());
+            }
+            // A device uploads more readings between page fetches.
+            for _ in 0..3 {
+                written += 1;
+                c.post("/Observation", &glucose("pg", "2026-11-28T06:30:00Z", 95.0, &format!("pg-new-{written}"))).await;
+            }
+            let next = page.body["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").map(|l| l["url"].as_str().unwrap().to_owned());
+            match next {
+                Some(n) if seen.len() < 200 => url = n.split("/fhir").nth(1).unwrap().to_owned(),
+                _ => break,
+            }
+        }
+        let unique: std::collections::HashSet<_> = seen.iter().cloned().collect();
+        assert_eq!(unique.len(), seen.len(), "no resource twice");
+        assert!(original.is_subset(&unique), "every original resource seen");
+    });
+}

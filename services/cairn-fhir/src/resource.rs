@@ -628,3 +628,80 @@ mod tests {
         assert_eq!(r["extension"][0]["valueString"], "kept");
     }
 }
+
+/// Property tests: arbitrary bytes and arbitrary mutations of a valid reading never panic the parser
+/// or the validator; whatever is accepted is an object of the right type that survives a
+/// serialize-parse round trip unchanged.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn base() -> Value {
+        serde_json::json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
+            "subject": {"reference": "Patient/p1"},
+            "effectiveDateTime": "2026-11-28T08:30:00Z",
+            "valueQuantity": {"value": 104, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+        })
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+            ".{0,12}".prop_map(Value::String),
+            prop_oneof![Just("2026-02-30"), Just("2026-11-28T08:30:00Z"), Just("Patient/x"), Just("final"), Just("")]
+                .prop_map(|s| Value::String(s.to_owned())),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-zA-Z_]{1,10}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    const FIELDS: &[&str] = &[
+        "status", "code", "subject", "effectiveDateTime", "valueQuantity", "category", "identifier", "device",
+        "effectivePeriod", "component", "id", "meta", "bogus",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse(&bytes, "Observation");
+        }
+
+        #[test]
+        fn mutated_readings_are_accepted_only_when_sound(field in 0..FIELDS.len(), replacement in arb_json(), remove in any::<bool>()) {
+            let mut r = base();
+            let name = FIELDS[field];
+            if remove {
+                r.as_object_mut().unwrap().remove(name);
+            } else {
+                r[name] = replacement;
+            }
+            let bytes = serde_json::to_vec(&r).unwrap();
+            match parse(&bytes, "Observation") {
+                Ok(v) => {
+                    prop_assert_eq!(&v, &r);
+                    prop_assert_eq!(v["resourceType"].as_str(), Some("Observation"));
+                    prop_assert!(v.get("status").and_then(Value::as_str).is_some(), "accepted without a status");
+                    prop_assert!(v.get("code").is_some(), "accepted without a code");
+                    prop_assert!(v.get("bogus").is_none(), "accepted an unknown element");
+                    let again = parse(&serde_json::to_vec(&v).unwrap(), "Observation").unwrap();
+                    prop_assert_eq!(again, v);
+                }
+                Err(issues) => prop_assert!(!issues.is_empty()),
+            }
+        }
+    }
+}
