@@ -82,6 +82,20 @@ fn assert_outcome(r: &Reply, status: u16, needle: &str) {
     assert!(r.header("content-type").starts_with("application/fhir+json"));
 }
 
+/// Events in the FHIR write topic of a stopped server's log.
+fn fhir_events(data: &std::path::Path) -> usize {
+    let (status, out, err) = run_cairn(&["log", "tail", "--data-dir", data.to_str().unwrap(), "--topic", "cairn.fhir"]);
+    assert!(status.success(), "{err}");
+    out.lines().count()
+}
+
+/// Every event of a topic, parsed.
+fn events(data: &std::path::Path, topic: &str) -> Vec<Value> {
+    let (status, out, err) = run_cairn(&["log", "tail", "--data-dir", data.to_str().unwrap(), "--topic", topic]);
+    assert!(status.success(), "{err}");
+    out.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["event"].clone()).collect()
+}
+
 fn server() -> (tempfile::TempDir, Server) {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(tmp.path(), &["--insecure-no-auth"]);
@@ -215,8 +229,7 @@ fn bad_input_gets_an_operation_outcome_and_appends_nothing() {
     });
     let (status, stderr) = s.terminate();
     assert!(status.success(), "{stderr}");
-    let (_, out, _) = run_cairn(&["log", "verify", "--data-dir", tmp.path().to_str().unwrap()]);
-    assert!(out.contains("ok: 0 events"), "nothing was appended: {out}");
+    assert_eq!(fhir_events(tmp.path()), 0, "no write event was appended");
 }
 
 #[test]
@@ -490,8 +503,7 @@ fn transactions_are_all_or_nothing_and_resolve_references() {
     });
     let (status, _) = s.terminate();
     assert!(status.success());
-    let (_, out, _) = run_cairn(&["log", "verify", "--data-dir", tmp.path().to_str().unwrap()]);
-    assert!(out.contains("ok: 4 events"), "only the two good transactions were appended: {out}");
+    assert_eq!(fhir_events(tmp.path()), 4, "only the two good transactions were appended");
 }
 
 #[test]
@@ -552,4 +564,40 @@ fn paging_stays_correct_under_concurrent_writes() {
         assert_eq!(unique.len(), seen.len(), "no resource twice");
         assert!(original.is_subset(&unique), "every original resource seen");
     });
+}
+
+/// Reads, searches and history are audited: each leaves a durable `fhir.access.*` event naming what
+/// was disclosed (or the refusal), before its response.
+#[test]
+fn reads_and_searches_leave_access_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--insecure-no-auth"]);
+    let id = rt().block_on(async {
+        let c = Client::new(&s);
+        let created = c.post("/Observation", &glucose("pa", "2026-11-28T07:00:00Z", 101.0, "a-1")).await;
+        let id = created.body["id"].as_str().unwrap().to_owned();
+        assert_eq!(c.send(reqwest::Method::GET, &format!("/Observation/{id}"), None, &[("user-agent", "audit-test/1"), ("x-request-id", "req-audit-1")]).await.status, 200);
+        assert_eq!(c.get("/Observation/missing-one").await.status, 404);
+        assert_eq!(c.get("/Observation?patient=pa").await.body["total"], 1);
+        assert_eq!(c.get("/Observation?colour=red").await.status, 400);
+        assert_eq!(c.get(&format!("/Observation/{id}/_history")).await.status, 200);
+        id
+    });
+    assert!(s.terminate().0.success());
+    let access = events(tmp.path(), "cairn.access");
+    assert_eq!(access.len(), 5, "{access:#?}");
+    let read = access.iter().find(|e| e["payload"]["interaction"] == "read" && e["payload"]["status"] == 200).expect("the read");
+    assert_eq!(read["type"], "fhir.access.read");
+    assert_eq!(read["payload"]["returned"][0], json!({"resource_type": "Observation", "id": id, "version_id": 1}));
+    assert_eq!(read["patient"], "Patient/pa");
+    assert_eq!(read["request_id"], "req-audit-1");
+    assert_eq!(read["actor"]["user_agent"], "audit-test/1");
+    assert_eq!(read["actor"]["source_address"], "127.0.0.1");
+    assert!(access.iter().any(|e| e["payload"]["status"] == 404 && e["payload"]["id"] == "missing-one"));
+    let search = access.iter().find(|e| e["type"] == "fhir.access.search" && e["payload"]["status"] == 200).expect("the search");
+    assert_eq!(search["payload"]["query"], "patient=pa");
+    assert_eq!(search["payload"]["returned"][0]["id"], id);
+    assert_eq!(search["patient"], "Patient/pa");
+    assert!(access.iter().any(|e| e["type"] == "fhir.access.search" && e["payload"]["status"] == 400));
+    assert!(access.iter().any(|e| e["payload"]["interaction"] == "history-instance"));
 }

@@ -3,6 +3,7 @@
 use crate::{FhirError, FhirResult};
 use cairn_fhir::outcome::{Issue, IssueCode, operation_outcome};
 use cairn_fhir::search::{self, SearchQuery};
+use cairn_events::VersionedRef;
 use cairn_store::ResourceVersion;
 use serde_json::{Value, json};
 
@@ -15,7 +16,7 @@ pub fn searchset(
     query: &SearchQuery,
     mut hits: Vec<ResourceVersion>,
     ignored: &[String],
-) -> Value {
+) -> (Value, Vec<VersionedRef>) {
     let sort_keys: Vec<(String, bool)> = if query.sort.is_empty() {
         vec![("_lastUpdated".to_owned(), false)]
     } else {
@@ -41,7 +42,7 @@ pub fn searchset(
         "link": [{"relation": "self", "url": self_url}],
     });
     if query.summary_count {
-        return bundle;
+        return (bundle, Vec::new());
     }
     let start = query.offset.min(total);
     let end = (start + query.count).min(total);
@@ -73,7 +74,13 @@ pub fn searchset(
         entries.push(json!({"resource": operation_outcome(&[issue]), "search": {"mode": "outcome"}}));
     }
     bundle["entry"] = Value::Array(entries);
-    bundle
+    let returned = hits[start..end].iter().map(version_ref).collect();
+    (bundle, returned)
+}
+
+/// What a response disclosed: type, id and version of a stored resource.
+pub fn version_ref(v: &ResourceVersion) -> VersionedRef {
+    VersionedRef { resource_type: v.resource_type.clone(), id: v.id.clone(), version_id: v.version_id }
 }
 
 /// The same query with `_offset` replaced.

@@ -12,7 +12,7 @@ mod transaction;
 
 pub use capability::capability_statement;
 
-use cairn_events::{Actor, Event, ResourceDeleted, ResourceWritten, Timestamp, topics};
+use cairn_events::{AccessRead, AccessSearch, Actor, Event, ResourceDeleted, ResourceWritten, Timestamp, VersionedRef, topics};
 use cairn_fhir::outcome::{Issue, IssueCode};
 use cairn_fhir::{index, resource, search};
 use cairn_log::{EventLog, NewRecord};
@@ -292,29 +292,68 @@ impl FhirService {
         Ok(Some(version_id))
     }
 
-    pub async fn read(&self, _ctx: &RequestContext, resource_type: &str, id: &str) -> FhirResult<Versioned> {
+    /// read. Audited: the access event is durable before the resource is returned.
+    pub async fn read(&self, ctx: &RequestContext, resource_type: &str, id: &str) -> FhirResult<Versioned> {
+        let result = self.read_unaudited(resource_type, id, None).await;
+        self.audit_read(ctx, "read", resource_type, id, result).await
+    }
+
+    /// vread. Audited like read.
+    pub async fn vread(&self, ctx: &RequestContext, resource_type: &str, id: &str, version: &str) -> FhirResult<Versioned> {
+        let result = match version.parse::<u64>() {
+            Ok(v) => self.read_unaudited(resource_type, id, Some(v)).await,
+            Err(_) => Err(FhirError::new(400, IssueCode::Value, format!("`{version}` is not a version number"))),
+        };
+        self.audit_read(ctx, "vread", resource_type, id, result).await
+    }
+
+    async fn read_unaudited(&self, resource_type: &str, id: &str, version_id: Option<u64>) -> FhirResult<ResourceVersion> {
         Self::check_type(resource_type)?;
         Self::check_id(id)?;
         self.caught_up(Some(&format!("{resource_type}/{id}"))).await?;
-        match self.store.current(resource_type, id).map_err(|e| FhirError::unavailable(e.to_string()))? {
-            None => Err(FhirError::new(404, IssueCode::NotFound, format!("{resource_type}/{id} does not exist"))),
-            Some(v) if v.deleted => Err(FhirError::new(410, IssueCode::Deleted, format!("{resource_type}/{id} was deleted (version {})", v.version_id))),
-            Some(v) => Ok(v.into()),
+        let found = match version_id {
+            None => self.store.current(resource_type, id),
+            Some(v) => self.store.version(resource_type, id, v),
+        }
+        .map_err(|e| FhirError::unavailable(e.to_string()))?;
+        match (found, version_id) {
+            (None, None) => Err(FhirError::new(404, IssueCode::NotFound, format!("{resource_type}/{id} does not exist"))),
+            (None, Some(v)) => Err(FhirError::new(404, IssueCode::NotFound, format!("{resource_type}/{id} has no version {v}"))),
+            (Some(v), None) if v.deleted => {
+                Err(FhirError::new(410, IssueCode::Deleted, format!("{resource_type}/{id} was deleted (version {})", v.version_id)))
+            }
+            (Some(v), Some(n)) if v.deleted => {
+                Err(FhirError::new(410, IssueCode::Deleted, format!("version {n} of {resource_type}/{id} is a deletion")))
+            }
+            (Some(v), _) => Ok(v),
         }
     }
 
-    pub async fn vread(&self, _ctx: &RequestContext, resource_type: &str, id: &str, version: &str) -> FhirResult<Versioned> {
-        Self::check_type(resource_type)?;
-        Self::check_id(id)?;
-        let version_id: u64 = version
-            .parse()
-            .map_err(|_| FhirError::new(400, IssueCode::Value, format!("`{version}` is not a version number")))?;
-        self.caught_up(Some(&format!("{resource_type}/{id}"))).await?;
-        match self.store.version(resource_type, id, version_id).map_err(|e| FhirError::unavailable(e.to_string()))? {
-            None => Err(FhirError::new(404, IssueCode::NotFound, format!("{resource_type}/{id} has no version {version_id}"))),
-            Some(v) if v.deleted => Err(FhirError::new(410, IssueCode::Deleted, format!("version {version_id} of {resource_type}/{id} is a deletion"))),
-            Some(v) => Ok(v.into()),
+    /// Appends the `fhir.access.read` event for a read's outcome (success or refusal) and only then
+    /// lets the result go. If the log cannot take it, nothing is disclosed: 503.
+    async fn audit_read(
+        &self,
+        ctx: &RequestContext,
+        interaction: &str,
+        resource_type: &str,
+        id: &str,
+        result: FhirResult<ResourceVersion>,
+    ) -> FhirResult<Versioned> {
+        let (status, returned, patient) = match &result {
+            Ok(v) => (200, vec![bundle::version_ref(v)], v.patient.clone()),
+            Err(e) => (e.status, Vec::new(), None),
+        };
+        let payload = AccessRead { interaction: interaction.to_owned(), resource_type: resource_type.to_owned(), id: id.to_owned(), status, returned };
+        self.append_access(ctx, payload.into(), patient).await?;
+        result.map(Versioned::from)
+    }
+
+    async fn append_access(&self, ctx: &RequestContext, payload: cairn_events::Payload, patient: Option<String>) -> FhirResult<()> {
+        let mut e = Event::new(payload).with_actor(ctx.actor.clone()).with_request_id(ctx.request_id.clone());
+        if let Some(p) = patient {
+            e = e.with_patient(p);
         }
+        self.append(e).await
     }
 
     /// Current resources matching `query`, via the patient index when the query names one patient.
@@ -328,11 +367,38 @@ impl FhirService {
             .map_err(|e| FhirError::unavailable(e.to_string()))
     }
 
-    /// Type-level search; returns a searchset Bundle.
-    pub async fn search(&self, _ctx: &RequestContext, resource_type: &str, raw_query: &str, lenient: bool) -> FhirResult<Value> {
+    /// Type-level search; returns a searchset Bundle. Audited: the `fhir.access.search` event, naming
+    /// every resource version on the page, is durable before the Bundle is returned.
+    pub async fn search(&self, ctx: &RequestContext, resource_type: &str, raw_query: &str, lenient: bool) -> FhirResult<Value> {
+        let mut patient = None;
+        let result = self.search_unaudited(resource_type, raw_query, lenient, &mut patient).await;
+        let (status, returned, total) = match &result {
+            Ok((bundle, returned)) => (200, returned.clone(), bundle["total"].as_u64()),
+            Err(e) => (e.status, Vec::new(), None),
+        };
+        let payload = AccessSearch {
+            interaction: "search-type".into(),
+            resource_type: Some(resource_type.to_owned()),
+            query: raw_query.to_owned(),
+            status,
+            returned,
+            total,
+        };
+        self.append_access(ctx, payload.into(), patient).await?;
+        result.map(|(bundle, _)| bundle)
+    }
+
+    async fn search_unaudited(
+        &self,
+        resource_type: &str,
+        raw_query: &str,
+        lenient: bool,
+        patient: &mut Option<String>,
+    ) -> FhirResult<(Value, Vec<VersionedRef>)> {
         Self::check_type(resource_type)?;
         let (query, ignored) = search::parse_query(resource_type, raw_query, lenient)
             .map_err(|e| FhirError::new(400, IssueCode::Invalid, e.to_string()))?;
+        *patient = single_patient(resource_type, &query);
         self.caught_up(None).await?;
         let mut hits = Vec::new();
         self.scan(resource_type, &query, &mut |v| {
@@ -342,8 +408,36 @@ impl FhirService {
         Ok(bundle::searchset(&self.settings.base_url, resource_type, raw_query, &query, hits, &ignored))
     }
 
-    /// Instance, type or system history (`resource_type`/`id` narrow it).
-    pub async fn history(&self, _ctx: &RequestContext, resource_type: Option<&str>, id: Option<&str>, raw_query: &str) -> FhirResult<Value> {
+    /// Instance, type or system history (`resource_type`/`id` narrow it). Audited like search.
+    pub async fn history(&self, ctx: &RequestContext, resource_type: Option<&str>, id: Option<&str>, raw_query: &str) -> FhirResult<Value> {
+        let result = self.history_unaudited(resource_type, id, raw_query).await;
+        let (status, returned) = match &result {
+            Ok((_, versions)) => (200, versions.iter().map(bundle::version_ref).collect()),
+            Err(e) => (e.status, Vec::new()),
+        };
+        let patient = match &result {
+            Ok((_, versions)) if id.is_some() => versions.iter().find_map(|v| v.patient.clone()),
+            _ => None,
+        };
+        let payload: cairn_events::Payload = match (resource_type, id) {
+            (Some(t), Some(id)) => {
+                AccessRead { interaction: "history-instance".into(), resource_type: t.to_owned(), id: id.to_owned(), status, returned }.into()
+            }
+            (t, _) => AccessSearch {
+                interaction: if t.is_some() { "history-type".into() } else { "history-system".into() },
+                resource_type: t.map(str::to_owned),
+                query: raw_query.to_owned(),
+                status,
+                total: Some(returned.len() as u64),
+                returned,
+            }
+            .into(),
+        };
+        self.append_access(ctx, payload, patient).await?;
+        result.map(|(bundle, _)| bundle)
+    }
+
+    async fn history_unaudited(&self, resource_type: Option<&str>, id: Option<&str>, raw_query: &str) -> FhirResult<(Value, Vec<ResourceVersion>)> {
         if let Some(t) = resource_type {
             Self::check_type(t)?;
         }
@@ -368,7 +462,8 @@ impl FhirService {
                 self.store.changes(resource_type, from, to, params.count).map_err(|e| FhirError::unavailable(e.to_string()))?
             }
         };
-        Ok(bundle::history(&self.settings.base_url, versions))
+        let versions: Vec<ResourceVersion> = versions;
+        Ok((bundle::history(&self.settings.base_url, versions.clone()), versions))
     }
 }
 
