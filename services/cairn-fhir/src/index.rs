@@ -39,6 +39,67 @@ pub fn identifiers_of(resource: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Effective ranges at most this long are indexed by their start; longer or open ones go to a bucket
+/// every date search also reads. The slack lets a `ge`/`gt` search prune by start: a short target
+/// ending after a bound started at most this long before it.
+pub const SHORT_EFFECTIVE_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// The bucket of Observations whose effective range is long, open or unknown.
+pub const LONG_EFFECTIVE: i64 = i64::MIN;
+
+/// The date-index key of a resource: for an Observation, the start of a short `effective[x]` in
+/// epoch milliseconds, or [`LONG_EFFECTIVE`]; `None` for resources not in the date index.
+pub fn date_key(resource_type: &str, resource: &Value) -> Option<i64> {
+    if resource_type != "Observation" {
+        return None;
+    }
+    Some(match crate::search::observation_effective(resource) {
+        Some(r) if r.low != chrono::DateTime::<chrono::Utc>::MIN_UTC
+            && r.high != chrono::DateTime::<chrono::Utc>::MAX_UTC
+            && (r.high - r.low).num_milliseconds() <= SHORT_EFFECTIVE_MS =>
+        {
+            r.low.timestamp_millis()
+        }
+        _ => LONG_EFFECTIVE,
+    })
+}
+
+/// Bounds `[from, to)` on the date-index key that every Observation matching the query's `date`
+/// parameters must fall in (short ones; the long bucket is always read too), or `None` if the query
+/// does not bound the date. Conservative: candidates are still matched exactly afterwards.
+pub fn date_bounds(query: &crate::search::SearchQuery) -> Option<(i64, i64)> {
+    use crate::search::{Prefix, SearchValue};
+    let mut bounds: Option<(i64, i64)> = None;
+    for p in query.params.iter().filter(|p| p.name == "date" && p.modifier.is_none()) {
+        // OR of values: the hull of each value's range.
+        let mut hull: Option<(i64, i64)> = None;
+        for v in &p.values {
+            let SearchValue::Date { prefix, value } = v else { return bounds };
+            let (sl, sh) = (value.low.timestamp_millis(), value.high.timestamp_millis());
+            let range = match prefix {
+                Prefix::Eq => (sl, sh),
+                Prefix::Ge => (sl.saturating_sub(SHORT_EFFECTIVE_MS), i64::MAX),
+                Prefix::Gt => (sh.saturating_sub(SHORT_EFFECTIVE_MS), i64::MAX),
+                Prefix::Sa => (sh.saturating_sub(SHORT_EFFECTIVE_MS), i64::MAX),
+                Prefix::Le => (i64::MIN + 1, sh),
+                Prefix::Lt | Prefix::Eb => (i64::MIN + 1, sl),
+                Prefix::Ne | Prefix::Ap => (i64::MIN + 1, i64::MAX),
+            };
+            hull = Some(match hull {
+                None => range,
+                Some((lo, hi)) => (lo.min(range.0), hi.max(range.1)),
+            });
+        }
+        if let Some((lo, hi)) = hull {
+            bounds = Some(match bounds {
+                None => (lo, hi),
+                Some((blo, bhi)) => (blo.max(lo), bhi.min(hi)),
+            });
+        }
+    }
+    bounds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +113,47 @@ mod tests {
         assert_eq!(patient_of("Observation", "o", &json!({"subject": {"reference": "Group/g"}})), None);
         assert_eq!(patient_reference("https://x.org/fhir/Patient/9/_history/2").as_deref(), Some("Patient/9"));
         assert_eq!(patient_of("Patient", "p7", &json!({})).as_deref(), Some("Patient/p7"));
+    }
+
+    #[test]
+    fn date_keys_and_bounds_never_lose_a_match() {
+        use crate::search::{matches, parse_query};
+        let obs = |effective: Value| {
+            let mut o = json!({"resourceType": "Observation", "status": "final", "code": {"text": "g"}});
+            for (k, v) in effective.as_object().unwrap() {
+                o[k] = v.clone();
+            }
+            o
+        };
+        let targets = [
+            obs(json!({"effectiveDateTime": "2026-03-10T23:30:00Z"})),
+            obs(json!({"effectiveDateTime": "2026-03-10"})),
+            obs(json!({"effectiveDateTime": "2026-03"})),
+            obs(json!({"effectivePeriod": {"start": "2026-03-09T22:00:00Z", "end": "2026-03-10T02:00:00Z"}})),
+            obs(json!({"effectivePeriod": {"start": "2026-01-01T00:00:00Z"}})),
+            obs(json!({"effectiveInstant": "2026-03-11T00:00:00.000Z"})),
+            obs(json!({})),
+        ];
+        let queries = [
+            "date=2026-03-10", "date=ge2026-03-10", "date=gt2026-03-10", "date=le2026-03-10", "date=lt2026-03-10",
+            "date=sa2026-03-10", "date=eb2026-03-10", "date=ne2026-03-10", "date=ge2026-03-10&date=le2026-03-10",
+            "date=2026-03-09,2026-03-11", "date=gt2026-03-10T23:00:00Z", "date=ap2026-03-10",
+        ];
+        for q in queries {
+            let (query, _) = parse_query("Observation", q, false).unwrap();
+            let bounds = date_bounds(&query);
+            for t in &targets {
+                if !matches(t, &query) {
+                    continue;
+                }
+                let key = date_key("Observation", t).unwrap();
+                if key == LONG_EFFECTIVE {
+                    continue; // the long bucket is always read
+                }
+                if let Some((lo, hi)) = bounds {
+                    assert!((lo..hi).contains(&key), "{q}: {t} matches but its key {key} is outside [{lo}, {hi})");
+                }
+            }
+        }
     }
 }

@@ -19,7 +19,7 @@ mod text;
 use chrono::{DateTime, FixedOffset, Utc};
 
 pub use date::date_range;
-pub use matching::{matches, matches_at, matches_param, matches_param_at, observation_patient, sort_value};
+pub use matching::{matches, matches_at, matches_param, matches_param_at, observation_effective, observation_patient, sort_value};
 pub use query::parse_query;
 
 /// `_count` when the client gives none: large enough for typical glucose dashboards, small enough

@@ -17,6 +17,7 @@ pub fn project(event: Event) -> Option<ResourceVersion> {
             Some(ResourceVersion {
                 patient: index::patient_of(&w.resource_type, &w.id, &w.resource),
                 identifiers: index::identifiers_of(&w.resource),
+                date_key: index::date_key(&w.resource_type, &w.resource),
                 resource_type: w.resource_type,
                 id: w.id,
                 version_id: w.version_id,
@@ -36,6 +37,7 @@ pub fn project(event: Event) -> Option<ResourceVersion> {
             resource: None,
             patient: None,
             identifiers: Vec::new(),
+            date_key: None,
         }),
         _ => None,
     }

@@ -357,14 +357,21 @@ impl FhirService {
     }
 
     /// Current resources matching `query`, via the patient index when the query names one patient.
+    /// With one patient and a bounded `date`, only that patient's readings in the time window are
+    /// read (the `by_patient_date` index); every candidate is still matched exactly.
     fn scan(&self, resource_type: &str, query: &search::SearchQuery, visit: &mut dyn FnMut(ResourceVersion) -> bool) -> FhirResult<()> {
         let patient = single_patient(resource_type, query);
-        self.store
-            .scan_current(resource_type, patient.as_deref(), &mut |v| {
-                let keep = v.resource.as_ref().is_some_and(|r| search::matches(r, query));
-                if keep { visit(v) } else { true }
-            })
-            .map_err(|e| FhirError::unavailable(e.to_string()))
+        let mut filter = |v: ResourceVersion| {
+            let keep = v.resource.as_ref().is_some_and(|r| search::matches(r, query));
+            if keep { visit(v) } else { true }
+        };
+        let result = match (patient.as_deref(), index::date_bounds(query)) {
+            (Some(p), Some((from, to))) if resource_type == "Observation" => {
+                self.store.scan_patient_dates(resource_type, p, from, to, &mut filter)
+            }
+            (p, _) => self.store.scan_current(resource_type, p, &mut filter),
+        };
+        result.map_err(|e| FhirError::unavailable(e.to_string()))
     }
 
     /// Type-level search; returns a searchset Bundle. Audited: the `fhir.access.search` event, naming

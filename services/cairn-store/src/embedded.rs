@@ -5,6 +5,7 @@
 //! - `current` key -> CurrentEntry JSON: newest version number and the index keys it put in place;
 //! - `by_type` (type, id), `by_patient` (patient, type, id), `by_identifier` (type, system|value, id):
 //!   indexes over current, non-deleted resources;
+//! - `by_patient_date` (patient, type, date key, id): a patient's Observations by effective time;
 //! - `changes` (lastUpdated ms, key, version): every version by time, for type and system history;
 //! - `checkpoints` (topic, partition) -> next offset.
 
@@ -19,6 +20,7 @@ const CURRENT: TableDefinition<&str, &[u8]> = TableDefinition::new("current");
 const BY_TYPE: TableDefinition<(&str, &str), ()> = TableDefinition::new("by_type");
 const BY_PATIENT: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("by_patient");
 const BY_IDENTIFIER: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("by_identifier");
+const BY_PATIENT_DATE: TableDefinition<(&str, &str, i64, &str), ()> = TableDefinition::new("by_patient_date");
 const CHANGES: TableDefinition<(i64, &str, u64), ()> = TableDefinition::new("changes");
 const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
 
@@ -28,6 +30,8 @@ struct CurrentEntry {
     deleted: bool,
     patient: Option<String>,
     identifiers: Vec<String>,
+    #[serde(default)]
+    date_key: Option<i64>,
 }
 
 pub struct EmbeddedStore {
@@ -52,6 +56,7 @@ impl EmbeddedStore {
             tx.open_table(BY_TYPE).map_err(|e| store.err(e))?;
             tx.open_table(BY_PATIENT).map_err(|e| store.err(e))?;
             tx.open_table(BY_IDENTIFIER).map_err(|e| store.err(e))?;
+            tx.open_table(BY_PATIENT_DATE).map_err(|e| store.err(e))?;
             tx.open_table(CHANGES).map_err(|e| store.err(e))?;
             tx.open_table(CHECKPOINTS).map_err(|e| store.err(e))?;
         }
@@ -86,6 +91,7 @@ impl ResourceStore for EmbeddedStore {
             let mut by_type = tx.open_table(BY_TYPE).map_err(|e| self.err(e))?;
             let mut by_patient = tx.open_table(BY_PATIENT).map_err(|e| self.err(e))?;
             let mut by_identifier = tx.open_table(BY_IDENTIFIER).map_err(|e| self.err(e))?;
+            let mut by_patient_date = tx.open_table(BY_PATIENT_DATE).map_err(|e| self.err(e))?;
             let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
             for v in versions {
                 let key = v.key();
@@ -106,6 +112,9 @@ impl ResourceStore for EmbeddedStore {
                         by_type.remove((v.resource_type.as_str(), v.id.as_str())).map_err(|e| self.err(e))?;
                         if let Some(patient) = &p.patient {
                             by_patient.remove((patient.as_str(), v.resource_type.as_str(), v.id.as_str())).map_err(|e| self.err(e))?;
+                            if let Some(d) = p.date_key {
+                                by_patient_date.remove((patient.as_str(), v.resource_type.as_str(), d, v.id.as_str())).map_err(|e| self.err(e))?;
+                            }
                         }
                         for ident in &p.identifiers {
                             by_identifier.remove((v.resource_type.as_str(), ident.as_str(), v.id.as_str())).map_err(|e| self.err(e))?;
@@ -117,12 +126,16 @@ impl ResourceStore for EmbeddedStore {
                     deleted: v.deleted,
                     patient: v.patient.clone(),
                     identifiers: v.identifiers.clone(),
+                    date_key: v.date_key,
                 };
                 current_t.insert(key.as_str(), encode(&entry).as_slice()).map_err(|e| self.err(e))?;
                 if !v.deleted {
                     by_type.insert((v.resource_type.as_str(), v.id.as_str()), ()).map_err(|e| self.err(e))?;
                     if let Some(patient) = &v.patient {
                         by_patient.insert((patient.as_str(), v.resource_type.as_str(), v.id.as_str()), ()).map_err(|e| self.err(e))?;
+                        if let Some(d) = v.date_key {
+                            by_patient_date.insert((patient.as_str(), v.resource_type.as_str(), d, v.id.as_str()), ()).map_err(|e| self.err(e))?;
+                        }
                     }
                     for ident in &v.identifiers {
                         by_identifier.insert((v.resource_type.as_str(), ident.as_str(), v.id.as_str()), ()).map_err(|e| self.err(e))?;
@@ -227,6 +240,40 @@ impl ResourceStore for EmbeddedStore {
         Ok(())
     }
 
+    fn scan_patient_dates(
+        &self,
+        resource_type: &str,
+        patient: &str,
+        from: i64,
+        to: i64,
+        visit: &mut dyn FnMut(ResourceVersion) -> bool,
+    ) -> Result<()> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
+        let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
+        let index = tx.open_table(BY_PATIENT_DATE).map_err(|e| self.err(e))?;
+        let ranges = [(i64::MIN, i64::MIN.saturating_add(1)), (from.max(i64::MIN + 1), to)];
+        for (lo, hi) in ranges {
+            if lo >= hi {
+                continue;
+            }
+            for item in index.range((patient, resource_type, lo, "")..(patient, resource_type, hi, "")).map_err(|e| self.err(e))? {
+                let (k, _) = item.map_err(|e| self.err(e))?;
+                let (_, _, _, id) = k.value();
+                let key = format!("{resource_type}/{id}");
+                let Some(entry) = current.get(key.as_str()).map_err(|e| self.err(e))? else { continue };
+                let entry: CurrentEntry = decode(entry.value())?;
+                let Some(v) = versions.get((key.as_str(), entry.version_id)).map_err(|e| self.err(e))? else {
+                    return Err(StoreError::Corrupt(format!("{key}: current version missing")));
+                };
+                if !visit(decode(v.value())?) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn changes(&self, resource_type: Option<&str>, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<ResourceVersion>> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
@@ -290,6 +337,12 @@ impl ResourceStore for EmbeddedStore {
             let (p, t, id) = k.value();
             h.update(format!("P{p}\0{t}\0{id}\0").as_bytes());
         }
+        let by_patient_date = tx.open_table(BY_PATIENT_DATE).map_err(|e| self.err(e))?;
+        for item in by_patient_date.iter().map_err(|e| self.err(e))? {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            let (p, t, d, id) = k.value();
+            h.update(format!("D{p}\0{t}\0{d}\0{id}\0").as_bytes());
+        }
         let by_identifier = tx.open_table(BY_IDENTIFIER).map_err(|e| self.err(e))?;
         for item in by_identifier.iter().map_err(|e| self.err(e))? {
             let (k, _) = item.map_err(|e| self.err(e))?;
@@ -316,6 +369,7 @@ mod tests {
             resource: (!deleted).then(|| json!({"resourceType": "Observation", "id": id, "status": "final"})),
             patient: Some(patient.into()),
             identifiers: vec![format!("urn:sys|{id}")],
+            date_key: Some(v as i64 * 100),
         }
     }
 
@@ -336,6 +390,12 @@ mod tests {
         store.scan_current("Observation", Some("Patient/p1"), &mut |v| { seen.push(v.id); true }).unwrap();
         assert!(seen.is_empty());
         assert_eq!(store.find_by_identifier("Observation", "urn:sys|a").unwrap(), vec!["a"]);
+        let mut seen = Vec::new();
+        store.scan_patient_dates("Observation", "Patient/p2", 150, 250, &mut |v| { seen.push((v.id, v.version_id)); true }).unwrap();
+        assert_eq!(seen, vec![("a".to_owned(), 2)], "only a's current version, by its date key");
+        let mut seen = Vec::new();
+        store.scan_patient_dates("Observation", "Patient/p2", 0, 150, &mut |v| { seen.push(v.id); true }).unwrap();
+        assert_eq!(seen, vec!["b"]);
 
         // Replaying the same versions changes nothing.
         let before = store.digest().unwrap();

@@ -25,9 +25,12 @@ pub struct ResourceVersion {
     /// Index keys computed by the projector: the patient compartment (`Patient/x`) ...
     #[serde(default)]
     pub patient: Option<String>,
-    /// ... and the identifiers as `system|value`.
+    /// ... the identifiers as `system|value` ...
     #[serde(default)]
     pub identifiers: Vec<String>,
+    /// ... and the date-index key (see `cairn_fhir::index::date_key`), for a patient's readings by time.
+    #[serde(default)]
+    pub date_key: Option<i64>,
 }
 
 impl ResourceVersion {
@@ -77,6 +80,17 @@ pub trait ResourceStore: Send + Sync + 'static {
         &self,
         resource_type: &str,
         patient: Option<&str>,
+        visit: &mut dyn FnMut(ResourceVersion) -> bool,
+    ) -> Result<()>;
+
+    /// Like [`ResourceStore::scan_current`] for one patient, but only resources whose date-index key is in
+    /// `[from, to)`, plus those in the long/unknown bucket (`i64::MIN`).
+    fn scan_patient_dates(
+        &self,
+        resource_type: &str,
+        patient: &str,
+        from: i64,
+        to: i64,
         visit: &mut dyn FnMut(ResourceVersion) -> bool,
     ) -> Result<()>;
 

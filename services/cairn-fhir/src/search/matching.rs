@@ -142,6 +142,11 @@ fn effective_range(observation: &Value) -> Option<DateRange> {
     (low < high && (low, high) != (NEG_INF, POS_INF)).then_some(DateRange { low, high })
 }
 
+/// The range an Observation's `effective[x]` covers (Periods may be open-ended), for indexing.
+pub fn observation_effective(observation: &Value) -> Option<DateRange> {
+    effective_range(observation)
+}
+
 fn last_updated(resource: &Value) -> Option<DateRange> {
     date_range(str_at(resource.get("meta")?, "lastUpdated")?)
 }
