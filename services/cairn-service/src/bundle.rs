@@ -7,25 +7,35 @@ use cairn_events::VersionedRef;
 use cairn_store::ResourceVersion;
 use serde_json::{Value, json};
 
-/// Sorts, pages and wraps search hits. Default order: `_lastUpdated` ascending then id, so resources
-/// written while a client pages land after the pages it has seen.
-pub fn searchset(
-    base: &str,
-    resource_type: &str,
-    raw_query: &str,
-    query: &SearchQuery,
-    mut hits: Vec<ResourceVersion>,
-    ignored: &[String],
-) -> (Value, Vec<VersionedRef>) {
-    let sort_keys: Vec<(String, bool)> = if query.sort.is_empty() {
+/// A search match, kept small: only what sorting and paging need. The resources of the one page
+/// that is returned are fetched afterwards, so a search over millions of matches (or `_summary=count`)
+/// never holds millions of resources in memory.
+pub struct Hit {
+    keys: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    pub id: String,
+    pub version_id: u64,
+}
+
+/// The sort order of a query. Default: `_lastUpdated` ascending then id, so resources written while a
+/// client pages land after the pages it has seen.
+pub fn sort_keys(query: &SearchQuery) -> Vec<(String, bool)> {
+    if query.sort.is_empty() {
         vec![("_lastUpdated".to_owned(), false)]
     } else {
         query.sort.iter().map(|k| (k.param.clone(), k.descending)).collect()
-    };
+    }
+}
+
+pub fn hit(v: &ResourceVersion, keys: &[(String, bool)]) -> Hit {
+    let r = v.resource.as_ref().unwrap_or(&Value::Null);
+    Hit { keys: keys.iter().map(|(p, _)| search::sort_value(r, p)).collect(), id: v.id.clone(), version_id: v.version_id }
+}
+
+/// Sorts the hits and returns the page's `[start, end)` and the total.
+pub fn page(hits: &mut [Hit], keys: &[(String, bool)], query: &SearchQuery) -> (usize, usize) {
     hits.sort_by(|a, b| {
-        for (param, descending) in &sort_keys {
-            let (ra, rb) = (a.resource.as_ref().unwrap_or(&Value::Null), b.resource.as_ref().unwrap_or(&Value::Null));
-            let ord = search::sort_value(ra, param).cmp(&search::sort_value(rb, param));
+        for (i, (_, descending)) in keys.iter().enumerate() {
+            let ord = a.keys[i].cmp(&b.keys[i]);
             let ord = if *descending { ord.reverse() } else { ord };
             if ord != std::cmp::Ordering::Equal {
                 return ord;
@@ -34,6 +44,22 @@ pub fn searchset(
         a.id.cmp(&b.id)
     });
     let total = hits.len();
+    let start = query.offset.min(total);
+    let end = if query.summary_count { start } else { (start + query.count).min(total) };
+    (start, end)
+}
+
+/// Wraps one page of results in a searchset Bundle with self/next/previous links.
+pub fn searchset(
+    base: &str,
+    resource_type: &str,
+    raw_query: &str,
+    query: &SearchQuery,
+    total: usize,
+    start: usize,
+    page: Vec<ResourceVersion>,
+    ignored: &[String],
+) -> (Value, Vec<VersionedRef>) {
     let self_url = link(base, resource_type, raw_query, None);
     let mut bundle = json!({
         "resourceType": "Bundle",
@@ -44,8 +70,7 @@ pub fn searchset(
     if query.summary_count {
         return (bundle, Vec::new());
     }
-    let start = query.offset.min(total);
-    let end = (start + query.count).min(total);
+    let end = start + page.len();
     let links = bundle["link"].as_array_mut().expect("link array");
     if end < total {
         links.push(json!({"relation": "next", "url": link(base, resource_type, raw_query, Some(end))}));
@@ -54,7 +79,7 @@ pub fn searchset(
         let prev = start.saturating_sub(query.count);
         links.push(json!({"relation": "previous", "url": link(base, resource_type, raw_query, Some(prev))}));
     }
-    let mut entries: Vec<Value> = hits[start..end]
+    let mut entries: Vec<Value> = page
         .iter()
         .map(|v| {
             let mut resource = v.resource.clone().unwrap_or(Value::Null);
@@ -74,7 +99,7 @@ pub fn searchset(
         entries.push(json!({"resource": operation_outcome(&[issue]), "search": {"mode": "outcome"}}));
     }
     bundle["entry"] = Value::Array(entries);
-    let returned = hits[start..end].iter().map(version_ref).collect();
+    let returned = page.iter().map(version_ref).collect();
     (bundle, returned)
 }
 

@@ -407,12 +407,21 @@ impl FhirService {
             .map_err(|e| FhirError::new(400, IssueCode::Invalid, e.to_string()))?;
         *patient = single_patient(resource_type, &query);
         self.caught_up(None).await?;
+        let keys = bundle::sort_keys(&query);
         let mut hits = Vec::new();
         self.scan(resource_type, &query, &mut |v| {
-            hits.push(v);
+            hits.push(bundle::hit(&v, &keys));
             true
         })?;
-        Ok(bundle::searchset(&self.settings.base_url, resource_type, raw_query, &query, hits, &ignored))
+        let (start, end) = bundle::page(&mut hits, &keys, &query);
+        let mut page = Vec::with_capacity(end - start);
+        for h in &hits[start..end] {
+            // The version that matched; it is immutable, so it is still there.
+            if let Some(v) = self.store.version(resource_type, &h.id, h.version_id).map_err(|e| FhirError::unavailable(e.to_string()))? {
+                page.push(v);
+            }
+        }
+        Ok(bundle::searchset(&self.settings.base_url, resource_type, raw_query, &query, hits.len(), start, page, &ignored))
     }
 
     /// Instance, type or system history (`resource_type`/`id` narrow it). Audited like search.

@@ -13,6 +13,7 @@ pub const DEFAULT_PARTITIONS: u32 = 8;
 pub const DEFAULT_SEGMENT_BYTES: u64 = 256 << 20;
 pub const DEFAULT_MAX_RESOURCE_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_BUNDLE_BYTES: usize = 32 << 20;
+pub const DEFAULT_STORE_CACHE_MB: usize = 256;
 pub const DEFAULT_READ_WAIT_MS: u64 = 5000;
 
 /// The keys a `--config` file may hold. Unknown keys are an error, so a typo never goes unnoticed.
@@ -27,6 +28,7 @@ struct FileSettings {
     max_resource_bytes: Option<usize>,
     max_bundle_bytes: Option<usize>,
     read_wait_ms: Option<u64>,
+    store_cache_mb: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -39,6 +41,7 @@ pub struct Settings {
     pub max_resource_bytes: usize,
     pub max_bundle_bytes: usize,
     pub read_wait: std::time::Duration,
+    pub store_cache_bytes: usize,
     pub insecure_no_auth: bool,
 }
 
@@ -87,6 +90,10 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
     }
     let max_bundle_bytes = args.max_bundle_bytes.or(file.max_bundle_bytes).unwrap_or(DEFAULT_MAX_BUNDLE_BYTES);
     let read_wait = std::time::Duration::from_millis(args.read_wait_ms.or(file.read_wait_ms).unwrap_or(DEFAULT_READ_WAIT_MS));
+    let store_cache_mb = args.store_cache_mb.or(file.store_cache_mb).unwrap_or(DEFAULT_STORE_CACHE_MB);
+    if !(16..=1 << 20).contains(&store_cache_mb) {
+        bail!("--store-cache-mb {store_cache_mb} is out of range (16 to 1048576)");
+    }
     if args.insecure_no_auth && !listen.ip().is_loopback() {
         bail!("--insecure-no-auth refuses to serve on {listen}: unauthenticated access is for a loopback address only");
     }
@@ -99,6 +106,7 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
         max_resource_bytes,
         max_bundle_bytes,
         read_wait,
+        store_cache_bytes: store_cache_mb << 20,
         insecure_no_auth: args.insecure_no_auth,
     })
 }

@@ -77,7 +77,7 @@ pub struct CommonArgs {
     /// Data directory holding the event log and everything derived from it [default: ./cairn-data]
     #[arg(long, env = "CAIRN_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
-    /// Optional TOML settings file (keys: data_dir, listen, public_url, partitions, segment_bytes, max_resource_bytes, max_bundle_bytes, read_wait_ms)
+    /// Optional TOML settings file (keys: data_dir, listen, public_url, partitions, segment_bytes, max_resource_bytes, max_bundle_bytes, read_wait_ms, store_cache_mb)
     #[arg(long, env = "CAIRN_CONFIG", global = true)]
     pub config: Option<PathBuf>,
 }
@@ -101,6 +101,9 @@ pub struct ServeArgs {
     /// Largest batch or transaction Bundle accepted, in bytes [default: 33554432]
     #[arg(long, env = "CAIRN_MAX_BUNDLE_BYTES")]
     pub max_bundle_bytes: Option<usize>,
+    /// Page cache of the embedded projection store, in MiB [default: 256]
+    #[arg(long, env = "CAIRN_STORE_CACHE_MB")]
+    pub store_cache_mb: Option<usize>,
     /// How long a read waits for the store to reach the log before answering 503, in ms [default: 5000]
     #[arg(long, env = "CAIRN_READ_WAIT_MS")]
     pub read_wait_ms: Option<u64>,

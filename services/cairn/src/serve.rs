@@ -94,7 +94,7 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
             log.create_topic(topic, settings.partitions).await?;
         }
     }
-    let store: Arc<dyn ResourceStore> = Arc::new(EmbeddedStore::open(data.store_dir().join("resources.redb"))?);
+    let store: Arc<dyn ResourceStore> = Arc::new(EmbeddedStore::open_with_cache(data.store_dir().join("resources.redb"), settings.store_cache_bytes)?);
     let dyn_log: Arc<dyn EventLog> = log.clone();
     let (projector, progress) = ResourceProjector::new(dyn_log.clone(), store.clone(), cairn_events::topics::FHIR)?;
     // Catch up before serving, so the first reads are not held back by a long replay.
