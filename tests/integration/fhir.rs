@@ -250,7 +250,7 @@ fn without_insecure_no_auth_the_api_refuses_anonymous_requests() {
 
 #[test]
 fn conditional_create_does_not_duplicate_resent_readings() {
-    let (_tmp, s) = server();
+    let (tmp, s) = server();
     rt().block_on(async {
         let c = Arc::new(Client::new(&s));
         let reading = glucose("p2", "2026-11-28T09:00:00Z", 120.0, "dup-1");
@@ -261,6 +261,7 @@ fn conditional_create_does_not_duplicate_resent_readings() {
         let again = c.send(reqwest::Method::POST, "/Observation", Some(body.clone()), &cond).await;
         assert_eq!(again.status, 200);
         assert_eq!(again.body["id"], first.body["id"]);
+        assert_eq!(again.header("etag"), "W/\"1\"");
 
         // Ten identical creates at once yield one resource.
         let racing = glucose("p2", "2026-11-28T09:05:00Z", 121.0, "race-1");
@@ -285,6 +286,10 @@ fn conditional_create_does_not_duplicate_resent_readings() {
         let found = c.get("/Observation?identifier=urn:example:meter-1|race-1").await;
         assert_eq!(found.body["total"], 1);
     });
+    assert!(s.terminate().0.success());
+    // The 200 answer disclosed the existing resource: it was audited as the search it is.
+    let access = events(tmp.path(), "cairn.access");
+    assert!(access.iter().any(|e| e["payload"]["query"] == "identifier=urn:example:meter-1|dup-1" && e["payload"]["returned"].as_array().unwrap().len() == 1), "{access:#?}");
 }
 
 #[test]

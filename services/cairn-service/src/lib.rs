@@ -219,7 +219,20 @@ impl FhirService {
             })?;
             match found.len() {
                 0 => {}
-                1 => return Ok(WriteOutcome::Existing(found.pop().expect("one").into())),
+                1 => {
+                    // The answer discloses the resource that was found: audited like the search it is.
+                    let existing = found.pop().expect("one");
+                    let payload = AccessSearch {
+                        interaction: "search-type".into(),
+                        resource_type: Some(resource_type.to_owned()),
+                        query: query.to_owned(),
+                        status: 200,
+                        returned: vec![bundle::version_ref(&existing)],
+                        total: Some(1),
+                    };
+                    self.append_access(ctx, payload.into(), existing.patient.clone()).await?;
+                    return Ok(WriteOutcome::Existing(existing.into()));
+                }
                 _ => {
                     return Err(FhirError::new(412, IssueCode::Duplicate, "If-None-Exist matches more than one resource"));
                 }
