@@ -606,3 +606,51 @@ fn reads_and_searches_leave_access_events() {
     assert!(access.iter().any(|e| e["type"] == "fhir.access.search" && e["payload"]["status"] == 400));
     assert!(access.iter().any(|e| e["payload"]["interaction"] == "history-instance"));
 }
+
+#[test]
+fn patients_and_devices_are_searchable() {
+    let (_tmp, s) = server();
+    rt().block_on(async {
+        let c = Client::new(&s);
+        let patients = [
+            json!({"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "A-1"}], "name": [{"family": "Müller", "given": ["Anna", "Lena"]}], "gender": "female", "birthDate": "1980-05-17"}),
+            json!({"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "B-2"}], "name": [{"family": "Moller", "given": ["Bo"]}], "gender": "male", "birthDate": "1975"}),
+        ];
+        let mut ids = Vec::new();
+        for p in &patients {
+            let r = c.post("/Patient", p).await;
+            assert_eq!(r.status, 201, "{}", r.body);
+            ids.push(r.body["id"].as_str().unwrap().to_owned());
+        }
+        let total = |path: String| {
+            let c = &c;
+            async move {
+                let r = c.get(&path).await;
+                assert_eq!(r.status, 200, "{path}: {}", r.body);
+                r.body["total"].as_u64().unwrap()
+            }
+        };
+        assert_eq!(total("/Patient?name=mul".into()).await, 1, "accent- and case-insensitive prefix");
+        assert_eq!(total("/Patient?family=M".into()).await, 2);
+        assert_eq!(total("/Patient?family:exact=Moller".into()).await, 1);
+        assert_eq!(total("/Patient?given=lena".into()).await, 1);
+        assert_eq!(total("/Patient?identifier=urn:mrn|B-2".into()).await, 1);
+        assert_eq!(total("/Patient?gender=female".into()).await, 1);
+        assert_eq!(total("/Patient?birthdate=lt1978".into()).await, 1);
+        assert_eq!(total("/Patient?birthdate=1980-05".into()).await, 1);
+        assert_eq!(total(format!("/Patient?_id={}", ids[1])).await, 1);
+
+        let device = json!({
+            "resourceType": "Device", "status": "active",
+            "identifier": [{"system": "urn:serial", "value": "GM-77"}],
+            "type": {"coding": [{"system": "http://snomed.info/sct", "code": "337414009", "display": "Blood glucose meter"}]},
+            "patient": {"reference": format!("Patient/{}", ids[0])}
+        });
+        assert_eq!(c.post("/Device", &device).await.status, 201);
+        assert_eq!(total("/Device?type=http://snomed.info/sct|337414009".into()).await, 1);
+        assert_eq!(total(format!("/Device?patient={}", ids[0])).await, 1);
+        assert_eq!(total("/Device?identifier=GM-77&status=active".into()).await, 1);
+        assert_eq!(total("/Device?status:not=active".into()).await, 0);
+        assert_outcome(&c.get("/Device?name=x").await, 400, "name");
+    });
+}
