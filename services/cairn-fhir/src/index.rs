@@ -27,6 +27,63 @@ pub fn patient_reference(r: &str) -> Option<String> {
     }
 }
 
+/// Only the elements the indexes read, parsed from raw resource text: the rest of the document is
+/// skipped without building it (the projector's hot path).
+#[derive(serde::Deserialize)]
+struct IndexedElements {
+    #[serde(default)]
+    subject: Option<Value>,
+    #[serde(default)]
+    patient: Option<Value>,
+    #[serde(default)]
+    identifier: Option<Value>,
+    #[serde(default, rename = "effectiveDateTime")]
+    effective_date_time: Option<Value>,
+    #[serde(default, rename = "effectiveInstant")]
+    effective_instant: Option<Value>,
+    #[serde(default, rename = "effectivePeriod")]
+    effective_period: Option<Value>,
+    #[serde(default)]
+    meta: Option<Value>,
+}
+
+/// The index keys of a resource given as raw JSON: patient compartment, identifiers, date key and
+/// `meta.lastUpdated`.
+pub struct IndexKeys {
+    pub patient: Option<String>,
+    pub identifiers: Vec<String>,
+    pub date_key: Option<i64>,
+    pub last_updated: Option<String>,
+}
+
+pub fn index_keys(resource_type: &str, id: &str, raw: &str) -> IndexKeys {
+    let Ok(e) = serde_json::from_str::<IndexedElements>(raw) else {
+        return IndexKeys { patient: None, identifiers: Vec::new(), date_key: None, last_updated: None };
+    };
+    let mut view = serde_json::Map::new();
+    view.insert("resourceType".into(), Value::String(resource_type.to_owned()));
+    for (k, v) in [
+        ("subject", e.subject),
+        ("patient", e.patient),
+        ("identifier", e.identifier),
+        ("effectiveDateTime", e.effective_date_time),
+        ("effectiveInstant", e.effective_instant),
+        ("effectivePeriod", e.effective_period),
+    ] {
+        if let Some(v) = v {
+            view.insert(k.into(), v);
+        }
+    }
+    let last_updated = e.meta.as_ref().and_then(|m| m.get("lastUpdated")).and_then(Value::as_str).map(str::to_owned);
+    let view = Value::Object(view);
+    IndexKeys {
+        patient: patient_of(resource_type, id, &view),
+        identifiers: identifiers_of(&view),
+        date_key: date_key(resource_type, &view),
+        last_updated,
+    }
+}
+
 /// Identifiers as `system|value` (system empty when absent).
 pub fn identifiers_of(resource: &Value) -> Vec<String> {
     let Some(ids) = resource.get("identifier").and_then(Value::as_array) else { return Vec::new() };

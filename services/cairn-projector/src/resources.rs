@@ -9,15 +9,16 @@ pub fn project(event: Event) -> Option<ResourceVersion> {
     let occurred_at = event.occurred_at;
     match event.payload {
         Payload::ResourceCreated(w) | Payload::ResourceUpdated(w) => {
-            let last_updated = w.resource["meta"]["lastUpdated"].as_str().map(str::to_owned).unwrap_or_else(|| occurred_at.to_rfc3339());
+            let keys = index::index_keys(&w.resource_type, &w.id, w.resource.get());
+            let last_updated = keys.last_updated.unwrap_or_else(|| occurred_at.to_rfc3339());
             let last_updated_ms = last_updated
                 .parse::<cairn_events::Timestamp>()
                 .map(|t| t.as_millis())
                 .unwrap_or(occurred_at.as_millis());
             Some(ResourceVersion {
-                patient: index::patient_of(&w.resource_type, &w.id, &w.resource),
-                identifiers: index::identifiers_of(&w.resource),
-                date_key: index::date_key(&w.resource_type, &w.resource),
+                patient: keys.patient,
+                identifiers: keys.identifiers,
+                date_key: keys.date_key,
                 resource_type: w.resource_type,
                 id: w.id,
                 version_id: w.version_id,

@@ -26,8 +26,7 @@ pub fn sort_keys(query: &SearchQuery) -> Vec<(String, bool)> {
     }
 }
 
-pub fn hit(v: &ResourceVersion, keys: &[(String, bool)]) -> Hit {
-    let r = v.resource.as_ref().unwrap_or(&Value::Null);
+pub fn hit(v: &ResourceVersion, r: &Value, keys: &[(String, bool)]) -> Hit {
     Hit { keys: keys.iter().map(|(p, _)| search::sort_value(r, p)).collect(), id: v.id.clone(), version_id: v.version_id }
 }
 
@@ -82,7 +81,7 @@ pub fn searchset(
     let mut entries: Vec<Value> = page
         .iter()
         .map(|v| {
-            let mut resource = v.resource.clone().unwrap_or(Value::Null);
+            let mut resource = v.resource_value().unwrap_or(Value::Null);
             if let Some(elements) = &query.elements {
                 resource = subset(resource, elements);
             }
@@ -208,8 +207,8 @@ pub fn history(base: &str, versions: Vec<ResourceVersion>) -> Value {
                 "request": {"method": method, "url": if method == "POST" { v.resource_type.clone() } else { url.clone() }},
                 "response": {"status": status, "etag": format!("W/\"{}\"", v.version_id), "lastModified": v.last_updated},
             });
-            if let Some(r) = &v.resource {
-                e["resource"] = r.clone();
+            if let Some(r) = v.resource_value() {
+                e["resource"] = r;
             }
             e
         })

@@ -75,7 +75,7 @@ pub struct Versioned {
 impl From<ResourceVersion> for Versioned {
     fn from(v: ResourceVersion) -> Self {
         Versioned {
-            resource: v.resource.unwrap_or(Value::Null),
+            resource: v.resource_value().unwrap_or(Value::Null),
             id: v.id,
             version_id: v.version_id,
             last_updated: v.last_updated,
@@ -185,12 +185,7 @@ impl FhirService {
     }
 
     fn written_event(ctx: &RequestContext, resource_type: &str, id: &str, version_id: u64, resource: &Value, created: bool) -> Event {
-        let written = ResourceWritten {
-            resource_type: resource_type.to_owned(),
-            id: id.to_owned(),
-            version_id,
-            resource: resource.clone(),
-        };
+        let written = ResourceWritten::new(resource_type, id, version_id, resource);
         let payload =
             if created { cairn_events::Payload::ResourceCreated(written) } else { cairn_events::Payload::ResourceUpdated(written) };
         let mut e = Event::new(payload).with_actor(ctx.actor.clone()).with_request_id(ctx.request_id.clone());
@@ -213,7 +208,7 @@ impl FhirService {
             _guard = self.lock_for(&format!("{resource_type}?{query}")).lock().await;
             self.caught_up(None).await?;
             let mut found = Vec::new();
-            self.scan(resource_type, &parsed, &mut |v| {
+            self.scan(resource_type, &parsed, &mut |v, _| {
                 found.push(v);
                 found.len() < 2
             })?;
@@ -372,11 +367,11 @@ impl FhirService {
     /// Current resources matching `query`, via the patient index when the query names one patient.
     /// With one patient and a bounded `date`, only that patient's readings in the time window are
     /// read (the `by_patient_date` index); every candidate is still matched exactly.
-    fn scan(&self, resource_type: &str, query: &search::SearchQuery, visit: &mut dyn FnMut(ResourceVersion) -> bool) -> FhirResult<()> {
+    fn scan(&self, resource_type: &str, query: &search::SearchQuery, visit: &mut dyn FnMut(ResourceVersion, &Value) -> bool) -> FhirResult<()> {
         let patient = single_patient(resource_type, query);
-        let mut filter = |v: ResourceVersion| {
-            let keep = v.resource.as_ref().is_some_and(|r| search::matches(r, query));
-            if keep { visit(v) } else { true }
+        let mut filter = |v: ResourceVersion| match v.resource_value() {
+            Some(r) if search::matches(&r, query) => visit(v, &r),
+            _ => true,
         };
         let result = match (patient.as_deref(), index::date_bounds(query)) {
             (Some(p), Some((from, to))) if resource_type == "Observation" => {
@@ -422,8 +417,8 @@ impl FhirService {
         self.caught_up(None).await?;
         let keys = bundle::sort_keys(&query);
         let mut hits = Vec::new();
-        self.scan(resource_type, &query, &mut |v| {
-            hits.push(bundle::hit(&v, &keys));
+        self.scan(resource_type, &query, &mut |v, r| {
+            hits.push(bundle::hit(&v, r, &keys));
             true
         })?;
         let (start, end) = bundle::page(&mut hits, &keys, &query);

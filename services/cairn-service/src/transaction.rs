@@ -217,7 +217,7 @@ impl FhirService {
                     Some(q) => {
                         let (parsed, _) = search::parse_query(&t, q, false).map_err(|err| entry_error(i, format!("ifNoneExist: {err}")))?;
                         let mut found = Vec::new();
-                        self.scan(&t, &parsed, &mut |v| {
+                        self.scan(&t, &parsed, &mut |v, _| {
                             found.push(v);
                             found.len() < 2
                         })?;
@@ -256,7 +256,7 @@ impl FhirService {
             let (parsed, _) = search::parse_query(&t, q.as_deref().unwrap_or(""), false)
                 .map_err(|err| FhirError::new(400, IssueCode::Invalid, format!("conditional reference {reference}: {err}")))?;
             let mut found = Vec::new();
-            self.scan(&t, &parsed, &mut |v| {
+            self.scan(&t, &parsed, &mut |v, _| {
                 found.push(v.id);
                 found.len() < 2
             })?;

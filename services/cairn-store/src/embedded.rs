@@ -374,7 +374,7 @@ mod tests {
             last_updated: format!("2026-11-28T10:00:0{v}.000Z"),
             last_updated_ms: 1_795_000_000_000 + v as i64 * 1000,
             deleted,
-            resource: (!deleted).then(|| json!({"resourceType": "Observation", "id": id, "status": "final"})),
+            resource: (!deleted).then(|| serde_json::value::to_raw_value(&json!({"resourceType": "Observation", "id": id, "status": "final"})).unwrap()),
             patient: Some(patient.into()),
             identifiers: vec![format!("urn:sys|{id}")],
             date_key: Some(v as i64 * 100),

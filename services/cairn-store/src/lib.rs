@@ -11,7 +11,7 @@ pub mod embedded;
 use serde::{Deserialize, Serialize};
 
 /// One version of a resource as the store keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResourceVersion {
     pub resource_type: String,
     pub id: String,
@@ -20,8 +20,8 @@ pub struct ResourceVersion {
     pub last_updated: String,
     pub last_updated_ms: i64,
     pub deleted: bool,
-    /// The full resource; `None` for a deletion.
-    pub resource: Option<serde_json::Value>,
+    /// The full resource as raw JSON text; `None` for a deletion.
+    pub resource: Option<Box<serde_json::value::RawValue>>,
     /// Index keys computed by the projector: the patient compartment (`Patient/x`) ...
     #[serde(default)]
     pub patient: Option<String>,
@@ -36,6 +36,11 @@ pub struct ResourceVersion {
 impl ResourceVersion {
     pub fn key(&self) -> String {
         format!("{}/{}", self.resource_type, self.id)
+    }
+
+    /// The resource parsed; `None` for a deletion.
+    pub fn resource_value(&self) -> Option<serde_json::Value> {
+        self.resource.as_ref().map(|r| serde_json::from_str(r.get()).expect("stored resources are valid JSON"))
     }
 }
 
