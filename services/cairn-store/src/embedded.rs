@@ -3,8 +3,8 @@
 //! Tables (keys are tuples; `key` is `Type/id`):
 //! - `versions` (key, version) -> ResourceVersion JSON: every version, for vread and history;
 //! - `current` key -> CurrentEntry JSON: newest version number and the index keys it put in place;
-//! - `by_type` (type, id), `by_patient` (patient, type, id), `by_identifier` (type, system|value, id):
-//!   indexes over current, non-deleted resources;
+//! - `by_patient` (patient, type, id), `by_identifier` (type, system|value, id): indexes over
+//!   current, non-deleted resources (listing a whole type ranges over `current` by key prefix);
 //! - `by_patient_date` (patient, type, date key, id): a patient's Observations by effective time;
 //! - `changes` (lastUpdated ms, key, version): every version by time, for type and system history;
 //! - `checkpoints` (topic, partition) -> next offset.
@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
 const CURRENT: TableDefinition<&str, &[u8]> = TableDefinition::new("current");
-const BY_TYPE: TableDefinition<(&str, &str), ()> = TableDefinition::new("by_type");
 const BY_PATIENT: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("by_patient");
 const BY_IDENTIFIER: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("by_identifier");
 const BY_PATIENT_DATE: TableDefinition<(&str, &str, i64, &str), ()> = TableDefinition::new("by_patient_date");
@@ -61,7 +60,6 @@ impl EmbeddedStore {
         {
             tx.open_table(VERSIONS).map_err(|e| store.err(e))?;
             tx.open_table(CURRENT).map_err(|e| store.err(e))?;
-            tx.open_table(BY_TYPE).map_err(|e| store.err(e))?;
             tx.open_table(BY_PATIENT).map_err(|e| store.err(e))?;
             tx.open_table(BY_IDENTIFIER).map_err(|e| store.err(e))?;
             tx.open_table(BY_PATIENT_DATE).map_err(|e| store.err(e))?;
@@ -96,7 +94,6 @@ impl ResourceStore for EmbeddedStore {
         {
             let mut versions_t = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
             let mut current_t = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
-            let mut by_type = tx.open_table(BY_TYPE).map_err(|e| self.err(e))?;
             let mut by_patient = tx.open_table(BY_PATIENT).map_err(|e| self.err(e))?;
             let mut by_identifier = tx.open_table(BY_IDENTIFIER).map_err(|e| self.err(e))?;
             let mut by_patient_date = tx.open_table(BY_PATIENT_DATE).map_err(|e| self.err(e))?;
@@ -117,7 +114,6 @@ impl ResourceStore for EmbeddedStore {
                 }
                 if let Some(p) = &previous {
                     if !p.deleted {
-                        by_type.remove((v.resource_type.as_str(), v.id.as_str())).map_err(|e| self.err(e))?;
                         if let Some(patient) = &p.patient {
                             by_patient.remove((patient.as_str(), v.resource_type.as_str(), v.id.as_str())).map_err(|e| self.err(e))?;
                             if let Some(d) = p.date_key {
@@ -138,7 +134,6 @@ impl ResourceStore for EmbeddedStore {
                 };
                 current_t.insert(key.as_str(), encode(&entry).as_slice()).map_err(|e| self.err(e))?;
                 if !v.deleted {
-                    by_type.insert((v.resource_type.as_str(), v.id.as_str()), ()).map_err(|e| self.err(e))?;
                     if let Some(patient) = &v.patient {
                         by_patient.insert((patient.as_str(), v.resource_type.as_str(), v.id.as_str()), ()).map_err(|e| self.err(e))?;
                         if let Some(d) = v.date_key {
@@ -212,6 +207,9 @@ impl ResourceStore for EmbeddedStore {
             let key = format!("{resource_type}/{id}");
             let Some(entry) = current.get(key.as_str()).map_err(|e| self.err(e))? else { return Ok(true) };
             let entry: CurrentEntry = decode(entry.value())?;
+            if entry.deleted {
+                return Ok(true);
+            }
             let Some(v) = versions.get((key.as_str(), entry.version_id)).map_err(|e| self.err(e))? else {
                 return Err(StoreError::Corrupt(format!("{key}: current version missing")));
             };
@@ -232,14 +230,12 @@ impl ResourceStore for EmbeddedStore {
                 }
             }
             None => {
-                let t = tx.open_table(BY_TYPE).map_err(|e| self.err(e))?;
-                for item in t.range((resource_type, "")..).map_err(|e| self.err(e))? {
+                // Keys are `Type/id`; '0' is the character after '/', so this is exactly the type.
+                let (from, to) = (format!("{resource_type}/"), format!("{resource_type}0"));
+                for item in current.range(from.as_str()..to.as_str()).map_err(|e| self.err(e))? {
                     let (k, _) = item.map_err(|e| self.err(e))?;
-                    let (kt, id) = k.value();
-                    if kt != resource_type {
-                        break;
-                    }
-                    if !emit(id)? {
+                    let key = k.value();
+                    if !emit(&key[from.len()..])? {
                         break;
                     }
                 }
