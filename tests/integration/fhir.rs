@@ -654,3 +654,53 @@ fn patients_and_devices_are_searchable() {
         assert_outcome(&c.get("/Device?name=x").await, 400, "name");
     });
 }
+
+/// Every event a realistic run writes (not just the examples) validates against its JSON Schema.
+#[test]
+fn every_event_written_by_a_run_matches_its_schema() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--insecure-no-auth"]);
+    rt().block_on(async {
+        let c = Client::new(&s);
+        let r = c.post("/Observation", &glucose("ps", "2026-11-28T07:00:00Z", 101.0, "sc-1")).await;
+        let id = r.body["id"].as_str().unwrap().to_owned();
+        let mut v = r.body.clone();
+        v["status"] = json!("amended");
+        c.put(&format!("/Observation/{id}"), &v, &[]).await;
+        c.get(&format!("/Observation/{id}")).await;
+        c.get(&format!("/Observation/{id}/_history/1")).await;
+        c.get("/Observation/nope").await;
+        c.get("/Observation?patient=ps&date=ge2026-11-01").await;
+        c.get("/Observation?bogus=1").await;
+        c.get("/_history").await;
+        c.get("/Observation/_history").await;
+        c.get(&format!("/Observation/{id}/_history")).await;
+        c.send(reqwest::Method::DELETE, &format!("/Observation/{id}"), None, &[]).await;
+        c.post("", &json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:00000000-0000-4000-8000-0000000000aa", "resource": {"resourceType": "Patient", "name": [{"family": "S"}]}, "request": {"method": "POST", "url": "Patient"}},
+            {"resource": {"resourceType": "Device", "status": "active", "patient": {"reference": "urn:uuid:00000000-0000-4000-8000-0000000000aa"}}, "request": {"method": "POST", "url": "Device"}}
+        ]})).await;
+    });
+    assert!(s.terminate().0.success());
+    let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/events");
+    let load = |name: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(schemas.join(name)).unwrap()).unwrap() };
+    let envelope = load("envelope.schema.json");
+    let registry = jsonschema::Registry::new().add(envelope["$id"].as_str().unwrap(), envelope.clone()).unwrap().prepare().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for topic in ["cairn.fhir", "cairn.access", "cairn.auth"] {
+        for event in events(tmp.path(), topic) {
+            let t = event["type"].as_str().unwrap().to_owned();
+            let validator = jsonschema::options()
+                .should_validate_formats(true)
+                .with_registry(&registry)
+                .build(&load(&format!("{t}.schema.json")))
+                .unwrap();
+            let errors: Vec<String> = validator.iter_errors(&event).map(|e| format!("{e} at {}", e.instance_path())).collect();
+            assert!(errors.is_empty(), "{t}: {errors:?}\n{event:#}");
+            seen.insert(t);
+        }
+    }
+    for t in ["fhir.resource.created", "fhir.resource.updated", "fhir.resource.deleted", "fhir.access.read", "fhir.access.search"] {
+        assert!(seen.contains(t), "the run produced no {t}");
+    }
+}
