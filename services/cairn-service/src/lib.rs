@@ -415,6 +415,11 @@ impl FhirService {
             .map_err(|e| FhirError::new(400, IssueCode::Invalid, e.to_string()))?;
         *patient = single_patient(resource_type, &query);
         self.caught_up(None).await?;
+        if query.summary_count && query.params.is_empty() {
+            // A plain count needs no resource read.
+            let total = self.store.count_current(resource_type).map_err(|e| FhirError::unavailable(e.to_string()))?;
+            return Ok(bundle::searchset(&self.settings.base_url, resource_type, raw_query, &query, total as usize, 0, Vec::new(), &ignored));
+        }
         let keys = bundle::sort_keys(&query);
         let mut hits = Vec::new();
         self.scan(resource_type, &query, &mut |v, r| {

@@ -244,6 +244,19 @@ impl ResourceStore for EmbeddedStore {
         Ok(())
     }
 
+    fn count_current(&self, resource_type: &str) -> Result<u64> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
+        let (from, to) = (format!("{resource_type}/"), format!("{resource_type}0"));
+        let mut n = 0;
+        for item in current.range(from.as_str()..to.as_str()).map_err(|e| self.err(e))? {
+            let (_, v) = item.map_err(|e| self.err(e))?;
+            let entry: CurrentEntry = decode(v.value())?;
+            n += u64::from(!entry.deleted);
+        }
+        Ok(n)
+    }
+
     fn scan_patient_dates(
         &self,
         resource_type: &str,
@@ -413,6 +426,8 @@ mod tests {
         let mut seen = Vec::new();
         store.scan_current("Observation", None, &mut |v| { seen.push(v.id); true }).unwrap();
         assert_eq!(seen, vec!["b"]);
+        assert_eq!(store.count_current("Observation").unwrap(), 1);
+        assert_eq!(store.count_current("Patient").unwrap(), 0);
         let changes = store.changes(Some("Observation"), 0, i64::MAX, 10).unwrap();
         assert_eq!(changes.len(), 4);
         assert_eq!(changes[0].version_id, 3, "newest first");

@@ -99,6 +99,9 @@ pub trait ResourceStore: Send + Sync + 'static {
         visit: &mut dyn FnMut(ResourceVersion) -> bool,
     ) -> Result<()>;
 
+    /// How many current, non-deleted resources of a type there are (without reading them).
+    fn count_current(&self, resource_type: &str) -> Result<u64>;
+
     /// Versions of every resource (or of one type) whose lastUpdated is in `[from_ms, to_ms]`, newest
     /// first, at most `limit`.
     fn changes(&self, resource_type: Option<&str>, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<ResourceVersion>>;
