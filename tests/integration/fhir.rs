@@ -704,3 +704,19 @@ fn every_event_written_by_a_run_matches_its_schema() {
         assert!(seen.contains(t), "the run produced no {t}");
     }
 }
+
+/// Decimals come back exactly as written (FHIR decimals carry their precision): `5.10` stays `5.10`.
+#[test]
+fn decimals_round_trip_as_written() {
+    let (_tmp, s) = server();
+    rt().block_on(async {
+        let c = Client::new(&s);
+        let body = br#"{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"15074-8"}]},"subject":{"reference":"Patient/pd"},"valueQuantity":{"value":5.10,"unit":"mmol/L","system":"http://unitsofmeasure.org","code":"mmol/L"}}"#;
+        let created = c.send(reqwest::Method::POST, "/Observation", Some(body.to_vec()), &[]).await;
+        assert_eq!(created.status, 201, "{}", created.body);
+        let id = created.body["id"].as_str().unwrap();
+        let raw = c.http.get(format!("{}/Observation/{id}", c.base)).send().await.unwrap().text().await.unwrap();
+        assert!(raw.contains("\"value\":5.10"), "{raw}");
+        assert_eq!(c.get("/Observation?value-quantity=5.1|http://unitsofmeasure.org|mmol/L").await.body["total"], 1);
+    });
+}

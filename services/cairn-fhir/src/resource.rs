@@ -41,6 +41,18 @@ pub fn parse_json(body: &[u8]) -> Result<Value, Vec<Issue>> {
     Ok(strict)
 }
 
+/// The key under which serde_json's `arbitrary_precision` passes a number's text.
+const ARBITRARY_PRECISION_NUMBER: &str = "$serde_json::private::Number";
+
+/// A JSON number from its text, refusing what no decimal can hold (`1e999`).
+fn number_from_text(text: &str) -> Result<Value, String> {
+    let finite = text.parse::<f64>().map(f64::is_finite).unwrap_or(false);
+    if !finite {
+        return Err(format!("number out of range: {text}"));
+    }
+    serde_json::from_str::<serde_json::Number>(text).map(Value::Number).map_err(|e| e.to_string())
+}
+
 struct StrictValue;
 
 impl StrictValue {
@@ -107,6 +119,12 @@ impl<'de> Visitor<'de> for StrictVisitor {
         }
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
+            if out.is_empty() && key == ARBITRARY_PRECISION_NUMBER {
+                // serde_json hands numbers over as their text (feature `arbitrary_precision`), so a
+                // decimal keeps its written precision (`5.10` stays `5.10`, as FHIR requires).
+                let text: String = map.next_value()?;
+                return number_from_text(&text).map_err(de::Error::custom);
+            }
             if out.contains_key(&key) {
                 return Err(de::Error::custom(format!("duplicate key `{key}`")));
             }
@@ -615,6 +633,15 @@ mod tests {
             assert!(!is_date_time(bad), "{bad}");
         }
         assert!(is_instant("2026-11-28T08:30:00Z") && !is_instant("2026-11-28"));
+    }
+
+    #[test]
+    fn decimals_keep_their_written_precision() {
+        let body = br#"{"resourceType":"Observation","status":"final","code":{"text":"g"},"valueQuantity":{"value":5.10,"unit":"mmol/L"},"component":[{"code":{"text":"x"},"valueQuantity":{"value":104.00}}]}"#;
+        let v = parse(body, "Observation").unwrap();
+        let text = serde_json::to_string(&v).unwrap();
+        assert!(text.contains("\"value\":5.10") && text.contains("\"value\":104.00"), "{text}");
+        assert_eq!(v["valueQuantity"]["value"].as_f64(), Some(5.1));
     }
 
     #[test]
