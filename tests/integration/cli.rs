@@ -30,7 +30,10 @@ fn serve_answers_health_readiness_and_metrics_then_stops_cleanly() {
 
     let (status, metrics) = get(&format!("{}/metrics", server.base_url));
     assert_eq!(status, 200);
-    assert!(metrics.contains("cairn_http_requests_total{method=\"GET\",route=\"/readyz\",status=\"200\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("cairn_http_requests_total{method=\"GET\",route=\"/readyz\",status=\"200\"} 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("# TYPE cairn_http_request_duration_seconds histogram"), "{metrics}");
     for log_metric in ["cairn_log_append_seconds", "cairn_log_fsync_seconds", "cairn_log_fsync_batch_records"] {
         assert!(metrics.contains(&format!("# TYPE {log_metric} histogram")), "{log_metric} missing: {metrics}");
@@ -66,7 +69,7 @@ fn bad_input_gets_a_clear_error_and_touches_nothing() {
     std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
     let (status, _, err) = run_cairn(&["serve", "--data-dir", foreign.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
     assert_eq!(status.code(), Some(1));
-    assert!(err.contains("not a Cairn data directory") && err.contains("notes") == false, "{err}");
+    assert!(err.contains("not a Cairn data directory") && !err.contains("notes"), "{err}");
     assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1, "nothing written into a foreign directory");
 
     let (status, _, err) = run_cairn(&["serve", "--no-such-flag"]);
@@ -90,7 +93,9 @@ fn bad_input_gets_a_clear_error_and_touches_nothing() {
 fn help_documents_every_setting() {
     let (status, out, _) = run_cairn(&["serve", "--help"]);
     assert!(status.success());
-    for needle in ["--data-dir", "CAIRN_DATA_DIR", "--listen", "CAIRN_LISTEN", "--public-url", "--config", "--partitions"] {
+    for needle in
+        ["--data-dir", "CAIRN_DATA_DIR", "--listen", "CAIRN_LISTEN", "--public-url", "--config", "--partitions"]
+    {
         assert!(out.contains(needle), "`{needle}` missing from serve --help:\n{out}");
     }
 }
@@ -186,7 +191,11 @@ fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
                     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                     let len = head
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
                         .unwrap_or(0);
                     while buf.len() < end + 4 + len {
                         let n = stream.read(&mut chunk).unwrap_or(0);
@@ -198,7 +207,8 @@ fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
                     break (head, len);
                 }
             };
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
             let _ = tx.send((head.lines().next().unwrap_or_default().to_owned(), body_len));
         }
     });

@@ -27,7 +27,13 @@ impl Client {
         Client { http: reqwest::Client::new(), base: format!("{}/fhir", server.base_url) }
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Reply {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(b) = body {
             req = req.header("content-type", "application/fhir+json").body(b);
@@ -39,7 +45,11 @@ impl Client {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await.unwrap();
-        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())) };
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
         Reply { status, headers, body }
     }
 
@@ -109,8 +119,15 @@ fn capability_statement_lists_what_works() {
         let r = Client::new(&s).get("/metadata").await;
         assert_eq!(r.status, 200);
         assert_eq!(r.body["fhirVersion"], "4.0.1");
-        let obs = r.body["rest"][0]["resource"].as_array().unwrap().iter().find(|x| x["type"] == "Observation").unwrap().clone();
-        let params: Vec<&str> = obs["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+        let obs = r.body["rest"][0]["resource"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["type"] == "Observation")
+            .unwrap()
+            .clone();
+        let params: Vec<&str> =
+            obs["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
         for p in ["patient", "code", "date", "value-quantity", "identifier", "_lastUpdated"] {
             assert!(params.contains(&p), "{p} missing");
         }
@@ -187,11 +204,13 @@ fn prefer_return_minimal_and_operation_outcome() {
     rt().block_on(async {
         let c = Client::new(&s);
         let body = serde_json::to_vec(&glucose("p1", "2026-11-28", 99.0, "r-m")).unwrap();
-        let minimal = c.send(reqwest::Method::POST, "/Observation", Some(body.clone()), &[("prefer", "return=minimal")]).await;
+        let minimal =
+            c.send(reqwest::Method::POST, "/Observation", Some(body.clone()), &[("prefer", "return=minimal")]).await;
         assert_eq!(minimal.status, 201);
         assert_eq!(minimal.body, Value::Null);
         assert!(!minimal.header("location").is_empty());
-        let oo = c.send(reqwest::Method::POST, "/Observation", Some(body), &[("prefer", "return=OperationOutcome")]).await;
+        let oo =
+            c.send(reqwest::Method::POST, "/Observation", Some(body), &[("prefer", "return=OperationOutcome")]).await;
         assert_eq!(oo.body["resourceType"], "OperationOutcome");
     });
 }
@@ -205,7 +224,11 @@ fn bad_input_gets_an_operation_outcome_and_appends_nothing() {
         let raw = |b: &[u8]| c.send(reqwest::Method::POST, "/Observation", Some(b.to_vec()), &[]);
         assert_outcome(&raw(b"{\"resourceType\":").await, 400, "malformed JSON");
         assert_outcome(&raw(&[0xff, 0xfe, 0x00]).await, 400, "UTF-8");
-        assert_outcome(&raw(br#"{"resourceType":"Observation","status":"final","status":"final","code":{"text":"x"}}"#).await, 400, "duplicate key");
+        assert_outcome(
+            &raw(br#"{"resourceType":"Observation","status":"final","status":"final","code":{"text":"x"}}"#).await,
+            400,
+            "duplicate key",
+        );
         assert_outcome(&c.post("/Observation", &json!({"resourceType": "Patient"})).await, 400, "does not match");
         let mut no_status = glucose("p1", "2026-11-28", 1.0, "x");
         no_status.as_object_mut().unwrap().remove("status");
@@ -243,7 +266,14 @@ fn without_insecure_no_auth_the_api_refuses_anonymous_requests() {
         assert_outcome(&r, 401, "authentication required");
         assert_eq!(r.header("www-authenticate"), "Bearer");
     });
-    let (status, _, err) = run_cairn(&["serve", "--data-dir", tmp.path().join("x").to_str().unwrap(), "--listen", "0.0.0.0:0", "--insecure-no-auth"]);
+    let (status, _, err) = run_cairn(&[
+        "serve",
+        "--data-dir",
+        tmp.path().join("x").to_str().unwrap(),
+        "--listen",
+        "0.0.0.0:0",
+        "--insecure-no-auth",
+    ]);
     assert_eq!(status.code(), Some(1));
     assert!(err.contains("loopback"), "{err}");
 }
@@ -271,7 +301,13 @@ fn conditional_create_does_not_duplicate_resent_readings() {
             let c = c.clone();
             let body = body.clone();
             tasks.push(tokio::spawn(async move {
-                c.send(reqwest::Method::POST, "/Observation", Some(body), &[("if-none-exist", "identifier=urn:example:meter-1|race-1")]).await
+                c.send(
+                    reqwest::Method::POST,
+                    "/Observation",
+                    Some(body),
+                    &[("if-none-exist", "identifier=urn:example:meter-1|race-1")],
+                )
+                .await
             }));
         }
         let mut ids = std::collections::HashSet::new();
@@ -289,7 +325,11 @@ fn conditional_create_does_not_duplicate_resent_readings() {
     assert!(s.terminate().0.success());
     // The 200 answer disclosed the existing resource: it was audited as the search it is.
     let access = events(tmp.path(), "cairn.access");
-    assert!(access.iter().any(|e| e["payload"]["query"] == "identifier=urn:example:meter-1|dup-1" && e["payload"]["returned"].as_array().unwrap().len() == 1), "{access:#?}");
+    assert!(
+        access.iter().any(|e| e["payload"]["query"] == "identifier=urn:example:meter-1|dup-1"
+            && e["payload"]["returned"].as_array().unwrap().len() == 1),
+        "{access:#?}"
+    );
 }
 
 #[test]
@@ -299,11 +339,15 @@ fn search_by_patient_code_date_and_paging() {
         let c = Client::new(&s);
         for day in 1..=20 {
             let when = format!("2026-11-{day:02}T07:00:00Z");
-            assert_eq!(c.post("/Observation", &glucose("p3", &when, 90.0 + day as f64, &format!("s-{day}"))).await.status, 201);
+            assert_eq!(
+                c.post("/Observation", &glucose("p3", &when, 90.0 + day as f64, &format!("s-{day}"))).await.status,
+                201
+            );
         }
         let mut other = glucose("p4", "2026-11-05T07:00:00Z", 5.5, "o-1");
         other["code"]["coding"][0]["code"] = json!("15074-8");
-        other["valueQuantity"] = json!({"value": 5.5, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"});
+        other["valueQuantity"] =
+            json!({"value": 5.5, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"});
         assert_eq!(c.post("/Observation", &other).await.status, 201);
 
         let total = |q: &str| {
@@ -336,7 +380,12 @@ fn search_by_patient_code_date_and_paging() {
             for e in page.body["entry"].as_array().unwrap() {
                 seen.push(e["resource"]["effectiveDateTime"].as_str().unwrap().to_owned());
             }
-            let next = page.body["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").map(|l| l["url"].as_str().unwrap().to_owned());
+            let next = page.body["link"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["relation"] == "next")
+                .map(|l| l["url"].as_str().unwrap().to_owned());
             match next {
                 Some(n) => url = n.split("/fhir").nth(1).unwrap().to_owned(),
                 None => break,
@@ -356,7 +405,9 @@ fn search_by_patient_code_date_and_paging() {
         assert!(r.get("valueQuantity").is_none() && r["status"] == "final");
 
         assert_outcome(&c.get("/Observation?colour=blue").await, 400, "colour");
-        let lenient = c.send(reqwest::Method::GET, "/Observation?colour=blue&patient=p4", None, &[("prefer", "handling=lenient")]).await;
+        let lenient = c
+            .send(reqwest::Method::GET, "/Observation?colour=blue&patient=p4", None, &[("prefer", "handling=lenient")])
+            .await;
         assert_eq!(lenient.status, 200);
         assert_eq!(lenient.body["total"], 1);
         assert_outcome(&c.get("/Observation?date=2026-13-01").await, 400, "date");
@@ -376,10 +427,14 @@ fn acknowledged_writes_survive_sigkill_and_the_log_verifies() {
             let tx = tx.clone();
             tasks.push(tokio::spawn(async move {
                 for i in 0.. {
-                    let r = c.http
+                    let r = c
+                        .http
                         .post(format!("{}/Observation", c.base))
                         .header("content-type", "application/fhir+json")
-                        .body(serde_json::to_vec(&glucose("p9", "2026-11-28T10:00:00Z", 100.0, &format!("k-{w}-{i}"))).unwrap())
+                        .body(
+                            serde_json::to_vec(&glucose("p9", "2026-11-28T10:00:00Z", 100.0, &format!("k-{w}-{i}")))
+                                .unwrap(),
+                        )
                         .send()
                         .await;
                     match r {
@@ -426,7 +481,12 @@ fn deleting_the_projection_rebuilds_it_identically() {
     rt().block_on(async {
         let c = Client::new(&s);
         for i in 0..30 {
-            let r = c.post("/Observation", &glucose(&format!("p{}", i % 4), "2026-11-28T10:00:00Z", 100.0 + i as f64, &format!("d-{i}"))).await;
+            let r = c
+                .post(
+                    "/Observation",
+                    &glucose(&format!("p{}", i % 4), "2026-11-28T10:00:00Z", 100.0 + i as f64, &format!("d-{i}")),
+                )
+                .await;
             let id = r.body["id"].as_str().unwrap().to_owned();
             if i % 3 == 0 {
                 let mut v = r.body.clone();
@@ -557,9 +617,15 @@ fn paging_stays_correct_under_concurrent_writes() {
             // A device uploads more readings between page fetches.
             for _ in 0..3 {
                 written += 1;
-                c.post("/Observation", &glucose("pg", "2026-11-28T06:30:00Z", 95.0, &format!("pg-new-{written}"))).await;
+                c.post("/Observation", &glucose("pg", "2026-11-28T06:30:00Z", 95.0, &format!("pg-new-{written}")))
+                    .await;
             }
-            let next = page.body["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").map(|l| l["url"].as_str().unwrap().to_owned());
+            let next = page.body["link"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["relation"] == "next")
+                .map(|l| l["url"].as_str().unwrap().to_owned());
             match next {
                 Some(n) if seen.len() < 200 => url = n.split("/fhir").nth(1).unwrap().to_owned(),
                 _ => break,
@@ -581,7 +647,17 @@ fn reads_and_searches_leave_access_events() {
         let c = Client::new(&s);
         let created = c.post("/Observation", &glucose("pa", "2026-11-28T07:00:00Z", 101.0, "a-1")).await;
         let id = created.body["id"].as_str().unwrap().to_owned();
-        assert_eq!(c.send(reqwest::Method::GET, &format!("/Observation/{id}"), None, &[("user-agent", "audit-test/1"), ("x-request-id", "req-audit-1")]).await.status, 200);
+        assert_eq!(
+            c.send(
+                reqwest::Method::GET,
+                &format!("/Observation/{id}"),
+                None,
+                &[("user-agent", "audit-test/1"), ("x-request-id", "req-audit-1")]
+            )
+            .await
+            .status,
+            200
+        );
         assert_eq!(c.get("/Observation/missing-one").await.status, 404);
         assert_eq!(c.get("/Observation?patient=pa").await.body["total"], 1);
         assert_eq!(c.get("/Observation?colour=red").await.status, 400);
@@ -591,7 +667,10 @@ fn reads_and_searches_leave_access_events() {
     assert!(s.terminate().0.success());
     let access = events(tmp.path(), "cairn.access");
     assert_eq!(access.len(), 5, "{access:#?}");
-    let read = access.iter().find(|e| e["payload"]["interaction"] == "read" && e["payload"]["status"] == 200).expect("the read");
+    let read = access
+        .iter()
+        .find(|e| e["payload"]["interaction"] == "read" && e["payload"]["status"] == 200)
+        .expect("the read");
     assert_eq!(read["type"], "fhir.access.read");
     assert_eq!(read["payload"]["returned"][0], json!({"resource_type": "Observation", "id": id, "version_id": 1}));
     assert_eq!(read["patient"], "Patient/pa");
@@ -599,7 +678,8 @@ fn reads_and_searches_leave_access_events() {
     assert_eq!(read["actor"]["user_agent"], "audit-test/1");
     assert_eq!(read["actor"]["source_address"], "127.0.0.1");
     assert!(access.iter().any(|e| e["payload"]["status"] == 404 && e["payload"]["id"] == "missing-one"));
-    let search = access.iter().find(|e| e["type"] == "fhir.access.search" && e["payload"]["status"] == 200).expect("the search");
+    let search =
+        access.iter().find(|e| e["type"] == "fhir.access.search" && e["payload"]["status"] == 200).expect("the search");
     assert_eq!(search["payload"]["query"], "patient=pa");
     assert_eq!(search["payload"]["returned"][0]["id"], id);
     assert_eq!(search["patient"], "Patient/pa");
@@ -683,9 +763,14 @@ fn every_event_written_by_a_run_matches_its_schema() {
     });
     assert!(s.terminate().0.success());
     let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/events");
-    let load = |name: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(schemas.join(name)).unwrap()).unwrap() };
+    let load =
+        |name: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(schemas.join(name)).unwrap()).unwrap() };
     let envelope = load("envelope.schema.json");
-    let registry = jsonschema::Registry::new().add(envelope["$id"].as_str().unwrap(), envelope.clone()).unwrap().prepare().unwrap();
+    let registry = jsonschema::Registry::new()
+        .add(envelope["$id"].as_str().unwrap(), envelope.clone())
+        .unwrap()
+        .prepare()
+        .unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for topic in ["cairn.fhir", "cairn.access", "cairn.auth"] {
         for event in events(tmp.path(), topic) {
@@ -695,12 +780,19 @@ fn every_event_written_by_a_run_matches_its_schema() {
                 .with_registry(&registry)
                 .build(&load(&format!("{t}.schema.json")))
                 .unwrap();
-            let errors: Vec<String> = validator.iter_errors(&event).map(|e| format!("{e} at {}", e.instance_path())).collect();
+            let errors: Vec<String> =
+                validator.iter_errors(&event).map(|e| format!("{e} at {}", e.instance_path())).collect();
             assert!(errors.is_empty(), "{t}: {errors:?}\n{event:#}");
             seen.insert(t);
         }
     }
-    for t in ["fhir.resource.created", "fhir.resource.updated", "fhir.resource.deleted", "fhir.access.read", "fhir.access.search"] {
+    for t in [
+        "fhir.resource.created",
+        "fhir.resource.updated",
+        "fhir.resource.deleted",
+        "fhir.access.read",
+        "fhir.access.search",
+    ] {
         assert!(seen.contains(t), "the run produced no {t}");
     }
 }

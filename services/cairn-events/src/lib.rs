@@ -80,10 +80,7 @@ impl fmt::Display for EventType {
 impl FromStr for EventType {
     type Err = EventError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        EventType::ALL
-            .into_iter()
-            .find(|t| t.as_str() == s)
-            .ok_or_else(|| EventError::UnknownType(s.to_owned()))
+        EventType::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| EventError::UnknownType(s.to_owned()))
     }
 }
 
@@ -498,11 +495,9 @@ impl Event {
         match &self.payload {
             Payload::ResourceCreated(w) | Payload::ResourceUpdated(w) => format!("{}/{}", w.resource_type, w.id),
             Payload::ResourceDeleted(d) => format!("{}/{}", d.resource_type, d.id),
-            Payload::AccessRead(_) | Payload::AccessSearch(_) => self
-                .patient
-                .clone()
-                .or_else(|| self.actor.subject.clone())
-                .unwrap_or_else(|| self.id.to_string()),
+            Payload::AccessRead(_) | Payload::AccessSearch(_) => {
+                self.patient.clone().or_else(|| self.actor.subject.clone()).unwrap_or_else(|| self.id.to_string())
+            }
             Payload::TokenIssued(t) => t.subject.clone().unwrap_or_else(|| t.client_id.clone()),
             Payload::LoginSucceeded(l) => l.user_id.clone(),
             Payload::LoginFailed(l) => l.username.clone().unwrap_or_else(|| self.id.to_string()),

@@ -312,12 +312,10 @@ pub fn sample_event(t: EventType) -> Event {
             session_id: "s-1".into(),
         }
         .into(),
-        EventType::AuthLoginFailed => LoginFailed {
-            username: Some("alice".into()),
-            reason: LoginFailure::BadPassword,
-            authenticator: None,
+        EventType::AuthLoginFailed => {
+            LoginFailed { username: Some("alice".into()), reason: LoginFailure::BadPassword, authenticator: None }
+                .into()
         }
-        .into(),
         EventType::AuthTokenIssued => TokenIssued {
             jti: "0f9c4f0e-7a43-4d1f-8b7e-2d1c3f9a5b11".into(),
             kind: TokenKind::Access,
@@ -360,19 +358,14 @@ pub fn sample_event(t: EventType) -> Event {
             }
         }
         EventType::FhirResourceDeleted => {
-            ResourceDeleted { resource_type: "Observation".into(), id: "obs-1".into(), version_id: 3 }
-                .into()
+            ResourceDeleted { resource_type: "Observation".into(), id: "obs-1".into(), version_id: 3 }.into()
         }
         EventType::FhirAccessRead => AccessRead {
             interaction: "read".into(),
             resource_type: "Observation".into(),
             id: "obs-1".into(),
             status: 200,
-            returned: vec![VersionedRef {
-                resource_type: "Observation".into(),
-                id: "obs-1".into(),
-                version_id: 2,
-            }],
+            returned: vec![VersionedRef { resource_type: "Observation".into(), id: "obs-1".into(), version_id: 2 }],
         }
         .into(),
         EventType::FhirAccessSearch => AccessSearch {
@@ -380,19 +373,12 @@ pub fn sample_event(t: EventType) -> Event {
             resource_type: Some("Observation".into()),
             query: "patient=p-1&code=http://loinc.org|2339-0".into(),
             status: 200,
-            returned: vec![VersionedRef {
-                resource_type: "Observation".into(),
-                id: "obs-1".into(),
-                version_id: 2,
-            }],
+            returned: vec![VersionedRef { resource_type: "Observation".into(), id: "obs-1".into(), version_id: 2 }],
             total: Some(1),
         }
         .into(),
     };
-    let mut e = Event::new(payload)
-        .with_actor(actor)
-        .with_request_id("req-42")
-        .with_patient("Patient/p-1");
+    let mut e = Event::new(payload).with_actor(actor).with_request_id("req-42").with_patient("Patient/p-1");
     e.occurred_at = now;
     e
 }

@@ -57,9 +57,7 @@ pub struct BadTimestamp(String);
 impl FromStr for Timestamp {
     type Err = BadTimestamp;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        DateTime::parse_from_rfc3339(s)
-            .map(|d| Timestamp(d.timestamp_millis()))
-            .map_err(|_| BadTimestamp(s.to_owned()))
+        DateTime::parse_from_rfc3339(s).map(|d| Timestamp(d.timestamp_millis())).map_err(|_| BadTimestamp(s.to_owned()))
     }
 }
 

@@ -111,9 +111,10 @@ pub fn date_key(resource_type: &str, resource: &Value) -> Option<i64> {
         return None;
     }
     Some(match crate::search::observation_effective(resource) {
-        Some(r) if r.low != chrono::DateTime::<chrono::Utc>::MIN_UTC
-            && r.high != chrono::DateTime::<chrono::Utc>::MAX_UTC
-            && (r.high - r.low).num_milliseconds() <= SHORT_EFFECTIVE_MS =>
+        Some(r)
+            if r.low != chrono::DateTime::<chrono::Utc>::MIN_UTC
+                && r.high != chrono::DateTime::<chrono::Utc>::MAX_UTC
+                && (r.high - r.low).num_milliseconds() <= SHORT_EFFECTIVE_MS =>
         {
             r.low.timestamp_millis()
         }
@@ -192,9 +193,18 @@ mod tests {
             obs(json!({})),
         ];
         let queries = [
-            "date=2026-03-10", "date=ge2026-03-10", "date=gt2026-03-10", "date=le2026-03-10", "date=lt2026-03-10",
-            "date=sa2026-03-10", "date=eb2026-03-10", "date=ne2026-03-10", "date=ge2026-03-10&date=le2026-03-10",
-            "date=2026-03-09,2026-03-11", "date=gt2026-03-10T23:00:00Z", "date=ap2026-03-10",
+            "date=2026-03-10",
+            "date=ge2026-03-10",
+            "date=gt2026-03-10",
+            "date=le2026-03-10",
+            "date=lt2026-03-10",
+            "date=sa2026-03-10",
+            "date=eb2026-03-10",
+            "date=ne2026-03-10",
+            "date=ge2026-03-10&date=le2026-03-10",
+            "date=2026-03-09,2026-03-11",
+            "date=gt2026-03-10T23:00:00Z",
+            "date=ap2026-03-10",
         ];
         for q in queries {
             let (query, _) = parse_query("Observation", q, false).unwrap();

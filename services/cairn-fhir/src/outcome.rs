@@ -69,7 +69,12 @@ impl Issue {
     }
 
     pub fn information(diagnostics: impl Into<String>) -> Issue {
-        Issue { severity: Severity::Information, code: IssueCode::Informational, diagnostics: diagnostics.into(), expression: None }
+        Issue {
+            severity: Severity::Information,
+            code: IssueCode::Informational,
+            diagnostics: diagnostics.into(),
+            expression: None,
+        }
     }
 
     pub fn at(mut self, expression: impl Into<String>) -> Issue {

@@ -138,23 +138,91 @@ impl<'de> Visitor<'de> for StrictVisitor {
 /// Element names of each type in R4 (4.0.1). `_name` siblings carry extensions of primitives.
 fn known_elements(resource_type: &str) -> &'static [&'static str] {
     const OBSERVATION: &[&str] = &[
-        "identifier", "basedOn", "partOf", "status", "category", "code", "subject", "focus", "encounter",
-        "effectiveDateTime", "effectivePeriod", "effectiveTiming", "effectiveInstant", "issued", "performer",
-        "valueQuantity", "valueCodeableConcept", "valueString", "valueBoolean", "valueInteger", "valueRange",
-        "valueRatio", "valueSampledData", "valueTime", "valueDateTime", "valuePeriod", "dataAbsentReason",
-        "interpretation", "note", "bodySite", "method", "specimen", "device", "referenceRange", "hasMember",
-        "derivedFrom", "component",
+        "identifier",
+        "basedOn",
+        "partOf",
+        "status",
+        "category",
+        "code",
+        "subject",
+        "focus",
+        "encounter",
+        "effectiveDateTime",
+        "effectivePeriod",
+        "effectiveTiming",
+        "effectiveInstant",
+        "issued",
+        "performer",
+        "valueQuantity",
+        "valueCodeableConcept",
+        "valueString",
+        "valueBoolean",
+        "valueInteger",
+        "valueRange",
+        "valueRatio",
+        "valueSampledData",
+        "valueTime",
+        "valueDateTime",
+        "valuePeriod",
+        "dataAbsentReason",
+        "interpretation",
+        "note",
+        "bodySite",
+        "method",
+        "specimen",
+        "device",
+        "referenceRange",
+        "hasMember",
+        "derivedFrom",
+        "component",
     ];
     const PATIENT: &[&str] = &[
-        "identifier", "active", "name", "telecom", "gender", "birthDate", "deceasedBoolean", "deceasedDateTime",
-        "address", "maritalStatus", "multipleBirthBoolean", "multipleBirthInteger", "photo", "contact",
-        "communication", "generalPractitioner", "managingOrganization", "link",
+        "identifier",
+        "active",
+        "name",
+        "telecom",
+        "gender",
+        "birthDate",
+        "deceasedBoolean",
+        "deceasedDateTime",
+        "address",
+        "maritalStatus",
+        "multipleBirthBoolean",
+        "multipleBirthInteger",
+        "photo",
+        "contact",
+        "communication",
+        "generalPractitioner",
+        "managingOrganization",
+        "link",
     ];
     const DEVICE: &[&str] = &[
-        "identifier", "definition", "udiCarrier", "status", "statusReason", "distinctIdentifier", "manufacturer",
-        "manufactureDate", "expirationDate", "lotNumber", "serialNumber", "deviceName", "modelNumber",
-        "partNumber", "type", "specialization", "version", "property", "patient", "owner", "contact", "location",
-        "url", "note", "safety", "parent",
+        "identifier",
+        "definition",
+        "udiCarrier",
+        "status",
+        "statusReason",
+        "distinctIdentifier",
+        "manufacturer",
+        "manufactureDate",
+        "expirationDate",
+        "lotNumber",
+        "serialNumber",
+        "deviceName",
+        "modelNumber",
+        "partNumber",
+        "type",
+        "specialization",
+        "version",
+        "property",
+        "patient",
+        "owner",
+        "contact",
+        "location",
+        "url",
+        "note",
+        "safety",
+        "parent",
     ];
     match resource_type {
         "Observation" => OBSERVATION,
@@ -166,7 +234,14 @@ fn known_elements(resource_type: &str) -> &'static [&'static str] {
 
 fn is_known(resource_type: &str, key: &str) -> bool {
     const COMMON: &[&str] = &[
-        "resourceType", "id", "meta", "implicitRules", "language", "text", "contained", "extension",
+        "resourceType",
+        "id",
+        "meta",
+        "implicitRules",
+        "language",
+        "text",
+        "contained",
+        "extension",
         "modifierExtension",
     ];
     let base = key.strip_prefix('_').unwrap_or(key);
@@ -185,27 +260,35 @@ pub fn validate(value: &Value, expected_type: &str) -> Result<(), Vec<Issue>> {
         }
         Some(t) if t != expected_type => {
             return Err(vec![
-                Issue::error(IssueCode::Invalid, format!("resourceType `{t}` does not match the URL (`{expected_type}`)"))
-                    .at("resourceType"),
+                Issue::error(
+                    IssueCode::Invalid,
+                    format!("resourceType `{t}` does not match the URL (`{expected_type}`)"),
+                )
+                .at("resourceType"),
             ]);
         }
         Some(_) => {}
     }
     for key in obj.keys() {
         if !is_known(expected_type, key) {
-            issues.push(Issue::error(IssueCode::Structure, format!("unknown element `{key}`")).at(format!("{expected_type}.{key}")));
+            issues.push(
+                Issue::error(IssueCode::Structure, format!("unknown element `{key}`"))
+                    .at(format!("{expected_type}.{key}")),
+            );
         }
     }
     if let Some(id) = obj.get("id") {
         match id.as_str() {
             Some(s) if is_valid_id(s) => {}
-            _ => issues.push(Issue::error(IssueCode::Value, "id must be 1-64 of A-Z a-z 0-9 - .").at(format!("{expected_type}.id"))),
+            _ => issues.push(
+                Issue::error(IssueCode::Value, "id must be 1-64 of A-Z a-z 0-9 - .").at(format!("{expected_type}.id")),
+            ),
         }
     }
-    if let Some(meta) = obj.get("meta") {
-        if !meta.is_object() {
-            issues.push(Issue::error(IssueCode::Structure, "meta must be an object").at(format!("{expected_type}.meta")));
-        }
+    if let Some(meta) = obj.get("meta")
+        && !meta.is_object()
+    {
+        issues.push(Issue::error(IssueCode::Structure, "meta must be an object").at(format!("{expected_type}.meta")));
     }
     check_choice(obj, expected_type, "effective", &mut issues);
     check_choice(obj, expected_type, "value", &mut issues);
@@ -215,7 +298,8 @@ pub fn validate(value: &Value, expected_type: &str) -> Result<(), Vec<Issue>> {
         "Observation" => validate_observation(obj, &mut issues),
         "Patient" => validate_patient(obj, &mut issues),
         "Device" => validate_device(obj, &mut issues),
-        _ => issues.push(Issue::error(IssueCode::NotSupported, format!("resource type `{expected_type}` is not supported"))),
+        _ => issues
+            .push(Issue::error(IssueCode::NotSupported, format!("resource type `{expected_type}` is not supported"))),
     }
     if issues.is_empty() { Ok(()) } else { Err(issues) }
 }
@@ -226,7 +310,10 @@ fn check_choice(obj: &Map<String, Value>, t: &str, prefix: &str, issues: &mut Ve
         .filter(|k| k.strip_prefix(prefix).is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase())))
         .collect();
     if present.len() > 1 {
-        issues.push(Issue::error(IssueCode::Structure, format!("only one {prefix}[x] is allowed, found {present:?}")).at(format!("{t}.{prefix}[x]")));
+        issues.push(
+            Issue::error(IssueCode::Structure, format!("only one {prefix}[x] is allowed, found {present:?}"))
+                .at(format!("{t}.{prefix}[x]")),
+        );
     }
 }
 
@@ -239,7 +326,8 @@ fn validate_observation(obj: &Map<String, Value>, issues: &mut Vec<Issue>) {
         None => issues.push(Issue::error(IssueCode::Required, "Observation.status is required").at(at("status"))),
         Some(Value::String(s)) if OBSERVATION_STATUS.contains(&s.as_str()) => {}
         Some(other) => issues.push(
-            Issue::error(IssueCode::Value, format!("status {other} is not one of {}", OBSERVATION_STATUS.join(", "))).at(at("status")),
+            Issue::error(IssueCode::Value, format!("status {other} is not one of {}", OBSERVATION_STATUS.join(", ")))
+                .at(at("status")),
         ),
     }
     match obj.get("code") {
@@ -247,7 +335,7 @@ fn validate_observation(obj: &Map<String, Value>, issues: &mut Vec<Issue>) {
         Some(c) => check_codeable_concept(c, &at("code"), issues),
     }
     if let Some(c) = obj.get("category") {
-        check_array(c, &at("category"), issues, |v, p, i| check_codeable_concept(v, p, i));
+        check_array(c, &at("category"), issues, check_codeable_concept);
     }
     if let Some(ids) = obj.get("identifier") {
         check_array(ids, &at("identifier"), issues, check_identifier);
@@ -275,15 +363,17 @@ fn validate_observation(obj: &Map<String, Value>, issues: &mut Vec<Issue>) {
     if let Some(v) = obj.get("valueDateTime") {
         check_primitive(v, &at("valueDateTime"), issues, "dateTime", is_date_time);
     }
-    if let Some(v) = obj.get("valueInteger") {
-        if !v.as_i64().is_some_and(|n| i32::try_from(n).is_ok()) {
-            issues.push(Issue::error(IssueCode::Value, "valueInteger must be a 32-bit integer").at(at("valueInteger")));
-        }
+    if let Some(v) = obj.get("valueInteger")
+        && v.as_i64().is_none_or(|n| i32::try_from(n).is_err())
+    {
+        issues.push(Issue::error(IssueCode::Value, "valueInteger must be a 32-bit integer").at(at("valueInteger")));
     }
     if let Some(components) = obj.get("component") {
         check_array(components, &at("component"), issues, |c, path, issues| {
             match c.get("code") {
-                None => issues.push(Issue::error(IssueCode::Required, "component.code is required").at(path.to_owned())),
+                None => {
+                    issues.push(Issue::error(IssueCode::Required, "component.code is required").at(path.to_owned()))
+                }
                 Some(code) => check_codeable_concept(code, &format!("{path}.code"), issues),
             }
             if let Some(q) = c.get("valueQuantity") {
@@ -301,15 +391,15 @@ fn validate_patient(obj: &Map<String, Value>, issues: &mut Vec<Issue>) {
     if let Some(v) = obj.get("birthDate") {
         check_primitive(v, &at("birthDate"), issues, "date", is_date);
     }
-    if let Some(v) = obj.get("gender") {
-        if !matches!(v.as_str(), Some("male" | "female" | "other" | "unknown")) {
-            issues.push(Issue::error(IssueCode::Value, "gender must be male, female, other or unknown").at(at("gender")));
-        }
+    if let Some(v) = obj.get("gender")
+        && !matches!(v.as_str(), Some("male" | "female" | "other" | "unknown"))
+    {
+        issues.push(Issue::error(IssueCode::Value, "gender must be male, female, other or unknown").at(at("gender")));
     }
-    if let Some(v) = obj.get("active") {
-        if !v.is_boolean() {
-            issues.push(Issue::error(IssueCode::Value, "active must be a boolean").at(at("active")));
-        }
+    if let Some(v) = obj.get("active")
+        && !v.is_boolean()
+    {
+        issues.push(Issue::error(IssueCode::Value, "active must be a boolean").at(at("active")));
     }
     if let Some(names) = obj.get("name") {
         check_array(names, &at("name"), issues, |n, path, issues| {
@@ -317,15 +407,17 @@ fn validate_patient(obj: &Map<String, Value>, issues: &mut Vec<Issue>) {
                 issues.push(Issue::error(IssueCode::Structure, "a HumanName must be an object").at(path.to_owned()));
                 return;
             }
-            if let Some(f) = n.get("family") {
-                if !f.is_string() {
-                    issues.push(Issue::error(IssueCode::Value, "family must be a string").at(format!("{path}.family")));
-                }
+            if let Some(f) = n.get("family")
+                && !f.is_string()
+            {
+                issues.push(Issue::error(IssueCode::Value, "family must be a string").at(format!("{path}.family")));
             }
-            if let Some(g) = n.get("given") {
-                if !g.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
-                    issues.push(Issue::error(IssueCode::Value, "given must be an array of strings").at(format!("{path}.given")));
-                }
+            if let Some(g) = n.get("given")
+                && !g.as_array().is_some_and(|a| a.iter().all(Value::is_string))
+            {
+                issues.push(
+                    Issue::error(IssueCode::Value, "given must be an array of strings").at(format!("{path}.given")),
+                );
             }
         });
     }
@@ -341,10 +433,13 @@ fn validate_device(obj: &Map<String, Value>, issues: &mut Vec<Issue>) {
     if let Some(ids) = obj.get("identifier") {
         check_array(ids, &at("identifier"), issues, check_identifier);
     }
-    if let Some(v) = obj.get("status") {
-        if !v.as_str().is_some_and(|s| DEVICE_STATUS.contains(&s)) {
-            issues.push(Issue::error(IssueCode::Value, format!("status must be one of {}", DEVICE_STATUS.join(", "))).at(at("status")));
-        }
+    if let Some(v) = obj.get("status")
+        && !v.as_str().is_some_and(|s| DEVICE_STATUS.contains(&s))
+    {
+        issues.push(
+            Issue::error(IssueCode::Value, format!("status must be one of {}", DEVICE_STATUS.join(", ")))
+                .at(at("status")),
+        );
     }
     if let Some(t) = obj.get("type") {
         check_codeable_concept(t, &at("type"), issues);
@@ -364,9 +459,9 @@ fn validate_device(obj: &Map<String, Value>, issues: &mut Vec<Issue>) {
 fn check_array(v: &Value, path: &str, issues: &mut Vec<Issue>, each: impl Fn(&Value, &str, &mut Vec<Issue>)) {
     match v.as_array() {
         None => issues.push(Issue::error(IssueCode::Structure, "must be an array").at(path.to_owned())),
-        Some(items) if items.is_empty() => {
-            issues.push(Issue::error(IssueCode::Structure, "an array must not be empty (omit the element)").at(path.to_owned()))
-        }
+        Some(items) if items.is_empty() => issues.push(
+            Issue::error(IssueCode::Structure, "an array must not be empty (omit the element)").at(path.to_owned()),
+        ),
         Some(items) => {
             for (i, item) in items.iter().enumerate() {
                 each(item, &format!("{path}[{i}]"), issues);
@@ -378,7 +473,8 @@ fn check_array(v: &Value, path: &str, issues: &mut Vec<Issue>, each: impl Fn(&Va
 fn check_primitive(v: &Value, path: &str, issues: &mut Vec<Issue>, type_name: &str, ok: fn(&str) -> bool) {
     match v.as_str() {
         Some(s) if ok(s) => {}
-        _ => issues.push(Issue::error(IssueCode::Value, format!("{v} is not a valid FHIR {type_name}")).at(path.to_owned())),
+        _ => issues
+            .push(Issue::error(IssueCode::Value, format!("{v} is not a valid FHIR {type_name}")).at(path.to_owned())),
     }
 }
 
@@ -394,8 +490,11 @@ fn check_codeable_concept(v: &Value, path: &str, issues: &mut Vec<Issue>) {
                 return;
             };
             for field in ["system", "code", "display", "version"] {
-                if c.get(field).is_some_and(|f| !f.as_str().is_some_and(|s| !s.trim().is_empty())) {
-                    issues.push(Issue::error(IssueCode::Value, format!("{field} must be a non-empty string")).at(format!("{p}.{field}")));
+                if c.get(field).is_some_and(|f| f.as_str().is_none_or(|s| s.trim().is_empty())) {
+                    issues.push(
+                        Issue::error(IssueCode::Value, format!("{field} must be a non-empty string"))
+                            .at(format!("{p}.{field}")),
+                    );
                 }
             }
         });
@@ -414,8 +513,11 @@ fn check_identifier(v: &Value, path: &str, issues: &mut Vec<Issue>) {
         return;
     };
     for field in ["system", "value"] {
-        if obj.get(field).is_some_and(|f| !f.as_str().is_some_and(|s| !s.is_empty())) {
-            issues.push(Issue::error(IssueCode::Value, format!("{field} must be a non-empty string")).at(format!("{path}.{field}")));
+        if obj.get(field).is_some_and(|f| f.as_str().is_none_or(|s| s.is_empty())) {
+            issues.push(
+                Issue::error(IssueCode::Value, format!("{field} must be a non-empty string"))
+                    .at(format!("{path}.{field}")),
+            );
         }
     }
 }
@@ -431,8 +533,11 @@ fn check_reference(v: &Value, path: &str, issues: &mut Vec<Issue>) {
         match r.as_str() {
             Some(s) if is_valid_reference(s) => {}
             _ => issues.push(
-                Issue::error(IssueCode::Value, format!("{r} is not a valid reference (Type/id, an absolute URL or #id)"))
-                    .at(format!("{path}.reference")),
+                Issue::error(
+                    IssueCode::Value,
+                    format!("{r} is not a valid reference (Type/id, an absolute URL or #id)"),
+                )
+                .at(format!("{path}.reference")),
             ),
         }
     }
@@ -495,12 +600,11 @@ fn check_period(v: &Value, path: &str, issues: &mut Vec<Issue>) {
             check_primitive(x, &format!("{path}.{f}"), issues, "dateTime", is_date_time);
         }
     }
-    if let (Some(s), Some(e)) = (obj.get("start").and_then(Value::as_str), obj.get("end").and_then(Value::as_str)) {
-        if let (Ok(s), Ok(e)) = (chrono::DateTime::parse_from_rfc3339(s), chrono::DateTime::parse_from_rfc3339(e)) {
-            if e < s {
-                issues.push(Issue::error(IssueCode::Value, "Period.end is before Period.start").at(path.to_owned()));
-            }
-        }
+    if let (Some(s), Some(e)) = (obj.get("start").and_then(Value::as_str), obj.get("end").and_then(Value::as_str))
+        && let (Ok(s), Ok(e)) = (chrono::DateTime::parse_from_rfc3339(s), chrono::DateTime::parse_from_rfc3339(e))
+        && e < s
+    {
+        issues.push(Issue::error(IssueCode::Value, "Period.end is before Period.start").at(path.to_owned()));
     }
 }
 
@@ -511,19 +615,22 @@ fn check_quantity(v: &Value, path: &str, issues: &mut Vec<Issue>) {
         issues.push(Issue::error(IssueCode::Structure, "a Quantity must be an object").at(path.to_owned()));
         return;
     };
-    if let Some(value) = obj.get("value") {
-        if !value.is_number() {
-            issues.push(Issue::error(IssueCode::Value, format!("{value} is not a decimal")).at(format!("{path}.value")));
-        }
+    if let Some(value) = obj.get("value")
+        && !value.is_number()
+    {
+        issues.push(Issue::error(IssueCode::Value, format!("{value} is not a decimal")).at(format!("{path}.value")));
     }
-    if let Some(c) = obj.get("comparator") {
-        if !matches!(c.as_str(), Some("<" | "<=" | ">=" | ">")) {
-            issues.push(Issue::error(IssueCode::Value, "comparator must be <, <=, >= or >").at(format!("{path}.comparator")));
-        }
+    if let Some(c) = obj.get("comparator")
+        && !matches!(c.as_str(), Some("<" | "<=" | ">=" | ">"))
+    {
+        issues
+            .push(Issue::error(IssueCode::Value, "comparator must be <, <=, >= or >").at(format!("{path}.comparator")));
     }
     for f in ["unit", "system", "code"] {
-        if obj.get(f).is_some_and(|x| !x.as_str().is_some_and(|s| !s.is_empty())) {
-            issues.push(Issue::error(IssueCode::Value, format!("{f} must be a non-empty string")).at(format!("{path}.{f}")));
+        if obj.get(f).is_some_and(|x| x.as_str().is_none_or(|s| s.is_empty())) {
+            issues.push(
+                Issue::error(IssueCode::Value, format!("{f} must be a non-empty string")).at(format!("{path}.{f}")),
+            );
         }
     }
     if obj.contains_key("code") && !obj.contains_key("system") {
@@ -532,15 +639,19 @@ fn check_quantity(v: &Value, path: &str, issues: &mut Vec<Issue>) {
     if obj.get("system").and_then(Value::as_str) == Some(UCUM) {
         match obj.get("code").and_then(Value::as_str) {
             Some(code) if is_plausible_ucum(code) => {}
-            Some(code) => issues.push(Issue::error(IssueCode::Value, format!("`{code}` is not a UCUM unit code")).at(format!("{path}.code"))),
-            None => issues.push(Issue::error(IssueCode::Required, "a UCUM Quantity needs a code").at(format!("{path}.code"))),
+            Some(code) => issues.push(
+                Issue::error(IssueCode::Value, format!("`{code}` is not a UCUM unit code")).at(format!("{path}.code")),
+            ),
+            None => issues
+                .push(Issue::error(IssueCode::Required, "a UCUM Quantity needs a code").at(format!("{path}.code"))),
         }
     }
 }
 
 /// UCUM codes are printable ASCII without spaces; common clinical units are checked exactly.
 fn is_plausible_ucum(code: &str) -> bool {
-    !code.is_empty() && code.bytes().all(|b| b.is_ascii_graphic()) && !code.contains(['"', '{', '}']) || code.starts_with('{')
+    !code.is_empty() && code.bytes().all(|b| b.is_ascii_graphic()) && !code.contains(['"', '{', '}'])
+        || code.starts_with('{')
 }
 
 /// Sets `id` and the server-owned parts of `meta`, keeping everything else the client sent.
@@ -592,7 +703,9 @@ mod tests {
         assert!(codes(parse(dup, "Observation"))[0].contains("duplicate key `status`"));
         let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
         assert!(codes(parse(deep.as_bytes(), "Observation"))[0].contains("nested deeper"));
-        assert!(codes(parse(br#"{"resourceType":"Observation","x":1e999}"#, "Observation"))[0].contains("malformed JSON"));
+        assert!(
+            codes(parse(br#"{"resourceType":"Observation","x":1e999}"#, "Observation"))[0].contains("malformed JSON")
+        );
         assert!(codes(parse(b"[]", "Observation"))[0].contains("object"));
     }
 
@@ -695,8 +808,19 @@ mod properties {
     }
 
     const FIELDS: &[&str] = &[
-        "status", "code", "subject", "effectiveDateTime", "valueQuantity", "category", "identifier", "device",
-        "effectivePeriod", "component", "id", "meta", "bogus",
+        "status",
+        "code",
+        "subject",
+        "effectiveDateTime",
+        "valueQuantity",
+        "category",
+        "identifier",
+        "device",
+        "effectivePeriod",
+        "component",
+        "id",
+        "meta",
+        "bogus",
     ];
 
     proptest! {

@@ -19,7 +19,9 @@ mod text;
 use chrono::{DateTime, FixedOffset, Utc};
 
 pub use date::date_range;
-pub use matching::{matches, matches_at, matches_param, matches_param_at, observation_effective, observation_patient, sort_value};
+pub use matching::{
+    matches, matches_at, matches_param, matches_param_at, observation_effective, observation_patient, sort_value,
+};
 pub use query::parse_query;
 
 /// `_count` when the client gives none: large enough for typical glucose dashboards, small enough
@@ -124,10 +126,7 @@ pub fn search_params(resource_type: &str) -> &'static [ParamDef] {
 
 /// The kind of a search parameter of a resource type, or `None` if it is not supported there.
 pub fn param_kind(resource_type: &str, name: &str) -> Option<ParamKind> {
-    search_params(resource_type)
-        .iter()
-        .find(|d| d.name == name)
-        .map(|d| d.kind)
+    search_params(resource_type).iter().find(|d| d.name == name).map(|d| d.kind)
 }
 
 /// A parsed search: AND of params, each an OR of values.
@@ -239,17 +238,8 @@ pub enum Prefix {
 }
 
 impl Prefix {
-    pub const ALL: [Prefix; 9] = [
-        Prefix::Eq,
-        Prefix::Ne,
-        Prefix::Gt,
-        Prefix::Lt,
-        Prefix::Ge,
-        Prefix::Le,
-        Prefix::Sa,
-        Prefix::Eb,
-        Prefix::Ap,
-    ];
+    pub const ALL: [Prefix; 9] =
+        [Prefix::Eq, Prefix::Ne, Prefix::Gt, Prefix::Lt, Prefix::Ge, Prefix::Le, Prefix::Sa, Prefix::Eb, Prefix::Ap];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -293,11 +283,7 @@ pub enum SearchError {
     #[error("unknown search parameter `{name}`")]
     UnknownParameter { name: String },
     #[error("invalid value `{value}` for search parameter `{name}`: {reason}")]
-    InvalidValue {
-        name: String,
-        value: String,
-        reason: String,
-    },
+    InvalidValue { name: String, value: String, reason: String },
     #[error("search parameter `{name}` is not supported: {reason}")]
     Unsupported { name: String, reason: String },
 }

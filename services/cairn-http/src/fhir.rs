@@ -4,12 +4,12 @@
 //! result to HTTP: `Location`, `ETag`, `Last-Modified`, `Prefer: return=`, and an OperationOutcome
 //! for every error.
 
+use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use cairn_events::Actor;
 use cairn_fhir::outcome::{Issue, IssueCode, operation_outcome};
 use cairn_service::{FhirError, FhirService, RequestContext, Versioned, WriteOutcome};
@@ -78,13 +78,13 @@ fn error(status: u16, code: IssueCode, diagnostics: impl Into<String>) -> Outcom
 /// `--insecure-no-auth` lets requests through, as an anonymous actor.
 fn context(api: &FhirApi, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<RequestContext, Outcome> {
     if !api.allow_anonymous {
-        return Err(error(401, IssueCode::Security, "authentication required: this build has no token support yet; run with --insecure-no-auth for local development"));
+        return Err(error(
+            401,
+            IssueCode::Security,
+            "authentication required: this build has no token support yet; run with --insecure-no-auth for local development",
+        ));
     }
-    let request_id = headers
-        .get(crate::REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let request_id = headers.get(crate::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let actor = Actor {
         source_address: peer.map(|p| p.ip().to_string()),
         user_agent: headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned),
@@ -109,7 +109,11 @@ fn negotiate(headers: &HeaderMap, query: &str) -> Result<(), Outcome> {
             matches!(media, "*/*" | "application/*" | "application/json" | "application/fhir+json" | "")
         });
         if !ok {
-            return Err(error(406, IssueCode::NotSupported, format!("Accept: {accept}: this server answers application/fhir+json only")));
+            return Err(error(
+                406,
+                IssueCode::NotSupported,
+                format!("Accept: {accept}: this server answers application/fhir+json only"),
+            ));
         }
     }
     Ok(())
@@ -127,9 +131,9 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Outcome> {
 
 async fn body_bytes(api: &FhirApi, body: Body) -> Result<Bytes, Outcome> {
     let limit = api.service.settings().max_resource_bytes;
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        error(413, IssueCode::TooLong, format!("the request body exceeds the {limit}-byte limit"))
-    })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| error(413, IssueCode::TooLong, format!("the request body exceeds the {limit}-byte limit")))
 }
 
 fn http_date(last_updated: &str) -> Option<HeaderValue> {
@@ -137,7 +141,14 @@ fn http_date(last_updated: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(&t.with_timezone(&chrono::Utc).format("%a, %d %b %Y %H:%M:%S GMT").to_string()).ok()
 }
 
-fn resource_response(status: StatusCode, v: &Versioned, base: &str, rtype: &str, prefer: Option<&str>, location: bool) -> Response {
+fn resource_response(
+    status: StatusCode,
+    v: &Versioned,
+    base: &str,
+    rtype: &str,
+    prefer: Option<&str>,
+    location: bool,
+) -> Response {
     let mut r = match prefer {
         Some("minimal") => status.into_response(),
         Some("OperationOutcome") => {
@@ -153,10 +164,8 @@ fn resource_response(status: StatusCode, v: &Versioned, base: &str, rtype: &str,
     if let Some(lm) = http_date(&v.last_updated) {
         h.insert(header::LAST_MODIFIED, lm);
     }
-    if location {
-        if let Ok(loc) = HeaderValue::from_str(&format!("{base}/{rtype}/{}/_history/{}", v.id, v.version_id)) {
-            h.insert(header::LOCATION, loc);
-        }
+    if location && let Ok(loc) = HeaderValue::from_str(&format!("{base}/{rtype}/{}/_history/{}", v.id, v.version_id)) {
+        h.insert(header::LOCATION, loc);
     }
     r
 }
@@ -205,14 +214,22 @@ async fn create(
     let base = &api.service.settings().base_url;
     let prefer = prefer_return(&headers);
     match api.service.create(&ctx, &rtype, &body, if_none_exist).await? {
-        WriteOutcome::Created(v) => Ok(resource_response(StatusCode::CREATED, &v, base, &rtype, prefer.as_deref(), true)),
+        WriteOutcome::Created(v) => {
+            Ok(resource_response(StatusCode::CREATED, &v, base, &rtype, prefer.as_deref(), true))
+        }
         WriteOutcome::Existing(v) | WriteOutcome::Updated(v) => {
             Ok(resource_response(StatusCode::OK, &v, base, &rtype, prefer.as_deref(), true))
         }
     }
 }
 
-async fn bundle(State(api): State<FhirApi>, peer: Peer, headers: HeaderMap, RawQuery(q): RawQuery, request: Request) -> Result<Response, Outcome> {
+async fn bundle(
+    State(api): State<FhirApi>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    request: Request,
+) -> Result<Response, Outcome> {
     let ctx = context(&api, &headers, peer.0)?;
     negotiate(&headers, q.as_deref().unwrap_or(""))?;
     check_content_type(&headers)?;
@@ -240,21 +257,28 @@ async fn update(
     let base = &api.service.settings().base_url;
     let prefer = prefer_return(&headers);
     match api.service.update(&ctx, &rtype, &id, &body, if_match).await? {
-        WriteOutcome::Created(v) => Ok(resource_response(StatusCode::CREATED, &v, base, &rtype, prefer.as_deref(), true)),
+        WriteOutcome::Created(v) => {
+            Ok(resource_response(StatusCode::CREATED, &v, base, &rtype, prefer.as_deref(), true))
+        }
         WriteOutcome::Updated(v) | WriteOutcome::Existing(v) => {
             Ok(resource_response(StatusCode::OK, &v, base, &rtype, prefer.as_deref(), true))
         }
     }
 }
 
-async fn delete(State(api): State<FhirApi>, Path((rtype, id)): Path<(String, String)>, peer: Peer, headers: HeaderMap) -> Result<Response, Outcome> {
+async fn delete(
+    State(api): State<FhirApi>,
+    Path((rtype, id)): Path<(String, String)>,
+    peer: Peer,
+    headers: HeaderMap,
+) -> Result<Response, Outcome> {
     let ctx = context(&api, &headers, peer.0)?;
     let deleted = api.service.delete(&ctx, &rtype, &id).await?;
     let mut r = StatusCode::NO_CONTENT.into_response();
-    if let Some(v) = deleted {
-        if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{v}\"")) {
-            r.headers_mut().insert(header::ETAG, etag);
-        }
+    if let Some(v) = deleted
+        && let Ok(etag) = HeaderValue::from_str(&format!("W/\"{v}\""))
+    {
+        r.headers_mut().insert(header::ETAG, etag);
     }
     Ok(r)
 }
@@ -319,11 +343,23 @@ async fn history_type(
     history(api, Some(rtype), None, peer, headers, q).await
 }
 
-async fn history_system(State(api): State<FhirApi>, peer: Peer, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, Outcome> {
+async fn history_system(
+    State(api): State<FhirApi>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Outcome> {
     history(api, None, None, peer, headers, q).await
 }
 
-async fn history(api: FhirApi, rtype: Option<String>, id: Option<String>, peer: Peer, headers: HeaderMap, q: Option<String>) -> Result<Response, Outcome> {
+async fn history(
+    api: FhirApi,
+    rtype: Option<String>,
+    id: Option<String>,
+    peer: Peer,
+    headers: HeaderMap,
+    q: Option<String>,
+) -> Result<Response, Outcome> {
     let ctx = context(&api, &headers, peer.0)?;
     let q = q.unwrap_or_default();
     negotiate(&headers, &q)?;
@@ -332,7 +368,11 @@ async fn history(api: FhirApi, rtype: Option<String>, id: Option<String>, peer: 
 }
 
 async fn unknown_route(request: Request) -> Outcome {
-    error(404, IssueCode::NotSupported, format!("{} {} is not a FHIR interaction this server supports", request.method(), request.uri().path()))
+    error(
+        404,
+        IssueCode::NotSupported,
+        format!("{} {} is not a FHIR interaction this server supports", request.method(), request.uri().path()),
+    )
 }
 
 async fn method_not_allowed(request: Request) -> Outcome {

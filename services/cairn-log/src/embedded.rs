@@ -25,9 +25,7 @@
 use crate::chain::{self, Hash};
 use crate::frame::{FrameWriter, MAX_BODY, RecordRef};
 use crate::segment::{self, ScanEnd};
-use crate::{
-    EventLog, LogError, NewRecord, Position, Record, Result, TopicInfo, partition_for_key, validate_name,
-};
+use crate::{EventLog, LogError, NewRecord, Position, Record, Result, TopicInfo, partition_for_key, validate_name};
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 use std::collections::{BTreeMap, HashMap};
@@ -248,13 +246,7 @@ impl EmbeddedLog {
             (Some(tx), Some(handle))
         };
 
-        Ok(EmbeddedLog {
-            shared,
-            sender: Mutex::new(sender),
-            writer: Mutex::new(writer),
-            report,
-            _lock: lock,
-        })
+        Ok(EmbeddedLog { shared, sender: Mutex::new(sender), writer: Mutex::new(writer), report, _lock: lock })
     }
 
     /// What the open-time scan found (records, segments, a torn tail cut off).
@@ -554,10 +546,8 @@ impl WriterState {
             let mut spots = Vec::with_capacity(request.records.len());
             for (record, partition) in &request.records {
                 let key = (record.topic.clone(), *partition);
-                let head = self
-                    .heads
-                    .entry(key.clone())
-                    .or_insert_with(|| (0, chain::genesis(&record.topic, *partition)));
+                let head =
+                    self.heads.entry(key.clone()).or_insert_with(|| (0, chain::genesis(&record.topic, *partition)));
                 touched.entry(key.clone()).or_insert(*head);
                 let (offset, prev_hash) = *head;
                 let hash = chain::link(&prev_hash, &record.value);
@@ -690,10 +680,9 @@ fn prepare_dir(dir: &Path) -> Result<()> {
 fn check_format(dir: &Path) -> Result<()> {
     let path = dir.join("FORMAT");
     let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => LogError::DataDir {
-            path: dir.to_owned(),
-            problem: "not a Cairn event log (no FORMAT file)".into(),
-        },
+        std::io::ErrorKind::NotFound => {
+            LogError::DataDir { path: dir.to_owned(), problem: "not a Cairn event log (no FORMAT file)".into() }
+        }
         _ => LogError::io(&path, e),
     })?;
     if text != FORMAT_LINE {

@@ -158,9 +158,21 @@ pub trait EventLog: Send + Sync + 'static {
 /// Registers the log's metrics with the installed recorder, so they are exported (at zero) before
 /// the first append.
 pub fn describe_metrics() {
-    metrics::describe_histogram!("cairn_log_append_seconds", metrics::Unit::Seconds, "Append latency, request to durable acknowledgement");
-    metrics::describe_histogram!("cairn_log_fsync_seconds", metrics::Unit::Seconds, "Duration of one group commit (write and fdatasync)");
-    metrics::describe_histogram!("cairn_log_fsync_batch_records", metrics::Unit::Count, "Records made durable by one fdatasync");
+    metrics::describe_histogram!(
+        "cairn_log_append_seconds",
+        metrics::Unit::Seconds,
+        "Append latency, request to durable acknowledgement"
+    );
+    metrics::describe_histogram!(
+        "cairn_log_fsync_seconds",
+        metrics::Unit::Seconds,
+        "Duration of one group commit (write and fdatasync)"
+    );
+    metrics::describe_histogram!(
+        "cairn_log_fsync_batch_records",
+        metrics::Unit::Count,
+        "Records made durable by one fdatasync"
+    );
     metrics::describe_counter!("cairn_log_appended_records_total", metrics::Unit::Count, "Records appended");
     let _ = metrics::histogram!("cairn_log_append_seconds");
     let _ = metrics::histogram!("cairn_log_fsync_seconds");

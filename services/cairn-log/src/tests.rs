@@ -104,7 +104,8 @@ fn a_batch_spans_partitions_and_keeps_input_order() {
     rt().block_on(async {
         log.create_topic("a", 3).await.unwrap();
         log.create_topic("b", 1).await.unwrap();
-        let batch: Vec<NewRecord> = (0..30).map(|i| rec(if i % 2 == 0 { "a" } else { "b" }, &format!("k{i}"), &format!("v{i}"))).collect();
+        let batch: Vec<NewRecord> =
+            (0..30).map(|i| rec(if i % 2 == 0 { "a" } else { "b" }, &format!("k{i}"), &format!("v{i}"))).collect();
         let positions = log.append_batch(batch.clone()).await.unwrap();
         assert_eq!(positions.len(), 30);
         for (r, pos) in batch.iter().zip(&positions) {
@@ -174,7 +175,9 @@ fn concurrent_appenders_get_dense_unique_offsets() {
                 let mut got = Vec::new();
                 for i in 0..50 {
                     let r = if i % 10 == 0 {
-                        log.append_batch(vec![rec("t", &format!("k{task}"), "x"), rec("t", &format!("j{i}"), "y")]).await.unwrap()
+                        log.append_batch(vec![rec("t", &format!("k{task}"), "x"), rec("t", &format!("j{i}"), "y")])
+                            .await
+                            .unwrap()
                     } else {
                         vec![log.append(rec("t", &format!("k{task}-{i}"), &format!("{task}-{i}"))).await.unwrap()]
                     };
@@ -250,7 +253,10 @@ fn a_second_writer_is_refused() {
     let err = EmbeddedLog::open(tmp.path(), EmbeddedOptions::default()).err().expect("second open refused");
     let text = err.to_string();
     assert!(matches!(err, LogError::Locked { .. }), "{text}");
-    assert!(text.contains(&tmp.path().display().to_string()) && text.contains(&std::process::id().to_string()), "{text}");
+    assert!(
+        text.contains(&tmp.path().display().to_string()) && text.contains(&std::process::id().to_string()),
+        "{text}"
+    );
     // Read-only inspection is still allowed beside the writer.
     EmbeddedLog::open(tmp.path(), EmbeddedOptions { read_only: true, ..Default::default() }).unwrap();
 }
@@ -451,7 +457,10 @@ fn crash_child() {
                     let value = format!("{task}:{i}:{}", "x".repeat(200 + (i as usize % 800)));
                     let digest = hex::encode(chain::link(&[0; 32], value.as_bytes()));
                     let records = if i % 5 == 0 {
-                        vec![NewRecord::new("crash", format!("b{task}-{i}"), value.clone()), NewRecord::new("crash", format!("c{i}"), value)]
+                        vec![
+                            NewRecord::new("crash", format!("b{task}-{i}"), value.clone()),
+                            NewRecord::new("crash", format!("c{i}"), value),
+                        ]
                     } else {
                         vec![NewRecord::new("crash", format!("k{task}-{i}"), value)]
                     };
@@ -530,7 +539,11 @@ fn acknowledged_appends_survive_sigkill() {
                     assert_eq!(*ap, p);
                     assert!(present.contains(offset), "round {round}: acknowledged {p}/{offset} lost (seed {seed})");
                     let r = &records[*offset as usize];
-                    assert_eq!(&hex::encode(chain::link(&[0; 32], &r.value)), digest, "round {round}: {p}/{offset} altered");
+                    assert_eq!(
+                        &hex::encode(chain::link(&[0; 32], &r.value)),
+                        digest,
+                        "round {round}: {p}/{offset} altered"
+                    );
                 }
             }
         });

@@ -30,9 +30,8 @@ pub struct Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (&self.topic, self.partition, self.offset) {
-            (Some(t), Some(p), Some(o)) => write!(f, "topic {t} partition {p} offset {o}: ")?,
-            _ => {}
+        if let (Some(t), Some(p), Some(o)) = (&self.topic, self.partition, self.offset) {
+            write!(f, "topic {t} partition {p} offset {o}: ")?
         }
         write!(f, "{} ({} byte {})", self.what, self.file.display(), self.position)
     }
@@ -63,7 +62,10 @@ impl VerifyReport {
 pub fn verify_embedded(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport, LogError> {
     let format = dir.join("FORMAT");
     if !format.exists() {
-        return Err(LogError::DataDir { path: dir.to_owned(), problem: "not a Cairn event log (no FORMAT file)".into() });
+        return Err(LogError::DataDir {
+            path: dir.to_owned(),
+            problem: "not a Cairn event log (no FORMAT file)".into(),
+        });
     }
     let topics: BTreeMap<String, u32> = match std::fs::read(dir.join("topics.json")) {
         Ok(b) => serde_json::from_slice(&b).map_err(|e| LogError::DataDir {
@@ -78,7 +80,8 @@ pub fn verify_embedded(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result
     let paths = match segment::list_segments(&seg_dir) {
         Ok(p) => p,
         Err(LogError::Corrupt { path, position, detail }) => {
-            report.problem = Some(Problem { topic: None, partition: None, offset: None, file: path, position, what: detail });
+            report.problem =
+                Some(Problem { topic: None, partition: None, offset: None, file: path, position, what: detail });
             return Ok(report);
         }
         Err(LogError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -120,12 +123,16 @@ pub fn verify_embedded(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result
                     return Err(LogError::Closed);
                 }
                 if r.prev_hash != head.1 {
-                    found = Some(problem("prev_hash does not match the previous record's hash (record removed, reordered or altered)".into()));
+                    found = Some(problem(
+                        "prev_hash does not match the previous record's hash (record removed, reordered or altered)"
+                            .into(),
+                    ));
                     return Err(LogError::Closed);
                 }
                 let recomputed = chain::link(&r.prev_hash, r.value);
                 if recomputed != r.hash {
-                    found = Some(problem("hash does not match SHA-256(prev_hash || value): the record was altered".into()));
+                    found =
+                        Some(problem("hash does not match SHA-256(prev_hash || value): the record was altered".into()));
                     return Err(LogError::Closed);
                 }
                 *head = (r.offset + 1, r.hash);
@@ -140,7 +147,8 @@ pub fn verify_embedded(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result
                 report.torn_tail = Some(format!("{}: {len} bytes at {position} ({reason})", path.display()));
             }
             Err(LogError::Corrupt { path, position, detail }) => {
-                report.problem = Some(Problem { topic: None, partition: None, offset: None, file: path, position, what: detail });
+                report.problem =
+                    Some(Problem { topic: None, partition: None, offset: None, file: path, position, what: detail });
                 return Ok(report);
             }
             Err(LogError::Closed) => {

@@ -53,15 +53,24 @@ pub struct ResourceProjector {
 const BATCH_RECORDS: usize = 2048;
 
 impl ResourceProjector {
-    pub fn new(log: Arc<dyn EventLog>, store: Arc<dyn ResourceStore>, topic: &str) -> cairn_log::Result<(Self, Progress)> {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        store: Arc<dyn ResourceStore>,
+        topic: &str,
+    ) -> cairn_log::Result<(Self, Progress)> {
         let partitions = log.partitions(topic)?;
         let mut start = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {
             start.push(store.checkpoint(topic, p).ok().flatten().unwrap_or(0));
         }
         let (tx, rx) = watch::channel(start);
-        let projector =
-            ResourceProjector { log, store, topic: topic.to_owned(), progress: tx, durable_every: Duration::from_secs(1) };
+        let projector = ResourceProjector {
+            log,
+            store,
+            topic: topic.to_owned(),
+            progress: tx,
+            durable_every: Duration::from_secs(1),
+        };
         Ok((projector, Progress { rx }))
     }
 
@@ -118,7 +127,9 @@ impl ResourceProjector {
                 Ok(event) => versions.extend(resources::project(event)),
                 // A record this build cannot read is skipped loudly, never silently: the checkpoint
                 // still advances so one bad record cannot stall every reader.
-                Err(e) => tracing::error!(topic = %r.topic, partition = r.partition, offset = r.offset, error = %e, "unreadable event skipped by the resource projector"),
+                Err(e) => {
+                    tracing::error!(topic = %r.topic, partition = r.partition, offset = r.offset, error = %e, "unreadable event skipped by the resource projector")
+                }
             }
             let slot = &mut next[r.partition as usize];
             *slot = (*slot).max(r.offset + 1);

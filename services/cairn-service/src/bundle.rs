@@ -1,9 +1,9 @@
 //! Response Bundles: searchset and history.
 
 use crate::{FhirError, FhirResult};
+use cairn_events::VersionedRef;
 use cairn_fhir::outcome::{Issue, IssueCode, operation_outcome};
 use cairn_fhir::search::{self, SearchQuery};
-use cairn_events::VersionedRef;
 use cairn_store::ResourceVersion;
 use serde_json::{Value, json};
 
@@ -27,7 +27,11 @@ pub fn sort_keys(query: &SearchQuery) -> Vec<(String, bool)> {
 }
 
 pub fn hit(v: &ResourceVersion, r: &Value, keys: &[(String, bool)]) -> Hit {
-    Hit { keys: keys.iter().map(|(p, _)| search::sort_value(r, p)).collect(), id: v.id.clone(), version_id: v.version_id }
+    Hit {
+        keys: keys.iter().map(|(p, _)| search::sort_value(r, p)).collect(),
+        id: v.id.clone(),
+        version_id: v.version_id,
+    }
 }
 
 /// Sorts the hits and returns the page's `[start, end)` and the total.
@@ -93,8 +97,12 @@ pub fn searchset(
         })
         .collect();
     if !ignored.is_empty() {
-        let issue = Issue { severity: cairn_fhir::outcome::Severity::Warning, code: IssueCode::NotSupported,
-            diagnostics: format!("ignored unknown search parameters: {}", ignored.join(", ")), expression: None };
+        let issue = Issue {
+            severity: cairn_fhir::outcome::Severity::Warning,
+            code: IssueCode::NotSupported,
+            diagnostics: format!("ignored unknown search parameters: {}", ignored.join(", ")),
+            expression: None,
+        };
         entries.push(json!({"resource": operation_outcome(&[issue]), "search": {"mode": "outcome"}}));
     }
     bundle["entry"] = Value::Array(entries);
@@ -115,7 +123,11 @@ fn link(base: &str, resource_type: &str, raw_query: &str, offset: Option<usize>)
         offset_part = format!("_offset={o}");
         parts.push(&offset_part);
     }
-    if parts.is_empty() { format!("{base}/{resource_type}") } else { format!("{base}/{resource_type}?{}", parts.join("&")) }
+    if parts.is_empty() {
+        format!("{base}/{resource_type}")
+    } else {
+        format!("{base}/{resource_type}?{}", parts.join("&"))
+    }
 }
 
 /// `_elements`: the listed top-level elements plus the mandatory ones, tagged SUBSETTED.
@@ -163,7 +175,13 @@ impl HistoryParams {
                     p.count = n.min(1000);
                 }
                 "_format" => {}
-                _ => return Err(FhirError::new(400, IssueCode::NotSupported, format!("history does not support `{name}`"))),
+                _ => {
+                    return Err(FhirError::new(
+                        400,
+                        IssueCode::NotSupported,
+                        format!("history does not support `{name}`"),
+                    ));
+                }
             }
         }
         Ok(p)

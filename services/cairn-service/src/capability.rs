@@ -7,10 +7,8 @@ use cairn_fhir::search;
 use serde_json::{Value, json};
 
 fn resource(resource_type: &str) -> Value {
-    let params: Vec<Value> = search::search_params(resource_type)
-        .iter()
-        .map(|p| json!({"name": p.name, "type": p.kind.as_str()}))
-        .collect();
+    let params: Vec<Value> =
+        search::search_params(resource_type).iter().map(|p| json!({"name": p.name, "type": p.kind.as_str()})).collect();
     json!({
         "type": resource_type,
         "interaction": [

@@ -12,7 +12,9 @@ mod transaction;
 
 pub use capability::capability_statement;
 
-use cairn_events::{AccessRead, AccessSearch, Actor, Event, ResourceDeleted, ResourceWritten, Timestamp, VersionedRef, topics};
+use cairn_events::{
+    AccessRead, AccessSearch, Actor, Event, ResourceDeleted, ResourceWritten, Timestamp, VersionedRef, topics,
+};
 use cairn_fhir::outcome::{Issue, IssueCode};
 use cairn_fhir::{index, resource, search};
 use cairn_log::{EventLog, NewRecord};
@@ -107,7 +109,13 @@ pub struct FhirService {
 
 impl FhirService {
     pub fn new(log: Arc<dyn EventLog>, store: Arc<dyn ResourceStore>, progress: Progress, settings: Settings) -> Self {
-        FhirService { log, store, progress, settings, locks: (0..LOCK_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect() }
+        FhirService {
+            log,
+            store,
+            progress,
+            settings,
+            locks: (0..LOCK_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -130,7 +138,11 @@ impl FhirService {
         if resource::is_supported_type(resource_type) {
             Ok(())
         } else {
-            Err(FhirError::new(404, IssueCode::NotSupported, format!("resource type `{resource_type}` is not supported by this server")))
+            Err(FhirError::new(
+                404,
+                IssueCode::NotSupported,
+                format!("resource type `{resource_type}` is not supported by this server"),
+            ))
         }
     }
 
@@ -184,10 +196,20 @@ impl FhirService {
         Ok(())
     }
 
-    fn written_event(ctx: &RequestContext, resource_type: &str, id: &str, version_id: u64, resource: &Value, created: bool) -> Event {
+    fn written_event(
+        ctx: &RequestContext,
+        resource_type: &str,
+        id: &str,
+        version_id: u64,
+        resource: &Value,
+        created: bool,
+    ) -> Event {
         let written = ResourceWritten::new(resource_type, id, version_id, resource);
-        let payload =
-            if created { cairn_events::Payload::ResourceCreated(written) } else { cairn_events::Payload::ResourceUpdated(written) };
+        let payload = if created {
+            cairn_events::Payload::ResourceCreated(written)
+        } else {
+            cairn_events::Payload::ResourceUpdated(written)
+        };
         let mut e = Event::new(payload).with_actor(ctx.actor.clone()).with_request_id(ctx.request_id.clone());
         if let Some(p) = index::patient_of(resource_type, id, resource) {
             e = e.with_patient(p);
@@ -196,14 +218,19 @@ impl FhirService {
     }
 
     /// create, and conditional create when `if_none_exist` holds a search query.
-    pub async fn create(&self, ctx: &RequestContext, resource_type: &str, body: &[u8], if_none_exist: Option<&str>) -> FhirResult<WriteOutcome> {
+    pub async fn create(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &str,
+        body: &[u8],
+        if_none_exist: Option<&str>,
+    ) -> FhirResult<WriteOutcome> {
         Self::check_type(resource_type)?;
         let mut resource = self.parse_body(resource_type, body)?;
         let _guard;
         if let Some(query) = if_none_exist {
-            let (parsed, _) = search::parse_query(resource_type, query, false).map_err(|e| {
-                FhirError::new(400, IssueCode::Invalid, format!("If-None-Exist: {e}"))
-            })?;
+            let (parsed, _) = search::parse_query(resource_type, query, false)
+                .map_err(|e| FhirError::new(400, IssueCode::Invalid, format!("If-None-Exist: {e}")))?;
             // Identical conditional creates queue on one lock and see each other's result.
             _guard = self.lock_for(&format!("{resource_type}?{query}")).lock().await;
             self.caught_up(None).await?;
@@ -229,7 +256,11 @@ impl FhirService {
                     return Ok(WriteOutcome::Existing(existing.into()));
                 }
                 _ => {
-                    return Err(FhirError::new(412, IssueCode::Duplicate, "If-None-Exist matches more than one resource"));
+                    return Err(FhirError::new(
+                        412,
+                        IssueCode::Duplicate,
+                        "If-None-Exist matches more than one resource",
+                    ));
                 }
             }
         }
@@ -241,19 +272,38 @@ impl FhirService {
     }
 
     /// update (and create-on-update with a client id). `if_match` is the ETag the client sent.
-    pub async fn update(&self, ctx: &RequestContext, resource_type: &str, id: &str, body: &[u8], if_match: Option<&str>) -> FhirResult<WriteOutcome> {
+    pub async fn update(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &str,
+        id: &str,
+        body: &[u8],
+        if_match: Option<&str>,
+    ) -> FhirResult<WriteOutcome> {
         Self::check_type(resource_type)?;
         Self::check_id(id)?;
         let mut resource = self.parse_body(resource_type, body)?;
         match resource.get("id").and_then(Value::as_str) {
             Some(body_id) if body_id == id => {}
             Some(body_id) => {
-                return Err(FhirError::new(400, IssueCode::Invalid, format!("the body's id `{body_id}` does not match the URL's `{id}`")));
+                return Err(FhirError::new(
+                    400,
+                    IssueCode::Invalid,
+                    format!("the body's id `{body_id}` does not match the URL's `{id}`"),
+                ));
             }
-            None => return Err(FhirError::new(400, IssueCode::Required, "an update must carry the resource id in the body")),
+            None => {
+                return Err(FhirError::new(
+                    400,
+                    IssueCode::Required,
+                    "an update must carry the resource id in the body",
+                ));
+            }
         }
         let expected = match if_match {
-            Some(tag) => Some(parse_etag(tag).ok_or_else(|| FhirError::new(400, IssueCode::Invalid, format!("If-Match `{tag}` is not an ETag like W/\"3\"")))?),
+            Some(tag) => Some(parse_etag(tag).ok_or_else(|| {
+                FhirError::new(400, IssueCode::Invalid, format!("If-Match `{tag}` is not an ETag like W/\"3\""))
+            })?),
             None => None,
         };
         let key = format!("{resource_type}/{id}");
@@ -261,14 +311,17 @@ impl FhirService {
         self.caught_up(Some(&key)).await?;
         let current = self.store.current(resource_type, id).map_err(|e| FhirError::unavailable(e.to_string()))?;
         let current_version = current.as_ref().map(|c| c.version_id);
-        if let Some(expected) = expected {
-            if current_version != Some(expected) {
-                return Err(FhirError::new(
-                    412,
-                    IssueCode::Conflict,
-                    format!("If-Match W/\"{expected}\" but the current version is {}", current_version.map_or("none".into(), |v| v.to_string())),
-                ));
-            }
+        if let Some(expected) = expected
+            && current_version != Some(expected)
+        {
+            return Err(FhirError::new(
+                412,
+                IssueCode::Conflict,
+                format!(
+                    "If-Match W/\"{expected}\" but the current version is {}",
+                    current_version.map_or("none".into(), |v| v.to_string())
+                ),
+            ));
         }
         let version_id = current_version.unwrap_or(0) + 1;
         let created = current.as_ref().is_none_or(|c| c.deleted);
@@ -290,9 +343,10 @@ impl FhirService {
         let current = self.store.current(resource_type, id).map_err(|e| FhirError::unavailable(e.to_string()))?;
         let Some(current) = current.filter(|c| !c.deleted) else { return Ok(None) };
         let version_id = current.version_id + 1;
-        let mut e = Event::new(ResourceDeleted { resource_type: resource_type.to_owned(), id: id.to_owned(), version_id })
-            .with_actor(ctx.actor.clone())
-            .with_request_id(ctx.request_id.clone());
+        let mut e =
+            Event::new(ResourceDeleted { resource_type: resource_type.to_owned(), id: id.to_owned(), version_id })
+                .with_actor(ctx.actor.clone())
+                .with_request_id(ctx.request_id.clone());
         if let Some(p) = current.patient {
             e = e.with_patient(p);
         }
@@ -307,7 +361,13 @@ impl FhirService {
     }
 
     /// vread. Audited like read.
-    pub async fn vread(&self, ctx: &RequestContext, resource_type: &str, id: &str, version: &str) -> FhirResult<Versioned> {
+    pub async fn vread(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &str,
+        id: &str,
+        version: &str,
+    ) -> FhirResult<Versioned> {
         let result = match version.parse::<u64>() {
             Ok(v) => self.read_unaudited(resource_type, id, Some(v)).await,
             Err(_) => Err(FhirError::new(400, IssueCode::Value, format!("`{version}` is not a version number"))),
@@ -315,7 +375,12 @@ impl FhirService {
         self.audit_read(ctx, "vread", resource_type, id, result).await
     }
 
-    async fn read_unaudited(&self, resource_type: &str, id: &str, version_id: Option<u64>) -> FhirResult<ResourceVersion> {
+    async fn read_unaudited(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version_id: Option<u64>,
+    ) -> FhirResult<ResourceVersion> {
         Self::check_type(resource_type)?;
         Self::check_id(id)?;
         self.caught_up(Some(&format!("{resource_type}/{id}"))).await?;
@@ -325,14 +390,22 @@ impl FhirService {
         }
         .map_err(|e| FhirError::unavailable(e.to_string()))?;
         match (found, version_id) {
-            (None, None) => Err(FhirError::new(404, IssueCode::NotFound, format!("{resource_type}/{id} does not exist"))),
-            (None, Some(v)) => Err(FhirError::new(404, IssueCode::NotFound, format!("{resource_type}/{id} has no version {v}"))),
-            (Some(v), None) if v.deleted => {
-                Err(FhirError::new(410, IssueCode::Deleted, format!("{resource_type}/{id} was deleted (version {})", v.version_id)))
+            (None, None) => {
+                Err(FhirError::new(404, IssueCode::NotFound, format!("{resource_type}/{id} does not exist")))
             }
-            (Some(v), Some(n)) if v.deleted => {
-                Err(FhirError::new(410, IssueCode::Deleted, format!("version {n} of {resource_type}/{id} is a deletion")))
+            (None, Some(v)) => {
+                Err(FhirError::new(404, IssueCode::NotFound, format!("{resource_type}/{id} has no version {v}")))
             }
+            (Some(v), None) if v.deleted => Err(FhirError::new(
+                410,
+                IssueCode::Deleted,
+                format!("{resource_type}/{id} was deleted (version {})", v.version_id),
+            )),
+            (Some(v), Some(n)) if v.deleted => Err(FhirError::new(
+                410,
+                IssueCode::Deleted,
+                format!("version {n} of {resource_type}/{id} is a deletion"),
+            )),
             (Some(v), _) => Ok(v),
         }
     }
@@ -351,12 +424,23 @@ impl FhirService {
             Ok(v) => (200, vec![bundle::version_ref(v)], v.patient.clone()),
             Err(e) => (e.status, Vec::new(), None),
         };
-        let payload = AccessRead { interaction: interaction.to_owned(), resource_type: resource_type.to_owned(), id: id.to_owned(), status, returned };
+        let payload = AccessRead {
+            interaction: interaction.to_owned(),
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            status,
+            returned,
+        };
         self.append_access(ctx, payload.into(), patient).await?;
         result.map(Versioned::from)
     }
 
-    async fn append_access(&self, ctx: &RequestContext, payload: cairn_events::Payload, patient: Option<String>) -> FhirResult<()> {
+    async fn append_access(
+        &self,
+        ctx: &RequestContext,
+        payload: cairn_events::Payload,
+        patient: Option<String>,
+    ) -> FhirResult<()> {
         let mut e = Event::new(payload).with_actor(ctx.actor.clone()).with_request_id(ctx.request_id.clone());
         if let Some(p) = patient {
             e = e.with_patient(p);
@@ -367,7 +451,12 @@ impl FhirService {
     /// Current resources matching `query`, via the patient index when the query names one patient.
     /// With one patient and a bounded `date`, only that patient's readings in the time window are
     /// read (the `by_patient_date` index); every candidate is still matched exactly.
-    fn scan(&self, resource_type: &str, query: &search::SearchQuery, visit: &mut dyn FnMut(ResourceVersion, &Value) -> bool) -> FhirResult<()> {
+    fn scan(
+        &self,
+        resource_type: &str,
+        query: &search::SearchQuery,
+        visit: &mut dyn FnMut(ResourceVersion, &Value) -> bool,
+    ) -> FhirResult<()> {
         let patient = single_patient(resource_type, query);
         let mut filter = |v: ResourceVersion| match v.resource_value() {
             Some(r) if search::matches(&r, query) => visit(v, &r),
@@ -384,7 +473,13 @@ impl FhirService {
 
     /// Type-level search; returns a searchset Bundle. Audited: the `fhir.access.search` event, naming
     /// every resource version on the page, is durable before the Bundle is returned.
-    pub async fn search(&self, ctx: &RequestContext, resource_type: &str, raw_query: &str, lenient: bool) -> FhirResult<Value> {
+    pub async fn search(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &str,
+        raw_query: &str,
+        lenient: bool,
+    ) -> FhirResult<Value> {
         let mut patient = None;
         let result = self.search_unaudited(resource_type, raw_query, lenient, &mut patient).await;
         let (status, returned, total) = match &result {
@@ -418,7 +513,16 @@ impl FhirService {
         if query.summary_count && query.params.is_empty() {
             // A plain count needs no resource read.
             let total = self.store.count_current(resource_type).map_err(|e| FhirError::unavailable(e.to_string()))?;
-            return Ok(bundle::searchset(&self.settings.base_url, resource_type, raw_query, &query, total as usize, 0, Vec::new(), &ignored));
+            return Ok(bundle::searchset(
+                &self.settings.base_url,
+                resource_type,
+                raw_query,
+                &query,
+                total as usize,
+                0,
+                Vec::new(),
+                &ignored,
+            ));
         }
         let keys = bundle::sort_keys(&query);
         let mut hits = Vec::new();
@@ -430,15 +534,34 @@ impl FhirService {
         let mut page = Vec::with_capacity(end - start);
         for h in &hits[start..end] {
             // The version that matched; it is immutable, so it is still there.
-            if let Some(v) = self.store.version(resource_type, &h.id, h.version_id).map_err(|e| FhirError::unavailable(e.to_string()))? {
+            if let Some(v) = self
+                .store
+                .version(resource_type, &h.id, h.version_id)
+                .map_err(|e| FhirError::unavailable(e.to_string()))?
+            {
                 page.push(v);
             }
         }
-        Ok(bundle::searchset(&self.settings.base_url, resource_type, raw_query, &query, hits.len(), start, page, &ignored))
+        Ok(bundle::searchset(
+            &self.settings.base_url,
+            resource_type,
+            raw_query,
+            &query,
+            hits.len(),
+            start,
+            page,
+            &ignored,
+        ))
     }
 
     /// Instance, type or system history (`resource_type`/`id` narrow it). Audited like search.
-    pub async fn history(&self, ctx: &RequestContext, resource_type: Option<&str>, id: Option<&str>, raw_query: &str) -> FhirResult<Value> {
+    pub async fn history(
+        &self,
+        ctx: &RequestContext,
+        resource_type: Option<&str>,
+        id: Option<&str>,
+        raw_query: &str,
+    ) -> FhirResult<Value> {
         let result = self.history_unaudited(resource_type, id, raw_query).await;
         let (status, returned) = match &result {
             Ok((_, versions)) => (200, versions.iter().map(bundle::version_ref).collect()),
@@ -449,9 +572,14 @@ impl FhirService {
             _ => None,
         };
         let payload: cairn_events::Payload = match (resource_type, id) {
-            (Some(t), Some(id)) => {
-                AccessRead { interaction: "history-instance".into(), resource_type: t.to_owned(), id: id.to_owned(), status, returned }.into()
+            (Some(t), Some(id)) => AccessRead {
+                interaction: "history-instance".into(),
+                resource_type: t.to_owned(),
+                id: id.to_owned(),
+                status,
+                returned,
             }
+            .into(),
             (t, _) => AccessSearch {
                 interaction: if t.is_some() { "history-type".into() } else { "history-system".into() },
                 resource_type: t.map(str::to_owned),
@@ -466,7 +594,12 @@ impl FhirService {
         result.map(|(bundle, _)| bundle)
     }
 
-    async fn history_unaudited(&self, resource_type: Option<&str>, id: Option<&str>, raw_query: &str) -> FhirResult<(Value, Vec<ResourceVersion>)> {
+    async fn history_unaudited(
+        &self,
+        resource_type: Option<&str>,
+        id: Option<&str>,
+        raw_query: &str,
+    ) -> FhirResult<(Value, Vec<ResourceVersion>)> {
         if let Some(t) = resource_type {
             Self::check_type(t)?;
         }
@@ -483,12 +616,18 @@ impl FhirService {
                     Some(at) => bundle::current_during(all, at),
                     None => all,
                 };
-                during.into_iter().filter(|v| params.since_ms.is_none_or(|s| v.last_updated_ms >= s)).take(params.count).collect()
+                during
+                    .into_iter()
+                    .filter(|v| params.since_ms.is_none_or(|s| v.last_updated_ms >= s))
+                    .take(params.count)
+                    .collect()
             }
             _ => {
                 self.caught_up(None).await?;
                 let (from, to) = params.window();
-                self.store.changes(resource_type, from, to, params.count).map_err(|e| FhirError::unavailable(e.to_string()))?
+                self.store
+                    .changes(resource_type, from, to, params.count)
+                    .map_err(|e| FhirError::unavailable(e.to_string()))?
             }
         };
         let versions: Vec<ResourceVersion> = versions;

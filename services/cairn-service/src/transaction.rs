@@ -61,7 +61,8 @@ impl FhirError {
 
 fn parse_entries(bundle: &Value) -> FhirResult<Vec<Entry>> {
     let Some(entries) = bundle.get("entry") else { return Ok(Vec::new()) };
-    let entries = entries.as_array().ok_or_else(|| FhirError::new(400, IssueCode::Structure, "Bundle.entry must be an array"))?;
+    let entries =
+        entries.as_array().ok_or_else(|| FhirError::new(400, IssueCode::Structure, "Bundle.entry must be an array"))?;
     let mut out = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let request = e.get("request").ok_or_else(|| entry_error(i, "request is required"))?;
@@ -167,7 +168,11 @@ impl FhirService {
     /// POST of a Bundle to the base: `batch` or `transaction`.
     pub async fn bundle(&self, ctx: &RequestContext, body: &[u8]) -> FhirResult<Value> {
         if body.len() > self.settings.max_bundle_bytes {
-            return Err(FhirError::new(413, IssueCode::TooLong, format!("the Bundle exceeds the {}-byte limit", self.settings.max_bundle_bytes)));
+            return Err(FhirError::new(
+                413,
+                IssueCode::TooLong,
+                format!("the Bundle exceeds the {}-byte limit", self.settings.max_bundle_bytes),
+            ));
         }
         let bundle = resource::parse_json(body).map_err(FhirError::invalid)?;
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
@@ -177,7 +182,11 @@ impl FhirService {
         match bundle.get("type").and_then(Value::as_str) {
             Some("transaction") => self.transaction(ctx, entries).await,
             Some("batch") => self.batch(ctx, entries).await,
-            other => Err(FhirError::new(400, IssueCode::Invalid, format!("Bundle.type {other:?}: only batch and transaction are processed"))),
+            other => Err(FhirError::new(
+                400,
+                IssueCode::Invalid,
+                format!("Bundle.type {other:?}: only batch and transaction are processed"),
+            )),
         }
     }
 
@@ -215,7 +224,8 @@ impl FhirService {
             let (id, existing) = match (&e.method, id, query) {
                 (Method::Post, None, None) => match &e.if_none_exist {
                     Some(q) => {
-                        let (parsed, _) = search::parse_query(&t, q, false).map_err(|err| entry_error(i, format!("ifNoneExist: {err}")))?;
+                        let (parsed, _) = search::parse_query(&t, q, false)
+                            .map_err(|err| entry_error(i, format!("ifNoneExist: {err}")))?;
                         let mut found = Vec::new();
                         self.scan(&t, &parsed, &mut |v, _| {
                             found.push(v);
@@ -224,7 +234,13 @@ impl FhirService {
                         match found.len() {
                             0 => (new_resource_id(), None),
                             1 => (found[0].id.clone(), Some(found[0].version_id)),
-                            _ => return Err(FhirError::new(412, IssueCode::Duplicate, format!("Bundle.entry[{i}]: ifNoneExist matches several resources"))),
+                            _ => {
+                                return Err(FhirError::new(
+                                    412,
+                                    IssueCode::Duplicate,
+                                    format!("Bundle.entry[{i}]: ifNoneExist matches several resources"),
+                                ));
+                            }
                         }
                     }
                     None => (new_resource_id(), None),
@@ -233,13 +249,18 @@ impl FhirService {
                     Self::check_id(&id).map_err(|err| err.at_entry(i))?;
                     (id, None)
                 }
-                (Method::Get, _, _) => return Err(entry_error(i, "GET entries are not allowed in a transaction by this server; use a batch")),
+                (Method::Get, _, _) => {
+                    return Err(entry_error(
+                        i,
+                        "GET entries are not allowed in a transaction by this server; use a batch",
+                    ));
+                }
                 _ => return Err(entry_error(i, format!("request.url `{}` does not fit the method", e.url))),
             };
-            if let Some(full) = &e.full_url {
-                if full.starts_with("urn:uuid:") {
-                    mapping.insert(full.clone(), format!("{t}/{id}"));
-                }
+            if let Some(full) = &e.full_url
+                && full.starts_with("urn:uuid:")
+            {
+                mapping.insert(full.clone(), format!("{t}/{id}"));
             }
             plans.push((i, t, id, existing));
         }
@@ -253,8 +274,9 @@ impl FhirService {
         }
         for reference in conditional {
             let (t, _, q) = split_url(&reference);
-            let (parsed, _) = search::parse_query(&t, q.as_deref().unwrap_or(""), false)
-                .map_err(|err| FhirError::new(400, IssueCode::Invalid, format!("conditional reference {reference}: {err}")))?;
+            let (parsed, _) = search::parse_query(&t, q.as_deref().unwrap_or(""), false).map_err(|err| {
+                FhirError::new(400, IssueCode::Invalid, format!("conditional reference {reference}: {err}"))
+            })?;
             let mut found = Vec::new();
             self.scan(&t, &parsed, &mut |v, _| {
                 found.push(v.id);
@@ -264,8 +286,20 @@ impl FhirService {
                 [one] => {
                     mapping.insert(reference, format!("{t}/{one}"));
                 }
-                [] => return Err(FhirError::new(412, IssueCode::NotFound, format!("conditional reference {reference} matches nothing"))),
-                _ => return Err(FhirError::new(412, IssueCode::Duplicate, format!("conditional reference {reference} matches several resources"))),
+                [] => {
+                    return Err(FhirError::new(
+                        412,
+                        IssueCode::NotFound,
+                        format!("conditional reference {reference} matches nothing"),
+                    ));
+                }
+                _ => {
+                    return Err(FhirError::new(
+                        412,
+                        IssueCode::Duplicate,
+                        format!("conditional reference {reference} matches several resources"),
+                    ));
+                }
             }
         }
 
@@ -276,26 +310,37 @@ impl FhirService {
             let e = &entries[i];
             match e.method {
                 Method::Post if existing.is_some() => {
-                    let v = self.store.current(&t, &id).map_err(|err| FhirError::unavailable(err.to_string()))?.map(Versioned::from);
+                    let v = self
+                        .store
+                        .current(&t, &id)
+                        .map_err(|err| FhirError::unavailable(err.to_string()))?
+                        .map(Versioned::from);
                     responses.push(response_entry("200 OK", v.as_ref(), &t, &base));
                 }
                 Method::Post | Method::Put => {
                     let mut r = e.resource.clone().expect("checked in parse_entries");
                     rewrite_references(&mut r, &mapping);
-                    if let Method::Put = e.method {
-                        if r.get("id").and_then(Value::as_str) != Some(id.as_str()) {
-                            return Err(entry_error(i, format!("the resource id must be `{id}`, as in request.url")));
-                        }
+                    if let Method::Put = e.method
+                        && r.get("id").and_then(Value::as_str) != Some(id.as_str())
+                    {
+                        return Err(entry_error(i, format!("the resource id must be `{id}`, as in request.url")));
                     }
                     resource::validate(&r, &t).map_err(|issues| FhirError::invalid(issues).at_entry(i))?;
                     let current = match e.method {
-                        Method::Put => self.store.current(&t, &id).map_err(|err| FhirError::unavailable(err.to_string()))?,
+                        Method::Put => {
+                            self.store.current(&t, &id).map_err(|err| FhirError::unavailable(err.to_string()))?
+                        }
                         _ => None,
                     };
                     if let Some(tag) = &e.if_match {
-                        let expected = parse_etag(tag).ok_or_else(|| entry_error(i, format!("ifMatch `{tag}` is not an ETag")))?;
+                        let expected =
+                            parse_etag(tag).ok_or_else(|| entry_error(i, format!("ifMatch `{tag}` is not an ETag")))?;
                         if current.as_ref().map(|c| c.version_id) != Some(expected) {
-                            return Err(FhirError::new(412, IssueCode::Conflict, format!("Bundle.entry[{i}]: ifMatch {tag} is not the current version")));
+                            return Err(FhirError::new(
+                                412,
+                                IssueCode::Conflict,
+                                format!("Bundle.entry[{i}]: ifMatch {tag} is not the current version"),
+                            ));
                         }
                     }
                     let version = current.as_ref().map_or(0, |c| c.version_id) + 1;
@@ -307,17 +352,18 @@ impl FhirService {
                 }
                 Method::Delete => {
                     let current = self.store.current(&t, &id).map_err(|err| FhirError::unavailable(err.to_string()))?;
-                    match current.filter(|c| !c.deleted) {
-                        Some(c) => {
-                            let mut ev = Event::new(ResourceDeleted { resource_type: t.clone(), id: id.clone(), version_id: c.version_id + 1 })
-                                .with_actor(ctx.actor.clone())
-                                .with_request_id(ctx.request_id.clone());
-                            if let Some(p) = c.patient {
-                                ev = ev.with_patient(p);
-                            }
-                            events.push(ev);
+                    if let Some(c) = current.filter(|c| !c.deleted) {
+                        let mut ev = Event::new(ResourceDeleted {
+                            resource_type: t.clone(),
+                            id: id.clone(),
+                            version_id: c.version_id + 1,
+                        })
+                        .with_actor(ctx.actor.clone())
+                        .with_request_id(ctx.request_id.clone());
+                        if let Some(p) = c.patient {
+                            ev = ev.with_patient(p);
                         }
-                        None => {}
+                        events.push(ev);
                     }
                     responses.push(json!({"response": {"status": "204 No Content"}}));
                 }
@@ -352,7 +398,12 @@ impl FhirService {
                             let new_id = new_resource_id();
                             resource::stamp(&mut r, &new_id, 1, &now);
                             let event = Self::written_event(ctx, &t, &new_id, 1, &r, true);
-                            group.push((i, t, Versioned { resource: r, id: new_id, version_id: 1, last_updated: now.clone() }, event));
+                            group.push((
+                                i,
+                                t,
+                                Versioned { resource: r, id: new_id, version_id: 1, last_updated: now.clone() },
+                                event,
+                            ));
                             continue;
                         }
                         Err(err) => Err(err),
@@ -369,7 +420,9 @@ impl FhirService {
                 (Method::Delete, Some(id), None) => {
                     self.delete(ctx, &t, &id).await.map(|_| json!({"response": {"status": "204 No Content"}}))
                 }
-                (Method::Get, Some(id), None) => self.read(ctx, &t, &id).await.map(|v| response_entry("200 OK", Some(&v), &t, &base)),
+                (Method::Get, Some(id), None) => {
+                    self.read(ctx, &t, &id).await.map(|v| response_entry("200 OK", Some(&v), &t, &base))
+                }
                 (Method::Get, None, q) => self
                     .search(ctx, &t, q.as_deref().unwrap_or(""), false)
                     .await
@@ -379,8 +432,10 @@ impl FhirService {
             responses[i] = Some(result.unwrap_or_else(|err| error_entry(&err)));
         }
         if !group.is_empty() {
-            let records: Vec<NewRecord> =
-                group.iter().map(|(_, _, _, e)| NewRecord::new(e.topic(), e.partition_key(), e.canonical_bytes())).collect();
+            let records: Vec<NewRecord> = group
+                .iter()
+                .map(|(_, _, _, e)| NewRecord::new(e.topic(), e.partition_key(), e.canonical_bytes()))
+                .collect();
             match self.log.append_batch(records).await {
                 Ok(_) => {
                     for (i, t, v, _) in &group {
@@ -396,7 +451,9 @@ impl FhirService {
                 }
             }
         }
-        Ok(json!({"resourceType": "Bundle", "type": "batch-response", "entry": responses.into_iter().map(|r| r.expect("every entry answered")).collect::<Vec<_>>()}))
+        Ok(
+            json!({"resourceType": "Bundle", "type": "batch-response", "entry": responses.into_iter().map(|r| r.expect("every entry answered")).collect::<Vec<_>>()}),
+        )
     }
 }
 

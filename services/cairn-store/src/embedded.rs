@@ -112,17 +112,23 @@ impl ResourceStore for EmbeddedStore {
                 if previous.as_ref().is_some_and(|p| p.version_id > v.version_id) {
                     continue; // an older version arriving late does not become current
                 }
-                if let Some(p) = &previous {
-                    if !p.deleted {
-                        if let Some(patient) = &p.patient {
-                            by_patient.remove((patient.as_str(), v.resource_type.as_str(), v.id.as_str())).map_err(|e| self.err(e))?;
-                            if let Some(d) = p.date_key {
-                                by_patient_date.remove((patient.as_str(), v.resource_type.as_str(), d, v.id.as_str())).map_err(|e| self.err(e))?;
-                            }
+                if let Some(p) = &previous
+                    && !p.deleted
+                {
+                    if let Some(patient) = &p.patient {
+                        by_patient
+                            .remove((patient.as_str(), v.resource_type.as_str(), v.id.as_str()))
+                            .map_err(|e| self.err(e))?;
+                        if let Some(d) = p.date_key {
+                            by_patient_date
+                                .remove((patient.as_str(), v.resource_type.as_str(), d, v.id.as_str()))
+                                .map_err(|e| self.err(e))?;
                         }
-                        for ident in &p.identifiers {
-                            by_identifier.remove((v.resource_type.as_str(), ident.as_str(), v.id.as_str())).map_err(|e| self.err(e))?;
-                        }
+                    }
+                    for ident in &p.identifiers {
+                        by_identifier
+                            .remove((v.resource_type.as_str(), ident.as_str(), v.id.as_str()))
+                            .map_err(|e| self.err(e))?;
                     }
                 }
                 let entry = CurrentEntry {
@@ -135,13 +141,19 @@ impl ResourceStore for EmbeddedStore {
                 current_t.insert(key.as_str(), encode(&entry).as_slice()).map_err(|e| self.err(e))?;
                 if !v.deleted {
                     if let Some(patient) = &v.patient {
-                        by_patient.insert((patient.as_str(), v.resource_type.as_str(), v.id.as_str()), ()).map_err(|e| self.err(e))?;
+                        by_patient
+                            .insert((patient.as_str(), v.resource_type.as_str(), v.id.as_str()), ())
+                            .map_err(|e| self.err(e))?;
                         if let Some(d) = v.date_key {
-                            by_patient_date.insert((patient.as_str(), v.resource_type.as_str(), d, v.id.as_str()), ()).map_err(|e| self.err(e))?;
+                            by_patient_date
+                                .insert((patient.as_str(), v.resource_type.as_str(), d, v.id.as_str()), ())
+                                .map_err(|e| self.err(e))?;
                         }
                     }
                     for ident in &v.identifiers {
-                        by_identifier.insert((v.resource_type.as_str(), ident.as_str(), v.id.as_str()), ()).map_err(|e| self.err(e))?;
+                        by_identifier
+                            .insert((v.resource_type.as_str(), ident.as_str(), v.id.as_str()), ())
+                            .map_err(|e| self.err(e))?;
                     }
                 }
             }
@@ -274,7 +286,10 @@ impl ResourceStore for EmbeddedStore {
             if lo >= hi {
                 continue;
             }
-            for item in index.range((patient, resource_type, lo, "")..(patient, resource_type, hi, "")).map_err(|e| self.err(e))? {
+            for item in index
+                .range((patient, resource_type, lo, "")..(patient, resource_type, hi, ""))
+                .map_err(|e| self.err(e))?
+            {
                 let (k, _) = item.map_err(|e| self.err(e))?;
                 let (_, _, _, id) = k.value();
                 let key = format!("{resource_type}/{id}");
@@ -291,7 +306,13 @@ impl ResourceStore for EmbeddedStore {
         Ok(())
     }
 
-    fn changes(&self, resource_type: Option<&str>, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<ResourceVersion>> {
+    fn changes(
+        &self,
+        resource_type: Option<&str>,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<ResourceVersion>> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
@@ -302,10 +323,10 @@ impl ResourceStore for EmbeddedStore {
             }
             let (k, _) = item.map_err(|e| self.err(e))?;
             let (_, key, version) = k.value();
-            if let Some(t) = resource_type {
-                if !key.strip_prefix(t).is_some_and(|rest| rest.starts_with('/')) {
-                    continue;
-                }
+            if let Some(t) = resource_type
+                && !key.strip_prefix(t).is_some_and(|rest| rest.starts_with('/'))
+            {
+                continue;
             }
             if let Some(v) = versions.get((key, version)).map_err(|e| self.err(e))? {
                 out.push(decode(v.value())?);
@@ -383,7 +404,10 @@ mod tests {
             last_updated: format!("2026-11-28T10:00:0{v}.000Z"),
             last_updated_ms: 1_795_000_000_000 + v as i64 * 1000,
             deleted,
-            resource: (!deleted).then(|| serde_json::value::to_raw_value(&json!({"resourceType": "Observation", "id": id, "status": "final"})).unwrap()),
+            resource: (!deleted).then(|| {
+                serde_json::value::to_raw_value(&json!({"resourceType": "Observation", "id": id, "status": "final"}))
+                    .unwrap()
+            }),
             patient: Some(patient.into()),
             identifiers: vec![format!("urn:sys|{id}")],
             date_key: Some(v as i64 * 100),
@@ -395,28 +419,55 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(tmp.path().join("r.redb")).unwrap();
         let cp = |o| Checkpoint { topic: "cairn.fhir".into(), partition: 3, next_offset: o };
-        store.apply(&[version("a", 1, "Patient/p1", false), version("b", 1, "Patient/p2", false)], &[cp(2)], false).unwrap();
+        store
+            .apply(&[version("a", 1, "Patient/p1", false), version("b", 1, "Patient/p2", false)], &[cp(2)], false)
+            .unwrap();
         store.apply(&[version("a", 2, "Patient/p2", false)], &[cp(3)], true).unwrap();
         assert_eq!(store.checkpoint("cairn.fhir", 3).unwrap(), Some(3));
         assert_eq!(store.current("Observation", "a").unwrap().unwrap().version_id, 2);
-        assert_eq!(store.history("Observation", "a").unwrap().iter().map(|v| v.version_id).collect::<Vec<_>>(), vec![2, 1]);
+        assert_eq!(
+            store.history("Observation", "a").unwrap().iter().map(|v| v.version_id).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
         let mut seen = Vec::new();
-        store.scan_current("Observation", Some("Patient/p2"), &mut |v| { seen.push(v.id); true }).unwrap();
+        store
+            .scan_current("Observation", Some("Patient/p2"), &mut |v| {
+                seen.push(v.id);
+                true
+            })
+            .unwrap();
         assert_eq!(seen, vec!["a", "b"], "a moved to p2 with its new version");
         let mut seen = Vec::new();
-        store.scan_current("Observation", Some("Patient/p1"), &mut |v| { seen.push(v.id); true }).unwrap();
+        store
+            .scan_current("Observation", Some("Patient/p1"), &mut |v| {
+                seen.push(v.id);
+                true
+            })
+            .unwrap();
         assert!(seen.is_empty());
         assert_eq!(store.find_by_identifier("Observation", "urn:sys|a").unwrap(), vec!["a"]);
         let mut seen = Vec::new();
-        store.scan_patient_dates("Observation", "Patient/p2", 150, 250, &mut |v| { seen.push((v.id, v.version_id)); true }).unwrap();
+        store
+            .scan_patient_dates("Observation", "Patient/p2", 150, 250, &mut |v| {
+                seen.push((v.id, v.version_id));
+                true
+            })
+            .unwrap();
         assert_eq!(seen, vec![("a".to_owned(), 2)], "only a's current version, by its date key");
         let mut seen = Vec::new();
-        store.scan_patient_dates("Observation", "Patient/p2", 0, 150, &mut |v| { seen.push(v.id); true }).unwrap();
+        store
+            .scan_patient_dates("Observation", "Patient/p2", 0, 150, &mut |v| {
+                seen.push(v.id);
+                true
+            })
+            .unwrap();
         assert_eq!(seen, vec!["b"]);
 
         // Replaying the same versions changes nothing.
         let before = store.digest().unwrap();
-        store.apply(&[version("a", 1, "Patient/p1", false), version("a", 2, "Patient/p2", false)], &[cp(3)], false).unwrap();
+        store
+            .apply(&[version("a", 1, "Patient/p1", false), version("a", 2, "Patient/p2", false)], &[cp(3)], false)
+            .unwrap();
         assert_eq!(store.digest().unwrap(), before);
 
         // A deletion is a version; the resource leaves the indexes.
@@ -424,7 +475,12 @@ mod tests {
         assert!(store.current("Observation", "a").unwrap().unwrap().deleted);
         assert!(store.find_by_identifier("Observation", "urn:sys|a").unwrap().is_empty());
         let mut seen = Vec::new();
-        store.scan_current("Observation", None, &mut |v| { seen.push(v.id); true }).unwrap();
+        store
+            .scan_current("Observation", None, &mut |v| {
+                seen.push(v.id);
+                true
+            })
+            .unwrap();
         assert_eq!(seen, vec!["b"]);
         assert_eq!(store.count_current("Observation").unwrap(), 1);
         assert_eq!(store.count_current("Patient").unwrap(), 0);

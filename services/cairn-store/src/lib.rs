@@ -104,7 +104,13 @@ pub trait ResourceStore: Send + Sync + 'static {
 
     /// Versions of every resource (or of one type) whose lastUpdated is in `[from_ms, to_ms]`, newest
     /// first, at most `limit`.
-    fn changes(&self, resource_type: Option<&str>, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<ResourceVersion>>;
+    fn changes(
+        &self,
+        resource_type: Option<&str>,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<ResourceVersion>>;
 
     /// Ids of current, non-deleted resources of a type carrying the identifier `system|value`.
     fn find_by_identifier(&self, resource_type: &str, identifier: &str) -> Result<Vec<String>>;

@@ -38,7 +38,7 @@ fn reading(g: &mut Gen, patients: u64, worker: usize, seq: u64) -> serde_json::V
         .expect("in range")
         .format("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
-    let (code, display, value, unit) = if g.next() % 4 == 0 {
+    let (code, display, value, unit) = if g.next().is_multiple_of(4) {
         ("15074-8", "Glucose [Moles/volume] in Blood", 3.5 + (g.next() % 100) as f64 / 10.0, "mmol/L")
     } else {
         ("2339-0", "Glucose [Mass/volume] in Blood", (60 + g.next() % 180) as f64, "mg/dL")
@@ -170,10 +170,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let ok = totals.ok.load(Ordering::Relaxed);
     let errors = totals.errors.load(Ordering::Relaxed);
     let resources = totals.resources.load(Ordering::Relaxed);
-    println!(
-        "workload {:?} against {base}: {} connections, {:.1} s",
-        args.workload, args.connections, elapsed
-    );
+    println!("workload {:?} against {base}: {} connections, {:.1} s", args.workload, args.connections, elapsed);
     println!("requests: {ok} ok, {errors} failed; {:.0} requests/s", ok as f64 / elapsed);
     if resources > 0 {
         println!("resources written: {resources}; {:.0} resources/s", resources as f64 / elapsed);

@@ -89,7 +89,8 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
         bail!("--max-resource-bytes {max_resource_bytes} is below the 1024-byte minimum");
     }
     let max_bundle_bytes = args.max_bundle_bytes.or(file.max_bundle_bytes).unwrap_or(DEFAULT_MAX_BUNDLE_BYTES);
-    let read_wait = std::time::Duration::from_millis(args.read_wait_ms.or(file.read_wait_ms).unwrap_or(DEFAULT_READ_WAIT_MS));
+    let read_wait =
+        std::time::Duration::from_millis(args.read_wait_ms.or(file.read_wait_ms).unwrap_or(DEFAULT_READ_WAIT_MS));
     let store_cache_mb = args.store_cache_mb.or(file.store_cache_mb).unwrap_or(DEFAULT_STORE_CACHE_MB);
     if !(16..=1 << 20).contains(&store_cache_mb) {
         bail!("--store-cache-mb {store_cache_mb} is out of range (16 to 1048576)");

@@ -1,9 +1,9 @@
 //! `cairn serve`: the whole platform in one process.
 
+use crate::ServeArgs;
 use crate::config::{self, Settings};
 use crate::datadir::DataDir;
 use crate::telemetry::{self, Telemetry};
-use crate::ServeArgs;
 use anyhow::Context;
 use cairn_http::{Check, Platform};
 use cairn_log::EventLog;
@@ -12,10 +12,10 @@ use cairn_projector::{Progress, ResourceProjector};
 use cairn_service::FhirService;
 use cairn_store::ResourceStore;
 use cairn_store::embedded::EmbeddedStore;
-use std::time::Duration;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let settings = config::resolve_serve(&args)?;
@@ -94,7 +94,8 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
             log.create_topic(topic, settings.partitions).await?;
         }
     }
-    let store: Arc<dyn ResourceStore> = Arc::new(EmbeddedStore::open_with_cache(data.store_dir().join("resources.redb"), settings.store_cache_bytes)?);
+    let store: Arc<dyn ResourceStore> =
+        Arc::new(EmbeddedStore::open_with_cache(data.store_dir().join("resources.redb"), settings.store_cache_bytes)?);
     let dyn_log: Arc<dyn EventLog> = log.clone();
     let (projector, progress) = ResourceProjector::new(dyn_log.clone(), store.clone(), cairn_events::topics::FHIR)?;
     // Catch up before serving, so the first reads are not held back by a long replay.

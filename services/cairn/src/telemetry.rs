@@ -5,10 +5,10 @@
 //! the process. Log lines never carry tokens, passwords or resource bodies: spans record route
 //! templates and ids, not URIs or payloads.
 
-use std::io::IsTerminal;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -19,9 +19,8 @@ pub struct Telemetry {
 }
 
 /// Latency buckets in seconds: from 50 microseconds (an fsync on a fast disk) to 10 seconds.
-const SECONDS_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-];
+const SECONDS_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
 
 /// Full set-up for `cairn serve`.
@@ -39,9 +38,7 @@ pub fn init_server() -> anyhow::Result<Telemetry> {
         }
         _ => None,
     };
-    let otel = tracer_provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("cairn")));
+    let otel = tracer_provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("cairn")));
     tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
 
     let metrics = PrometheusBuilder::new()
@@ -65,10 +62,10 @@ pub fn init_cli() {
 impl Telemetry {
     /// Flushes spans still buffered for export.
     pub fn shutdown(self) {
-        if let Some(provider) = self.tracer_provider {
-            if let Err(e) = provider.shutdown() {
-                tracing::warn!(error = %e, "OpenTelemetry export did not shut down cleanly");
-            }
+        if let Some(provider) = self.tracer_provider
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::warn!(error = %e, "OpenTelemetry export did not shut down cleanly");
         }
     }
 }

@@ -52,13 +52,8 @@ fn parse(text: &str) -> Option<Parsed> {
     if year == 0 {
         return None; // FHIR years start at 0001
     }
-    let at = |date: NaiveDate, precision| {
-        Some(Parsed {
-            local: date.and_time(NaiveTime::MIN),
-            precision,
-            offset: None,
-        })
-    };
+    let at =
+        |date: NaiveDate, precision| Some(Parsed { local: date.and_time(NaiveTime::MIN), precision, offset: None });
     if b.len() == 4 {
         return at(NaiveDate::from_ymd_opt(year, 1, 1)?, Precision::Year);
     }
@@ -116,11 +111,7 @@ fn parse(text: &str) -> Option<Parsed> {
         _ => return None,
     };
     let local = date.and_time(NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)?);
-    Some(Parsed {
-        local,
-        precision,
-        offset,
-    })
+    Some(Parsed { local, precision, offset })
 }
 
 fn end_of(p: &Parsed) -> Option<NaiveDateTime> {
@@ -128,11 +119,7 @@ fn end_of(p: &Parsed) -> Option<NaiveDateTime> {
     match p.precision {
         Precision::Year => Some(NaiveDate::from_ymd_opt(l.year() + 1, 1, 1)?.and_time(NaiveTime::MIN)),
         Precision::Month => {
-            let (y, m) = if l.month() == 12 {
-                (l.year() + 1, 1)
-            } else {
-                (l.year(), l.month() + 1)
-            };
+            let (y, m) = if l.month() == 12 { (l.year() + 1, 1) } else { (l.year(), l.month() + 1) };
             Some(NaiveDate::from_ymd_opt(y, m, 1)?.and_time(NaiveTime::MIN))
         }
         Precision::Day => l.checked_add_signed(TimeDelta::days(1)),
@@ -242,16 +229,11 @@ mod tests {
     use super::*;
 
     fn utc(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text)
-            .expect("test instant")
-            .with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(text).expect("test instant").with_timezone(&Utc)
     }
 
     fn range(low: &str, high: &str) -> DateRange {
-        DateRange {
-            low: utc(low),
-            high: utc(high),
-        }
+        DateRange { low: utc(low), high: utc(high) }
     }
 
     fn r(text: &str) -> DateRange {
@@ -279,38 +261,20 @@ mod tests {
 
     #[test]
     fn minute_precision_without_zone_is_utc() {
-        assert_eq!(
-            r("2026-03-04T10:00"),
-            range("2026-03-04T10:00:00Z", "2026-03-04T10:01:00Z")
-        );
-        assert_eq!(
-            r("2026-03-04T23:59"),
-            range("2026-03-04T23:59:00Z", "2026-03-05T00:00:00Z")
-        );
+        assert_eq!(r("2026-03-04T10:00"), range("2026-03-04T10:00:00Z", "2026-03-04T10:01:00Z"));
+        assert_eq!(r("2026-03-04T23:59"), range("2026-03-04T23:59:00Z", "2026-03-05T00:00:00Z"));
     }
 
     #[test]
     fn second_precision_is_one_second_wide() {
-        assert_eq!(
-            r("2026-03-04T10:00:05"),
-            range("2026-03-04T10:00:05Z", "2026-03-04T10:00:06Z")
-        );
-        assert_eq!(
-            r("2026-03-04T10:00:05Z"),
-            range("2026-03-04T10:00:05Z", "2026-03-04T10:00:06Z")
-        );
+        assert_eq!(r("2026-03-04T10:00:05"), range("2026-03-04T10:00:05Z", "2026-03-04T10:00:06Z"));
+        assert_eq!(r("2026-03-04T10:00:05Z"), range("2026-03-04T10:00:05Z", "2026-03-04T10:00:06Z"));
     }
 
     #[test]
     fn fraction_digits_set_the_width() {
-        assert_eq!(
-            r("2026-03-04T10:00:05.1Z"),
-            range("2026-03-04T10:00:05.1Z", "2026-03-04T10:00:05.2Z")
-        );
-        assert_eq!(
-            r("2026-03-04T10:00:05.123Z"),
-            range("2026-03-04T10:00:05.123Z", "2026-03-04T10:00:05.124Z")
-        );
+        assert_eq!(r("2026-03-04T10:00:05.1Z"), range("2026-03-04T10:00:05.1Z", "2026-03-04T10:00:05.2Z"));
+        assert_eq!(r("2026-03-04T10:00:05.123Z"), range("2026-03-04T10:00:05.123Z", "2026-03-04T10:00:05.124Z"));
         assert_eq!(
             r("2026-03-04T10:00:05.123456Z"),
             range("2026-03-04T10:00:05.123456Z", "2026-03-04T10:00:05.123457Z")
@@ -322,18 +286,9 @@ mod tests {
 
     #[test]
     fn zones_shift_to_utc() {
-        assert_eq!(
-            r("2026-03-04T07:30:00+01:00"),
-            range("2026-03-04T06:30:00Z", "2026-03-04T06:30:01Z")
-        );
-        assert_eq!(
-            r("2026-03-04T23:30-05:00"),
-            range("2026-03-05T04:30:00Z", "2026-03-05T04:31:00Z")
-        );
-        assert_eq!(
-            r("2026-03-04T00:00:00+14:00"),
-            range("2026-03-03T10:00:00Z", "2026-03-03T10:00:01Z")
-        );
+        assert_eq!(r("2026-03-04T07:30:00+01:00"), range("2026-03-04T06:30:00Z", "2026-03-04T06:30:01Z"));
+        assert_eq!(r("2026-03-04T23:30-05:00"), range("2026-03-05T04:30:00Z", "2026-03-05T04:31:00Z"));
+        assert_eq!(r("2026-03-04T00:00:00+14:00"), range("2026-03-03T10:00:00Z", "2026-03-03T10:00:01Z"));
         assert_eq!(r("2026-03-04T10:00:00.5+05:30").low, utc("2026-03-04T04:30:00.5Z"));
     }
 
@@ -382,10 +337,7 @@ mod tests {
         let asof = parse_instant("2026-03-04T10:00:00+02:00").expect("instant");
         assert_eq!(asof.offset().local_minus_utc(), 7200);
         assert_eq!(asof.with_timezone(&Utc), utc("2026-03-04T08:00:00Z"));
-        assert_eq!(
-            parse_instant("2026-03-04T10:00:00.25Z").map(|d| d.nanosecond()),
-            Some(250_000_000)
-        );
+        assert_eq!(parse_instant("2026-03-04T10:00:00.25Z").map(|d| d.nanosecond()), Some(250_000_000));
         assert_eq!(parse_instant("2026-03-04T10:00:00"), None);
         assert_eq!(parse_instant("2026-03-04T10:00Z"), None);
         assert_eq!(parse_instant("2026-03-04"), None);
@@ -469,27 +421,18 @@ mod tests {
     fn periods_including_open_ended_ones() {
         let now = utc("2026-03-10T00:00:00Z");
         let day = r("2026-03-04");
-        let ongoing = DateRange {
-            low: utc("2026-03-01T00:00:00Z"),
-            high: POS_INF,
-        };
+        let ongoing = DateRange { low: utc("2026-03-01T00:00:00Z"), high: POS_INF };
         assert!(!compare(Prefix::Eq, &day, &ongoing, now));
         assert!(compare(Prefix::Gt, &day, &ongoing, now));
         assert!(compare(Prefix::Lt, &day, &ongoing, now));
         assert!(compare(Prefix::Sa, &r("2026-02"), &ongoing, now));
         assert!(!compare(Prefix::Eb, &day, &ongoing, now));
-        let no_start = DateRange {
-            low: NEG_INF,
-            high: utc("2026-03-02T00:00:00Z"),
-        };
+        let no_start = DateRange { low: NEG_INF, high: utc("2026-03-02T00:00:00Z") };
         assert!(compare(Prefix::Lt, &day, &no_start, now));
         assert!(!compare(Prefix::Gt, &day, &no_start, now));
         assert!(compare(Prefix::Eb, &day, &no_start, now));
         assert!(!compare(Prefix::Eq, &r("2026"), &no_start, now));
-        let inside = DateRange {
-            low: utc("2026-03-04T01:00:00Z"),
-            high: utc("2026-03-04T02:00:00Z"),
-        };
+        let inside = DateRange { low: utc("2026-03-04T01:00:00Z"), high: utc("2026-03-04T02:00:00Z") };
         assert!(compare(Prefix::Eq, &day, &inside, now));
         assert!(compare(Prefix::Ge, &day, &inside, now));
         assert!(compare(Prefix::Le, &day, &inside, now));
@@ -508,10 +451,7 @@ mod tests {
         // 2016-03-10 ends ~10 years before now, so the margin is ~1 year.
         let old = r("2016-03-10");
         let margin = ap_margin(&old, now);
-        assert!(
-            margin > TimeDelta::days(364) && margin < TimeDelta::days(367),
-            "{margin}"
-        );
+        assert!(margin > TimeDelta::days(364) && margin < TimeDelta::days(367), "{margin}");
         assert!(compare(Prefix::Ap, &old, &r("2015-06-01"), now));
         assert!(!compare(Prefix::Ap, &old, &r("2014-12-31"), now));
         // The search range containing now: only the floor applies.

@@ -117,10 +117,7 @@ fn reference_targets<'a>(resource_type: &str, name: &str, resource: &'a Value) -
     let target = resource.get(element).and_then(reference_target);
     // `patient` is `subject` restricted to Patients: a Group with the same id must not match.
     let patient_only = name == "patient";
-    target
-        .filter(|(ty, _)| !patient_only || *ty == Some("Patient"))
-        .into_iter()
-        .collect()
+    target.filter(|(ty, _)| !patient_only || *ty == Some("Patient")).into_iter().collect()
 }
 
 /// The range an Observation's `effective[x]` covers. A Period's open end means "still ongoing"
@@ -171,11 +168,7 @@ fn quantity_target<'a>(
         return None;
     }
     let q = resource.get("valueQuantity")?;
-    Some((
-        q.get("value")?.as_f64()?,
-        str_at(q, "system"),
-        str_at(q, "code").or_else(|| str_at(q, "unit")),
-    ))
+    Some((q.get("value")?.as_f64()?, str_at(q, "system"), str_at(q, "code").or_else(|| str_at(q, "unit"))))
 }
 
 fn string_targets<'a>(resource_type: &str, name: &str, resource: &'a Value) -> Vec<&'a str> {
@@ -221,9 +214,9 @@ pub fn matches_param_at(resource: &Value, param: &SearchParam, now: DateTime<Utc
         ParamKind::Token => {
             let targets = token_targets(resource_type, name, resource);
             let any = param.values.iter().any(|v| match v {
-                SearchValue::Token { system, code } => targets
-                    .iter()
-                    .any(|t| token_matches(system.as_deref(), code.as_deref(), *t)),
+                SearchValue::Token { system, code } => {
+                    targets.iter().any(|t| token_matches(system.as_deref(), code.as_deref(), *t))
+                }
                 _ => false,
             });
             if modifier == Some("not") { !any } else { any }
@@ -251,19 +244,8 @@ pub fn matches_param_at(resource: &Value, param: &SearchParam, now: DateTime<Utc
                 return false;
             };
             param.values.iter().any(|v| match v {
-                SearchValue::Quantity {
-                    prefix,
-                    value,
-                    precision_low,
-                    precision_high,
-                    system,
-                    code,
-                } => {
-                    let search = Decimal {
-                        value: *value,
-                        low: *precision_low,
-                        high: *precision_high,
-                    };
+                SearchValue::Quantity { prefix, value, precision_low, precision_high, system, code } => {
+                    let search = Decimal { value: *value, low: *precision_low, high: *precision_high };
                     number::compare(*prefix, &search, target)
                         && system.as_deref().is_none_or(|s| target_system == Some(s))
                         && code.as_deref().is_none_or(|c| target_code == Some(c))
@@ -506,10 +488,7 @@ mod tests {
         // The search instant equals glu-1's to the millisecond: eq and ge include it, gt does not.
         assert_eq!(obs("_lastUpdated=2026-03-04T06:31:12.345Z"), ["glu-1"]);
         assert_eq!(obs("_lastUpdated=gt2026-03-04T06:31:12.345Z"), ["glu-2", "glu-4"]);
-        assert_eq!(
-            obs("_lastUpdated=ge2026-03-04T06:31:12.345Z"),
-            ["glu-1", "glu-2", "glu-4"]
-        );
+        assert_eq!(obs("_lastUpdated=ge2026-03-04T06:31:12.345Z"), ["glu-1", "glu-2", "glu-4"]);
         assert_eq!(obs("_lastUpdated=lt2026-03-02"), ["glu-5"]);
         assert_eq!(ids("Device", "_lastUpdated=2026-02"), ["cgm-1", "cgm-2"]);
     }
@@ -518,10 +497,7 @@ mod tests {
     fn patient_and_subject_references() {
         assert_eq!(obs("patient=pat-1"), ["glu-1", "glu-2"]);
         assert_eq!(obs("patient=Patient/pat-2"), ["glu-4", "glu-5"]);
-        assert_eq!(
-            obs("patient=https://elsewhere.example/fhir/Patient/pat-1"),
-            ["glu-1", "glu-2"]
-        );
+        assert_eq!(obs("patient=https://elsewhere.example/fhir/Patient/pat-1"), ["glu-1", "glu-2"]);
         assert_eq!(obs("patient=pat-1,pat-2"), ["glu-1", "glu-2", "glu-4", "glu-5"]);
         // A bare subject id matches any type; a typed one only that type.
         assert_eq!(obs("subject=pat-1"), ["glu-1", "glu-2", "glu-3"]);
@@ -532,10 +508,7 @@ mod tests {
         let untyped = SearchParam {
             name: "patient".into(),
             modifier: None,
-            values: vec![SearchValue::Reference {
-                resource_type: None,
-                id: "pat-1".into(),
-            }],
+            values: vec![SearchValue::Reference { resource_type: None, id: "pat-1".into() }],
         };
         assert!(matches_param_at(&glu1(), &untyped, now()));
         assert!(!matches_param_at(&glu3(), &untyped, now()));
@@ -553,19 +526,13 @@ mod tests {
     fn code_token_forms() {
         assert_eq!(obs("code=http://loinc.org|15074-8"), ["glu-2", "glu-3", "glu-5"]);
         assert_eq!(obs("code=2339-0"), ["glu-1", "glu-4"]);
-        assert_eq!(
-            obs("code=http://loinc.org|"),
-            ["glu-1", "glu-2", "glu-3", "glu-4", "glu-5"]
-        );
+        assert_eq!(obs("code=http://loinc.org|"), ["glu-1", "glu-2", "glu-3", "glu-4", "glu-5"]);
         assert_eq!(obs("code=http://snomed.info/sct|2339-0"), Vec::<String>::new());
         // `|code` wants a coding without a system; glu-3's local code has none, LOINC codes do.
         assert_eq!(obs("code=|GLU-AVG"), ["glu-3"]);
         assert_eq!(obs("code=GLU-AVG"), ["glu-3"]);
         assert_eq!(obs("code=|15074-8"), Vec::<String>::new());
-        assert_eq!(
-            obs("code=2339-0,http://loinc.org|15074-8"),
-            ["glu-1", "glu-2", "glu-3", "glu-4", "glu-5"]
-        );
+        assert_eq!(obs("code=2339-0,http://loinc.org|15074-8"), ["glu-1", "glu-2", "glu-3", "glu-4", "glu-5"]);
         // Codes are case-sensitive.
         assert_eq!(obs("code=glu-avg"), Vec::<String>::new());
     }
@@ -596,19 +563,10 @@ mod tests {
         assert_eq!(obs("identifier=urn:oid:2.16.840.1.113883.19.5.99|LAB-0001"), ["glu-1"]);
         assert_eq!(obs("identifier=R-42"), ["glu-2"]);
         assert_eq!(obs("identifier=https://cgm.example.com/readings|"), ["glu-2"]);
-        assert_eq!(
-            obs("identifier=https://cgm.example.com/readings|LAB-0001"),
-            Vec::<String>::new()
-        );
+        assert_eq!(obs("identifier=https://cgm.example.com/readings|LAB-0001"), Vec::<String>::new());
         assert_eq!(obs("identifier=|R-42"), Vec::<String>::new());
-        assert_eq!(
-            ids("Patient", "identifier=urn:oid:1.2.36.146.595.217.0.1|MRN-67890"),
-            ["pat-2"]
-        );
-        assert_eq!(
-            ids("Patient", "identifier=urn:oid:1.2.36.146.595.217.0.1|"),
-            ["pat-1", "pat-2"]
-        );
+        assert_eq!(ids("Patient", "identifier=urn:oid:1.2.36.146.595.217.0.1|MRN-67890"), ["pat-2"]);
+        assert_eq!(ids("Patient", "identifier=urn:oid:1.2.36.146.595.217.0.1|"), ["pat-1", "pat-2"]);
         assert_eq!(ids("Device", "identifier=SN-0002"), ["cgm-2"]);
     }
 
@@ -617,16 +575,10 @@ mod tests {
         assert_eq!(obs("status=final"), ["glu-1", "glu-3", "glu-5"]);
         assert_eq!(obs("status=final,amended"), ["glu-1", "glu-3", "glu-4", "glu-5"]);
         assert_eq!(obs("status=http://hl7.org/fhir/observation-status|amended"), ["glu-4"]);
-        assert_eq!(
-            obs("status=http://hl7.org/fhir/device-status|final"),
-            Vec::<String>::new()
-        );
+        assert_eq!(obs("status=http://hl7.org/fhir/device-status|final"), Vec::<String>::new());
         assert_eq!(obs("status=|final"), Vec::<String>::new());
         assert_eq!(ids("Device", "status=active"), ["cgm-1"]);
-        assert_eq!(
-            ids("Device", "status=http://hl7.org/fhir/device-status|inactive"),
-            ["cgm-2"]
-        );
+        assert_eq!(ids("Device", "status=http://hl7.org/fhir/device-status|inactive"), ["cgm-2"]);
     }
 
     #[test]
@@ -690,21 +642,12 @@ mod tests {
         assert_eq!(obs("value-quantity=5.4"), ["glu-2", "glu-5"]); // 5.44 is within [5.35, 5.45)
         assert_eq!(obs("value-quantity=5.40"), ["glu-2"]);
         assert_eq!(obs("value-quantity=5.4||mmol/L"), ["glu-2", "glu-5"]);
-        assert_eq!(
-            obs("value-quantity=5.4|http://unitsofmeasure.org|mmol/L"),
-            ["glu-2", "glu-5"]
-        );
+        assert_eq!(obs("value-quantity=5.4|http://unitsofmeasure.org|mmol/L"), ["glu-2", "glu-5"]);
         assert_eq!(obs("value-quantity=5.4||mg"), Vec::<String>::new());
-        assert_eq!(
-            obs("value-quantity=5.4|http://example.org/units|mmol/L"),
-            Vec::<String>::new()
-        );
+        assert_eq!(obs("value-quantity=5.4|http://example.org/units|mmol/L"), Vec::<String>::new());
         // glu-3 has only a unit and no system.
         assert_eq!(obs("value-quantity=7.8||mmol/L"), ["glu-3"]);
-        assert_eq!(
-            obs("value-quantity=7.8|http://unitsofmeasure.org|mmol/L"),
-            Vec::<String>::new()
-        );
+        assert_eq!(obs("value-quantity=7.8|http://unitsofmeasure.org|mmol/L"), Vec::<String>::new());
         assert_eq!(obs("value-quantity=gt100||mg/dL"), ["glu-4"]);
         assert_eq!(obs("value-quantity=le97"), ["glu-1", "glu-2", "glu-3", "glu-5"]);
         assert_eq!(obs("value-quantity=lt97"), ["glu-2", "glu-3", "glu-5"]);
@@ -712,10 +655,7 @@ mod tests {
         assert_eq!(obs("value-quantity=sa97"), ["glu-4"]);
         assert_eq!(obs("value-quantity=eb5.44"), ["glu-2"]);
         assert_eq!(obs("value-quantity=ap100"), ["glu-1"]);
-        assert_eq!(
-            obs("value-quantity=ap5|http://unitsofmeasure.org|mmol/L"),
-            ["glu-2", "glu-5"]
-        );
+        assert_eq!(obs("value-quantity=ap5|http://unitsofmeasure.org|mmol/L"), ["glu-2", "glu-5"]);
         assert_eq!(obs("value-quantity=ap7||mmol/L"), Vec::<String>::new()); // 7.8 is 11% away
         assert_eq!(obs("value-quantity=ne97"), ["glu-2", "glu-3", "glu-4", "glu-5"]);
         assert_eq!(obs("value-quantity=97,180"), ["glu-1", "glu-4"]);
@@ -795,30 +735,21 @@ mod tests {
         let code = |name: &str, modifier: Option<&str>| SearchParam {
             name: name.into(),
             modifier: modifier.map(str::to_string),
-            values: vec![SearchValue::Token {
-                system: None,
-                code: Some("2339-0".into()),
-            }],
+            values: vec![SearchValue::Token { system: None, code: Some("2339-0".into()) }],
         };
         assert!(matches_param(&glu1(), &code("code", None)));
         assert!(!matches_param(&glu1(), &code("code", Some("text"))));
         assert!(!matches_param(&glu1(), &code("gender", None)));
         assert!(!matches_param(&pat1(), &code("code", None)));
         // A value of the wrong kind does not match either.
-        let wrong_kind = SearchParam {
-            name: "date".into(),
-            modifier: None,
-            values: vec![SearchValue::String("2026".into())],
-        };
+        let wrong_kind =
+            SearchParam { name: "date".into(), modifier: None, values: vec![SearchValue::String("2026".into())] };
         assert!(!matches_param(&glu1(), &wrong_kind));
         // A token with neither system nor code matches nothing.
         let empty = SearchParam {
             name: "code".into(),
             modifier: None,
-            values: vec![SearchValue::Token {
-                system: None,
-                code: None,
-            }],
+            values: vec![SearchValue::Token { system: None, code: None }],
         };
         assert!(!matches_param(&glu1(), &empty));
     }
@@ -855,10 +786,7 @@ mod tests {
         let param = SearchParam {
             name: "date".into(),
             modifier: None,
-            values: vec![SearchValue::Date {
-                prefix: Prefix::Ap,
-                value: date_range("2026-03-04").expect("date"),
-            }],
+            values: vec![SearchValue::Date { prefix: Prefix::Ap, value: date_range("2026-03-04").expect("date") }],
         };
         // Whatever today is, the widened range still contains the day itself.
         assert!(matches_param(&glu1(), &param));
@@ -876,10 +804,7 @@ mod tests {
         assert_eq!(sort_value(&pat1(), "_lastUpdated"), at("2026-01-15T10:00:00Z"));
         assert_eq!(sort_value(&pat1(), "date"), None);
         assert_eq!(sort_value(&pat1(), "birthdate"), None);
-        assert_eq!(
-            sort_value(&json!({ "resourceType": "Observation" }), "_lastUpdated"),
-            None
-        );
+        assert_eq!(sort_value(&json!({ "resourceType": "Observation" }), "_lastUpdated"), None);
         // Sorting a page by date descending, ties and missing values last.
         let mut page = [glu3(), glu5(), glu1(), glu4(), glu2()];
         page.sort_by_key(|r| std::cmp::Reverse(sort_value(r, "date")));
@@ -893,10 +818,7 @@ mod tests {
         assert_eq!(observation_patient(&glu2()).as_deref(), Some("Patient/pat-1"));
         assert_eq!(observation_patient(&glu3()), None); // a Group
         assert_eq!(observation_patient(&glu5()).as_deref(), Some("Patient/pat-2"));
-        assert_eq!(
-            observation_patient(&json!({ "subject": { "reference": "urn:uuid:0c3f" } })),
-            None
-        );
+        assert_eq!(observation_patient(&json!({ "subject": { "reference": "urn:uuid:0c3f" } })), None);
         assert_eq!(observation_patient(&json!({ "subject": { "display": "Jane" } })), None);
         assert_eq!(observation_patient(&json!({})), None);
     }
@@ -905,18 +827,9 @@ mod tests {
     fn reference_parts_forms() {
         assert_eq!(reference_parts("Patient/pat-1"), Some((Some("Patient"), "pat-1")));
         assert_eq!(reference_parts("pat-1"), Some((None, "pat-1")));
-        assert_eq!(
-            reference_parts("https://x.org/fhir/R4/Patient/pat-1"),
-            Some((Some("Patient"), "pat-1"))
-        );
-        assert_eq!(
-            reference_parts("https://x.org/fhir/Patient/pat-1/_history/2"),
-            Some((Some("Patient"), "pat-1"))
-        );
-        assert_eq!(
-            reference_parts("Patient/pat-1/_history/2"),
-            Some((Some("Patient"), "pat-1"))
-        );
+        assert_eq!(reference_parts("https://x.org/fhir/R4/Patient/pat-1"), Some((Some("Patient"), "pat-1")));
+        assert_eq!(reference_parts("https://x.org/fhir/Patient/pat-1/_history/2"), Some((Some("Patient"), "pat-1")));
+        assert_eq!(reference_parts("Patient/pat-1/_history/2"), Some((Some("Patient"), "pat-1")));
         // `https://Patient/1`: the host is not a type; an absolute URL needs host/Type/id.
         for bad in [
             "",

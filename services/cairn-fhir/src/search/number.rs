@@ -60,19 +60,11 @@ pub(super) fn parse_decimal(text: &str) -> Result<Decimal, String> {
     if significant.len() > MAX_DIGITS {
         return Err(format!("`{text}` has more than {MAX_DIGITS} significant digits"));
     }
-    let magnitude: i128 = if significant.is_empty() {
-        0
-    } else {
-        significant.parse().map_err(|_| invalid())?
-    };
+    let magnitude: i128 = if significant.is_empty() { 0 } else { significant.parse().map_err(|_| invalid())? };
     let m = if negative { -magnitude } else { magnitude };
     let scale = i32::try_from(frac.len()).map_err(|_| invalid())? - exponent;
-    let to_f64 = |mantissa: i128, scale: i32| {
-        format!("{mantissa}e{}", -scale)
-            .parse::<f64>()
-            .ok()
-            .filter(|v| v.is_finite())
-    };
+    let to_f64 =
+        |mantissa: i128, scale: i32| format!("{mantissa}e{}", -scale).parse::<f64>().ok().filter(|v| v.is_finite());
     let out_of_range = || format!("`{text}` is out of range");
     Ok(Decimal {
         value: to_f64(m, scale).ok_or_else(out_of_range)?,
@@ -128,98 +120,21 @@ mod tests {
 
     #[test]
     fn precision_follows_the_digits_written() {
-        assert_eq!(
-            d("5.4"),
-            Decimal {
-                value: 5.4,
-                low: 5.35,
-                high: 5.45
-            }
-        );
-        assert_eq!(
-            d("5.40"),
-            Decimal {
-                value: 5.4,
-                low: 5.395,
-                high: 5.405
-            }
-        );
-        assert_eq!(
-            d("100"),
-            Decimal {
-                value: 100.0,
-                low: 99.5,
-                high: 100.5
-            }
-        );
-        assert_eq!(
-            d("0"),
-            Decimal {
-                value: 0.0,
-                low: -0.5,
-                high: 0.5
-            }
-        );
-        assert_eq!(
-            d("0.001"),
-            Decimal {
-                value: 0.001,
-                low: 0.0005,
-                high: 0.0015
-            }
-        );
-        assert_eq!(
-            d("-5.4"),
-            Decimal {
-                value: -5.4,
-                low: -5.45,
-                high: -5.35
-            }
-        );
-        assert_eq!(
-            d("007"),
-            Decimal {
-                value: 7.0,
-                low: 6.5,
-                high: 7.5
-            }
-        );
+        assert_eq!(d("5.4"), Decimal { value: 5.4, low: 5.35, high: 5.45 });
+        assert_eq!(d("5.40"), Decimal { value: 5.4, low: 5.395, high: 5.405 });
+        assert_eq!(d("100"), Decimal { value: 100.0, low: 99.5, high: 100.5 });
+        assert_eq!(d("0"), Decimal { value: 0.0, low: -0.5, high: 0.5 });
+        assert_eq!(d("0.001"), Decimal { value: 0.001, low: 0.0005, high: 0.0015 });
+        assert_eq!(d("-5.4"), Decimal { value: -5.4, low: -5.45, high: -5.35 });
+        assert_eq!(d("007"), Decimal { value: 7.0, low: 6.5, high: 7.5 });
     }
 
     #[test]
     fn exponents_move_the_precision() {
-        assert_eq!(
-            d("1e2"),
-            Decimal {
-                value: 100.0,
-                low: 50.0,
-                high: 150.0
-            }
-        );
-        assert_eq!(
-            d("1.0e2"),
-            Decimal {
-                value: 100.0,
-                low: 95.0,
-                high: 105.0
-            }
-        );
-        assert_eq!(
-            d("5.4E-1"),
-            Decimal {
-                value: 0.54,
-                low: 0.535,
-                high: 0.545
-            }
-        );
-        assert_eq!(
-            d("5.4e+1"),
-            Decimal {
-                value: 54.0,
-                low: 53.5,
-                high: 54.5
-            }
-        );
+        assert_eq!(d("1e2"), Decimal { value: 100.0, low: 50.0, high: 150.0 });
+        assert_eq!(d("1.0e2"), Decimal { value: 100.0, low: 95.0, high: 105.0 });
+        assert_eq!(d("5.4E-1"), Decimal { value: 0.54, low: 0.535, high: 0.545 });
+        assert_eq!(d("5.4e+1"), Decimal { value: 54.0, low: 53.5, high: 54.5 });
     }
 
     #[test]
@@ -267,9 +182,7 @@ mod tests {
 
     #[test]
     fn format_decimal_keeps_the_precision() {
-        for text in [
-            "5.4", "5.40", "100", "0", "0.001", "-5.4", "1e2", "1.0e2", "123.456", "97",
-        ] {
+        for text in ["5.4", "5.40", "100", "0", "0.001", "-5.4", "1e2", "1.0e2", "123.456", "97"] {
             let v = d(text);
             let back = format_decimal(v.value, v.low, v.high);
             assert_eq!(d(&back), v, "{text} -> {back}");

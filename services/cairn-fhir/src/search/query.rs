@@ -14,23 +14,10 @@ use chrono::SecondsFormat;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 /// Parameters that shape the result rather than select resources; every resource type has them.
-const RESULT_PARAMS: [&str; 8] = [
-    "_count",
-    "_offset",
-    "_sort",
-    "_summary",
-    "_total",
-    "_elements",
-    "_asOf",
-    "_format",
-];
+const RESULT_PARAMS: [&str; 8] = ["_count", "_offset", "_sort", "_summary", "_total", "_elements", "_asOf", "_format"];
 
 fn invalid(name: &str, value: &str, reason: impl Into<String>) -> SearchError {
-    SearchError::InvalidValue {
-        name: name.to_string(),
-        value: value.to_string(),
-        reason: reason.into(),
-    }
+    SearchError::InvalidValue { name: name.to_string(), value: value.to_string(), reason: reason.into() }
 }
 
 /// `+` means space in `application/x-www-form-urlencoded`, which is what browsers and most HTTP
@@ -156,11 +143,7 @@ pub fn parse_query(resource_type: &str, query: &str, lenient: bool) -> Result<(S
             });
         }
         let values = parse_values(name, kind, &decode_value()?)?;
-        query_out.params.push(SearchParam {
-            name: name.to_string(),
-            modifier: modifier.map(str::to_string),
-            values,
-        });
+        query_out.params.push(SearchParam { name: name.to_string(), modifier: modifier.map(str::to_string), values });
     }
     Ok((query_out, ignored))
 }
@@ -210,10 +193,7 @@ fn parse_reference(name: &str, item: &str) -> Result<SearchValue, String> {
         ("patient", Some(other)) => return Err(format!("`patient` refers to Patient resources, not {other}")),
         (_, t) => t,
     };
-    Ok(SearchValue::Reference {
-        resource_type: resource_type.map(str::to_string),
-        id: id.to_string(),
-    })
+    Ok(SearchValue::Reference { resource_type: resource_type.map(str::to_string), id: id.to_string() })
 }
 
 /// Splits off a two-letter prefix. Two leading letters that are not a prefix are refused rather
@@ -256,14 +236,7 @@ fn parse_quantity(item: &str) -> Result<SearchValue, String> {
     };
     // Same repair as for dates: `1e+2` sent unencoded arrives as `1e 2`.
     let d = number::parse_decimal(&number.replace(' ', "+"))?;
-    Ok(SearchValue::Quantity {
-        prefix,
-        value: d.value,
-        precision_low: d.low,
-        precision_high: d.high,
-        system,
-        code,
-    })
+    Ok(SearchValue::Quantity { prefix, value: d.value, precision_low: d.low, precision_high: d.high, system, code })
 }
 
 fn digits_only(s: &str) -> bool {
@@ -321,20 +294,14 @@ fn apply_result_param(q: &mut SearchQuery, name: &str, value: &str) -> Result<()
         "_asOf" => {
             let text = value.replace(' ', "+");
             q.as_of = Some(date::parse_instant(&text).ok_or_else(|| {
-                invalid(
-                    name,
-                    value,
-                    "must be an instant with seconds and a time zone, e.g. 2026-03-04T10:00:00Z",
-                )
+                invalid(name, value, "must be an instant with seconds and a time zone, e.g. 2026-03-04T10:00:00Z")
             })?);
         }
         "_format" => {
             // Unencoded `application/fhir+json` arrives with a space for the `+`.
             let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-            if !matches!(
-                mime.as_str(),
-                "json" | "application/json" | "application/fhir+json" | "application/fhir json"
-            ) {
+            if !matches!(mime.as_str(), "json" | "application/json" | "application/fhir+json" | "application/fhir json")
+            {
                 return Err(SearchError::Unsupported {
                     name: name.to_string(),
                     reason: format!("`{value}`: only JSON is supported"),
@@ -355,29 +322,14 @@ fn parse_sort(resource_type: &str, value: &str) -> Result<Vec<SortKey>, SearchEr
         };
         let sortable = param == "_lastUpdated" || (param == "date" && resource_type == "Observation");
         if !sortable {
-            let allowed = if resource_type == "Observation" {
-                "date and _lastUpdated"
-            } else {
-                "_lastUpdated"
-            };
-            let what = if item.is_empty() {
-                "an empty sort key".to_string()
-            } else {
-                format!("`{item}`")
-            };
-            return Err(invalid(
-                "_sort",
-                value,
-                format!("cannot sort {resource_type} by {what}; only by {allowed}"),
-            ));
+            let allowed = if resource_type == "Observation" { "date and _lastUpdated" } else { "_lastUpdated" };
+            let what = if item.is_empty() { "an empty sort key".to_string() } else { format!("`{item}`") };
+            return Err(invalid("_sort", value, format!("cannot sort {resource_type} by {what}; only by {allowed}")));
         }
         if keys.iter().any(|k| k.param == param) {
             return Err(invalid("_sort", value, format!("`{param}` appears more than once")));
         }
-        keys.push(SortKey {
-            param: param.to_string(),
-            descending,
-        });
+        keys.push(SortKey { param: param.to_string(), descending });
     }
     Ok(keys)
 }
@@ -385,13 +337,8 @@ fn parse_sort(resource_type: &str, value: &str) -> Result<Vec<SortKey>, SearchEr
 /// Everything but RFC 3986 unreserved characters and the `/` `:` that make references and
 /// instants readable is percent-encoded; in particular `+` (else it reads as a space), `,` inside
 /// a value (else it splits the value) and `\` `|` `&` `=`.
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~')
-    .remove(b'/')
-    .remove(b':');
+const QUERY_VALUE: &AsciiSet =
+    &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b'/').remove(b':');
 
 fn encode(s: &str) -> String {
     utf8_percent_encode(s, QUERY_VALUE).to_string()
@@ -407,23 +354,10 @@ fn format_value(value: &SearchValue) -> String {
                 Some(system) => format!("{}|{code}", escape(system)),
             }
         }
-        SearchValue::Reference {
-            resource_type: Some(t),
-            id,
-        } => escape(&format!("{t}/{id}")),
-        SearchValue::Reference {
-            resource_type: None,
-            id,
-        } => escape(id),
+        SearchValue::Reference { resource_type: Some(t), id } => escape(&format!("{t}/{id}")),
+        SearchValue::Reference { resource_type: None, id } => escape(id),
         SearchValue::Date { prefix: p, value } => format!("{}{}", prefix(p), format_range(value)),
-        SearchValue::Quantity {
-            prefix: p,
-            value,
-            precision_low,
-            precision_high,
-            system,
-            code,
-        } => {
+        SearchValue::Quantity { prefix: p, value, precision_low, precision_high, system, code } => {
             let number = format_decimal(*value, *precision_low, *precision_high);
             if system.is_none() && code.is_none() {
                 format!("{}{number}", prefix(p))
@@ -452,11 +386,8 @@ pub(super) fn to_query_string(q: &SearchQuery) -> String {
     parts.push(format!("_count={}", q.count));
     parts.push(format!("_offset={}", q.offset));
     if !q.sort.is_empty() {
-        let keys: Vec<String> = q
-            .sort
-            .iter()
-            .map(|k| format!("{}{}", if k.descending { "-" } else { "" }, k.param))
-            .collect();
+        let keys: Vec<String> =
+            q.sort.iter().map(|k| format!("{}{}", if k.descending { "-" } else { "" }, k.param)).collect();
         parts.push(format!("_sort={}", encode(&keys.join(","))));
     }
     if q.summary_count {
@@ -469,10 +400,7 @@ pub(super) fn to_query_string(q: &SearchQuery) -> String {
         parts.push(format!("_elements={}", encode(&elements.join(","))));
     }
     if let Some(as_of) = q.as_of {
-        parts.push(format!(
-            "_asOf={}",
-            encode(&as_of.to_rfc3339_opts(SecondsFormat::AutoSi, true))
-        ));
+        parts.push(format!("_asOf={}", encode(&as_of.to_rfc3339_opts(SecondsFormat::AutoSi, true))));
     }
     parts.join("&")
 }
@@ -484,9 +412,7 @@ mod tests {
     use chrono::{DateTime, Utc};
 
     fn parse(rt: &str, query: &str) -> SearchQuery {
-        parse_query(rt, query, false)
-            .unwrap_or_else(|e| panic!("{query}: {e}"))
-            .0
+        parse_query(rt, query, false).unwrap_or_else(|e| panic!("{query}: {e}")).0
     }
 
     fn err(rt: &str, query: &str) -> SearchError {
@@ -511,17 +437,11 @@ mod tests {
     }
 
     fn token(system: Option<&str>, code: Option<&str>) -> SearchValue {
-        SearchValue::Token {
-            system: system.map(str::to_string),
-            code: code.map(str::to_string),
-        }
+        SearchValue::Token { system: system.map(str::to_string), code: code.map(str::to_string) }
     }
 
     fn reference(t: Option<&str>, id: &str) -> SearchValue {
-        SearchValue::Reference {
-            resource_type: t.map(str::to_string),
-            id: id.to_string(),
-        }
+        SearchValue::Reference { resource_type: t.map(str::to_string), id: id.to_string() }
     }
 
     fn dr(text: &str) -> DateRange {
@@ -532,10 +452,7 @@ mod tests {
     fn defaults() {
         let (q, ignored) = parse_query("Observation", "", false).expect("empty query");
         assert_eq!(q, SearchQuery::new("Observation"));
-        assert_eq!(
-            (q.count, q.offset, q.summary_count, q.total_accurate),
-            (50, 0, false, false)
-        );
+        assert_eq!((q.count, q.offset, q.summary_count, q.total_accurate), (50, 0, false, false));
         assert!(q.params.is_empty() && q.sort.is_empty() && q.elements.is_none() && q.as_of.is_none());
         assert!(ignored.is_empty());
         // Stray separators are harmless.
@@ -545,28 +462,16 @@ mod tests {
     #[test]
     fn token_forms() {
         let loinc = "http://loinc.org";
-        assert_eq!(
-            single("Observation", "code=http://loinc.org|2339-0"),
-            token(Some(loinc), Some("2339-0"))
-        );
-        assert_eq!(
-            single("Observation", "code=http%3A%2F%2Floinc.org%7C2339-0"),
-            token(Some(loinc), Some("2339-0"))
-        );
+        assert_eq!(single("Observation", "code=http://loinc.org|2339-0"), token(Some(loinc), Some("2339-0")));
+        assert_eq!(single("Observation", "code=http%3A%2F%2Floinc.org%7C2339-0"), token(Some(loinc), Some("2339-0")));
         assert_eq!(single("Observation", "code=2339-0"), token(None, Some("2339-0")));
-        assert_eq!(
-            single("Observation", "code=http://loinc.org|"),
-            token(Some(loinc), None)
-        );
+        assert_eq!(single("Observation", "code=http://loinc.org|"), token(Some(loinc), None));
         assert_eq!(single("Observation", "code=|2339-0"), token(Some(""), Some("2339-0")));
         assert_eq!(
             single("Observation", "identifier=urn:oid:1.2.3\\|4|A\\,1"),
             token(Some("urn:oid:1.2.3|4"), Some("A,1"))
         );
-        assert_eq!(
-            reason(err("Observation", "code=|")),
-            "`|` alone names neither a system nor a code"
-        );
+        assert_eq!(reason(err("Observation", "code=|")), "`|` alone names neither a system nor a code");
         assert!(reason(err("Observation", "code=a|b|c")).contains("at most one"));
     }
 
@@ -575,104 +480,53 @@ mod tests {
         let q = parse("Observation", "code=2339-0,http://loinc.org|15074-8");
         assert_eq!(
             q.params[0].values,
-            vec![
-                token(None, Some("2339-0")),
-                token(Some("http://loinc.org"), Some("15074-8"))
-            ]
+            vec![token(None, Some("2339-0")), token(Some("http://loinc.org"), Some("15074-8"))]
         );
         let q = parse("Patient", "family=Smith\\,Jones,Doe");
         assert_eq!(
             q.params[0].values,
-            vec![
-                SearchValue::String("Smith,Jones".into()),
-                SearchValue::String("Doe".into())
-            ]
+            vec![SearchValue::String("Smith,Jones".into()), SearchValue::String("Doe".into())]
         );
         // A percent-encoded comma is still a separator: decoding happens before splitting.
         assert_eq!(parse("Observation", "status=final%2Camended").params[0].values.len(), 2);
         // A backslash before anything else is kept.
         assert_eq!(single("Patient", "family=a\\b"), SearchValue::String("a\\b".into()));
         let q = parse("Patient", "family=a\\\\,b");
-        assert_eq!(
-            q.params[0].values,
-            vec![SearchValue::String("a\\".into()), SearchValue::String("b".into())]
-        );
+        assert_eq!(q.params[0].values, vec![SearchValue::String("a\\".into()), SearchValue::String("b".into())]);
     }
 
     #[test]
     fn repeated_parameters_are_anded() {
         let q = parse("Observation", "date=ge2026-01-01&date=lt2026-02-01");
         assert_eq!(q.params.len(), 2);
-        assert_eq!(
-            q.params[0].values,
-            vec![SearchValue::Date {
-                prefix: Prefix::Ge,
-                value: dr("2026-01-01")
-            }]
-        );
-        assert_eq!(
-            q.params[1].values,
-            vec![SearchValue::Date {
-                prefix: Prefix::Lt,
-                value: dr("2026-02-01")
-            }]
-        );
+        assert_eq!(q.params[0].values, vec![SearchValue::Date { prefix: Prefix::Ge, value: dr("2026-01-01") }]);
+        assert_eq!(q.params[1].values, vec![SearchValue::Date { prefix: Prefix::Lt, value: dr("2026-02-01") }]);
     }
 
     #[test]
     fn plus_is_a_space_and_percent_2b_is_a_plus() {
-        assert_eq!(
-            single("Patient", "name=Anne+Marie"),
-            SearchValue::String("Anne Marie".into())
-        );
-        assert_eq!(
-            single("Patient", "name=Anne%2BMarie"),
-            SearchValue::String("Anne+Marie".into())
-        );
+        assert_eq!(single("Patient", "name=Anne+Marie"), SearchValue::String("Anne Marie".into()));
+        assert_eq!(single("Patient", "name=Anne%2BMarie"), SearchValue::String("Anne+Marie".into()));
         // Dates repair an unencoded `+` zone.
         let encoded = single("Observation", "date=ge2026-03-04T10:00:00%2B02:00");
         assert_eq!(single("Observation", "date=ge2026-03-04T10:00:00+02:00"), encoded);
-        assert_eq!(
-            encoded,
-            SearchValue::Date {
-                prefix: Prefix::Ge,
-                value: dr("2026-03-04T08:00:00Z")
-            }
-        );
+        assert_eq!(encoded, SearchValue::Date { prefix: Prefix::Ge, value: dr("2026-03-04T08:00:00Z") });
     }
 
     #[test]
     fn references() {
-        assert_eq!(
-            single("Observation", "subject=Patient/pat-1"),
-            reference(Some("Patient"), "pat-1")
-        );
+        assert_eq!(single("Observation", "subject=Patient/pat-1"), reference(Some("Patient"), "pat-1"));
         assert_eq!(single("Observation", "subject=pat-1"), reference(None, "pat-1"));
         assert_eq!(
             single("Observation", "subject=https://fhir.example.org/fhir/Group/g.1"),
             reference(Some("Group"), "g.1")
         );
-        assert_eq!(
-            single("Observation", "subject=Patient/pat-1/_history/3"),
-            reference(Some("Patient"), "pat-1")
-        );
+        assert_eq!(single("Observation", "subject=Patient/pat-1/_history/3"), reference(Some("Patient"), "pat-1"));
         // `patient` makes a bare id explicit and refuses other types.
-        assert_eq!(
-            single("Observation", "patient=pat-1"),
-            reference(Some("Patient"), "pat-1")
-        );
-        assert_eq!(
-            single("Device", "patient=http://x.org/Patient/pat-1"),
-            reference(Some("Patient"), "pat-1")
-        );
-        assert_eq!(
-            reason(err("Observation", "patient=Group/g1")),
-            "`patient` refers to Patient resources, not Group"
-        );
-        assert_eq!(
-            single("Observation", "device=Device/cgm-1"),
-            reference(Some("Device"), "cgm-1")
-        );
+        assert_eq!(single("Observation", "patient=pat-1"), reference(Some("Patient"), "pat-1"));
+        assert_eq!(single("Device", "patient=http://x.org/Patient/pat-1"), reference(Some("Patient"), "pat-1"));
+        assert_eq!(reason(err("Observation", "patient=Group/g1")), "`patient` refers to Patient resources, not Group");
+        assert_eq!(single("Observation", "device=Device/cgm-1"), reference(Some("Device"), "cgm-1"));
         for bad in [
             "Patient/",
             "/pat-1",
@@ -684,50 +538,26 @@ mod tests {
             "http://x.org/pat-1",
         ] {
             let e = err("Observation", &format!("subject={}", encode(bad)));
-            assert!(
-                matches!(&e, SearchError::InvalidValue { name, .. } if name == "subject"),
-                "{bad}: {e:?}"
-            );
+            assert!(matches!(&e, SearchError::InvalidValue { name, .. } if name == "subject"), "{bad}: {e:?}");
         }
         let long = "a".repeat(65);
-        assert!(matches!(
-            err("Observation", &format!("subject={long}")),
-            SearchError::InvalidValue { .. }
-        ));
+        assert!(matches!(err("Observation", &format!("subject={long}")), SearchError::InvalidValue { .. }));
     }
 
     #[test]
     fn date_prefixes() {
         for p in Prefix::ALL {
             let v = single("Observation", &format!("date={}2026-03", p.as_str()));
-            assert_eq!(
-                v,
-                SearchValue::Date {
-                    prefix: p,
-                    value: dr("2026-03")
-                }
-            );
+            assert_eq!(v, SearchValue::Date { prefix: p, value: dr("2026-03") });
         }
         assert_eq!(
             single("Observation", "date=2026-03"),
-            SearchValue::Date {
-                prefix: Prefix::Eq,
-                value: dr("2026-03")
-            }
+            SearchValue::Date { prefix: Prefix::Eq, value: dr("2026-03") }
         );
-        assert_eq!(
-            single("Patient", "birthdate=le1980"),
-            SearchValue::Date {
-                prefix: Prefix::Le,
-                value: dr("1980")
-            }
-        );
+        assert_eq!(single("Patient", "birthdate=le1980"), SearchValue::Date { prefix: Prefix::Le, value: dr("1980") });
         assert_eq!(
             single("Device", "_lastUpdated=gt2026-03-04T10:00:00.123Z"),
-            SearchValue::Date {
-                prefix: Prefix::Gt,
-                value: dr("2026-03-04T10:00:00.123Z")
-            }
+            SearchValue::Date { prefix: Prefix::Gt, value: dr("2026-03-04T10:00:00.123Z") }
         );
     }
 
@@ -746,10 +576,7 @@ mod tests {
             ("date=2026,", "empty value in a comma-separated list"),
         ] {
             let e = err("Observation", query);
-            assert!(
-                matches!(&e, SearchError::InvalidValue { name, .. } if name == "date"),
-                "{query}: {e:?}"
-            );
+            assert!(matches!(&e, SearchError::InvalidValue { name, .. } if name == "date"), "{query}: {e:?}");
             assert!(reason(e).contains(reason_part), "{query}");
         }
     }
@@ -765,34 +592,19 @@ mod tests {
             code: code.map(str::to_string),
         };
         let ucum = Some("http://unitsofmeasure.org");
-        assert_eq!(
-            single("Observation", "value-quantity=5.4"),
-            q(Prefix::Eq, 5.4, 5.35, 5.45, None, None)
-        );
+        assert_eq!(single("Observation", "value-quantity=5.4"), q(Prefix::Eq, 5.4, 5.35, 5.45, None, None));
         assert_eq!(
             single("Observation", "value-quantity=gt5.4|http://unitsofmeasure.org|mmol/L"),
             q(Prefix::Gt, 5.4, 5.35, 5.45, ucum, Some("mmol/L"))
         );
-        assert_eq!(
-            single("Observation", "value-quantity=5.4||mg"),
-            q(Prefix::Eq, 5.4, 5.35, 5.45, None, Some("mg"))
-        );
+        assert_eq!(single("Observation", "value-quantity=5.4||mg"), q(Prefix::Eq, 5.4, 5.35, 5.45, None, Some("mg")));
         assert_eq!(
             single("Observation", "value-quantity=le100|http://unitsofmeasure.org|"),
             q(Prefix::Le, 100.0, 99.5, 100.5, ucum, None)
         );
-        assert_eq!(
-            single("Observation", "value-quantity=ap1e2"),
-            q(Prefix::Ap, 100.0, 50.0, 150.0, None, None)
-        );
-        assert_eq!(
-            single("Observation", "value-quantity=1e+2"),
-            q(Prefix::Eq, 100.0, 50.0, 150.0, None, None)
-        );
-        assert_eq!(
-            single("Observation", "value-quantity=-0.5"),
-            q(Prefix::Eq, -0.5, -0.55, -0.45, None, None)
-        );
+        assert_eq!(single("Observation", "value-quantity=ap1e2"), q(Prefix::Ap, 100.0, 50.0, 150.0, None, None));
+        assert_eq!(single("Observation", "value-quantity=1e+2"), q(Prefix::Eq, 100.0, 50.0, 150.0, None, None));
+        assert_eq!(single("Observation", "value-quantity=-0.5"), q(Prefix::Eq, -0.5, -0.55, -0.45, None, None));
         for (bad, part) in [
             ("value-quantity=abc", "unknown prefix `ab`"),
             ("value-quantity=gtabc", "not a decimal number"),
@@ -803,10 +615,7 @@ mod tests {
             ("value-quantity=5.4.1", "not a decimal number"),
         ] {
             let e = err("Observation", bad);
-            assert!(
-                matches!(&e, SearchError::InvalidValue { name, .. } if name == "value-quantity"),
-                "{bad}: {e:?}"
-            );
+            assert!(matches!(&e, SearchError::InvalidValue { name, .. } if name == "value-quantity"), "{bad}: {e:?}");
             assert!(reason(e).contains(part), "{bad}");
         }
         // `5,4` is two values, each a valid number: a French decimal comma cannot be detected.
@@ -861,25 +670,12 @@ mod tests {
 
     #[test]
     fn unknown_parameters_strict_and_lenient() {
-        assert_eq!(
-            err("Observation", "birthdate=1980"),
-            SearchError::UnknownParameter {
-                name: "birthdate".into()
-            }
-        );
-        assert_eq!(
-            err("Patient", "code=2339-0"),
-            SearchError::UnknownParameter { name: "code".into() }
-        );
-        assert_eq!(
-            err("Device", "foo:bar=1"),
-            SearchError::UnknownParameter { name: "foo:bar".into() }
-        );
+        assert_eq!(err("Observation", "birthdate=1980"), SearchError::UnknownParameter { name: "birthdate".into() });
+        assert_eq!(err("Patient", "code=2339-0"), SearchError::UnknownParameter { name: "code".into() });
+        assert_eq!(err("Device", "foo:bar=1"), SearchError::UnknownParameter { name: "foo:bar".into() });
         assert_eq!(
             err("Observation", "_include=Observation:patient"),
-            SearchError::UnknownParameter {
-                name: "_include".into()
-            }
+            SearchError::UnknownParameter { name: "_include".into() }
         );
         let (q, ignored) =
             parse_query("Observation", "foo=1&code=2339-0&_pretty=true&foo=2&bar:baz=", true).expect("lenient");
@@ -890,14 +686,8 @@ mod tests {
             parse_query("Observation", "foo=1&date=2026-13", true),
             Err(SearchError::InvalidValue { .. })
         ));
-        assert!(matches!(
-            parse_query("Observation", "code:text=x", true),
-            Err(SearchError::Unsupported { .. })
-        ));
-        assert!(matches!(
-            parse_query("Observation", "_count=abc", true),
-            Err(SearchError::InvalidValue { .. })
-        ));
+        assert!(matches!(parse_query("Observation", "code:text=x", true), Err(SearchError::Unsupported { .. })));
+        assert!(matches!(parse_query("Observation", "_count=abc", true), Err(SearchError::InvalidValue { .. })));
     }
 
     #[test]
@@ -905,10 +695,7 @@ mod tests {
         assert!(
             matches!(parse_query("Encounter", "", false), Err(SearchError::Unsupported { name, .. }) if name == "Encounter")
         );
-        assert!(matches!(
-            parse_query("Encounter", "", true),
-            Err(SearchError::Unsupported { .. })
-        ));
+        assert!(matches!(parse_query("Encounter", "", true), Err(SearchError::Unsupported { .. })));
     }
 
     #[test]
@@ -922,10 +709,7 @@ mod tests {
                 "Patient",
                 "_id=pat-1&_lastUpdated=2026&identifier=x&name=zo&family=mu&given=an&birthdate=1980&gender=female",
             ),
-            (
-                "Device",
-                "_id=cgm-1&_lastUpdated=2026&identifier=x&type=337414009&patient=pat-1&status=active",
-            ),
+            ("Device", "_id=cgm-1&_lastUpdated=2026&identifier=x&type=337414009&patient=pat-1&status=active"),
         ] {
             let q = parse(rt, query);
             assert_eq!(q.params.len(), query.split('&').count(), "{rt}");
@@ -956,44 +740,26 @@ mod tests {
         ] {
             let e = err("Observation", bad);
             let name = bad.split('=').next().unwrap_or_default();
-            assert!(
-                matches!(&e, SearchError::InvalidValue { name: n, .. } if n == name),
-                "{bad}: {e:?}"
-            );
+            assert!(matches!(&e, SearchError::InvalidValue { name: n, .. } if n == name), "{bad}: {e:?}");
         }
-        assert_eq!(
-            reason(err("Observation", "_count=-1")),
-            "must be a non-negative integer"
-        );
-        assert_eq!(
-            reason(err("Observation", "_count=5&_count=6")),
-            "may be given only once"
-        );
+        assert_eq!(reason(err("Observation", "_count=-1")), "must be a non-negative integer");
+        assert_eq!(reason(err("Observation", "_count=5&_count=6")), "may be given only once");
     }
 
     #[test]
     fn sort() {
-        let key = |p: &str, d| SortKey {
-            param: p.into(),
-            descending: d,
-        };
+        let key = |p: &str, d| SortKey { param: p.into(), descending: d };
         assert_eq!(parse("Observation", "_sort=date").sort, vec![key("date", false)]);
         assert_eq!(
             parse("Observation", "_sort=-date,_lastUpdated").sort,
             vec![key("date", true), key("_lastUpdated", false)]
         );
-        assert_eq!(
-            parse("Patient", "_sort=-_lastUpdated").sort,
-            vec![key("_lastUpdated", true)]
-        );
+        assert_eq!(parse("Patient", "_sort=-_lastUpdated").sort, vec![key("_lastUpdated", true)]);
         assert_eq!(
             reason(err("Observation", "_sort=foo")),
             "cannot sort Observation by `foo`; only by date and _lastUpdated"
         );
-        assert_eq!(
-            reason(err("Patient", "_sort=date")),
-            "cannot sort Patient by `date`; only by _lastUpdated"
-        );
+        assert_eq!(reason(err("Patient", "_sort=date")), "cannot sort Patient by `date`; only by _lastUpdated");
         assert!(reason(err("Device", "_sort=-date")).contains("only by _lastUpdated"));
         assert!(reason(err("Observation", "_sort=date,")).contains("an empty sort key"));
         assert!(reason(err("Observation", "_sort=date,-date")).contains("more than once"));
@@ -1003,49 +769,26 @@ mod tests {
     #[test]
     fn summary_total_elements_as_of_format() {
         assert!(parse("Observation", "_summary=count").summary_count);
-        assert!(matches!(
-            err("Observation", "_summary=true"),
-            SearchError::Unsupported { .. }
-        ));
-        assert!(matches!(
-            err("Observation", "_summary=data"),
-            SearchError::Unsupported { .. }
-        ));
+        assert!(matches!(err("Observation", "_summary=true"), SearchError::Unsupported { .. }));
+        assert!(matches!(err("Observation", "_summary=data"), SearchError::Unsupported { .. }));
         assert_eq!(reason(err("Observation", "_summary=yes")), "expected count");
 
         assert!(parse("Observation", "_total=accurate").total_accurate);
         assert!(!parse("Observation", "_total=estimate").total_accurate);
         assert!(!parse("Observation", "_total=none").total_accurate);
-        assert!(matches!(
-            err("Observation", "_total=exact"),
-            SearchError::InvalidValue { .. }
-        ));
+        assert!(matches!(err("Observation", "_total=exact"), SearchError::InvalidValue { .. }));
 
         assert_eq!(
             parse("Observation", "_elements=code,%20valueQuantity,code").elements,
             Some(vec!["code".into(), "valueQuantity".into()])
         );
-        assert!(matches!(
-            err("Observation", "_elements=code,"),
-            SearchError::InvalidValue { .. }
-        ));
-        assert!(matches!(
-            err("Observation", "_elements=value[x]"),
-            SearchError::InvalidValue { .. }
-        ));
+        assert!(matches!(err("Observation", "_elements=code,"), SearchError::InvalidValue { .. }));
+        assert!(matches!(err("Observation", "_elements=value[x]"), SearchError::InvalidValue { .. }));
 
-        let as_of = parse("Observation", "_asOf=2026-03-04T10:00:00+02:00")
-            .as_of
-            .expect("asOf");
-        assert_eq!(
-            as_of.with_timezone(&Utc),
-            "2026-03-04T08:00:00Z".parse::<DateTime<Utc>>().expect("instant")
-        );
+        let as_of = parse("Observation", "_asOf=2026-03-04T10:00:00+02:00").as_of.expect("asOf");
+        assert_eq!(as_of.with_timezone(&Utc), "2026-03-04T08:00:00Z".parse::<DateTime<Utc>>().expect("instant"));
         assert_eq!(as_of.offset().local_minus_utc(), 7200);
-        assert!(matches!(
-            err("Observation", "_asOf=2026-03-04"),
-            SearchError::InvalidValue { .. }
-        ));
+        assert!(matches!(err("Observation", "_asOf=2026-03-04"), SearchError::InvalidValue { .. }));
 
         for ok in [
             "json",
@@ -1054,35 +797,19 @@ mod tests {
             "application/fhir+json",
             "application/fhir%2Bjson;%20fhirVersion=4.0",
         ] {
-            assert_eq!(
-                parse("Observation", &format!("_format={ok}")),
-                SearchQuery::new("Observation"),
-                "{ok}"
-            );
+            assert_eq!(parse("Observation", &format!("_format={ok}")), SearchQuery::new("Observation"), "{ok}");
         }
-        assert!(matches!(
-            err("Observation", "_format=xml"),
-            SearchError::Unsupported { .. }
-        ));
-        assert!(matches!(
-            err("Observation", "_format=application/fhir%2Bxml"),
-            SearchError::Unsupported { .. }
-        ));
+        assert!(matches!(err("Observation", "_format=xml"), SearchError::Unsupported { .. }));
+        assert!(matches!(err("Observation", "_format=application/fhir%2Bxml"), SearchError::Unsupported { .. }));
         // `_format` may repeat (it changes nothing); the others may not.
         assert!(parse_query("Observation", "_format=json&_format=json", false).is_ok());
-        assert!(matches!(
-            err("Observation", "_total=none&_total=accurate"),
-            SearchError::InvalidValue { .. }
-        ));
+        assert!(matches!(err("Observation", "_total=none&_total=accurate"), SearchError::InvalidValue { .. }));
     }
 
     #[test]
     fn bad_percent_encoding_is_an_invalid_value() {
         assert!(matches!(err("Observation", "code=%FF"), SearchError::InvalidValue { name, .. } if name == "code"));
-        assert!(matches!(
-            err("Observation", "co%FFde=1"),
-            SearchError::InvalidValue { .. }
-        ));
+        assert!(matches!(err("Observation", "co%FFde=1"), SearchError::InvalidValue { .. }));
         assert!(matches!(err("Observation", "_count=%FF"), SearchError::InvalidValue { name, .. } if name == "_count"));
         // An ignored parameter's value is never looked at.
         assert_eq!(
@@ -1122,10 +849,7 @@ mod tests {
             assert_eq!(again, q, "{canonical}");
             assert_eq!(again.to_query_string(), canonical);
         }
-        let q = parse(
-            "Observation",
-            "patient=pat-1&date=ge2026-03-04T10:00:00%2B02:00&code=a|b,c",
-        );
+        let q = parse("Observation", "patient=pat-1&date=ge2026-03-04T10:00:00%2B02:00&code=a|b,c");
         assert_eq!(
             q.to_query_string(),
             "patient=Patient/pat-1&date=ge2026-03-04T08:00:00Z&code=a%7Cb,c&_count=50&_offset=0"
