@@ -812,3 +812,72 @@ fn decimals_round_trip_as_written() {
         assert_eq!(c.get("/Observation?value-quantity=5.1|http://unitsofmeasure.org|mmol/L").await.body["total"], 1);
     });
 }
+
+/// Unmounts the tmpfs when the test ends, however it ends.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// A small tmpfs, so the disk can really fill up. Needs root (as on our CI and dev machines).
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "this test mounts a tmpfs to fill a disk; it needs root");
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// When the log cannot take an event (here: the disk is full), the API fails closed: writes answer
+/// 503 and store nothing half-way, reads answer 503 and disclose nothing (their audit event cannot be
+/// written), readiness says why, and every write acknowledged before is in the log.
+#[test]
+fn a_full_disk_fails_closed() {
+    let disk = Tmpfs::mount("24m");
+    let data = disk.0.join("data");
+    let s = Server::start(&data, &["--insecure-no-auth", "--read-wait-ms", "1000"]);
+    let acked = rt().block_on(async {
+        let c = Client::new(&s);
+        let mut acked = Vec::new();
+        let mut first_failure = None;
+        for i in 0..2000 {
+            let mut reading = glucose("pf", "2026-11-28T07:00:00Z", 100.0, &format!("f-{i}"));
+            reading["note"] = json!([{"text": "x".repeat(60_000)}]);
+            let r = c.post("/Observation", &reading).await;
+            match r.status {
+                201 => acked.push(r.body["id"].as_str().unwrap().to_owned()),
+                _ => {
+                    first_failure = Some(r);
+                    break;
+                }
+            }
+        }
+        let failure = first_failure.expect("the disk filled up");
+        assert_outcome(&failure, 503, "nothing was stored");
+        assert!(!acked.is_empty());
+        // Everything after fails closed too.
+        assert_outcome(&c.post("/Observation", &glucose("pf", "2026-11-28", 1.0, "after")).await, 503, "");
+        let read = c.get(&format!("/Observation/{}", acked[0])).await;
+        assert_eq!(read.status, 503, "a read whose audit event cannot be written discloses nothing: {}", read.body);
+        assert!(read.body.get("status").is_none(), "no resource in the body");
+        let ready = reqwest::get(format!("{}/readyz", s.base_url)).await.unwrap();
+        assert_eq!(ready.status().as_u16(), 503);
+        acked
+    });
+    drop(s);
+    // Every acknowledged write is in the log (read back from the full disk, read-only).
+    let written: std::collections::HashSet<String> =
+        events(&data, "cairn.fhir").into_iter().map(|e| e["payload"]["id"].as_str().unwrap().to_owned()).collect();
+    for id in &acked {
+        assert!(written.contains(id), "acknowledged {id} missing from the log");
+    }
+}
