@@ -75,13 +75,13 @@ impl ResourceProjector {
     }
 
     /// Applies everything already in the log, then returns (used by rebuilds and tests).
-    pub async fn catch_up(&self) -> anyhow_like::Result<()> {
+    pub async fn catch_up(&self) -> Result<(), ProjectorError> {
         let partitions = self.progress.borrow().len() as u32;
         let mut last_durable = Instant::now();
         for p in 0..partitions {
             loop {
                 let from = self.progress.borrow()[p as usize];
-                let records = self.log.read(&self.topic, p, from, BATCH_RECORDS).await.map_err(|e| e.to_string())?;
+                let records = self.log.read(&self.topic, p, from, BATCH_RECORDS).await?;
                 if records.is_empty() {
                     break;
                 }
@@ -97,17 +97,17 @@ impl ResourceProjector {
     }
 
     /// Tails every partition forever, applying in batches.
-    pub async fn run(self) -> anyhow_like::Result<()> {
+    pub async fn run(self) -> Result<(), ProjectorError> {
         let start = self.progress.borrow().clone();
         let tails = start.iter().enumerate().map(|(p, &from)| self.log.tail(&self.topic, p as u32, from));
         let mut merged = select_all(tails);
         let mut last_durable = Instant::now();
         loop {
             let Some(first) = merged.next().await else { return Ok(()) };
-            let mut batch = vec![first.map_err(|e| e.to_string())?];
+            let mut batch = vec![first?];
             while batch.len() < BATCH_RECORDS {
                 match futures_util::FutureExt::now_or_never(merged.next()) {
-                    Some(Some(r)) => batch.push(r.map_err(|e| e.to_string())?),
+                    Some(Some(r)) => batch.push(r?),
                     _ => break,
                 }
             }
@@ -119,7 +119,7 @@ impl ResourceProjector {
         }
     }
 
-    fn apply(&self, records: &[Record], durable: bool) -> anyhow_like::Result<()> {
+    fn apply(&self, records: &[Record], durable: bool) -> Result<(), ProjectorError> {
         let mut versions = Vec::with_capacity(records.len());
         let mut next = self.progress.borrow().clone();
         for r in records {
@@ -139,13 +139,18 @@ impl ResourceProjector {
             .enumerate()
             .map(|(p, &o)| Checkpoint { topic: self.topic.clone(), partition: p as u32, next_offset: o })
             .collect();
-        self.store.apply(&versions, &checkpoints, durable).map_err(|e| e.to_string())?;
+        self.store.apply(&versions, &checkpoints, durable)?;
         self.progress.send_replace(next);
         Ok(())
     }
 }
 
-/// A tiny string error, so this crate needs no error framework.
-pub mod anyhow_like {
-    pub type Result<T> = std::result::Result<T, String>;
+/// Why a projector stopped: it could not read the log or could not write its store. Either way it
+/// stops rather than skip ahead, and readers fail closed (503) once it falls behind.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error("reading the log: {0}")]
+    Log(#[from] cairn_log::LogError),
+    #[error("writing the store: {0}")]
+    Store(#[from] cairn_store::StoreError),
 }
