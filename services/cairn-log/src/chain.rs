@@ -6,7 +6,10 @@
 //! partition cannot be passed off as another. Altering a value changes its hash; removing or
 //! reordering records breaks a `prev_hash` link.
 
+use crate::frame::RecordRef;
+use crate::partition_for_key;
 use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
 
 pub type Hash = [u8; 32];
 
@@ -24,6 +27,56 @@ pub fn link(prev: &Hash, value: &[u8]) -> Hash {
     h.update(prev);
     h.update(value);
     h.finalize().into()
+}
+
+/// Every partition's chain head (next offset, last hash) while a log is read in order: the one place
+/// that decides whether a record is the next link of its chain, for the open-time scan and `verify`.
+pub(crate) struct ChainHeads<'t> {
+    topics: &'t BTreeMap<String, u32>,
+    heads: HashMap<(String, u32), (u64, Hash)>,
+}
+
+impl<'t> ChainHeads<'t> {
+    pub(crate) fn new(topics: &'t BTreeMap<String, u32>) -> Self {
+        ChainHeads { topics, heads: HashMap::new() }
+    }
+
+    /// Checks that `r` continues its partition's chain (a created topic and partition, the next
+    /// offset, `prev_hash` equal to the head) and advances the head. With `recompute` it also checks
+    /// that the key routes to the partition and recomputes the hash: what `verify` adds to the cheaper
+    /// open-time check. The error says what is wrong.
+    pub(crate) fn advance(&mut self, r: &RecordRef<'_>, recompute: bool) -> Result<(), String> {
+        let Some(&count) = self.topics.get(r.topic) else {
+            return Err("record of a topic that was never created".into());
+        };
+        if r.partition >= count {
+            return Err(format!("partition {} out of range ({count} partitions)", r.partition));
+        }
+        if recompute && partition_for_key(r.key, count) != r.partition {
+            return Err("key does not route to this partition".into());
+        }
+        let head = self.heads.entry((r.topic.to_owned(), r.partition)).or_insert_with(|| (0, genesis(r.topic, r.partition)));
+        if r.offset != head.0 {
+            return Err(format!("offset out of sequence (expected {})", head.0));
+        }
+        if r.prev_hash != head.1 {
+            return Err("prev_hash does not match the previous record's hash (record removed, reordered or altered)".into());
+        }
+        if recompute && link(&r.prev_hash, r.value) != r.hash {
+            return Err("hash does not match SHA-256(prev_hash || value): the record was altered".into());
+        }
+        *head = (r.offset + 1, r.hash);
+        Ok(())
+    }
+
+    /// (next offset, head hash) of a partition; the genesis hash if it has no record yet.
+    pub(crate) fn head(&self, topic: &str, partition: u32) -> (u64, Hash) {
+        self.heads.get(&(topic.to_owned(), partition)).copied().unwrap_or_else(|| (0, genesis(topic, partition)))
+    }
+
+    pub(crate) fn into_heads(self) -> HashMap<(String, u32), (u64, Hash)> {
+        self.heads
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@
 //! frame at the end of the last segment (a crash mid-write: never acknowledged) is copied to
 //! `quarantine/` and cut off; any other damage refuses the open with the file and byte position.
 
-use crate::chain::{self, Hash};
+use crate::chain::{self, ChainHeads, Hash};
 use crate::frame::{FrameWriter, MAX_BODY, RecordRef};
 use crate::segment::{self, ScanEnd};
 use crate::{EventLog, LogError, NewRecord, Position, Record, Result, TopicInfo, partition_for_key, validate_name};
@@ -136,7 +136,7 @@ impl EmbeddedLog {
                 partitions.insert((name.clone(), p), PartitionIndex::new());
             }
         }
-        let mut heads: HashMap<PartitionKey, (u64, Hash)> = HashMap::new();
+        let mut chain = ChainHeads::new(&topics);
         let mut report = OpenReport { segments: paths.len(), ..Default::default() };
         let mut entries: HashMap<PartitionKey, Vec<IndexEntry>> = HashMap::new();
         let mut last_len = 0u64;
@@ -145,29 +145,10 @@ impl EmbeddedLog {
             let is_last = i + 1 == paths.len();
             let end = segment::scan(path, &data, 0, is_last, |_, records| {
                 for (position, r) in records {
+                    chain.advance(r, false).map_err(|what| {
+                        corrupt(path, *position, format!("{}/{} offset {}: {what}", r.topic, r.partition, r.offset))
+                    })?;
                     let key = (r.topic.to_owned(), r.partition);
-                    let Some(count) = topics.get(r.topic) else {
-                        return Err(corrupt(path, *position, format!("record of unknown topic `{}`", r.topic)));
-                    };
-                    if r.partition >= *count {
-                        return Err(corrupt(path, *position, format!("partition {} out of range", r.partition)));
-                    }
-                    let head = heads.entry(key.clone()).or_insert_with(|| (0, chain::genesis(r.topic, r.partition)));
-                    if r.offset != head.0 {
-                        return Err(corrupt(
-                            path,
-                            *position,
-                            format!("{}/{}: offset {} where {} was expected", r.topic, r.partition, r.offset, head.0),
-                        ));
-                    }
-                    if r.prev_hash != head.1 {
-                        return Err(corrupt(
-                            path,
-                            *position,
-                            format!("{}/{} offset {}: chain link broken (prev_hash)", r.topic, r.partition, r.offset),
-                        ));
-                    }
-                    *head = (r.offset + 1, r.hash);
                     entries.entry(key).or_default().push(IndexEntry {
                         segment: i as u32,
                         position: *position,
@@ -194,6 +175,7 @@ impl EmbeddedLog {
                 }
             }
         }
+        let heads = chain.into_heads();
         for (key, list) in entries {
             let index = partitions.get(&key).expect("checked against topics above");
             index.end.send_replace(list.len() as u64);
@@ -677,7 +659,7 @@ fn prepare_dir(dir: &Path) -> Result<()> {
     write_atomically(&format, FORMAT_LINE.as_bytes())
 }
 
-fn check_format(dir: &Path) -> Result<()> {
+pub(crate) fn check_format(dir: &Path) -> Result<()> {
     let path = dir.join("FORMAT");
     let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => {
@@ -720,7 +702,7 @@ fn acquire_lock(dir: &Path) -> Result<File> {
     Ok(file)
 }
 
-fn read_topics(dir: &Path) -> Result<BTreeMap<String, u32>> {
+pub(crate) fn read_topics(dir: &Path) -> Result<BTreeMap<String, u32>> {
     let path = dir.join("topics.json");
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
