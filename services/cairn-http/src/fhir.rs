@@ -211,16 +211,8 @@ async fn create(
     check_content_type(&headers)?;
     let body = body_bytes(&api, request.into_body()).await?;
     let if_none_exist = headers.get("if-none-exist").and_then(|v| v.to_str().ok());
-    let base = &api.service.settings().base_url;
-    let prefer = prefer_return(&headers);
-    match api.service.create(&ctx, &rtype, &body, if_none_exist).await? {
-        WriteOutcome::Created(v) => {
-            Ok(resource_response(StatusCode::CREATED, &v, base, &rtype, prefer.as_deref(), true))
-        }
-        WriteOutcome::Existing(v) | WriteOutcome::Updated(v) => {
-            Ok(resource_response(StatusCode::OK, &v, base, &rtype, prefer.as_deref(), true))
-        }
-    }
+    let outcome = api.service.create(&ctx, &rtype, &body, if_none_exist).await?;
+    Ok(write_response(&api, &headers, &rtype, outcome))
 }
 
 async fn bundle(
@@ -254,16 +246,16 @@ async fn update(
     check_content_type(&headers)?;
     let body = body_bytes(&api, request.into_body()).await?;
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
+    let outcome = api.service.update(&ctx, &rtype, &id, &body, if_match).await?;
+    Ok(write_response(&api, &headers, &rtype, outcome))
+}
+
+/// 201 for a creation, 200 otherwise, with Location and the body `Prefer: return=` asks for.
+fn write_response(api: &FhirApi, headers: &HeaderMap, rtype: &str, outcome: WriteOutcome) -> Response {
+    let status = if outcome.created() { StatusCode::CREATED } else { StatusCode::OK };
+    let prefer = prefer_return(headers);
     let base = &api.service.settings().base_url;
-    let prefer = prefer_return(&headers);
-    match api.service.update(&ctx, &rtype, &id, &body, if_match).await? {
-        WriteOutcome::Created(v) => {
-            Ok(resource_response(StatusCode::CREATED, &v, base, &rtype, prefer.as_deref(), true))
-        }
-        WriteOutcome::Updated(v) | WriteOutcome::Existing(v) => {
-            Ok(resource_response(StatusCode::OK, &v, base, &rtype, prefer.as_deref(), true))
-        }
-    }
+    resource_response(status, &outcome.into_versioned(), base, rtype, prefer.as_deref(), true)
 }
 
 async fn delete(

@@ -55,12 +55,15 @@ impl<'t> ChainHeads<'t> {
         if recompute && partition_for_key(r.key, count) != r.partition {
             return Err("key does not route to this partition".into());
         }
-        let head = self.heads.entry((r.topic.to_owned(), r.partition)).or_insert_with(|| (0, genesis(r.topic, r.partition)));
+        let head =
+            self.heads.entry((r.topic.to_owned(), r.partition)).or_insert_with(|| (0, genesis(r.topic, r.partition)));
         if r.offset != head.0 {
             return Err(format!("offset out of sequence (expected {})", head.0));
         }
         if r.prev_hash != head.1 {
-            return Err("prev_hash does not match the previous record's hash (record removed, reordered or altered)".into());
+            return Err(
+                "prev_hash does not match the previous record's hash (record removed, reordered or altered)".into()
+            );
         }
         if recompute && link(&r.prev_hash, r.value) != r.hash {
             return Err("hash does not match SHA-256(prev_hash || value): the record was altered".into());

@@ -1,10 +1,10 @@
 //! Walks a log and proves its chains: every frame's checksum, every record's offset, chain link and
 //! hash, and every key's partition. Stops at the first broken link and says where it is.
 
+use crate::LogError;
 use crate::chain::ChainHeads;
 use crate::embedded::{check_format, read_topics};
 use crate::segment::{self, ScanEnd};
-use crate::LogError;
 use std::path::{Path, PathBuf};
 
 /// One partition's chain as verified.

@@ -139,9 +139,14 @@ fn subset(resource: Value, elements: &[String]) -> Value {
             out.insert(k, v);
         }
     }
-    let meta = out.entry("meta").or_insert_with(|| json!({}));
-    let tags = meta.as_object_mut().expect("meta is an object").entry("tag").or_insert_with(|| json!([]));
-    if let Some(tags) = tags.as_array_mut() {
+    // Stored resources always have an object `meta` (validation and stamping ensure it); anything
+    // else is left as it is rather than trusted.
+    let tags = out
+        .entry("meta")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .map(|m| m.entry("tag").or_insert_with(|| json!([])));
+    if let Some(tags) = tags.and_then(Value::as_array_mut) {
         tags.push(json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}));
     }
     Value::Object(out)
@@ -210,7 +215,7 @@ pub fn current_during(versions: Vec<ResourceVersion>, at: (i64, i64)) -> Vec<Res
     out
 }
 
-pub fn history(base: &str, versions: Vec<ResourceVersion>) -> Value {
+pub fn history(base: &str, versions: &[ResourceVersion]) -> Value {
     let entries: Vec<Value> = versions
         .iter()
         .map(|v| {

@@ -95,6 +95,19 @@ pub enum WriteOutcome {
     Existing(Versioned),
 }
 
+impl WriteOutcome {
+    /// Whether the write created the resource (201) rather than updating or finding it (200).
+    pub fn created(&self) -> bool {
+        matches!(self, WriteOutcome::Created(_))
+    }
+
+    pub fn into_versioned(self) -> Versioned {
+        match self {
+            WriteOutcome::Created(v) | WriteOutcome::Updated(v) | WriteOutcome::Existing(v) => v,
+        }
+    }
+}
+
 /// Write serialisation: one of these shards is held while a resource's next version is decided, so
 /// two writers of one resource never both take version n+1.
 const LOCK_SHARDS: usize = 256;
@@ -630,8 +643,7 @@ impl FhirService {
                     .map_err(|e| FhirError::unavailable(e.to_string()))?
             }
         };
-        let versions: Vec<ResourceVersion> = versions;
-        Ok((bundle::history(&self.settings.base_url, versions.clone()), versions))
+        Ok((bundle::history(&self.settings.base_url, &versions), versions))
     }
 }
 

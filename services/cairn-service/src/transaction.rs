@@ -458,8 +458,6 @@ impl FhirService {
 }
 
 fn write_entry(outcome: WriteOutcome, resource_type: &str, base: &str) -> Value {
-    match outcome {
-        WriteOutcome::Created(v) => response_entry("201 Created", Some(&v), resource_type, base),
-        WriteOutcome::Updated(v) | WriteOutcome::Existing(v) => response_entry("200 OK", Some(&v), resource_type, base),
-    }
+    let status = if outcome.created() { "201 Created" } else { "200 OK" };
+    response_entry(status, Some(&outcome.into_versioned()), resource_type, base)
 }

@@ -21,6 +21,9 @@ const BY_PATIENT: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new
 const BY_IDENTIFIER: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("by_identifier");
 const BY_PATIENT_DATE: TableDefinition<(&str, &str, i64, &str), ()> = TableDefinition::new("by_patient_date");
 const CHANGES: TableDefinition<(i64, &str, u64), ()> = TableDefinition::new("changes");
+type CurrentTable = redb::ReadOnlyTable<&'static str, &'static [u8]>;
+type VersionsTable = redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>;
+
 const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +75,21 @@ impl EmbeddedStore {
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
         storage(&self.path, e)
+    }
+
+    /// The newest version of `key` (possibly a deletion), through tables of one read transaction.
+    fn current_version(
+        &self,
+        current: &CurrentTable,
+        versions: &VersionsTable,
+        key: &str,
+    ) -> Result<Option<ResourceVersion>> {
+        let Some(entry) = current.get(key).map_err(|e| self.err(e))? else { return Ok(None) };
+        let entry: CurrentEntry = decode(entry.value())?;
+        match versions.get((key, entry.version_id)).map_err(|e| self.err(e))? {
+            Some(v) => Ok(Some(decode(v.value())?)),
+            None => Err(StoreError::Corrupt(format!("{key}: current version {} missing", entry.version_id))),
+        }
     }
 }
 
@@ -172,16 +190,10 @@ impl ResourceStore for EmbeddedStore {
     }
 
     fn current(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
-        let key = format!("{resource_type}/{id}");
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
-        let Some(entry) = current.get(key.as_str()).map_err(|e| self.err(e))? else { return Ok(None) };
-        let entry: CurrentEntry = decode(entry.value())?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
-        match versions.get((key.as_str(), entry.version_id)).map_err(|e| self.err(e))? {
-            Some(g) => Ok(Some(decode(g.value())?)),
-            None => Err(StoreError::Corrupt(format!("{key}: current version {} missing", entry.version_id))),
-        }
+        self.current_version(&current, &versions, &format!("{resource_type}/{id}"))
     }
 
     fn version(&self, resource_type: &str, id: &str, version_id: u64) -> Result<Option<ResourceVersion>> {
@@ -216,16 +228,10 @@ impl ResourceStore for EmbeddedStore {
         let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         let mut emit = |id: &str| -> Result<bool> {
-            let key = format!("{resource_type}/{id}");
-            let Some(entry) = current.get(key.as_str()).map_err(|e| self.err(e))? else { return Ok(true) };
-            let entry: CurrentEntry = decode(entry.value())?;
-            if entry.deleted {
-                return Ok(true);
-            }
-            let Some(v) = versions.get((key.as_str(), entry.version_id)).map_err(|e| self.err(e))? else {
-                return Err(StoreError::Corrupt(format!("{key}: current version missing")));
-            };
-            Ok(visit(decode(v.value())?))
+            Ok(match self.current_version(&current, &versions, &format!("{resource_type}/{id}"))? {
+                Some(v) if !v.deleted => visit(v),
+                _ => true,
+            })
         };
         match patient {
             Some(p) => {
@@ -292,14 +298,13 @@ impl ResourceStore for EmbeddedStore {
             {
                 let (k, _) = item.map_err(|e| self.err(e))?;
                 let (_, _, _, id) = k.value();
-                let key = format!("{resource_type}/{id}");
-                let Some(entry) = current.get(key.as_str()).map_err(|e| self.err(e))? else { continue };
-                let entry: CurrentEntry = decode(entry.value())?;
-                let Some(v) = versions.get((key.as_str(), entry.version_id)).map_err(|e| self.err(e))? else {
-                    return Err(StoreError::Corrupt(format!("{key}: current version missing")));
-                };
-                if !visit(decode(v.value())?) {
-                    return Ok(());
+                match self.current_version(&current, &versions, &format!("{resource_type}/{id}"))? {
+                    Some(v) if !v.deleted => {
+                        if !visit(v) {
+                            return Ok(());
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
