@@ -23,7 +23,7 @@
 //! `quarantine/` and cut off; any other damage refuses the open with the file and byte position.
 
 use crate::chain::{self, ChainHeads, Hash};
-use crate::frame::{FrameWriter, MAX_BODY, RecordRef};
+use crate::frame::{FrameWriter, MAX_BODY, RECORD_FIXED, RecordRef};
 use crate::segment::{self, ScanEnd};
 use crate::{EventLog, LogError, NewRecord, Position, Record, Result, TopicInfo, partition_for_key, validate_name};
 use async_trait::async_trait;
@@ -379,7 +379,7 @@ impl EventLog for EmbeddedLog {
             let topics = self.shared.topics.read().unwrap();
             for r in records {
                 let partitions = *topics.get(&r.topic).ok_or_else(|| LogError::UnknownTopic(r.topic.clone()))?;
-                encoded_len += 2 + 4 + 8 + 8 + 4 + 4 + 64 + r.topic.len() + r.key.len() + r.value.len();
+                encoded_len += RECORD_FIXED + r.topic.len() + r.key.len() + r.value.len();
                 let partition = partition_for_key(&r.key, partitions);
                 routed.push((r, partition));
             }

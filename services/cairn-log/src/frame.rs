@@ -16,7 +16,7 @@ pub const HEADER_LEN: usize = 12;
 /// Upper bound of one frame body; larger batches are refused before anything is written.
 pub const MAX_BODY: usize = 64 << 20;
 /// Fixed bytes of a record besides topic, key and value.
-const RECORD_FIXED: usize = 2 + 4 + 8 + 8 + 4 + 4 + 32 + 32;
+pub(crate) const RECORD_FIXED: usize = 2 + 4 + 8 + 8 + 4 + 4 + 32 + 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordRef<'a> {
