@@ -133,3 +133,23 @@ pub fn signal(pid: u32, name: &str) {
     let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap();
     assert!(status.success());
 }
+
+/// The Kafka brokers `infra/up` started (`CAIRN_KAFKA_BROKERS`). Tests that need Kafka are
+/// `#[ignore]`d for plain `cargo test`; the README test command starts Kafka and runs them, and one
+/// run without the variable fails here rather than passing silently.
+pub fn kafka_brokers() -> String {
+    std::env::var("CAIRN_KAFKA_BROKERS")
+        .expect("CAIRN_KAFKA_BROKERS is not set: run the tests with infra/test, which starts Kafka (infra/up)")
+}
+
+/// The CQL contact points `infra/up` started (`CAIRN_SCYLLA_NODES`); see [`kafka_brokers`].
+pub fn scylla_nodes() -> String {
+    std::env::var("CAIRN_SCYLLA_NODES")
+        .expect("CAIRN_SCYLLA_NODES is not set: run the tests with infra/test, which starts Cassandra (infra/up)")
+}
+
+/// A name no earlier run used, for topics, keyspaces and consumer groups on shared test servers.
+pub fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}_{}_{:x}", std::process::id(), nanos)
+}

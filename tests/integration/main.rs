@@ -3,3 +3,4 @@
 
 mod cli;
 mod fhir;
+mod log_backends;

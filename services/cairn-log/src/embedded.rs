@@ -25,7 +25,7 @@
 use crate::chain::{self, ChainHeads, Hash};
 use crate::frame::{FrameWriter, MAX_BODY, RECORD_FIXED, RecordRef};
 use crate::segment::{self, ScanEnd};
-use crate::{EventLog, LogError, NewRecord, Position, Record, Result, TopicInfo, partition_for_key, validate_name};
+use crate::{EventLog, LogError, NewRecord, Position, Record, Result, Tailed, TopicInfo, partition_for_key, validate_name};
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 use std::collections::{BTreeMap, HashMap};
@@ -409,7 +409,7 @@ impl EventLog for EmbeddedLog {
         Ok(*self.index(topic, partition)?.end.borrow())
     }
 
-    fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, Result<Record>> {
+    fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, Result<Tailed>> {
         let shared = self.shared.clone();
         let topic = topic.to_owned();
         Box::pin(async_stream::try_stream! {
@@ -428,7 +428,7 @@ impl EventLog for EmbeddedLog {
                 }
                 for record in batch {
                     next = record.offset + 1;
-                    yield record;
+                    yield Tailed::Record(record);
                 }
             }
         })

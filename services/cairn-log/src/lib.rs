@@ -65,6 +65,17 @@ pub struct Record {
     pub hash: Option<Hash>,
 }
 
+/// What a tail delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tailed {
+    Record(Record),
+    /// The reader has passed every offset below `next_offset` of `partition`. Kafka gives offsets to
+    /// transaction markers that are never delivered as records; a reader learns it has passed them
+    /// (and so is caught up with the partition's end offset) only from this. The embedded backend
+    /// has no gaps and never sends it.
+    Passed { partition: u32, next_offset: u64 },
+}
+
 /// A topic and its partition count.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TopicInfo {
@@ -143,11 +154,13 @@ pub trait EventLog: Send + Sync + 'static {
     async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>>;
 
     /// The offset the next record of the partition will get (Kafka's high watermark): every offset
-    /// below it is durable and readable.
+    /// below it is durable, and a reader that has passed it has read every record acknowledged before
+    /// the call. Offsets may have gaps (Kafka's transaction markers), so compare it with positions a
+    /// reader reports ([`Tailed::Passed`]), not with a count of records.
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64>;
 
     /// Every record of the partition from `from` on, waiting for new ones forever.
-    fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, Result<Record>>;
+    fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, Result<Tailed>>;
 
     /// Durably records that `group` has processed the partition up to (not including) `next_offset`.
     async fn commit_offset(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<()>;

@@ -2,7 +2,7 @@
 
 use crate::embedded::{EmbeddedLog, EmbeddedOptions};
 use crate::verify::verify_embedded;
-use crate::{EventLog, LogError, NewRecord, Position, chain, frame};
+use crate::{EventLog, LogError, NewRecord, Position, Tailed, chain, frame};
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -215,14 +215,15 @@ fn tail_waits_for_new_records() {
         log.create_topic("t", 1).await.unwrap();
         log.append(rec("t", "k", "first")).await.unwrap();
         let mut stream = log.tail("t", 0, 0);
-        assert_eq!(stream.next().await.unwrap().unwrap().value, b"first");
+        let Tailed::Record(first) = stream.next().await.unwrap().unwrap() else { panic!("a record") };
+        assert_eq!(first.value, b"first");
         let writer = log.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             writer.append(rec("t", "k", "second")).await.unwrap();
         });
         let next = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("tail woke up");
-        let r = next.unwrap().unwrap();
+        let Tailed::Record(r) = next.unwrap().unwrap() else { panic!("a record") };
         assert_eq!((r.offset, r.value.as_slice()), (1, b"second".as_slice()));
     });
 }

@@ -7,7 +7,7 @@
 
 pub mod resources;
 
-use cairn_log::{EventLog, Record};
+use cairn_log::{EventLog, Record, Tailed};
 use cairn_store::{Checkpoint, ResourceStore};
 use futures_util::StreamExt;
 use futures_util::stream::select_all;
@@ -111,8 +111,16 @@ impl ResourceProjector {
                     _ => break,
                 }
             }
+            let mut records = Vec::with_capacity(batch.len());
+            let mut passed = Vec::new();
+            for item in batch {
+                match item {
+                    Tailed::Record(r) => records.push(r),
+                    Tailed::Passed { partition, next_offset } => passed.push((partition, next_offset)),
+                }
+            }
             let durable = last_durable.elapsed() >= self.durable_every;
-            self.apply(&batch, durable)?;
+            self.apply_passing(&records, &passed, durable)?;
             if durable {
                 last_durable = Instant::now();
             }
@@ -120,6 +128,12 @@ impl ResourceProjector {
     }
 
     fn apply(&self, records: &[Record], durable: bool) -> Result<(), ProjectorError> {
+        self.apply_passing(records, &[], durable)
+    }
+
+    /// Applies `records`, then moves each partition in `passed` to at least its offset (the reader
+    /// passed offsets that hold no record, such as Kafka's transaction markers).
+    fn apply_passing(&self, records: &[Record], passed: &[(u32, u64)], durable: bool) -> Result<(), ProjectorError> {
         let mut versions = Vec::with_capacity(records.len());
         let mut next = self.progress.borrow().clone();
         for r in records {
@@ -133,6 +147,10 @@ impl ResourceProjector {
             }
             let slot = &mut next[r.partition as usize];
             *slot = (*slot).max(r.offset + 1);
+        }
+        for &(partition, offset) in passed {
+            let slot = &mut next[partition as usize];
+            *slot = (*slot).max(offset);
         }
         let checkpoints: Vec<Checkpoint> = next
             .iter()

@@ -1,0 +1,572 @@
+//! The event log on Apache Kafka: [`KafkaLog`] implements [`cairn_log::EventLog`] with `rdkafka`.
+//!
+//! - **Appends** go through one transactional producer (`acks=all`, idempotence, which transactions
+//!   imply). A writer task groups the appends that arrive while a transaction commits into the next
+//!   one (group commit, as the embedded log groups fsyncs), so every `append_batch` is atomic across
+//!   partitions and topics, and an append is acknowledged only after its transaction committed and
+//!   every record's delivery report came back. A failed transaction is aborted and its callers get an
+//!   error: nothing half-written is ever readable.
+//! - **Partitions** are chosen with the same murmur2 partitioner as the embedded backend (and Kafka's
+//!   own clients), set explicitly on each record.
+//! - **Reads** use `isolation.level=read_committed`, so aborted records are never seen. Transaction
+//!   markers take offsets that no reader receives; tails report how far they have passed
+//!   ([`Tailed::Passed`]) at the end of each partition, which is how projectors know they are caught up.
+//! - **Topics** are created with the configured replication factor, unlimited retention (the log is the
+//!   record; it is never compacted or expired) and `LogAppendTime` timestamps (the log's clock).
+//! - **Chain**: Kafka cannot chain records at append (several processes write one partition, and Kafka
+//!   has no compare-and-set), so records come back with `prev_hash = None`; the chain over a
+//!   partition's committed records is computed by readers ([`chain_partition`]) and checked by
+//!   `cairn log verify`. See docs/decisions/0005-kafka-log.md.
+//!
+//! Blocking librdkafka calls (metadata, watermarks, transaction control) run on tokio's blocking pool.
+
+use async_trait::async_trait;
+use cairn_log::{EventLog, Hash, LogError, NewRecord, Position, Record, Result, Tailed, TopicInfo, validate_name};
+use futures_util::stream::BoxStream;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// How Cairn connects to Kafka and creates its topics.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `host:port,host:port`
+    pub brokers: String,
+    /// Replicas per partition for topics Cairn creates (3 in production, 1 on a one-node test broker).
+    pub replication_factor: i32,
+    /// `min.insync.replicas` for topics Cairn creates (2 in production with 3 replicas).
+    pub min_insync_replicas: i32,
+    /// Identifies this process's transactional producer. Two live processes must not share it (the
+    /// newer fences the older); a process restarted with the same id fences its own zombie.
+    pub transactional_id: String,
+    /// The largest record the topics and the producer accept.
+    pub max_record_bytes: usize,
+    /// How long an append may take before it fails (and the caller fails closed).
+    pub timeout: Duration,
+}
+
+impl KafkaSettings {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaSettings {
+            brokers: brokers.into(),
+            replication_factor: 1,
+            min_insync_replicas: 1,
+            transactional_id: format!("cairn-{}", uuid_like()),
+            max_record_bytes: 16 << 20,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A process-unique suffix without pulling in a UUID crate: pid, start time and a counter.
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{}-{:x}-{}", std::process::id(), nanos, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Appends waiting for the writer task: the records and where to send their positions.
+struct PendingAppend {
+    records: Vec<Routed>,
+    reply: oneshot::Sender<Result<Vec<Position>>>,
+}
+
+/// A record with the partition its key routes to.
+struct Routed {
+    partition: u32,
+    record: NewRecord,
+}
+
+/// The most records one transaction carries; appends beyond wait for the next.
+const MAX_RECORDS_PER_TRANSACTION: usize = 8192;
+
+pub struct KafkaLog {
+    settings: KafkaSettings,
+    topics: Arc<RwLock<BTreeMap<String, u32>>>,
+    admin: AdminClient<DefaultClientContext>,
+    /// Metadata and watermark queries.
+    meta: Arc<BaseConsumer>,
+    appends: mpsc::Sender<PendingAppend>,
+    /// Set when the transactional producer hit a fatal error (e.g. fenced by another process with
+    /// the same transactional id): every later append is refused, as with the embedded log.
+    failure: Arc<Mutex<Option<String>>>,
+    groups: Mutex<HashMap<String, Arc<BaseConsumer>>>,
+}
+
+fn kafka_err(context: &str, e: impl std::fmt::Display) -> LogError {
+    LogError::Failed(format!("kafka: {context}: {e}"))
+}
+
+impl KafkaLog {
+    /// Connects, initialises the transactional producer (fencing any earlier process that used the
+    /// same transactional id) and loads the topics' metadata.
+    pub async fn connect(settings: KafkaSettings) -> Result<KafkaLog> {
+        let admin: AdminClient<DefaultClientContext> =
+            base_config(&settings).create().map_err(|e| kafka_err("admin client", e))?;
+        let meta: BaseConsumer = consumer_config(&settings, "cairn-meta")
+            .create()
+            .map_err(|e| kafka_err("metadata client", e))?;
+        let meta = Arc::new(meta);
+        let producer: FutureProducer = base_config(&settings)
+            .set("transactional.id", &settings.transactional_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.max.bytes", (settings.max_record_bytes + 4096).to_string())
+            .set("transaction.timeout.ms", "60000")
+            .create()
+            .map_err(|e| kafka_err("producer", e))?;
+        let producer = Arc::new(producer);
+        let timeout = settings.timeout;
+        let p = producer.clone();
+        blocking(move || p.init_transactions(timeout).map_err(|e| kafka_err("initialising transactions", e))).await?;
+
+        let topics = Arc::new(RwLock::new(BTreeMap::new()));
+        let log = {
+            let (tx, rx) = mpsc::channel(4096);
+            let failure = Arc::new(Mutex::new(None));
+            tokio::spawn(writer(producer, rx, failure.clone(), timeout));
+            KafkaLog { settings, topics, admin, meta, appends: tx, failure, groups: Mutex::new(HashMap::new()) }
+        };
+        log.refresh_topics().await?;
+        Ok(log)
+    }
+
+    pub fn settings(&self) -> &KafkaSettings {
+        &self.settings
+    }
+
+    /// Why appends are refused, if they are.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap().clone()
+    }
+
+    /// Reloads every topic's partition count from the cluster.
+    pub async fn refresh_topics(&self) -> Result<()> {
+        let meta = self.meta.clone();
+        let timeout = self.settings.timeout;
+        let found = blocking(move || {
+            let md = meta.fetch_metadata(None, timeout).map_err(|e| kafka_err("fetching metadata", e))?;
+            Ok(md
+                .topics()
+                .iter()
+                .filter(|t| t.error().is_none() && !t.name().starts_with("__"))
+                .map(|t| (t.name().to_owned(), t.partitions().len() as u32))
+                .collect::<BTreeMap<_, _>>())
+        })
+        .await?;
+        *self.topics.write().unwrap() = found;
+        Ok(())
+    }
+
+    fn check_partition(&self, topic: &str, partition: u32) -> Result<()> {
+        let partitions = self.partitions(topic)?;
+        if partition >= partitions {
+            return Err(LogError::UnknownPartition { topic: topic.to_owned(), partition, partitions });
+        }
+        Ok(())
+    }
+
+    fn group_consumer(&self, group: &str) -> Result<Arc<BaseConsumer>> {
+        validate_name(group)?;
+        let mut groups = self.groups.lock().unwrap();
+        if let Some(c) = groups.get(group) {
+            return Ok(c.clone());
+        }
+        let c: BaseConsumer =
+            consumer_config(&self.settings, group).create().map_err(|e| kafka_err("group consumer", e))?;
+        let c = Arc::new(c);
+        groups.insert(group.to_owned(), c.clone());
+        Ok(c)
+    }
+}
+
+fn base_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.brokers)
+        .set("client.id", "cairn")
+        .set("socket.timeout.ms", settings.timeout.as_millis().to_string())
+        // librdkafka logs through its own callback into `log`; keep it to warnings.
+        .set("log_level", "4");
+    c
+}
+
+/// A consumer that never commits on its own and sees only committed transactions.
+fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
+    let mut c = base_config(settings);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("fetch.max.bytes", (settings.max_record_bytes * 4).to_string())
+        .set("auto.offset.reset", "earliest");
+    c
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| LogError::Failed(format!("kafka: blocking task: {e}")))?
+}
+
+/// The writer task: takes every append waiting, sends them in one transaction, commits, and answers
+/// each caller with its positions (or the error).
+async fn writer(
+    producer: Arc<FutureProducer>,
+    mut rx: mpsc::Receiver<PendingAppend>,
+    failure: Arc<Mutex<Option<String>>>,
+    timeout: Duration,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        let mut count = group[0].records.len();
+        while count < MAX_RECORDS_PER_TRANSACTION {
+            match rx.try_recv() {
+                Ok(p) => {
+                    count += p.records.len();
+                    group.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Some(why) = failure.lock().unwrap().clone() {
+            for p in group {
+                let _ = p.reply.send(Err(LogError::Failed(why.clone())));
+            }
+            continue;
+        }
+        let started = Instant::now();
+        match transaction(&producer, &group, timeout).await {
+            Ok(positions) => {
+                metrics::histogram!("cairn_log_fsync_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("cairn_log_fsync_batch_records").record(count as f64);
+                metrics::counter!("cairn_log_appended_records_total").increment(count as u64);
+                for (p, pos) in group.into_iter().zip(positions) {
+                    let _ = p.reply.send(Ok(pos));
+                }
+            }
+            Err((e, fatal)) => {
+                tracing::error!(error = %e, records = count, "kafka transaction failed; its appends are refused");
+                if fatal {
+                    *failure.lock().unwrap() = Some(e.to_string());
+                }
+                for p in group {
+                    let _ = p.reply.send(Err(LogError::Failed(format!("kafka transaction failed: {e}"))));
+                }
+            }
+        }
+    }
+}
+
+/// Sends the group's records in one transaction. On error the transaction is aborted; the flag says
+/// whether the producer is unusable from now on.
+async fn transaction(
+    producer: &Arc<FutureProducer>,
+    group: &[PendingAppend],
+    timeout: Duration,
+) -> std::result::Result<Vec<Vec<Position>>, (KafkaError, bool)> {
+    // A fatal error (fenced by a newer process with our transactional id, or a broken producer)
+    // leaves the producer unusable: the log fails closed until restart.
+    let fatal = |e: &KafkaError| {
+        matches!(e, KafkaError::Transaction(r) if r.is_fatal())
+            || matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced))
+    };
+    producer.begin_transaction().map_err(|e| {
+        let f = fatal(&e);
+        (e, f)
+    })?;
+    let mut deliveries = Vec::with_capacity(group.len());
+    let mut send_error = None;
+    'send: for p in group {
+        let mut these = Vec::with_capacity(p.records.len());
+        for r in &p.records {
+            let record = FutureRecord::to(&r.record.topic)
+                .partition(r.partition as i32)
+                .key(&r.record.key[..])
+                .payload(&r.record.value[..]);
+            match producer.send_result(record) {
+                Ok(f) => these.push(f),
+                Err((e, _)) => {
+                    send_error = Some(e);
+                    break 'send;
+                }
+            }
+        }
+        deliveries.push(these);
+    }
+    let committed = match send_error {
+        Some(e) => Err(e),
+        None => {
+            let p = producer.clone();
+            tokio::task::spawn_blocking(move || p.commit_transaction(timeout))
+                .await
+                .unwrap_or(Err(KafkaError::Canceled))
+        }
+    };
+    if let Err(e) = committed {
+        let f = fatal(&e);
+        let p = producer.clone();
+        let aborted = tokio::task::spawn_blocking(move || p.abort_transaction(timeout)).await;
+        let abort_failed = !matches!(aborted, Ok(Ok(())));
+        return Err((e, f || abort_failed));
+    }
+    let mut positions = Vec::with_capacity(deliveries.len());
+    for these in deliveries {
+        let mut out = Vec::with_capacity(these.len());
+        for f in these {
+            match f.await {
+                Ok(Ok(d)) => out.push(Position { partition: d.partition as u32, offset: d.offset as u64 }),
+                Ok(Err((e, _))) => return Err((e, true)),
+                Err(_) => return Err((KafkaError::Canceled, true)),
+            }
+        }
+        positions.push(out);
+    }
+    Ok(positions)
+}
+
+#[async_trait]
+impl EventLog for KafkaLog {
+    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+        validate_name(topic)?;
+        if !(1..=1024).contains(&partitions) {
+            return Err(LogError::InvalidPartitionCount(partitions));
+        }
+        if let Ok(existing) = self.partitions(topic) {
+            return if existing == partitions {
+                Ok(())
+            } else {
+                Err(LogError::TopicMismatch { topic: topic.to_owned(), existing, requested: partitions })
+            };
+        }
+        let max_bytes = (self.settings.max_record_bytes + 4096).to_string();
+        let min_isr = self.settings.min_insync_replicas.to_string();
+        let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(self.settings.replication_factor))
+            // The log is the record: never expired, never compacted.
+            .set("retention.ms", "-1")
+            .set("retention.bytes", "-1")
+            .set("cleanup.policy", "delete")
+            .set("message.timestamp.type", "LogAppendTime")
+            .set("max.message.bytes", &max_bytes)
+            .set("min.insync.replicas", &min_isr);
+        let options = AdminOptions::new().operation_timeout(Some(self.settings.timeout));
+        let results = self.admin.create_topics([&new], &options).await.map_err(|e| kafka_err("creating topic", e))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => return Err(kafka_err(&format!("creating topic {name}"), code)),
+            }
+        }
+        // Metadata propagates asynchronously; wait until the broker reports every partition.
+        let deadline = Instant::now() + self.settings.timeout;
+        loop {
+            self.refresh_topics().await?;
+            match self.partitions(topic) {
+                Ok(existing) if existing == partitions => return Ok(()),
+                Ok(existing) if existing != 0 => {
+                    return Err(LogError::TopicMismatch { topic: topic.to_owned(), existing, requested: partitions });
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(kafka_err("creating topic", format!("{topic} did not appear in the metadata")));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    fn topics(&self) -> Vec<TopicInfo> {
+        let topics = self.topics.read().unwrap();
+        topics.iter().map(|(name, &partitions)| TopicInfo { name: name.clone(), partitions }).collect()
+    }
+
+    fn partitions(&self, topic: &str) -> Result<u32> {
+        self.topics.read().unwrap().get(topic).copied().ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))
+    }
+
+    async fn append_batch(&self, records: Vec<NewRecord>) -> Result<Vec<Position>> {
+        if records.is_empty() {
+            return Err(LogError::EmptyBatch);
+        }
+        if let Some(why) = self.failure() {
+            return Err(LogError::Failed(why));
+        }
+        let mut routed = Vec::with_capacity(records.len());
+        for record in records {
+            let size = record.key.len() + record.value.len();
+            if size > self.settings.max_record_bytes {
+                return Err(LogError::TooLarge { size, limit: self.settings.max_record_bytes });
+            }
+            let partition = self.partition_for(&record.topic, &record.key)?;
+            routed.push(Routed { partition, record });
+        }
+        let started = Instant::now();
+        let (reply, answer) = oneshot::channel();
+        self.appends.send(PendingAppend { records: routed, reply }).await.map_err(|_| LogError::Closed)?;
+        let positions = answer.await.map_err(|_| LogError::Closed)??;
+        metrics::histogram!("cairn_log_append_seconds").record(started.elapsed().as_secs_f64());
+        Ok(positions)
+    }
+
+    async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>> {
+        self.check_partition(topic, partition)?;
+        let config = consumer_config(&self.settings, "cairn-reader");
+        let topic = topic.to_owned();
+        let timeout = self.settings.timeout;
+        blocking(move || {
+            let consumer: BaseConsumer = config.create().map_err(|e| kafka_err("reader", e))?;
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, partition as i32, timeout)
+                .map_err(|e| kafka_err("reading watermarks", e))?;
+            if from >= high.max(0) as u64 || max == 0 {
+                return Ok(Vec::new());
+            }
+            assign(&consumer, &topic, partition, from)?;
+            let mut out = Vec::new();
+            let deadline = Instant::now() + timeout;
+            while out.len() < max {
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(m)) => {
+                        let r = to_record(&m);
+                        let last = r.offset + 1 >= high as u64;
+                        out.push(r);
+                        if last {
+                            break;
+                        }
+                    }
+                    // The end of what is committed (transaction markers and open transactions are
+                    // not delivered).
+                    Some(Err(KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e)) => return Err(kafka_err("reading", e)),
+                    None if Instant::now() > deadline => {
+                        return Err(kafka_err("reading", "no answer from the broker in time"));
+                    }
+                    None => {}
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64> {
+        self.check_partition(topic, partition)?;
+        let meta = self.meta.clone();
+        let topic = topic.to_owned();
+        let timeout = self.settings.timeout;
+        blocking(move || {
+            let (_, high) = meta
+                .fetch_watermarks(&topic, partition as i32, timeout)
+                .map_err(|e| kafka_err("reading watermarks", e))?;
+            Ok(high.max(0) as u64)
+        })
+        .await
+    }
+
+    fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, Result<Tailed>> {
+        let checked = self.check_partition(topic, partition);
+        let config = consumer_config(&self.settings, "cairn-tail");
+        let topic = topic.to_owned();
+        Box::pin(async_stream::try_stream! {
+            checked?;
+            let consumer: StreamConsumer = config.create().map_err(|e| kafka_err("tail consumer", e))?;
+            assign(&consumer, &topic, partition, from)?;
+            loop {
+                match consumer.recv().await {
+                    Ok(m) => yield Tailed::Record(to_record(&m)),
+                    Err(KafkaError::PartitionEOF(_)) => {
+                        // At the end of what is committed, the consumer's position has passed any
+                        // transaction markers: report it so readers know they are caught up.
+                        if let Some(next_offset) = position(&consumer, &topic, partition)? {
+                            yield Tailed::Passed { partition, next_offset };
+                        }
+                    }
+                    Err(e) if is_fatal(&e) => Err(kafka_err("tailing", e))?,
+                    Err(e) => {
+                        // Broker restarts and network blips: librdkafka reconnects by itself.
+                        tracing::warn!(error = %e, topic = %topic, partition, "kafka tail: transient error, retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        })
+    }
+
+    async fn commit_offset(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<()> {
+        self.check_partition(topic, partition)?;
+        let consumer = self.group_consumer(group)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(next_offset as i64))
+            .map_err(|e| kafka_err("commit", e))?;
+        blocking(move || consumer.commit(&tpl, CommitMode::Sync).map_err(|e| kafka_err("committing offsets", e))).await
+    }
+
+    async fn committed_offset(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>> {
+        self.check_partition(topic, partition)?;
+        let consumer = self.group_consumer(group)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition as i32);
+        let timeout = self.settings.timeout;
+        let committed = blocking(move || {
+            consumer.committed_offsets(tpl, timeout).map_err(|e| kafka_err("reading committed offsets", e))
+        })
+        .await?;
+        Ok(committed.elements().first().and_then(|e| match e.offset() {
+            Offset::Offset(o) if o >= 0 => Some(o as u64),
+            _ => None,
+        }))
+    }
+}
+
+fn is_fatal(e: &KafkaError) -> bool {
+    matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::UnknownTopicOrPartition))
+}
+
+fn assign(consumer: &impl Consumer, topic: &str, partition: u32, from: u64) -> Result<()> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
+        .map_err(|e| kafka_err("assign", e))?;
+    consumer.assign(&tpl).map_err(|e| kafka_err("assign", e))
+}
+
+fn position(consumer: &impl Consumer, topic: &str, partition: u32) -> Result<Option<u64>> {
+    let tpl = consumer.position().map_err(|e| kafka_err("position", e))?;
+    Ok(tpl.find_partition(topic, partition as i32).and_then(|e| match e.offset() {
+        Offset::Offset(o) if o >= 0 => Some(o as u64),
+        _ => None,
+    }))
+}
+
+fn to_record(m: &impl Message) -> Record {
+    Record {
+        topic: m.topic().to_owned(),
+        partition: m.partition() as u32,
+        offset: m.offset() as u64,
+        timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+        key: m.key().unwrap_or_default().to_vec(),
+        value: m.payload().unwrap_or_default().to_vec(),
+        prev_hash: None,
+        hash: None,
+    }
+}
+
+/// Computes the hash chain over records read in order from the start of a partition: fills each
+/// record's `prev_hash` and `hash` and returns the head. Kafka's offsets have gaps, so the chain links
+/// committed records in offset order rather than by offset arithmetic.
+pub fn chain_partition(head: &mut Option<Hash>, topic: &str, partition: u32, records: &mut [Record]) {
+    for r in records {
+        let prev = head.unwrap_or_else(|| cairn_log::chain::genesis(topic, partition));
+        let hash = cairn_log::chain::link(&prev, &r.value);
+        r.prev_hash = Some(prev);
+        r.hash = Some(hash);
+        *head = Some(hash);
+    }
+}
