@@ -64,8 +64,9 @@ async fn conformance(log: Arc<dyn EventLog>) {
     }
 
     // A batch across topics and partitions: positions in input order, every record readable.
-    let batch: Vec<NewRecord> =
-        (0..10).map(|i| NewRecord::new(if i % 2 == 0 { &a } else { &b }, format!("k{i}"), format!("batch {i}"))).collect();
+    let batch: Vec<NewRecord> = (0..10)
+        .map(|i| NewRecord::new(if i % 2 == 0 { &a } else { &b }, format!("k{i}"), format!("batch {i}")))
+        .collect();
     let positions = log.append_batch(batch.clone()).await.unwrap();
     assert_eq!(positions.len(), 10);
     for (record, pos) in batch.iter().zip(&positions) {
@@ -106,7 +107,8 @@ async fn conformance(log: Arc<dyn EventLog>) {
     let end = log.end_offset(&a, p).await.unwrap();
     let mut passed = 0;
     while passed < end {
-        match tokio::time::timeout(Duration::from_secs(10), tail.next()).await.expect("tail delivers").unwrap().unwrap() {
+        match tokio::time::timeout(Duration::from_secs(10), tail.next()).await.expect("tail delivers").unwrap().unwrap()
+        {
             Tailed::Record(r) => passed = r.offset + 1,
             Tailed::Passed { partition, next_offset } => {
                 assert_eq!(partition, p);
@@ -122,7 +124,8 @@ async fn conformance(log: Arc<dyn EventLog>) {
         writer.append(NewRecord::new(&topic, "tailed", "late")).await.unwrap();
     });
     let late = loop {
-        match tokio::time::timeout(Duration::from_secs(10), tail.next()).await.expect("tail wakes up").unwrap().unwrap() {
+        match tokio::time::timeout(Duration::from_secs(10), tail.next()).await.expect("tail wakes up").unwrap().unwrap()
+        {
             Tailed::Record(r) => break r,
             Tailed::Passed { .. } => continue,
         }

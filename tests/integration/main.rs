@@ -4,3 +4,4 @@
 mod cli;
 mod fhir;
 mod log_backends;
+mod store_backends;

@@ -113,9 +113,8 @@ impl KafkaLog {
     pub async fn connect(settings: KafkaSettings) -> Result<KafkaLog> {
         let admin: AdminClient<DefaultClientContext> =
             base_config(&settings).create().map_err(|e| kafka_err("admin client", e))?;
-        let meta: BaseConsumer = consumer_config(&settings, "cairn-meta")
-            .create()
-            .map_err(|e| kafka_err("metadata client", e))?;
+        let meta: BaseConsumer =
+            consumer_config(&settings, "cairn-meta").create().map_err(|e| kafka_err("metadata client", e))?;
         let meta = Arc::new(meta);
         let producer: FutureProducer = base_config(&settings)
             .set("transactional.id", &settings.transactional_id)

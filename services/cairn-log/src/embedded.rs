@@ -25,7 +25,9 @@
 use crate::chain::{self, ChainHeads, Hash};
 use crate::frame::{FrameWriter, MAX_BODY, RECORD_FIXED, RecordRef};
 use crate::segment::{self, ScanEnd};
-use crate::{EventLog, LogError, NewRecord, Position, Record, Result, Tailed, TopicInfo, partition_for_key, validate_name};
+use crate::{
+    EventLog, LogError, NewRecord, Position, Record, Result, Tailed, TopicInfo, partition_for_key, validate_name,
+};
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 use std::collections::{BTreeMap, HashMap};

@@ -73,7 +73,10 @@ pub enum Tailed {
     /// transaction markers that are never delivered as records; a reader learns it has passed them
     /// (and so is caught up with the partition's end offset) only from this. The embedded backend
     /// has no gaps and never sends it.
-    Passed { partition: u32, next_offset: u64 },
+    Passed {
+        partition: u32,
+        next_offset: u64,
+    },
 }
 
 /// A topic and its partition count.

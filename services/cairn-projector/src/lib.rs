@@ -53,15 +53,15 @@ pub struct ResourceProjector {
 const BATCH_RECORDS: usize = 2048;
 
 impl ResourceProjector {
-    pub fn new(
+    pub async fn new(
         log: Arc<dyn EventLog>,
         store: Arc<dyn ResourceStore>,
         topic: &str,
-    ) -> cairn_log::Result<(Self, Progress)> {
+    ) -> Result<(Self, Progress), ProjectorError> {
         let partitions = log.partitions(topic)?;
         let mut start = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {
-            start.push(store.checkpoint(topic, p).ok().flatten().unwrap_or(0));
+            start.push(store.checkpoint(topic, p).await?.unwrap_or(0));
         }
         let (tx, rx) = watch::channel(start);
         let projector = ResourceProjector {
@@ -86,14 +86,14 @@ impl ResourceProjector {
                     break;
                 }
                 let durable = last_durable.elapsed() >= self.durable_every;
-                self.apply(&records, durable)?;
+                self.apply(&records, durable).await?;
                 if durable {
                     last_durable = Instant::now();
                 }
             }
         }
         // One durable commit at the end: the rebuilt state survives a crash right after.
-        self.apply(&[], true)
+        self.apply(&[], true).await
     }
 
     /// Tails every partition forever, applying in batches.
@@ -120,20 +120,25 @@ impl ResourceProjector {
                 }
             }
             let durable = last_durable.elapsed() >= self.durable_every;
-            self.apply_passing(&records, &passed, durable)?;
+            self.apply_passing(&records, &passed, durable).await?;
             if durable {
                 last_durable = Instant::now();
             }
         }
     }
 
-    fn apply(&self, records: &[Record], durable: bool) -> Result<(), ProjectorError> {
-        self.apply_passing(records, &[], durable)
+    async fn apply(&self, records: &[Record], durable: bool) -> Result<(), ProjectorError> {
+        self.apply_passing(records, &[], durable).await
     }
 
     /// Applies `records`, then moves each partition in `passed` to at least its offset (the reader
     /// passed offsets that hold no record, such as Kafka's transaction markers).
-    fn apply_passing(&self, records: &[Record], passed: &[(u32, u64)], durable: bool) -> Result<(), ProjectorError> {
+    async fn apply_passing(
+        &self,
+        records: &[Record],
+        passed: &[(u32, u64)],
+        durable: bool,
+    ) -> Result<(), ProjectorError> {
         let mut versions = Vec::with_capacity(records.len());
         let mut next = self.progress.borrow().clone();
         for r in records {
@@ -157,7 +162,7 @@ impl ResourceProjector {
             .enumerate()
             .map(|(p, &o)| Checkpoint { topic: self.topic.clone(), partition: p as u32, next_offset: o })
             .collect();
-        self.store.apply(&versions, &checkpoints, durable)?;
+        self.store.apply(&versions, &checkpoints, durable).await?;
         self.progress.send_replace(next);
         Ok(())
     }

@@ -251,7 +251,8 @@ impl FhirService {
             self.scan(resource_type, &parsed, &mut |v, _| {
                 found.push(v);
                 found.len() < 2
-            })?;
+            })
+            .await?;
             match found.len() {
                 0 => {}
                 1 => {
@@ -322,7 +323,7 @@ impl FhirService {
         let key = format!("{resource_type}/{id}");
         let _guard = self.lock_for(&key).lock().await;
         self.caught_up(Some(&key)).await?;
-        let current = self.store.current(resource_type, id).map_err(|e| FhirError::unavailable(e.to_string()))?;
+        let current = self.store.current(resource_type, id).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
         let current_version = current.as_ref().map(|c| c.version_id);
         if let Some(expected) = expected
             && current_version != Some(expected)
@@ -353,7 +354,7 @@ impl FhirService {
         let key = format!("{resource_type}/{id}");
         let _guard = self.lock_for(&key).lock().await;
         self.caught_up(Some(&key)).await?;
-        let current = self.store.current(resource_type, id).map_err(|e| FhirError::unavailable(e.to_string()))?;
+        let current = self.store.current(resource_type, id).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
         let Some(current) = current.filter(|c| !c.deleted) else { return Ok(None) };
         let version_id = current.version_id + 1;
         let mut e =
@@ -398,8 +399,8 @@ impl FhirService {
         Self::check_id(id)?;
         self.caught_up(Some(&format!("{resource_type}/{id}"))).await?;
         let found = match version_id {
-            None => self.store.current(resource_type, id),
-            Some(v) => self.store.version(resource_type, id, v),
+            None => self.store.current(resource_type, id).await,
+            Some(v) => self.store.version(resource_type, id, v).await,
         }
         .map_err(|e| FhirError::unavailable(e.to_string()))?;
         match (found, version_id) {
@@ -464,11 +465,11 @@ impl FhirService {
     /// Current resources matching `query`, via the patient index when the query names one patient.
     /// With one patient and a bounded `date`, only that patient's readings in the time window are
     /// read (the `by_patient_date` index); every candidate is still matched exactly.
-    fn scan(
+    async fn scan(
         &self,
         resource_type: &str,
         query: &search::SearchQuery,
-        visit: &mut dyn FnMut(ResourceVersion, &Value) -> bool,
+        visit: &mut (dyn FnMut(ResourceVersion, &Value) -> bool + Send),
     ) -> FhirResult<()> {
         let patient = single_patient(resource_type, query);
         let mut filter = |v: ResourceVersion| match v.resource_value() {
@@ -477,9 +478,9 @@ impl FhirService {
         };
         let result = match (patient.as_deref(), index::date_bounds(query)) {
             (Some(p), Some((from, to))) if resource_type == "Observation" => {
-                self.store.scan_patient_dates(resource_type, p, from, to, &mut filter)
+                self.store.scan_patient_dates(resource_type, p, from, to, &mut filter).await
             }
-            (p, _) => self.store.scan_current(resource_type, p, &mut filter),
+            (p, _) => self.store.scan_current(resource_type, p, &mut filter).await,
         };
         result.map_err(|e| FhirError::unavailable(e.to_string()))
     }
@@ -525,7 +526,8 @@ impl FhirService {
         self.caught_up(None).await?;
         if query.summary_count && query.params.is_empty() {
             // A plain count needs no resource read.
-            let total = self.store.count_current(resource_type).map_err(|e| FhirError::unavailable(e.to_string()))?;
+            let total =
+                self.store.count_current(resource_type).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
             return Ok(bundle::searchset(
                 &self.settings.base_url,
                 resource_type,
@@ -542,7 +544,8 @@ impl FhirService {
         self.scan(resource_type, &query, &mut |v, r| {
             hits.push(bundle::hit(&v, r, &keys));
             true
-        })?;
+        })
+        .await?;
         let (start, end) = bundle::page(&mut hits, &keys, &query);
         let mut page = Vec::with_capacity(end - start);
         for h in &hits[start..end] {
@@ -550,6 +553,7 @@ impl FhirService {
             if let Some(v) = self
                 .store
                 .version(resource_type, &h.id, h.version_id)
+                .await
                 .map_err(|e| FhirError::unavailable(e.to_string()))?
             {
                 page.push(v);
@@ -621,7 +625,7 @@ impl FhirService {
             (Some(t), Some(id)) => {
                 Self::check_id(id)?;
                 self.caught_up(Some(&format!("{t}/{id}"))).await?;
-                let all = self.store.history(t, id).map_err(|e| FhirError::unavailable(e.to_string()))?;
+                let all = self.store.history(t, id).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
                 if all.is_empty() {
                     return Err(FhirError::new(404, IssueCode::NotFound, format!("{t}/{id} does not exist")));
                 }
@@ -640,6 +644,7 @@ impl FhirService {
                 let (from, to) = params.window();
                 self.store
                     .changes(resource_type, from, to, params.count)
+                    .await
                     .map_err(|e| FhirError::unavailable(e.to_string()))?
             }
         };

@@ -230,7 +230,8 @@ impl FhirService {
                         self.scan(&t, &parsed, &mut |v, _| {
                             found.push(v);
                             found.len() < 2
-                        })?;
+                        })
+                        .await?;
                         match found.len() {
                             0 => (new_resource_id(), None),
                             1 => (found[0].id.clone(), Some(found[0].version_id)),
@@ -281,7 +282,8 @@ impl FhirService {
             self.scan(&t, &parsed, &mut |v, _| {
                 found.push(v.id);
                 found.len() < 2
-            })?;
+            })
+            .await?;
             match found.as_slice() {
                 [one] => {
                     mapping.insert(reference, format!("{t}/{one}"));
@@ -313,6 +315,7 @@ impl FhirService {
                     let v = self
                         .store
                         .current(&t, &id)
+                        .await
                         .map_err(|err| FhirError::unavailable(err.to_string()))?
                         .map(Versioned::from);
                     responses.push(response_entry("200 OK", v.as_ref(), &t, &base));
@@ -328,7 +331,7 @@ impl FhirService {
                     resource::validate(&r, &t).map_err(|issues| FhirError::invalid(issues).at_entry(i))?;
                     let current = match e.method {
                         Method::Put => {
-                            self.store.current(&t, &id).map_err(|err| FhirError::unavailable(err.to_string()))?
+                            self.store.current(&t, &id).await.map_err(|err| FhirError::unavailable(err.to_string()))?
                         }
                         _ => None,
                     };
@@ -351,7 +354,8 @@ impl FhirService {
                     responses.push(response_entry(if created { "201 Created" } else { "200 OK" }, Some(&v), &t, &base));
                 }
                 Method::Delete => {
-                    let current = self.store.current(&t, &id).map_err(|err| FhirError::unavailable(err.to_string()))?;
+                    let current =
+                        self.store.current(&t, &id).await.map_err(|err| FhirError::unavailable(err.to_string()))?;
                     if let Some(c) = current.filter(|c| !c.deleted) {
                         let mut ev = Event::new(ResourceDeleted {
                             resource_type: t.clone(),

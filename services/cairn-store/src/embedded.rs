@@ -9,10 +9,10 @@
 //! - `changes` (lastUpdated ms, key, version): every version by time, for type and system history;
 //! - `checkpoints` (topic, partition) -> next offset.
 
+use crate::digest::StoreDigest;
 use crate::{Checkpoint, ResourceStore, ResourceVersion, Result, StoreError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
@@ -105,8 +105,9 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("store records serialize")
 }
 
+#[async_trait::async_trait]
 impl ResourceStore for EmbeddedStore {
-    fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()> {
+    async fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
         tx.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(|e| self.err(e))?;
         {
@@ -183,20 +184,20 @@ impl ResourceStore for EmbeddedStore {
         tx.commit().map_err(|e| self.err(e))
     }
 
-    fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
+    async fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(CHECKPOINTS).map_err(|e| self.err(e))?;
         Ok(t.get((topic, partition)).map_err(|e| self.err(e))?.map(|g| g.value()))
     }
 
-    fn current(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
+    async fn current(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         self.current_version(&current, &versions, &format!("{resource_type}/{id}"))
     }
 
-    fn version(&self, resource_type: &str, id: &str, version_id: u64) -> Result<Option<ResourceVersion>> {
+    async fn version(&self, resource_type: &str, id: &str, version_id: u64) -> Result<Option<ResourceVersion>> {
         let key = format!("{resource_type}/{id}");
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
@@ -206,7 +207,7 @@ impl ResourceStore for EmbeddedStore {
         }
     }
 
-    fn history(&self, resource_type: &str, id: &str) -> Result<Vec<ResourceVersion>> {
+    async fn history(&self, resource_type: &str, id: &str) -> Result<Vec<ResourceVersion>> {
         let key = format!("{resource_type}/{id}");
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
@@ -218,11 +219,11 @@ impl ResourceStore for EmbeddedStore {
         Ok(out)
     }
 
-    fn scan_current(
+    async fn scan_current(
         &self,
         resource_type: &str,
         patient: Option<&str>,
-        visit: &mut dyn FnMut(ResourceVersion) -> bool,
+        visit: &mut (dyn FnMut(ResourceVersion) -> bool + Send),
     ) -> Result<()> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
@@ -262,7 +263,7 @@ impl ResourceStore for EmbeddedStore {
         Ok(())
     }
 
-    fn count_current(&self, resource_type: &str) -> Result<u64> {
+    async fn count_current(&self, resource_type: &str) -> Result<u64> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
         let (from, to) = (format!("{resource_type}/"), format!("{resource_type}0"));
@@ -275,13 +276,13 @@ impl ResourceStore for EmbeddedStore {
         Ok(n)
     }
 
-    fn scan_patient_dates(
+    async fn scan_patient_dates(
         &self,
         resource_type: &str,
         patient: &str,
         from: i64,
         to: i64,
-        visit: &mut dyn FnMut(ResourceVersion) -> bool,
+        visit: &mut (dyn FnMut(ResourceVersion) -> bool + Send),
     ) -> Result<()> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
@@ -311,7 +312,7 @@ impl ResourceStore for EmbeddedStore {
         Ok(())
     }
 
-    fn changes(
+    async fn changes(
         &self,
         resource_type: Option<&str>,
         from_ms: i64,
@@ -340,7 +341,7 @@ impl ResourceStore for EmbeddedStore {
         Ok(out)
     }
 
-    fn find_by_identifier(&self, resource_type: &str, identifier: &str) -> Result<Vec<String>> {
+    async fn find_by_identifier(&self, resource_type: &str, identifier: &str) -> Result<Vec<String>> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(BY_IDENTIFIER).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
@@ -355,143 +356,39 @@ impl ResourceStore for EmbeddedStore {
         Ok(out)
     }
 
-    fn digest(&self) -> Result<String> {
+    async fn digest(&self) -> Result<String> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let mut h = Sha256::new();
+        let mut d = StoreDigest::new();
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         for item in versions.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let (key, version) = k.value();
-            h.update(b"V");
-            h.update(key.as_bytes());
-            h.update(version.to_be_bytes());
-            h.update(v.value());
+            d.version(key, version, v.value());
         }
         let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
         for item in current.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            h.update(b"C");
-            h.update(k.value().as_bytes());
-            h.update(v.value());
+            let entry: CurrentEntry = decode(v.value())?;
+            d.current(k.value(), entry.version_id, entry.deleted);
         }
         let by_patient = tx.open_table(BY_PATIENT).map_err(|e| self.err(e))?;
         for item in by_patient.iter().map_err(|e| self.err(e))? {
             let (k, _) = item.map_err(|e| self.err(e))?;
             let (p, t, id) = k.value();
-            h.update(format!("P{p}\0{t}\0{id}\0").as_bytes());
+            d.by_patient(p, t, id);
         }
         let by_patient_date = tx.open_table(BY_PATIENT_DATE).map_err(|e| self.err(e))?;
         for item in by_patient_date.iter().map_err(|e| self.err(e))? {
             let (k, _) = item.map_err(|e| self.err(e))?;
-            let (p, t, d, id) = k.value();
-            h.update(format!("D{p}\0{t}\0{d}\0{id}\0").as_bytes());
+            let (p, t, date, id) = k.value();
+            d.by_patient_date(p, t, date, id);
         }
         let by_identifier = tx.open_table(BY_IDENTIFIER).map_err(|e| self.err(e))?;
         for item in by_identifier.iter().map_err(|e| self.err(e))? {
             let (k, _) = item.map_err(|e| self.err(e))?;
             let (t, i, id) = k.value();
-            h.update(format!("I{t}\0{i}\0{id}\0").as_bytes());
+            d.by_identifier(t, i, id);
         }
-        Ok(hex::encode(h.finalize()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn version(id: &str, v: u64, patient: &str, deleted: bool) -> ResourceVersion {
-        ResourceVersion {
-            resource_type: "Observation".into(),
-            id: id.into(),
-            version_id: v,
-            last_updated: format!("2026-11-28T10:00:0{v}.000Z"),
-            last_updated_ms: 1_795_000_000_000 + v as i64 * 1000,
-            deleted,
-            resource: (!deleted).then(|| {
-                serde_json::value::to_raw_value(&json!({"resourceType": "Observation", "id": id, "status": "final"}))
-                    .unwrap()
-            }),
-            patient: Some(patient.into()),
-            identifiers: vec![format!("urn:sys|{id}")],
-            date_key: Some(v as i64 * 100),
-        }
-    }
-
-    #[test]
-    fn versions_current_indexes_and_checkpoints() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(tmp.path().join("r.redb")).unwrap();
-        let cp = |o| Checkpoint { topic: "cairn.fhir".into(), partition: 3, next_offset: o };
-        store
-            .apply(&[version("a", 1, "Patient/p1", false), version("b", 1, "Patient/p2", false)], &[cp(2)], false)
-            .unwrap();
-        store.apply(&[version("a", 2, "Patient/p2", false)], &[cp(3)], true).unwrap();
-        assert_eq!(store.checkpoint("cairn.fhir", 3).unwrap(), Some(3));
-        assert_eq!(store.current("Observation", "a").unwrap().unwrap().version_id, 2);
-        assert_eq!(
-            store.history("Observation", "a").unwrap().iter().map(|v| v.version_id).collect::<Vec<_>>(),
-            vec![2, 1]
-        );
-        let mut seen = Vec::new();
-        store
-            .scan_current("Observation", Some("Patient/p2"), &mut |v| {
-                seen.push(v.id);
-                true
-            })
-            .unwrap();
-        assert_eq!(seen, vec!["a", "b"], "a moved to p2 with its new version");
-        let mut seen = Vec::new();
-        store
-            .scan_current("Observation", Some("Patient/p1"), &mut |v| {
-                seen.push(v.id);
-                true
-            })
-            .unwrap();
-        assert!(seen.is_empty());
-        assert_eq!(store.find_by_identifier("Observation", "urn:sys|a").unwrap(), vec!["a"]);
-        let mut seen = Vec::new();
-        store
-            .scan_patient_dates("Observation", "Patient/p2", 150, 250, &mut |v| {
-                seen.push((v.id, v.version_id));
-                true
-            })
-            .unwrap();
-        assert_eq!(seen, vec![("a".to_owned(), 2)], "only a's current version, by its date key");
-        let mut seen = Vec::new();
-        store
-            .scan_patient_dates("Observation", "Patient/p2", 0, 150, &mut |v| {
-                seen.push(v.id);
-                true
-            })
-            .unwrap();
-        assert_eq!(seen, vec!["b"]);
-
-        // Replaying the same versions changes nothing.
-        let before = store.digest().unwrap();
-        store
-            .apply(&[version("a", 1, "Patient/p1", false), version("a", 2, "Patient/p2", false)], &[cp(3)], false)
-            .unwrap();
-        assert_eq!(store.digest().unwrap(), before);
-
-        // A deletion is a version; the resource leaves the indexes.
-        store.apply(&[version("a", 3, "Patient/p2", true)], &[cp(4)], false).unwrap();
-        assert!(store.current("Observation", "a").unwrap().unwrap().deleted);
-        assert!(store.find_by_identifier("Observation", "urn:sys|a").unwrap().is_empty());
-        let mut seen = Vec::new();
-        store
-            .scan_current("Observation", None, &mut |v| {
-                seen.push(v.id);
-                true
-            })
-            .unwrap();
-        assert_eq!(seen, vec!["b"]);
-        assert_eq!(store.count_current("Observation").unwrap(), 1);
-        assert_eq!(store.count_current("Patient").unwrap(), 0);
-        let changes = store.changes(Some("Observation"), 0, i64::MAX, 10).unwrap();
-        assert_eq!(changes.len(), 4);
-        assert_eq!(changes[0].version_id, 3, "newest first");
-        assert_eq!(store.changes(None, 0, 1_795_000_001_500, 10).unwrap().len(), 2);
+        Ok(d.finish())
     }
 }

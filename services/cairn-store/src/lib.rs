@@ -6,6 +6,7 @@
 //! same transaction as the data it covers, and applying a version twice changes nothing, so a crash at
 //! any point is repaired by replaying from the checkpoint.
 
+pub mod digest;
 pub mod embedded;
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,11 @@ impl ResourceVersion {
         format!("{}/{}", self.resource_type, self.id)
     }
 
+    /// The version as every backend stores it (JSON): the same bytes everywhere, so digests agree.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a ResourceVersion serializes")
+    }
+
     /// The resource parsed; `None` for a deletion.
     pub fn resource_value(&self) -> Option<serde_json::Value> {
         self.resource.as_ref().map(|r| serde_json::from_str(r.get()).expect("stored resources are valid JSON"))
@@ -63,48 +69,49 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Reads and writes of the projected FHIR resources.
+#[async_trait::async_trait]
 pub trait ResourceStore: Send + Sync + 'static {
     /// Applies versions and checkpoints in one atomic write. Versions already present are skipped
     /// (idempotent replay). `durable` asks for an fsync; without it the write is atomic and visible
     /// but may be lost in a crash, which replay from the last durable checkpoint repairs.
-    fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()>;
+    async fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()>;
 
-    fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>>;
+    async fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>>;
 
     /// The newest version (possibly a deletion).
-    fn current(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>>;
+    async fn current(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>>;
 
-    fn version(&self, resource_type: &str, id: &str, version_id: u64) -> Result<Option<ResourceVersion>>;
+    async fn version(&self, resource_type: &str, id: &str, version_id: u64) -> Result<Option<ResourceVersion>>;
 
     /// Every version of one resource, newest first.
-    fn history(&self, resource_type: &str, id: &str) -> Result<Vec<ResourceVersion>>;
+    async fn history(&self, resource_type: &str, id: &str) -> Result<Vec<ResourceVersion>>;
 
     /// Current, non-deleted resources of a type, optionally only one patient's compartment. `visit`
     /// returns false to stop.
-    fn scan_current(
+    async fn scan_current(
         &self,
         resource_type: &str,
         patient: Option<&str>,
-        visit: &mut dyn FnMut(ResourceVersion) -> bool,
+        visit: &mut (dyn FnMut(ResourceVersion) -> bool + Send),
     ) -> Result<()>;
 
     /// Like [`ResourceStore::scan_current`] for one patient, but only resources whose date-index key is in
     /// `[from, to)`, plus those in the long/unknown bucket (`i64::MIN`).
-    fn scan_patient_dates(
+    async fn scan_patient_dates(
         &self,
         resource_type: &str,
         patient: &str,
         from: i64,
         to: i64,
-        visit: &mut dyn FnMut(ResourceVersion) -> bool,
+        visit: &mut (dyn FnMut(ResourceVersion) -> bool + Send),
     ) -> Result<()>;
 
     /// How many current, non-deleted resources of a type there are (without reading them).
-    fn count_current(&self, resource_type: &str) -> Result<u64>;
+    async fn count_current(&self, resource_type: &str) -> Result<u64>;
 
     /// Versions of every resource (or of one type) whose lastUpdated is in `[from_ms, to_ms]`, newest
     /// first, at most `limit`.
-    fn changes(
+    async fn changes(
         &self,
         resource_type: Option<&str>,
         from_ms: i64,
@@ -113,8 +120,8 @@ pub trait ResourceStore: Send + Sync + 'static {
     ) -> Result<Vec<ResourceVersion>>;
 
     /// Ids of current, non-deleted resources of a type carrying the identifier `system|value`.
-    fn find_by_identifier(&self, resource_type: &str, identifier: &str) -> Result<Vec<String>>;
+    async fn find_by_identifier(&self, resource_type: &str, identifier: &str) -> Result<Vec<String>>;
 
     /// A digest of everything projected (checkpoints excluded), to prove a rebuild is identical.
-    fn digest(&self) -> Result<String>;
+    async fn digest(&self) -> Result<String>;
 }

@@ -97,7 +97,8 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     let store: Arc<dyn ResourceStore> =
         Arc::new(EmbeddedStore::open_with_cache(data.store_dir().join("resources.redb"), settings.store_cache_bytes)?);
     let dyn_log: Arc<dyn EventLog> = log.clone();
-    let (projector, progress) = ResourceProjector::new(dyn_log.clone(), store.clone(), cairn_events::topics::FHIR)?;
+    let (projector, progress) =
+        ResourceProjector::new(dyn_log.clone(), store.clone(), cairn_events::topics::FHIR).await?;
     // Catch up before serving, so the first reads are not held back by a long replay.
     let started = std::time::Instant::now();
     projector.catch_up().await.map_err(|e| anyhow::anyhow!("resource projection: {e}"))?;

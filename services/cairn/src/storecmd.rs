@@ -15,6 +15,7 @@ pub fn digest(args: StoreArgs) -> anyhow::Result<ExitCode> {
         bail!("projection store {}: does not exist (start the server once to build it)", path.display());
     }
     let store = EmbeddedStore::open(&path)?;
-    println!("{}", store.digest()?);
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    println!("{}", rt.block_on(store.digest())?);
     Ok(ExitCode::SUCCESS)
 }
