@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 async fn kafka() -> Arc<KafkaLog> {
-    let settings = KafkaSettings::new(kafka_brokers());
+    let mut settings = KafkaSettings::new(kafka_brokers());
+    // Names on the shared broker carry a per-run prefix; callers never see it.
+    settings.topic_prefix = format!("{}.", unique_name("conf"));
     Arc::new(KafkaLog::connect(settings).await.expect("connect to Kafka"))
 }
 
@@ -74,6 +76,7 @@ async fn conformance(log: Arc<dyn EventLog>) {
         assert_eq!(got[0].value, record.value);
         assert_eq!((got[0].partition, got[0].offset), (pos.partition, pos.offset));
         assert!(got[0].timestamp_ms > 1_700_000_000_000, "the log's clock in ms");
+        assert_eq!(got[0].topic, record.topic, "the topic as the caller named it");
     }
 
     // Concurrent appends: unique positions, all acknowledged records readable.

@@ -52,6 +52,9 @@ pub struct KafkaSettings {
     pub max_record_bytes: usize,
     /// How long an append may take before it fails (and the caller fails closed).
     pub timeout: Duration,
+    /// Prepended to every topic and consumer-group name on the cluster (and stripped when reading),
+    /// so several Cairn deployments, or test runs, can share one cluster. Empty by default.
+    pub topic_prefix: String,
 }
 
 impl KafkaSettings {
@@ -63,6 +66,7 @@ impl KafkaSettings {
             transactional_id: format!("cairn-{}", uuid_like()),
             max_record_bytes: 16 << 20,
             timeout: Duration::from_secs(10),
+            topic_prefix: String::new(),
         }
     }
 }
@@ -84,6 +88,8 @@ struct PendingAppend {
 /// A record with the partition its key routes to.
 struct Routed {
     partition: u32,
+    /// The topic's name on the cluster (with the prefix).
+    wire_topic: String,
     record: NewRecord,
 }
 
@@ -95,12 +101,12 @@ pub struct KafkaLog {
     topics: Arc<RwLock<BTreeMap<String, u32>>>,
     admin: AdminClient<DefaultClientContext>,
     /// Metadata and watermark queries.
-    meta: Arc<BaseConsumer>,
+    meta: Arc<Reader>,
     appends: mpsc::Sender<PendingAppend>,
     /// Set when the transactional producer hit a fatal error (e.g. fenced by another process with
     /// the same transactional id): every later append is refused, as with the embedded log.
     failure: Arc<Mutex<Option<String>>>,
-    groups: Mutex<HashMap<String, Arc<BaseConsumer>>>,
+    groups: Mutex<HashMap<String, Arc<Reader>>>,
 }
 
 fn kafka_err(context: &str, e: impl std::fmt::Display) -> LogError {
@@ -113,8 +119,9 @@ impl KafkaLog {
     pub async fn connect(settings: KafkaSettings) -> Result<KafkaLog> {
         let admin: AdminClient<DefaultClientContext> =
             base_config(&settings).create().map_err(|e| kafka_err("admin client", e))?;
-        let meta: BaseConsumer =
-            consumer_config(&settings, "cairn-meta").create().map_err(|e| kafka_err("metadata client", e))?;
+        let meta: Reader = consumer_config(&settings, "cairn-meta")
+            .create_with_context(CairnContext)
+            .map_err(|e| kafka_err("metadata client", e))?;
         let meta = Arc::new(meta);
         let producer: FutureProducer = base_config(&settings)
             .set("transactional.id", &settings.transactional_id)
@@ -154,13 +161,14 @@ impl KafkaLog {
     pub async fn refresh_topics(&self) -> Result<()> {
         let meta = self.meta.clone();
         let timeout = self.settings.timeout;
+        let prefix = self.settings.topic_prefix.clone();
         let found = blocking(move || {
             let md = meta.fetch_metadata(None, timeout).map_err(|e| kafka_err("fetching metadata", e))?;
             Ok(md
                 .topics()
                 .iter()
                 .filter(|t| t.error().is_none() && !t.name().starts_with("__"))
-                .map(|t| (t.name().to_owned(), t.partitions().len() as u32))
+                .filter_map(|t| Some((t.name().strip_prefix(&prefix)?.to_owned(), t.partitions().len() as u32)))
                 .collect::<BTreeMap<_, _>>())
         })
         .await?;
@@ -176,19 +184,52 @@ impl KafkaLog {
         Ok(())
     }
 
-    fn group_consumer(&self, group: &str) -> Result<Arc<BaseConsumer>> {
+    /// A name on the cluster: the configured prefix, then `name`.
+    fn wire(&self, name: &str) -> String {
+        format!("{}{name}", self.settings.topic_prefix)
+    }
+
+    fn group_consumer(&self, group: &str) -> Result<Arc<Reader>> {
         validate_name(group)?;
         let mut groups = self.groups.lock().unwrap();
         if let Some(c) = groups.get(group) {
             return Ok(c.clone());
         }
-        let c: BaseConsumer =
-            consumer_config(&self.settings, group).create().map_err(|e| kafka_err("group consumer", e))?;
+        let c: Reader = consumer_config(&self.settings, &self.wire(group))
+            .create_with_context(CairnContext)
+            .map_err(|e| kafka_err("group consumer", e))?;
         let c = Arc::new(c);
         groups.insert(group.to_owned(), c.clone());
         Ok(c)
     }
 }
+
+/// The client context of Cairn's consumers: librdkafka's reports go to `tracing`, except "end of
+/// partition", which is how our reads learn they are done and not a fault.
+pub struct CairnContext;
+
+impl rdkafka::client::ClientContext for CairnContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => tracing::error!(facility = fac, "librdkafka: {message}"),
+            Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
+            _ => tracing::debug!(facility = fac, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let end_of_partition = matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF);
+        if !end_of_partition {
+            tracing::warn!(error = %error, "kafka client: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for CairnContext {}
+
+type Reader = BaseConsumer<CairnContext>;
 
 fn base_config(settings: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -288,7 +329,7 @@ async fn transaction(
     'send: for p in group {
         let mut these = Vec::with_capacity(p.records.len());
         for r in &p.records {
-            let record = FutureRecord::to(&r.record.topic)
+            let record = FutureRecord::to(&r.wire_topic)
                 .partition(r.partition as i32)
                 .key(&r.record.key[..])
                 .payload(&r.record.value[..]);
@@ -349,7 +390,8 @@ impl EventLog for KafkaLog {
         }
         let max_bytes = (self.settings.max_record_bytes + 4096).to_string();
         let min_isr = self.settings.min_insync_replicas.to_string();
-        let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(self.settings.replication_factor))
+        let wire = self.wire(topic);
+        let new = NewTopic::new(&wire, partitions as i32, TopicReplication::Fixed(self.settings.replication_factor))
             // The log is the record: never expired, never compacted.
             .set("retention.ms", "-1")
             .set("retention.bytes", "-1")
@@ -405,7 +447,7 @@ impl EventLog for KafkaLog {
                 return Err(LogError::TooLarge { size, limit: self.settings.max_record_bytes });
             }
             let partition = self.partition_for(&record.topic, &record.key)?;
-            routed.push(Routed { partition, record });
+            routed.push(Routed { partition, wire_topic: self.wire(&record.topic), record });
         }
         let started = Instant::now();
         let (reply, answer) = oneshot::channel();
@@ -417,11 +459,12 @@ impl EventLog for KafkaLog {
 
     async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>> {
         self.check_partition(topic, partition)?;
-        let config = consumer_config(&self.settings, "cairn-reader");
-        let topic = topic.to_owned();
+        let config = consumer_config(&self.settings, &self.wire("cairn-reader"));
+        let topic = self.wire(topic);
+        let prefix = self.settings.topic_prefix.len();
         let timeout = self.settings.timeout;
         blocking(move || {
-            let consumer: BaseConsumer = config.create().map_err(|e| kafka_err("reader", e))?;
+            let consumer: Reader = config.create_with_context(CairnContext).map_err(|e| kafka_err("reader", e))?;
             let (_, high) = consumer
                 .fetch_watermarks(&topic, partition as i32, timeout)
                 .map_err(|e| kafka_err("reading watermarks", e))?;
@@ -434,7 +477,7 @@ impl EventLog for KafkaLog {
             while out.len() < max {
                 match consumer.poll(Duration::from_millis(200)) {
                     Some(Ok(m)) => {
-                        let r = to_record(&m);
+                        let r = to_record(&m, prefix);
                         let last = r.offset + 1 >= high as u64;
                         out.push(r);
                         if last {
@@ -459,7 +502,7 @@ impl EventLog for KafkaLog {
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64> {
         self.check_partition(topic, partition)?;
         let meta = self.meta.clone();
-        let topic = topic.to_owned();
+        let topic = self.wire(topic);
         let timeout = self.settings.timeout;
         blocking(move || {
             let (_, high) = meta
@@ -472,15 +515,17 @@ impl EventLog for KafkaLog {
 
     fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, Result<Tailed>> {
         let checked = self.check_partition(topic, partition);
-        let config = consumer_config(&self.settings, "cairn-tail");
-        let topic = topic.to_owned();
+        let config = consumer_config(&self.settings, &self.wire("cairn-tail"));
+        let topic = self.wire(topic);
+        let prefix = self.settings.topic_prefix.len();
         Box::pin(async_stream::try_stream! {
             checked?;
-            let consumer: StreamConsumer = config.create().map_err(|e| kafka_err("tail consumer", e))?;
+            let consumer: StreamConsumer<CairnContext> =
+                config.create_with_context(CairnContext).map_err(|e| kafka_err("tail consumer", e))?;
             assign(&consumer, &topic, partition, from)?;
             loop {
                 match consumer.recv().await {
-                    Ok(m) => yield Tailed::Record(to_record(&m)),
+                    Ok(m) => yield Tailed::Record(to_record(&m, prefix)),
                     Err(KafkaError::PartitionEOF(_)) => {
                         // At the end of what is committed, the consumer's position has passed any
                         // transaction markers: report it so readers know they are caught up.
@@ -503,7 +548,7 @@ impl EventLog for KafkaLog {
         self.check_partition(topic, partition)?;
         let consumer = self.group_consumer(group)?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(next_offset as i64))
+        tpl.add_partition_offset(&self.wire(topic), partition as i32, Offset::Offset(next_offset as i64))
             .map_err(|e| kafka_err("commit", e))?;
         blocking(move || consumer.commit(&tpl, CommitMode::Sync).map_err(|e| kafka_err("committing offsets", e))).await
     }
@@ -512,7 +557,7 @@ impl EventLog for KafkaLog {
         self.check_partition(topic, partition)?;
         let consumer = self.group_consumer(group)?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, partition as i32);
+        tpl.add_partition(&self.wire(topic), partition as i32);
         let timeout = self.settings.timeout;
         let committed = blocking(move || {
             consumer.committed_offsets(tpl, timeout).map_err(|e| kafka_err("reading committed offsets", e))
@@ -529,14 +574,14 @@ fn is_fatal(e: &KafkaError) -> bool {
     matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::UnknownTopicOrPartition))
 }
 
-fn assign(consumer: &impl Consumer, topic: &str, partition: u32, from: u64) -> Result<()> {
+fn assign<C: rdkafka::consumer::ConsumerContext>(consumer: &impl Consumer<C>, topic: &str, partition: u32, from: u64) -> Result<()> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
         .map_err(|e| kafka_err("assign", e))?;
     consumer.assign(&tpl).map_err(|e| kafka_err("assign", e))
 }
 
-fn position(consumer: &impl Consumer, topic: &str, partition: u32) -> Result<Option<u64>> {
+fn position<C: rdkafka::consumer::ConsumerContext>(consumer: &impl Consumer<C>, topic: &str, partition: u32) -> Result<Option<u64>> {
     let tpl = consumer.position().map_err(|e| kafka_err("position", e))?;
     Ok(tpl.find_partition(topic, partition as i32).and_then(|e| match e.offset() {
         Offset::Offset(o) if o >= 0 => Some(o as u64),
@@ -544,9 +589,10 @@ fn position(consumer: &impl Consumer, topic: &str, partition: u32) -> Result<Opt
     }))
 }
 
-fn to_record(m: &impl Message) -> Record {
+/// A record as callers see it: `prefix` bytes of the topic name (the configured prefix) removed.
+fn to_record(m: &impl Message, prefix: usize) -> Record {
     Record {
-        topic: m.topic().to_owned(),
+        topic: m.topic()[prefix..].to_owned(),
         partition: m.partition() as u32,
         offset: m.offset() as u64,
         timestamp_ms: m.timestamp().to_millis().unwrap_or(0),

@@ -150,6 +150,11 @@ fn statements(text: &str) -> Vec<String> {
     without_comments.split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
 }
 
+/// `cql` with its table names qualified by `keyspace`.
+fn qualify(cql: &str, keyspace: &str) -> String {
+    cql.replacen(" FROM ", &format!(" FROM {keyspace}."), 1).replacen("INSERT INTO ", &format!("INSERT INTO {keyspace}."), 1)
+}
+
 /// A stable bucket for an id (FNV-1a; Rust's hasher is randomised per process).
 fn bucket(id: &str) -> i32 {
     let mut h: u32 = 0x811c9dc5;
@@ -193,9 +198,12 @@ struct Statements {
 }
 
 impl Statements {
-    async fn prepare(session: &Session) -> Result<Statements> {
+    /// Prepares every statement with fully qualified table names (`keyspace.table`): a session-wide
+    /// `USE` is ambiguous for prepared statements, and ScyllaDB warns about it.
+    async fn prepare(session: &Session, keyspace: &str) -> Result<Statements> {
         let p = |cql: &'static str| async move {
-            let mut s = session.prepare(cql).await.map_err(|e| cql_err(&format!("preparing {cql}"), e))?;
+            let cql = qualify(cql, keyspace);
+            let mut s = session.prepare(cql.as_str()).await.map_err(|e| cql_err(&format!("preparing {cql}"), e))?;
             // Every statement here is an upsert, a delete or a read: safe for the driver to retry.
             s.set_is_idempotent(true);
             Ok::<_, StoreError>(s)
@@ -240,11 +248,7 @@ impl ScyllaStore {
     pub async fn connect(settings: &ScyllaSettings) -> Result<ScyllaStore> {
         check_keyspace(&settings.keyspace)?;
         let session = connect(settings).await?;
-        session
-            .use_keyspace(&settings.keyspace, false)
-            .await
-            .map_err(|e| cql_err(&format!("keyspace {} (run `cairn migrate` first)", settings.keyspace), e))?;
-        let st = Statements::prepare(&session).await.map_err(|e| match e {
+        let st = Statements::prepare(&session, &settings.keyspace).await.map_err(|e| match e {
             StoreError::Storage { path, detail } => {
                 StoreError::Storage { path, detail: format!("{detail} (is the schema migrated? run `cairn migrate`)") }
             }
@@ -534,7 +538,7 @@ impl ResourceStore for ScyllaStore {
     /// production-sized keyspace.
     async fn digest(&self) -> Result<String> {
         let q = |cql: String| async move {
-            let mut st = self.session.prepare(cql).await.map_err(|e| cql_err("digest", e))?;
+            let mut st = self.session.prepare(qualify(&cql, &self.keyspace)).await.map_err(|e| cql_err("digest", e))?;
             st.set_page_size(5000);
             Ok::<_, StoreError>(st)
         };
@@ -585,6 +589,13 @@ mod tests {
         let s = statements(MIGRATIONS[0].1);
         assert_eq!(s.len(), 8, "{s:#?}");
         assert!(s.iter().all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
+    }
+
+    #[test]
+    fn statements_name_their_keyspace() {
+        assert_eq!(qualify("SELECT a FROM t WHERE b = ?", "ks"), "SELECT a FROM ks.t WHERE b = ?");
+        assert_eq!(qualify("DELETE FROM t WHERE b = ?", "ks"), "DELETE FROM ks.t WHERE b = ?");
+        assert_eq!(qualify("INSERT INTO t (a) VALUES (?)", "ks"), "INSERT INTO ks.t (a) VALUES (?)");
     }
 
     #[test]

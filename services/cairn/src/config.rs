@@ -29,6 +29,15 @@ struct FileSettings {
     max_bundle_bytes: Option<usize>,
     read_wait_ms: Option<u64>,
     store_cache_mb: Option<usize>,
+    log: Option<String>,
+    kafka_brokers: Option<String>,
+    kafka_topic_prefix: Option<String>,
+    kafka_replication_factor: Option<i32>,
+    kafka_min_insync_replicas: Option<i32>,
+    store: Option<String>,
+    scylla_nodes: Option<String>,
+    scylla_keyspace: Option<String>,
+    scylla_replication_factor: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +52,77 @@ pub struct Settings {
     pub read_wait: std::time::Duration,
     pub store_cache_bytes: usize,
     pub insecure_no_auth: bool,
+    pub backends: Backends,
+}
+
+/// Which event log and projection store to use, with their settings.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    pub log: LogBackend,
+    pub store: StoreBackend,
+}
+
+#[derive(Debug, Clone)]
+pub enum LogBackend {
+    Embedded,
+    Kafka(cairn_log_kafka::KafkaSettings),
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    Embedded,
+    Scylla(cairn_store_scylla::ScyllaSettings),
+}
+
+pub const DEFAULT_SCYLLA_KEYSPACE: &str = "cairn";
+
+/// The backends for any command: flag, environment, file, default (embedded).
+pub fn backends(common: &CommonArgs) -> anyhow::Result<Backends> {
+    let file = read_file(common.config.as_deref())?;
+    resolve_backends(common, &file)
+}
+
+fn resolve_backends(common: &CommonArgs, file: &FileSettings) -> anyhow::Result<Backends> {
+    let a = &common.backends;
+    let log = match a.log.clone().or(file.log.clone()).as_deref().unwrap_or("embedded") {
+        "embedded" => LogBackend::Embedded,
+        "kafka" => {
+            let Some(brokers) = a.kafka_brokers.clone().or(file.kafka_brokers.clone()) else {
+                bail!("--log kafka needs --kafka-brokers (or CAIRN_KAFKA_BROKERS, or kafka_brokers in the config file)");
+            };
+            let mut k = cairn_log_kafka::KafkaSettings::new(brokers);
+            k.topic_prefix = a.kafka_topic_prefix.clone().or(file.kafka_topic_prefix.clone()).unwrap_or_default();
+            k.replication_factor = a.kafka_replication_factor.or(file.kafka_replication_factor).unwrap_or(1);
+            k.min_insync_replicas = a.kafka_min_insync_replicas.or(file.kafka_min_insync_replicas).unwrap_or(1);
+            if k.replication_factor < 1 || k.min_insync_replicas < 1 || k.min_insync_replicas > k.replication_factor {
+                bail!(
+                    "Kafka replication factor {} and min.insync.replicas {}: need 1 <= min.insync.replicas <= replication factor",
+                    k.replication_factor,
+                    k.min_insync_replicas
+                );
+            }
+            LogBackend::Kafka(k)
+        }
+        other => bail!("--log `{other}`: use embedded or kafka"),
+    };
+    let store = match a.store.clone().or(file.store.clone()).as_deref().unwrap_or("embedded") {
+        "embedded" => StoreBackend::Embedded,
+        "scylla" => {
+            let Some(nodes) = a.scylla_nodes.clone().or(file.scylla_nodes.clone()) else {
+                bail!("--store scylla needs --scylla-nodes (or CAIRN_SCYLLA_NODES, or scylla_nodes in the config file)");
+            };
+            let keyspace = a
+                .scylla_keyspace
+                .clone()
+                .or(file.scylla_keyspace.clone())
+                .unwrap_or_else(|| DEFAULT_SCYLLA_KEYSPACE.to_owned());
+            let mut sc = cairn_store_scylla::ScyllaSettings::new(nodes, keyspace);
+            sc.replication_factor = a.scylla_replication_factor.or(file.scylla_replication_factor).unwrap_or(1);
+            StoreBackend::Scylla(sc)
+        }
+        other => bail!("--store `{other}`: use embedded or scylla"),
+    };
+    Ok(Backends { log, store })
 }
 
 fn read_file(path: Option<&Path>) -> anyhow::Result<FileSettings> {
@@ -66,6 +146,7 @@ pub fn data_dir(common: &CommonArgs) -> anyhow::Result<PathBuf> {
 
 pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
     let file = read_file(args.common.config.as_deref())?;
+    let backends = resolve_backends(&args.common, &file)?;
     let data_dir = args.common.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     let listen_text = args.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
     let listen: SocketAddr = listen_text
@@ -109,6 +190,7 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
         read_wait,
         store_cache_bytes: store_cache_mb << 20,
         insecure_no_auth: args.insecure_no_auth,
+        backends,
     })
 }
 
@@ -118,7 +200,7 @@ mod tests {
 
     fn serve_args(config: Option<PathBuf>, listen: Option<&str>) -> ServeArgs {
         ServeArgs {
-            common: CommonArgs { data_dir: None, config },
+            common: CommonArgs { data_dir: None, config, ..Default::default() },
             listen: listen.map(str::to_owned),
             ..Default::default()
         }
@@ -151,5 +233,30 @@ mod tests {
         assert!(!err.contains('\n'), "one line: {err}");
         let err = resolve_serve(&serve_args(None, Some("localhost"))).unwrap_err().to_string();
         assert!(err.contains("--listen `localhost`"), "{err}");
+    }
+
+    #[test]
+    fn backends_default_to_embedded_and_need_their_addresses() {
+        let s = resolve_serve(&serve_args(None, None)).unwrap();
+        assert!(matches!(s.backends.log, LogBackend::Embedded));
+        assert!(matches!(s.backends.store, StoreBackend::Embedded));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cairn.toml");
+        std::fs::write(&file, "log = \"kafka\"\nstore = \"scylla\"\n").unwrap();
+        let err = resolve_serve(&serve_args(Some(file.clone()), None)).unwrap_err().to_string();
+        assert!(err.contains("--kafka-brokers"), "{err}");
+        std::fs::write(
+            &file,
+            "log = \"kafka\"\nkafka_brokers = \"k:9092\"\nkafka_topic_prefix = \"t.\"\nstore = \"scylla\"\nscylla_nodes = \"s:9042\"\n",
+        )
+        .unwrap();
+        let s = resolve_serve(&serve_args(Some(file), None)).unwrap();
+        match (&s.backends.log, &s.backends.store) {
+            (LogBackend::Kafka(k), StoreBackend::Scylla(sc)) => {
+                assert_eq!((k.brokers.as_str(), k.topic_prefix.as_str(), k.replication_factor), ("k:9092", "t.", 1));
+                assert_eq!((sc.nodes.as_str(), sc.keyspace.as_str()), ("s:9042", DEFAULT_SCYLLA_KEYSPACE));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -4,24 +4,26 @@ use crate::datadir::DataDir;
 use crate::{TailArgs, VerifyArgs, config, telemetry};
 use anyhow::Context;
 use cairn_events::Event;
-use cairn_log::EventLog;
-use cairn_log::embedded::{EmbeddedLog, EmbeddedOptions};
+use cairn_log::embedded::EmbeddedOptions;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Instant;
 
 pub fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     telemetry::init_cli();
+    let backends = config::backends(&args.common)?;
     let data = DataDir::open_existing(&config::data_dir(&args.common)?)?;
-    let log = EmbeddedLog::open(data.log_dir(), EmbeddedOptions { read_only: true, ..Default::default() })?;
-    let topics: Vec<_> = match &args.topic {
-        Some(t) => vec![cairn_log::TopicInfo { name: t.clone(), partitions: log.partitions(t)? }],
-        None => log.topics(),
-    };
-    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     rt.block_on(async {
+        let log = crate::backends::open_log(&backends, &data, EmbeddedOptions { read_only: true, ..Default::default() })
+            .await?
+            .as_dyn();
+        let topics: Vec<_> = match &args.topic {
+            Some(t) => vec![cairn_log::TopicInfo { name: t.clone(), partitions: log.partitions(t)? }],
+            None => log.topics(),
+        };
         for topic in topics {
             let partitions: Vec<u32> = match args.partition {
                 Some(p) => vec![p],
@@ -73,6 +75,9 @@ pub fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
 
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     telemetry::init_cli();
+    if let crate::config::LogBackend::Kafka(_) = config::backends(&args.common)?.log {
+        anyhow::bail!("log verify reads the embedded log's files; verifying a Kafka log is not built yet");
+    }
     let data = DataDir::open_existing(&config::data_dir(&args.common)?)?;
     let started = Instant::now();
     let show_progress = std::io::stderr().is_terminal();

@@ -1,6 +1,7 @@
 //! `cairn`: the command line. Every subcommand is a thin shell over a plain function; errors become
 //! one readable line on stderr and a non-zero exit.
 
+mod backends;
 mod bench;
 mod config;
 mod datadir;
@@ -32,6 +33,8 @@ enum Command {
     /// Inspect the projection store (derived from the log; safe to delete while stopped).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Create or upgrade the CQL schema (with --store scylla): keyspace and tables, idempotent.
+    Migrate(StoreArgs),
 }
 
 #[derive(Args, Debug)]
@@ -77,9 +80,43 @@ pub struct CommonArgs {
     /// Data directory holding the event log and everything derived from it [default: ./cairn-data]
     #[arg(long, env = "CAIRN_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
-    /// Optional TOML settings file (keys: data_dir, listen, public_url, partitions, segment_bytes, max_resource_bytes, max_bundle_bytes, read_wait_ms, store_cache_mb)
+    /// Optional TOML settings file (keys: the long flags with `_` for `-`, e.g. data_dir, listen, public_url, partitions, log, kafka_brokers, store, scylla_nodes, ...)
     #[arg(long, env = "CAIRN_CONFIG", global = true)]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub backends: BackendArgs,
+}
+
+/// Where the event log and the projection store live. Defaults: both embedded in the data directory.
+#[derive(Args, Debug, Clone, Default)]
+pub struct BackendArgs {
+    /// Event log backend: embedded (files in the data directory) or kafka [default: embedded]
+    #[arg(long, env = "CAIRN_LOG", global = true, value_parser = ["embedded", "kafka"])]
+    pub log: Option<String>,
+    /// Kafka bootstrap servers, host:port[,host:port...] (with --log kafka)
+    #[arg(long, env = "CAIRN_KAFKA_BROKERS", global = true)]
+    pub kafka_brokers: Option<String>,
+    /// Prefix of every topic and consumer-group name on the Kafka cluster [default: none]
+    #[arg(long, env = "CAIRN_KAFKA_TOPIC_PREFIX", global = true)]
+    pub kafka_topic_prefix: Option<String>,
+    /// Replicas per partition of the topics Cairn creates [default: 1; use 3 in production]
+    #[arg(long, env = "CAIRN_KAFKA_REPLICATION_FACTOR", global = true)]
+    pub kafka_replication_factor: Option<i32>,
+    /// min.insync.replicas of the topics Cairn creates [default: 1; use 2 in production]
+    #[arg(long, env = "CAIRN_KAFKA_MIN_INSYNC_REPLICAS", global = true)]
+    pub kafka_min_insync_replicas: Option<i32>,
+    /// Projection store backend: embedded (redb in the data directory) or scylla (ScyllaDB or Cassandra) [default: embedded]
+    #[arg(long, env = "CAIRN_STORE", global = true, value_parser = ["embedded", "scylla"])]
+    pub store: Option<String>,
+    /// CQL contact points, host:port[,host:port...] (with --store scylla)
+    #[arg(long, env = "CAIRN_SCYLLA_NODES", global = true)]
+    pub scylla_nodes: Option<String>,
+    /// CQL keyspace [default: cairn]
+    #[arg(long, env = "CAIRN_SCYLLA_KEYSPACE", global = true)]
+    pub scylla_keyspace: Option<String>,
+    /// Replication factor of a keyspace `cairn migrate` creates [default: 1; use 3 in production]
+    #[arg(long, env = "CAIRN_SCYLLA_REPLICATION_FACTOR", global = true)]
+    pub scylla_replication_factor: Option<u32>,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -155,6 +192,7 @@ fn main() -> ExitCode {
         Command::Log(LogCommand::Tail(args)) => logcmd::tail(args),
         Command::Log(LogCommand::Verify(args)) => logcmd::verify(args),
         Command::Store(StoreCommand::Digest(args)) => storecmd::digest(args),
+        Command::Migrate(args) => storecmd::migrate(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

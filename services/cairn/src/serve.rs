@@ -1,17 +1,15 @@
 //! `cairn serve`: the whole platform in one process.
 
 use crate::ServeArgs;
+use crate::backends::{self, OpenLog};
 use crate::config::{self, Settings};
 use crate::datadir::DataDir;
 use crate::telemetry::{self, Telemetry};
 use anyhow::Context;
 use cairn_http::{Check, Platform};
-use cairn_log::EventLog;
-use cairn_log::embedded::{EmbeddedLog, EmbeddedOptions};
+use cairn_log::embedded::EmbeddedOptions;
 use cairn_projector::{Progress, ResourceProjector};
 use cairn_service::FhirService;
-use cairn_store::ResourceStore;
-use cairn_store::embedded::EmbeddedStore;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +26,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 /// What the HTTP layer sees of the running platform.
 struct RunningPlatform {
-    log: Arc<EmbeddedLog>,
+    log: OpenLog,
     resources: Progress,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     draining: AtomicBool,
@@ -41,9 +39,14 @@ const READINESS_LAG_BOUND: Duration = Duration::from_secs(1);
 impl Platform for RunningPlatform {
     async fn readiness(&self) -> Vec<Check> {
         let log = match self.log.failure() {
-            None => Check { name: "event-log".into(), ok: true, detail: "open, accepting appends".into() },
+            None => Check {
+                name: "event-log".into(),
+                ok: true,
+                detail: format!("{}: open, accepting appends", self.log.describe()),
+            },
             Some(why) => Check { name: "event-log".into(), ok: false, detail: format!("failed: {why}") },
         };
+        let log_handle = self.log.as_dyn();
         let draining = self.draining.load(Ordering::Relaxed);
         let serving = Check {
             name: "serving".into(),
@@ -51,8 +54,8 @@ impl Platform for RunningPlatform {
             detail: if draining { "shutting down".into() } else { "accepting requests".into() },
         };
         let mut ends = Vec::new();
-        for p in 0..self.log.partitions(cairn_events::topics::FHIR).unwrap_or(0) {
-            ends.push(self.log.end_offset(cairn_events::topics::FHIR, p).await.unwrap_or(0));
+        for p in 0..log_handle.partitions(cairn_events::topics::FHIR).unwrap_or(0) {
+            ends.push(log_handle.end_offset(cairn_events::topics::FHIR, p).await.unwrap_or(0));
         }
         let caught_up = self.resources.wait_for(&ends, READINESS_LAG_BOUND).await;
         let behind: u64 = ends.iter().zip(self.resources.snapshot()).map(|(e, h)| e.saturating_sub(h)).sum();
@@ -76,27 +79,21 @@ impl Platform for RunningPlatform {
 async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> {
     cairn_log::describe_metrics();
     let data = DataDir::open_or_create(&settings.data_dir)?;
-    let log = EmbeddedLog::open(
-        data.log_dir(),
+    let open_log = backends::open_log(
+        &settings.backends,
+        &data,
         EmbeddedOptions { segment_bytes: settings.segment_bytes, ..Default::default() },
-    )?;
-    let report = log.open_report().clone();
-    if let Some((segment, position, len, reason)) = &report.torn_tail {
-        tracing::warn!(
-            segment = %segment.display(), position, len, %reason,
-            "cut off a torn, never-acknowledged tail of the log (kept in log/quarantine/)"
-        );
-    }
-    let log = Arc::new(log);
+    )
+    .await?;
+    let log = open_log.as_dyn();
     for topic in cairn_events::topics::ALL {
         // An existing topic keeps its partition count: changing it would re-route keys.
         if log.partitions(topic).is_err() {
             log.create_topic(topic, settings.partitions).await?;
         }
     }
-    let store: Arc<dyn ResourceStore> =
-        Arc::new(EmbeddedStore::open_with_cache(data.store_dir().join("resources.redb"), settings.store_cache_bytes)?);
-    let dyn_log: Arc<dyn EventLog> = log.clone();
+    let store = backends::open_store(&settings.backends, &data, settings.store_cache_bytes).await?;
+    let dyn_log = log.clone();
     let (projector, progress) =
         ResourceProjector::new(dyn_log.clone(), store.clone(), cairn_events::topics::FHIR).await?;
     // Catch up before serving, so the first reads are not held back by a long replay.
@@ -126,7 +123,7 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     }
     let fhir = cairn_http::fhir::FhirApi { service, allow_anonymous: settings.insecure_no_auth };
     let platform = Arc::new(RunningPlatform {
-        log: log.clone(),
+        log: open_log.clone(),
         resources: progress,
         metrics: telemetry.metrics.clone(),
         draining: AtomicBool::new(false),
@@ -139,7 +136,7 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
         listen = %bound,
         public_url = %settings.public_url,
         data_dir = %settings.data_dir.display(),
-        records = report.records,
+        log = %open_log.describe(),
         "cairn is serving"
     );
     // Machine- and human-readable: tests and scripts read the bound address from this line.
@@ -154,7 +151,7 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     .context("HTTP server")?;
     // Every acknowledged append is already durable; close lets queued appends finish.
     projector_task.abort();
-    log.close();
+    open_log.close();
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -1,0 +1,94 @@
+//! Opening the configured event log and projection store: the one place that knows every backend.
+
+use crate::config::{Backends, LogBackend, StoreBackend};
+use crate::datadir::DataDir;
+use anyhow::Context;
+use cairn_log::EventLog;
+use cairn_log::embedded::{EmbeddedLog, EmbeddedOptions};
+use cairn_log_kafka::KafkaLog;
+use cairn_store::ResourceStore;
+use cairn_store::embedded::EmbeddedStore;
+use cairn_store_scylla::ScyllaStore;
+use std::sync::Arc;
+
+/// An open event log, whichever backend.
+#[derive(Clone)]
+pub enum OpenLog {
+    Embedded(Arc<EmbeddedLog>),
+    Kafka(Arc<KafkaLog>),
+}
+
+impl OpenLog {
+    pub fn as_dyn(&self) -> Arc<dyn EventLog> {
+        match self {
+            OpenLog::Embedded(l) => l.clone(),
+            OpenLog::Kafka(l) => l.clone(),
+        }
+    }
+
+    /// Why the log refuses appends, if it does (for `/readyz`).
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            OpenLog::Embedded(l) => l.failure(),
+            OpenLog::Kafka(l) => l.failure(),
+        }
+    }
+
+    /// A one-line description for logs and `/readyz`.
+    pub fn describe(&self) -> String {
+        match self {
+            OpenLog::Embedded(_) => "embedded".into(),
+            OpenLog::Kafka(l) => format!("kafka {}", l.settings().brokers),
+        }
+    }
+
+    pub fn close(&self) {
+        if let OpenLog::Embedded(l) = self {
+            l.close();
+        }
+    }
+}
+
+/// Opens the log. The embedded log lives in `data`; `read_only` opens it beside a running server.
+pub async fn open_log(
+    backends: &Backends,
+    data: &DataDir,
+    options: EmbeddedOptions,
+) -> anyhow::Result<OpenLog> {
+    match &backends.log {
+        LogBackend::Embedded => {
+            let log = EmbeddedLog::open(data.log_dir(), options)?;
+            if let Some((segment, position, len, reason)) = &log.open_report().torn_tail {
+                tracing::warn!(
+                    segment = %segment.display(), position, len, %reason,
+                    "cut off a torn, never-acknowledged tail of the log (kept in log/quarantine/)"
+                );
+            }
+            Ok(OpenLog::Embedded(Arc::new(log)))
+        }
+        LogBackend::Kafka(settings) => {
+            let log = KafkaLog::connect(settings.clone())
+                .await
+                .with_context(|| format!("event log on Kafka at {}", settings.brokers))?;
+            Ok(OpenLog::Kafka(Arc::new(log)))
+        }
+    }
+}
+
+/// Opens the projection store (the embedded one in `data`, with a page cache of `cache_bytes`).
+pub async fn open_store(
+    backends: &Backends,
+    data: &DataDir,
+    cache_bytes: usize,
+) -> anyhow::Result<Arc<dyn ResourceStore>> {
+    Ok(match &backends.store {
+        StoreBackend::Embedded => {
+            Arc::new(EmbeddedStore::open_with_cache(data.store_dir().join("resources.redb"), cache_bytes)?)
+        }
+        StoreBackend::Scylla(settings) => Arc::new(
+            ScyllaStore::connect(settings)
+                .await
+                .with_context(|| format!("projection store on CQL at {}", settings.nodes))?,
+        ),
+    })
+}
