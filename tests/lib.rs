@@ -153,3 +153,95 @@ pub fn unique_name(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{prefix}_{}_{:x}", std::process::id(), nanos)
 }
+
+/// Which event log and projection store a test deployment uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded log and store in the data directory.
+    Embedded,
+    /// Kafka and Cassandra started by `infra/up` (see [`kafka_brokers`]).
+    KafkaCassandra,
+}
+
+/// One test's deployment: a data directory and, on Kafka and Cassandra, topics and a keyspace of its
+/// own (prefix and keyspace named uniquely), so tests sharing the servers do not see each other.
+pub struct Deployment {
+    pub backend: Backend,
+    dir: tempfile::TempDir,
+    backend_args: Vec<String>,
+}
+
+impl Deployment {
+    /// A fresh deployment; on Kafka and Cassandra this runs `cairn migrate` for its keyspace.
+    pub fn new(backend: Backend) -> Deployment {
+        let dir = tempfile::tempdir().unwrap();
+        let backend_args = match backend {
+            Backend::Embedded => Vec::new(),
+            Backend::KafkaCassandra => {
+                let name = unique_name("t");
+                vec![
+                    "--log".into(),
+                    "kafka".into(),
+                    "--kafka-brokers".into(),
+                    kafka_brokers(),
+                    "--kafka-topic-prefix".into(),
+                    format!("{name}."),
+                    "--store".into(),
+                    "scylla".into(),
+                    "--scylla-nodes".into(),
+                    scylla_nodes(),
+                    "--scylla-keyspace".into(),
+                    name,
+                ]
+            }
+        };
+        let d = Deployment { backend, dir, backend_args };
+        if backend == Backend::KafkaCassandra {
+            let (status, out, err) = d.cairn(&["migrate"]);
+            assert!(status.success(), "cairn migrate failed: {out}{err}");
+        }
+        d
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `cairn serve` on this deployment, with `extra` flags.
+    pub fn start(&self, extra: &[&str]) -> Server {
+        let mut args: Vec<&str> = self.backend_args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        Server::start(self.dir.path(), &args)
+    }
+
+    /// Runs `cairn <args> --data-dir <dir> <backend flags>` to completion.
+    pub fn cairn(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--data-dir");
+        all.push(self.dir.path().to_str().unwrap());
+        all.extend(self.backend_args.iter().map(String::as_str));
+        run_cairn(&all)
+    }
+}
+
+/// Defines, for each named `fn(Backend)`, a test module with an `embedded` test and a
+/// `kafka_cassandra` test (ignored for plain `cargo test`; the README test command runs it).
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn embedded() {
+                    super::$name($crate::Backend::Embedded)
+                }
+
+                #[test]
+                #[ignore = "needs Kafka and Cassandra: run with infra/test (it starts them)"]
+                fn kafka_cassandra() {
+                    super::$name($crate::Backend::KafkaCassandra)
+                }
+            }
+        )*
+    };
+}

@@ -1,7 +1,7 @@
 //! The FHIR REST API over HTTP: every interaction, validation, search, conditional create, crash
 //! safety and projection rebuild.
 
-use cairn_tests::{Server, run_cairn};
+use cairn_tests::{Backend, Deployment, Server, run_cairn};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -92,29 +92,50 @@ fn assert_outcome(r: &Reply, status: u16, needle: &str) {
     assert!(r.header("content-type").starts_with("application/fhir+json"));
 }
 
-/// Events in the FHIR write topic of a stopped server's log.
-fn fhir_events(data: &std::path::Path) -> usize {
-    let (status, out, err) = run_cairn(&["log", "tail", "--data-dir", data.to_str().unwrap(), "--topic", "cairn.fhir"]);
-    assert!(status.success(), "{err}");
-    out.lines().count()
+/// Events in the FHIR write topic of a deployment's log.
+fn fhir_events(d: &Deployment) -> usize {
+    events(d, "cairn.fhir").len()
 }
 
-/// Every event of a topic, parsed.
-fn events(data: &std::path::Path, topic: &str) -> Vec<Value> {
+/// Every event of a topic, parsed (`cairn log tail`, whichever backend).
+fn events(d: &Deployment, topic: &str) -> Vec<Value> {
+    let (status, out, err) = d.cairn(&["log", "tail", "--topic", topic]);
+    assert!(status.success(), "{err}");
+    out.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["event"].clone()).collect()
+}
+
+/// Every event of a topic of an embedded log in `data`.
+fn events_in(data: &std::path::Path, topic: &str) -> Vec<Value> {
     let (status, out, err) = run_cairn(&["log", "tail", "--data-dir", data.to_str().unwrap(), "--topic", topic]);
     assert!(status.success(), "{err}");
     out.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["event"].clone()).collect()
 }
 
-fn server() -> (tempfile::TempDir, Server) {
-    let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(tmp.path(), &["--insecure-no-auth"]);
-    (tmp, s)
+fn server(backend: Backend) -> (Deployment, Server) {
+    let d = Deployment::new(backend);
+    let s = d.start(&["--insecure-no-auth"]);
+    (d, s)
 }
 
-#[test]
-fn capability_statement_lists_what_works() {
-    let (_tmp, s) = server();
+// The API suite, once per backend: `<test>::embedded` and `<test>::kafka_cassandra`.
+cairn_tests::on_every_backend!(
+    capability_statement_lists_what_works,
+    create_read_update_vread_delete_and_history,
+    prefer_return_minimal_and_operation_outcome,
+    bad_input_gets_an_operation_outcome_and_appends_nothing,
+    conditional_create_does_not_duplicate_resent_readings,
+    search_by_patient_code_date_and_paging,
+    transactions_are_all_or_nothing_and_resolve_references,
+    batches_answer_each_entry,
+    paging_stays_correct_under_concurrent_writes,
+    reads_and_searches_leave_access_events,
+    patients_and_devices_are_searchable,
+    every_event_written_by_a_run_matches_its_schema,
+    decimals_round_trip_as_written
+);
+
+fn capability_statement_lists_what_works(backend: Backend) {
+    let (_d, s) = server(backend);
     rt().block_on(async {
         let r = Client::new(&s).get("/metadata").await;
         assert_eq!(r.status, 200);
@@ -135,9 +156,8 @@ fn capability_statement_lists_what_works() {
     });
 }
 
-#[test]
-fn create_read_update_vread_delete_and_history() {
-    let (_tmp, s) = server();
+fn create_read_update_vread_delete_and_history(backend: Backend) {
+    let (_d, s) = server(backend);
     rt().block_on(async {
         let c = Client::new(&s);
         let reading = glucose("p1", "2026-11-28T08:30:00+01:00", 104.0, "r-1");
@@ -198,9 +218,8 @@ fn create_read_update_vread_delete_and_history() {
     });
 }
 
-#[test]
-fn prefer_return_minimal_and_operation_outcome() {
-    let (_tmp, s) = server();
+fn prefer_return_minimal_and_operation_outcome(backend: Backend) {
+    let (_d, s) = server(backend);
     rt().block_on(async {
         let c = Client::new(&s);
         let body = serde_json::to_vec(&glucose("p1", "2026-11-28", 99.0, "r-m")).unwrap();
@@ -215,10 +234,9 @@ fn prefer_return_minimal_and_operation_outcome() {
     });
 }
 
-#[test]
-fn bad_input_gets_an_operation_outcome_and_appends_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(tmp.path(), &["--insecure-no-auth", "--max-resource-bytes", "4096"]);
+fn bad_input_gets_an_operation_outcome_and_appends_nothing(backend: Backend) {
+    let d = Deployment::new(backend);
+    let s = d.start(&["--insecure-no-auth", "--max-resource-bytes", "4096"]);
     rt().block_on(async {
         let c = Client::new(&s);
         let raw = |b: &[u8]| c.send(reqwest::Method::POST, "/Observation", Some(b.to_vec()), &[]);
@@ -252,7 +270,7 @@ fn bad_input_gets_an_operation_outcome_and_appends_nothing() {
     });
     let (status, stderr) = s.terminate();
     assert!(status.success(), "{stderr}");
-    assert_eq!(fhir_events(tmp.path()), 0, "no write event was appended");
+    assert_eq!(fhir_events(&d), 0, "no write event was appended");
 }
 
 #[test]
@@ -278,9 +296,8 @@ fn without_insecure_no_auth_the_api_refuses_anonymous_requests() {
     assert!(err.contains("loopback"), "{err}");
 }
 
-#[test]
-fn conditional_create_does_not_duplicate_resent_readings() {
-    let (tmp, s) = server();
+fn conditional_create_does_not_duplicate_resent_readings(backend: Backend) {
+    let (d, s) = server(backend);
     rt().block_on(async {
         let c = Arc::new(Client::new(&s));
         let reading = glucose("p2", "2026-11-28T09:00:00Z", 120.0, "dup-1");
@@ -324,7 +341,7 @@ fn conditional_create_does_not_duplicate_resent_readings() {
     });
     assert!(s.terminate().0.success());
     // The 200 answer disclosed the existing resource: it was audited as the search it is.
-    let access = events(tmp.path(), "cairn.access");
+    let access = events(&d, "cairn.access");
     assert!(
         access.iter().any(|e| e["payload"]["query"] == "identifier=urn:example:meter-1|dup-1"
             && e["payload"]["returned"].as_array().unwrap().len() == 1),
@@ -332,9 +349,8 @@ fn conditional_create_does_not_duplicate_resent_readings() {
     );
 }
 
-#[test]
-fn search_by_patient_code_date_and_paging() {
-    let (_tmp, s) = server();
+fn search_by_patient_code_date_and_paging(backend: Backend) {
+    let (_d, s) = server(backend);
     rt().block_on(async {
         let c = Client::new(&s);
         for day in 1..=20 {
@@ -513,10 +529,9 @@ fn deleting_the_projection_rebuilds_it_identically() {
     assert_eq!(before.trim().len(), 64);
 }
 
-#[test]
-fn transactions_are_all_or_nothing_and_resolve_references() {
-    let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(tmp.path(), &["--insecure-no-auth"]);
+fn transactions_are_all_or_nothing_and_resolve_references(backend: Backend) {
+    let d = Deployment::new(backend);
+    let s = d.start(&["--insecure-no-auth"]);
     rt().block_on(async {
         let c = Client::new(&s);
         let mut obs = glucose("placeholder", "2026-11-28T07:00:00Z", 101.0, "t-1");
@@ -568,12 +583,11 @@ fn transactions_are_all_or_nothing_and_resolve_references() {
     });
     let (status, _) = s.terminate();
     assert!(status.success());
-    assert_eq!(fhir_events(tmp.path()), 4, "only the two good transactions were appended");
+    assert_eq!(fhir_events(&d), 4, "only the two good transactions were appended");
 }
 
-#[test]
-fn batches_answer_each_entry() {
-    let (_tmp, s) = server();
+fn batches_answer_each_entry(backend: Backend) {
+    let (_d, s) = server(backend);
     rt().block_on(async {
         let c = Client::new(&s);
         let mut entries: Vec<Value> = (0..100)
@@ -595,9 +609,8 @@ fn batches_answer_each_entry() {
 
 /// Pages stay correct while new readings keep arriving: every resource that existed when paging
 /// began is seen exactly once (new ones sort after them by _lastUpdated).
-#[test]
-fn paging_stays_correct_under_concurrent_writes() {
-    let (_tmp, s) = server();
+fn paging_stays_correct_under_concurrent_writes(backend: Backend) {
+    let (_d, s) = server(backend);
     rt().block_on(async {
         let c = Client::new(&s);
         let mut original = std::collections::HashSet::new();
@@ -639,10 +652,9 @@ fn paging_stays_correct_under_concurrent_writes() {
 
 /// Reads, searches and history are audited: each leaves a durable `fhir.access.*` event naming what
 /// was disclosed (or the refusal), before its response.
-#[test]
-fn reads_and_searches_leave_access_events() {
-    let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(tmp.path(), &["--insecure-no-auth"]);
+fn reads_and_searches_leave_access_events(backend: Backend) {
+    let d = Deployment::new(backend);
+    let s = d.start(&["--insecure-no-auth"]);
     let id = rt().block_on(async {
         let c = Client::new(&s);
         let created = c.post("/Observation", &glucose("pa", "2026-11-28T07:00:00Z", 101.0, "a-1")).await;
@@ -665,7 +677,7 @@ fn reads_and_searches_leave_access_events() {
         id
     });
     assert!(s.terminate().0.success());
-    let access = events(tmp.path(), "cairn.access");
+    let access = events(&d, "cairn.access");
     assert_eq!(access.len(), 5, "{access:#?}");
     let read = access
         .iter()
@@ -687,9 +699,8 @@ fn reads_and_searches_leave_access_events() {
     assert!(access.iter().any(|e| e["payload"]["interaction"] == "history-instance"));
 }
 
-#[test]
-fn patients_and_devices_are_searchable() {
-    let (_tmp, s) = server();
+fn patients_and_devices_are_searchable(backend: Backend) {
+    let (_d, s) = server(backend);
     rt().block_on(async {
         let c = Client::new(&s);
         let patients = [
@@ -736,10 +747,9 @@ fn patients_and_devices_are_searchable() {
 }
 
 /// Every event a realistic run writes (not just the examples) validates against its JSON Schema.
-#[test]
-fn every_event_written_by_a_run_matches_its_schema() {
-    let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(tmp.path(), &["--insecure-no-auth"]);
+fn every_event_written_by_a_run_matches_its_schema(backend: Backend) {
+    let d = Deployment::new(backend);
+    let s = d.start(&["--insecure-no-auth"]);
     rt().block_on(async {
         let c = Client::new(&s);
         let r = c.post("/Observation", &glucose("ps", "2026-11-28T07:00:00Z", 101.0, "sc-1")).await;
@@ -773,7 +783,7 @@ fn every_event_written_by_a_run_matches_its_schema() {
         .unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for topic in ["cairn.fhir", "cairn.access", "cairn.auth"] {
-        for event in events(tmp.path(), topic) {
+        for event in events(&d, topic) {
             let t = event["type"].as_str().unwrap().to_owned();
             let validator = jsonschema::options()
                 .should_validate_formats(true)
@@ -798,9 +808,8 @@ fn every_event_written_by_a_run_matches_its_schema() {
 }
 
 /// Decimals come back exactly as written (FHIR decimals carry their precision): `5.10` stays `5.10`.
-#[test]
-fn decimals_round_trip_as_written() {
-    let (_tmp, s) = server();
+fn decimals_round_trip_as_written(backend: Backend) {
+    let (_d, s) = server(backend);
     rt().block_on(async {
         let c = Client::new(&s);
         let body = br#"{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"15074-8"}]},"subject":{"reference":"Patient/pd"},"valueQuantity":{"value":5.10,"unit":"mmol/L","system":"http://unitsofmeasure.org","code":"mmol/L"}}"#;
@@ -876,7 +885,7 @@ fn a_full_disk_fails_closed() {
     drop(s);
     // Every acknowledged write is in the log (read back from the full disk, read-only).
     let written: std::collections::HashSet<String> =
-        events(&data, "cairn.fhir").into_iter().map(|e| e["payload"]["id"].as_str().unwrap().to_owned()).collect();
+        events_in(&data, "cairn.fhir").into_iter().map(|e| e["payload"]["id"].as_str().unwrap().to_owned()).collect();
     for id in &acked {
         assert!(written.contains(id), "acknowledged {id} missing from the log");
     }

@@ -574,14 +574,23 @@ fn is_fatal(e: &KafkaError) -> bool {
     matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::UnknownTopicOrPartition))
 }
 
-fn assign<C: rdkafka::consumer::ConsumerContext>(consumer: &impl Consumer<C>, topic: &str, partition: u32, from: u64) -> Result<()> {
+fn assign<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partition: u32,
+    from: u64,
+) -> Result<()> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
         .map_err(|e| kafka_err("assign", e))?;
     consumer.assign(&tpl).map_err(|e| kafka_err("assign", e))
 }
 
-fn position<C: rdkafka::consumer::ConsumerContext>(consumer: &impl Consumer<C>, topic: &str, partition: u32) -> Result<Option<u64>> {
+fn position<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partition: u32,
+) -> Result<Option<u64>> {
     let tpl = consumer.position().map_err(|e| kafka_err("position", e))?;
     Ok(tpl.find_partition(topic, partition as i32).and_then(|e| match e.offset() {
         Offset::Offset(o) if o >= 0 => Some(o as u64),

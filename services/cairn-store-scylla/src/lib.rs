@@ -152,7 +152,11 @@ fn statements(text: &str) -> Vec<String> {
 
 /// `cql` with its table names qualified by `keyspace`.
 fn qualify(cql: &str, keyspace: &str) -> String {
-    cql.replacen(" FROM ", &format!(" FROM {keyspace}."), 1).replacen("INSERT INTO ", &format!("INSERT INTO {keyspace}."), 1)
+    cql.replacen(" FROM ", &format!(" FROM {keyspace}."), 1).replacen(
+        "INSERT INTO ",
+        &format!("INSERT INTO {keyspace}."),
+        1,
+    )
 }
 
 /// A stable bucket for an id (FNV-1a; Rust's hasher is randomised per process).

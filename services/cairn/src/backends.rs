@@ -50,11 +50,7 @@ impl OpenLog {
 }
 
 /// Opens the log. The embedded log lives in `data`; `read_only` opens it beside a running server.
-pub async fn open_log(
-    backends: &Backends,
-    data: &DataDir,
-    options: EmbeddedOptions,
-) -> anyhow::Result<OpenLog> {
+pub async fn open_log(backends: &Backends, data: &DataDir, options: EmbeddedOptions) -> anyhow::Result<OpenLog> {
     match &backends.log {
         LogBackend::Embedded => {
             let log = EmbeddedLog::open(data.log_dir(), options)?;

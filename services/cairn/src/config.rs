@@ -88,7 +88,9 @@ fn resolve_backends(common: &CommonArgs, file: &FileSettings) -> anyhow::Result<
         "embedded" => LogBackend::Embedded,
         "kafka" => {
             let Some(brokers) = a.kafka_brokers.clone().or(file.kafka_brokers.clone()) else {
-                bail!("--log kafka needs --kafka-brokers (or CAIRN_KAFKA_BROKERS, or kafka_brokers in the config file)");
+                bail!(
+                    "--log kafka needs --kafka-brokers (or CAIRN_KAFKA_BROKERS, or kafka_brokers in the config file)"
+                );
             };
             let mut k = cairn_log_kafka::KafkaSettings::new(brokers);
             k.topic_prefix = a.kafka_topic_prefix.clone().or(file.kafka_topic_prefix.clone()).unwrap_or_default();
@@ -109,7 +111,9 @@ fn resolve_backends(common: &CommonArgs, file: &FileSettings) -> anyhow::Result<
         "embedded" => StoreBackend::Embedded,
         "scylla" => {
             let Some(nodes) = a.scylla_nodes.clone().or(file.scylla_nodes.clone()) else {
-                bail!("--store scylla needs --scylla-nodes (or CAIRN_SCYLLA_NODES, or scylla_nodes in the config file)");
+                bail!(
+                    "--store scylla needs --scylla-nodes (or CAIRN_SCYLLA_NODES, or scylla_nodes in the config file)"
+                );
             };
             let keyspace = a
                 .scylla_keyspace

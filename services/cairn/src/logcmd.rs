@@ -17,9 +17,10 @@ pub fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     rt.block_on(async {
-        let log = crate::backends::open_log(&backends, &data, EmbeddedOptions { read_only: true, ..Default::default() })
-            .await?
-            .as_dyn();
+        let log =
+            crate::backends::open_log(&backends, &data, EmbeddedOptions { read_only: true, ..Default::default() })
+                .await?
+                .as_dyn();
         let topics: Vec<_> = match &args.topic {
             Some(t) => vec![cairn_log::TopicInfo { name: t.clone(), partitions: log.partitions(t)? }],
             None => log.topics(),
