@@ -87,7 +87,11 @@ async fn conformance(log: Arc<dyn EventLog>) {
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             for i in 0..10 {
-                mine.push(log.append(NewRecord::new(&topic, format!("w{w}"), format!("w{w} #{i}"))).await.unwrap());
+                let pos = log.append(NewRecord::new(&topic, format!("w{w}"), format!("w{w} #{i}"))).await.unwrap();
+                // Read-your-writes rests on this: once an append returns, the end offset covers it.
+                let end = log.end_offset(&topic, pos.partition).await.unwrap();
+                assert!(end > pos.offset, "end offset {end} does not cover the acknowledged offset {}", pos.offset);
+                mine.push(pos);
             }
             mine
         }));

@@ -100,7 +100,7 @@ pub struct KafkaLog {
     settings: KafkaSettings,
     topics: Arc<RwLock<BTreeMap<String, u32>>>,
     admin: AdminClient<DefaultClientContext>,
-    /// Metadata and watermark queries.
+    /// Metadata and watermark queries (read_uncommitted: its end offsets are high watermarks).
     meta: Arc<Reader>,
     appends: mpsc::Sender<PendingAppend>,
     /// Set when the transactional producer hit a fatal error (e.g. fenced by another process with
@@ -119,7 +119,11 @@ impl KafkaLog {
     pub async fn connect(settings: KafkaSettings) -> Result<KafkaLog> {
         let admin: AdminClient<DefaultClientContext> =
             base_config(&settings).create().map_err(|e| kafka_err("admin client", e))?;
+        // Watermarks must be the high watermark, not the last stable offset that a read_committed
+        // client gets: right after our transaction commits, its markers may not be written yet, and
+        // an end offset that stops short of our records would let a read skip its own writes.
         let meta: Reader = consumer_config(&settings, "cairn-meta")
+            .set("isolation.level", "read_uncommitted")
             .create_with_context(CairnContext)
             .map_err(|e| kafka_err("metadata client", e))?;
         let meta = Arc::new(meta);

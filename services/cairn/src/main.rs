@@ -91,7 +91,7 @@ pub struct CommonArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct BackendArgs {
     /// Event log backend: embedded (files in the data directory) or kafka [default: embedded]
-    #[arg(long, env = "CAIRN_LOG", global = true, value_parser = ["embedded", "kafka"])]
+    #[arg(long, env = "CAIRN_LOG_BACKEND", global = true, value_parser = ["embedded", "kafka"])]
     pub log: Option<String>,
     /// Kafka bootstrap servers, host:port[,host:port...] (with --log kafka)
     #[arg(long, env = "CAIRN_KAFKA_BROKERS", global = true)]
@@ -106,7 +106,7 @@ pub struct BackendArgs {
     #[arg(long, env = "CAIRN_KAFKA_MIN_INSYNC_REPLICAS", global = true)]
     pub kafka_min_insync_replicas: Option<i32>,
     /// Projection store backend: embedded (redb in the data directory) or scylla (ScyllaDB or Cassandra) [default: embedded]
-    #[arg(long, env = "CAIRN_STORE", global = true, value_parser = ["embedded", "scylla"])]
+    #[arg(long, env = "CAIRN_STORE_BACKEND", global = true, value_parser = ["embedded", "scylla"])]
     pub store: Option<String>,
     /// CQL contact points, host:port[,host:port...] (with --store scylla)
     #[arg(long, env = "CAIRN_SCYLLA_NODES", global = true)]
