@@ -169,11 +169,46 @@ pub struct Deployment {
     pub backend: Backend,
     dir: tempfile::TempDir,
     backend_args: Vec<String>,
+    _servers: Option<std::sync::RwLockReadGuard<'static, ()>>,
+}
+
+static SHARED_SERVERS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by every test that uses the shared Kafka and Cassandra ...
+pub fn shared_servers() -> std::sync::RwLockReadGuard<'static, ()> {
+    SHARED_SERVERS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// ... and, alone, by a test that restarts them (no other test sees the outage).
+pub fn exclusive_servers() -> std::sync::RwLockWriteGuard<'static, ()> {
+    SHARED_SERVERS.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs an `infra/` script (e.g. `down kafka`) with this process's environment (the ports and run
+/// dir `infra/test` exported); panics with its output if it fails.
+pub fn infra(script: &str, args: &[&str]) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra").join(script);
+    let out = Command::new(&path).args(args).output().expect("run an infra script");
+    assert!(
+        out.status.success(),
+        "infra/{script} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Deployment {
-    /// A fresh deployment; on Kafka and Cassandra this runs `cairn migrate` for its keyspace.
+    /// A fresh deployment; on Kafka and Cassandra this runs `cairn migrate` for its keyspace, and
+    /// holds the shared-servers lock (see [`shared_servers`]).
     pub fn new(backend: Backend) -> Deployment {
+        let guard = (backend == Backend::KafkaCassandra).then(shared_servers);
+        let mut d = Self::unguarded(backend);
+        d._servers = guard;
+        d
+    }
+
+    /// A deployment for a test that already holds [`exclusive_servers`].
+    pub fn unguarded(backend: Backend) -> Deployment {
         let dir = tempfile::tempdir().unwrap();
         let backend_args = match backend {
             Backend::Embedded => Vec::new(),
@@ -195,7 +230,7 @@ impl Deployment {
                 ]
             }
         };
-        let d = Deployment { backend, dir, backend_args };
+        let d = Deployment { backend, dir, backend_args, _servers: None };
         if backend == Backend::KafkaCassandra {
             let (status, out, err) = d.cairn(&["migrate"]);
             assert!(status.success(), "cairn migrate failed: {out}{err}");

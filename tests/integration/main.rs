@@ -2,6 +2,7 @@
 //! covers one area.
 
 mod cli;
+mod distributed;
 mod fhir;
 mod log_backends;
 mod store_backends;

@@ -103,8 +103,9 @@ pub struct KafkaLog {
     /// Metadata and watermark queries (read_uncommitted: its end offsets are high watermarks).
     meta: Arc<Reader>,
     appends: mpsc::Sender<PendingAppend>,
-    /// Set when the transactional producer hit a fatal error (e.g. fenced by another process with
-    /// the same transactional id): every later append is refused, as with the embedded log.
+    /// Set while the transactional producer is broken (a failed transaction that could not be
+    /// aborted, a fatal error) and not yet replaced: `/readyz` reports it. The writer replaces the
+    /// producer before the next transaction.
     failure: Arc<Mutex<Option<String>>>,
     groups: Mutex<HashMap<String, Arc<Reader>>>,
 }
@@ -127,25 +128,12 @@ impl KafkaLog {
             .create_with_context(CairnContext)
             .map_err(|e| kafka_err("metadata client", e))?;
         let meta = Arc::new(meta);
-        let producer: FutureProducer = base_config(&settings)
-            .set("transactional.id", &settings.transactional_id)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .set("message.max.bytes", (settings.max_record_bytes + 4096).to_string())
-            .set("transaction.timeout.ms", "60000")
-            .create()
-            .map_err(|e| kafka_err("producer", e))?;
-        let producer = Arc::new(producer);
-        let timeout = settings.timeout;
-        let p = producer.clone();
-        blocking(move || p.init_transactions(timeout).map_err(|e| kafka_err("initialising transactions", e))).await?;
-
+        let producer = start_producer(&settings).await?;
         let topics = Arc::new(RwLock::new(BTreeMap::new()));
         let log = {
             let (tx, rx) = mpsc::channel(4096);
             let failure = Arc::new(Mutex::new(None));
-            tokio::spawn(writer(producer, rx, failure.clone(), timeout));
+            tokio::spawn(writer(settings.clone(), Some(producer), rx, failure.clone()));
             KafkaLog { settings, topics, admin, meta, appends: tx, failure, groups: Mutex::new(HashMap::new()) }
         };
         log.refresh_topics().await?;
@@ -264,12 +252,32 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 /// The writer task: takes every append waiting, sends them in one transaction, commits, and answers
 /// each caller with its positions (or the error).
+/// Creates the transactional producer and initialises its transactions, which fences any earlier
+/// producer with the same transactional id (a zombie of this process, or the one it replaces).
+async fn start_producer(settings: &KafkaSettings) -> Result<Arc<FutureProducer>> {
+    let producer: FutureProducer = base_config(settings)
+        .set("transactional.id", &settings.transactional_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("message.max.bytes", (settings.max_record_bytes + 4096).to_string())
+        .set("transaction.timeout.ms", "60000")
+        .create()
+        .map_err(|e| kafka_err("producer", e))?;
+    let producer = Arc::new(producer);
+    let timeout = settings.timeout;
+    let p = producer.clone();
+    blocking(move || p.init_transactions(timeout).map_err(|e| kafka_err("initialising transactions", e))).await?;
+    Ok(producer)
+}
+
 async fn writer(
-    producer: Arc<FutureProducer>,
+    settings: KafkaSettings,
+    mut producer: Option<Arc<FutureProducer>>,
     mut rx: mpsc::Receiver<PendingAppend>,
     failure: Arc<Mutex<Option<String>>>,
-    timeout: Duration,
 ) {
+    let timeout = settings.timeout;
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         let mut count = group[0].records.len();
@@ -282,14 +290,28 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        if let Some(why) = failure.lock().unwrap().clone() {
-            for p in group {
-                let _ = p.reply.send(Err(LogError::Failed(why.clone())));
-            }
-            continue;
-        }
+        // After a broken transaction the producer is replaced before the next one (a broker restart
+        // or a network cut must not stop appends for good). Until that works, appends fail (503).
+        let current = match &producer {
+            Some(p) => p.clone(),
+            None => match start_producer(&settings).await {
+                Ok(p) => {
+                    tracing::info!("kafka producer restarted; appends resume");
+                    *failure.lock().unwrap() = None;
+                    producer = Some(p.clone());
+                    p
+                }
+                Err(e) => {
+                    *failure.lock().unwrap() = Some(e.to_string());
+                    for p in group {
+                        let _ = p.reply.send(Err(LogError::Failed(format!("kafka producer unavailable: {e}"))));
+                    }
+                    continue;
+                }
+            },
+        };
         let started = Instant::now();
-        match transaction(&producer, &group, timeout).await {
+        match transaction(&current, &group, timeout).await {
             Ok(positions) => {
                 metrics::histogram!("cairn_log_fsync_seconds").record(started.elapsed().as_secs_f64());
                 metrics::histogram!("cairn_log_fsync_batch_records").record(count as f64);
@@ -298,10 +320,11 @@ async fn writer(
                     let _ = p.reply.send(Ok(pos));
                 }
             }
-            Err((e, fatal)) => {
+            Err((e, unusable)) => {
                 tracing::error!(error = %e, records = count, "kafka transaction failed; its appends are refused");
-                if fatal {
+                if unusable {
                     *failure.lock().unwrap() = Some(e.to_string());
+                    producer = None;
                 }
                 for p in group {
                     let _ = p.reply.send(Err(LogError::Failed(format!("kafka transaction failed: {e}"))));
@@ -441,9 +464,6 @@ impl EventLog for KafkaLog {
         if records.is_empty() {
             return Err(LogError::EmptyBatch);
         }
-        if let Some(why) = self.failure() {
-            return Err(LogError::Failed(why));
-        }
         let mut routed = Vec::with_capacity(records.len());
         for record in records {
             let size = record.key.len() + record.value.len();
@@ -548,6 +568,32 @@ impl EventLog for KafkaLog {
         })
     }
 
+    fn assignments(&self, group: &str, topic: &str) -> BoxStream<'static, Result<Vec<u32>>> {
+        let checked = validate_name(group).and_then(|()| self.partitions(topic));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Err(e) = checked {
+            let _ = tx.send(Err(e));
+        } else {
+            let mut config = base_config(&self.settings);
+            config
+                .set("group.id", self.wire(group))
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                // A dead member's partitions move to the others after this long without heartbeats.
+                .set("session.timeout.ms", "6000")
+                .set("heartbeat.interval.ms", "1000");
+            let topic = self.wire(topic);
+            let prefix = self.settings.topic_prefix.len();
+            // librdkafka runs the group protocol while the consumer is polled: a thread of its own
+            // polls it; the assigned partitions are paused, since records are read by tails.
+            std::thread::Builder::new()
+                .name("cairn-kafka-group".into())
+                .spawn(move || membership(config, topic, prefix, tx))
+                .expect("spawn the group-membership thread");
+        }
+        Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+    }
+
     async fn commit_offset(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<()> {
         self.check_partition(topic, partition)?;
         let consumer = self.group_consumer(group)?;
@@ -572,6 +618,76 @@ impl EventLog for KafkaLog {
             _ => None,
         }))
     }
+}
+
+/// The consumer context of a group member: reports each new assignment.
+struct MemberContext {
+    topic: String,
+    tx: tokio::sync::mpsc::UnboundedSender<Result<Vec<u32>>>,
+}
+
+impl rdkafka::client::ClientContext for MemberContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        CairnContext.log(level, fac, message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        CairnContext.error(error, reason)
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for MemberContext {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        use rdkafka::consumer::Rebalance;
+        let partitions = |tpl: &TopicPartitionList| -> Vec<u32> {
+            let mut p: Vec<u32> =
+                tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition() as u32).collect();
+            p.sort_unstable();
+            p
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "kafka group: could not pause the assigned partitions");
+                }
+                tracing::info!(partitions = ?partitions(tpl), "kafka group: partitions assigned");
+                let _ = self.tx.send(Ok(partitions(tpl)));
+            }
+            Rebalance::Revoke(_) => {
+                // Eager rebalancing revokes everything, then assigns anew.
+                tracing::info!("kafka group: partitions revoked");
+                let _ = self.tx.send(Ok(Vec::new()));
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "kafka group: rebalance error"),
+        }
+    }
+}
+
+/// Keeps this process a member of the group until the receiver is dropped.
+fn membership(
+    config: ClientConfig,
+    topic: String,
+    prefix: usize,
+    tx: tokio::sync::mpsc::UnboundedSender<Result<Vec<u32>>>,
+) {
+    let context = MemberContext { topic: topic.clone(), tx: tx.clone() };
+    let consumer: BaseConsumer<MemberContext> = match config.create_with_context(context) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(Err(kafka_err("group member", e)));
+            return;
+        }
+    };
+    if let Err(e) = consumer.subscribe(&[&topic]) {
+        let _ = tx.send(Err(kafka_err("joining the group", e)));
+        return;
+    }
+    tracing::info!(topic = &topic[prefix..], "kafka group: joined");
+    while !tx.is_closed() {
+        // Records (there should be none: the partitions are paused) are dropped.
+        let _ = consumer.poll(Duration::from_millis(200));
+    }
+    consumer.unsubscribe();
 }
 
 fn is_fatal(e: &KafkaError) -> bool {

@@ -25,6 +25,7 @@ pub use chain::Hash;
 pub use partitioner::partition_for_key;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use std::path::PathBuf;
 
@@ -164,6 +165,16 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Every record of the partition from `from` on, waiting for new ones forever.
     fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, Result<Tailed>>;
+
+    /// The partitions of `topic` this process should work on as a member of consumer group `group`,
+    /// each time they change (the first item is the first assignment). Kafka shares a topic's
+    /// partitions among the group's live members and moves a member's partitions to the others when it
+    /// dies; the embedded log serves one process, which gets every partition once. Dropping the stream
+    /// leaves the group.
+    fn assignments(&self, group: &str, topic: &str) -> BoxStream<'static, Result<Vec<u32>>> {
+        let all = validate_name(group).and_then(|()| self.partitions(topic)).map(|n| (0..n).collect());
+        Box::pin(futures_util::stream::once(async move { all }).chain(futures_util::stream::pending()))
+    }
 
     /// Durably records that `group` has processed the partition up to (not including) `next_offset`.
     async fn commit_offset(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<()>;

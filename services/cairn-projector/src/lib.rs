@@ -49,6 +49,9 @@ pub struct ResourceProjector {
     durable_every: Duration,
 }
 
+/// The consumer group in which resource projector processes share the FHIR topic's partitions.
+pub const RESOURCE_PROJECTOR_GROUP: &str = "cairn-projector-resources";
+
 /// Records taken into one store transaction at most.
 const BATCH_RECORDS: usize = 2048;
 
@@ -96,34 +99,63 @@ impl ResourceProjector {
         self.apply(&[], true).await
     }
 
-    /// Tails every partition forever, applying in batches.
+    /// Tails the partitions the log assigns to this process (every partition, unless several
+    /// projector processes share the topic through a Kafka consumer group) forever, applying in
+    /// batches. When the assignment changes, tails restart from the store's checkpoints, so a
+    /// partition taken over from a dead process resumes where that process's last write left it
+    /// (re-applying a little is harmless: applying is idempotent).
     pub async fn run(self) -> Result<(), ProjectorError> {
-        let start = self.progress.borrow().clone();
-        let tails = start.iter().enumerate().map(|(p, &from)| self.log.tail(&self.topic, p as u32, from));
-        let mut merged = select_all(tails);
+        let mut assignments = self.log.assignments(RESOURCE_PROJECTOR_GROUP, &self.topic);
+        let Some(first) = assignments.next().await else { return Ok(()) };
+        let mut assigned = first?;
         let mut last_durable = Instant::now();
         loop {
-            let Some(first) = merged.next().await else { return Ok(()) };
-            let mut batch = vec![first?];
-            while batch.len() < BATCH_RECORDS {
-                match futures_util::FutureExt::now_or_never(merged.next()) {
-                    Some(Some(r)) => batch.push(r?),
-                    _ => break,
+            let mut next = self.progress.borrow().clone();
+            let mut tails = Vec::with_capacity(assigned.len());
+            for &p in &assigned {
+                let stored = self.store.checkpoint(&self.topic, p).await?.unwrap_or(0);
+                let slot = &mut next[p as usize];
+                *slot = (*slot).max(stored);
+                tails.push(self.log.tail(&self.topic, p, *slot));
+            }
+            self.progress.send_replace(next);
+            let mut merged = select_all(tails);
+            loop {
+                let first = tokio::select! {
+                    change = assignments.next() => match change {
+                        Some(change) => {
+                            assigned = change?;
+                            break;
+                        }
+                        None => return Ok(()),
+                    },
+                    item = merged.next(), if !assigned.is_empty() => match item {
+                        Some(item) => item?,
+                        None => return Ok(()),
+                    },
+                };
+                let mut batch = vec![first];
+                while batch.len() < BATCH_RECORDS {
+                    match futures_util::FutureExt::now_or_never(merged.next()) {
+                        Some(Some(r)) => batch.push(r?),
+                        _ => break,
+                    }
+                }
+                let mut records = Vec::with_capacity(batch.len());
+                let mut passed = Vec::new();
+                for item in batch {
+                    match item {
+                        Tailed::Record(r) => records.push(r),
+                        Tailed::Passed { partition, next_offset } => passed.push((partition, next_offset)),
+                    }
+                }
+                let durable = last_durable.elapsed() >= self.durable_every;
+                self.apply_passing(&records, &passed, durable).await?;
+                if durable {
+                    last_durable = Instant::now();
                 }
             }
-            let mut records = Vec::with_capacity(batch.len());
-            let mut passed = Vec::new();
-            for item in batch {
-                match item {
-                    Tailed::Record(r) => records.push(r),
-                    Tailed::Passed { partition, next_offset } => passed.push((partition, next_offset)),
-                }
-            }
-            let durable = last_durable.elapsed() >= self.durable_every;
-            self.apply_passing(&records, &passed, durable).await?;
-            if durable {
-                last_durable = Instant::now();
-            }
+            tracing::info!(topic = %self.topic, partitions = ?assigned, "resource projector: assignment changed");
         }
     }
 
@@ -157,15 +189,81 @@ impl ResourceProjector {
             let slot = &mut next[partition as usize];
             *slot = (*slot).max(offset);
         }
+        // Only the partitions this batch moved: with several projector processes, writing the others'
+        // partitions from this process's (stale) view would overwrite their newer checkpoints.
+        let before = self.progress.borrow().clone();
         let checkpoints: Vec<Checkpoint> = next
             .iter()
             .enumerate()
+            .filter(|&(p, &o)| o != before[p])
             .map(|(p, &o)| Checkpoint { topic: self.topic.clone(), partition: p as u32, next_offset: o })
             .collect();
         self.store.apply(&versions, &checkpoints, durable).await?;
         self.progress.send_replace(next);
         Ok(())
     }
+}
+
+/// Progress as the store records it: each partition's checkpoint, whoever wrote it (this process's
+/// projector, or projector processes elsewhere), merged with `local` progress when this process runs a
+/// projector too. Polled every `every`; an API process without a projector waits on this for
+/// read-your-writes.
+pub fn follow_checkpoints(
+    store: Arc<dyn ResourceStore>,
+    topic: &str,
+    partitions: u32,
+    local: Option<Progress>,
+    every: Duration,
+) -> Progress {
+    let (tx, rx) =
+        watch::channel(local.as_ref().map(Progress::snapshot).unwrap_or_else(|| vec![0; partitions as usize]));
+    let topic = topic.to_owned();
+    tokio::spawn(async move {
+        let mut local_rx = local.map(|l| l.rx);
+        let mut stored = vec![0u64; partitions as usize];
+        let mut poll_store = true;
+        loop {
+            if poll_store {
+                for p in 0..partitions {
+                    match store.checkpoint(&topic, p).await {
+                        Ok(Some(o)) => stored[p as usize] = o,
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "reading projector checkpoints"),
+                    }
+                }
+            }
+            let local_now = local_rx.as_ref().map(|r| r.borrow().clone());
+            // Never move backwards (a slower process may write an older checkpoint after a newer one).
+            let current = tx.borrow().clone();
+            let merged: Vec<u64> = (0..partitions as usize)
+                .map(|p| current[p].max(stored[p]).max(local_now.as_ref().map_or(0, |l| l[p])))
+                .collect();
+            if merged != current {
+                tx.send_replace(merged);
+            }
+            if tx.is_closed() {
+                return;
+            }
+            let mut local_stopped = false;
+            poll_store = match &mut local_rx {
+                Some(r) => tokio::select! {
+                    changed = r.changed() => {
+                        local_stopped = changed.is_err();
+                        local_stopped
+                    }
+                    _ = tokio::time::sleep(every) => true,
+                },
+                None => {
+                    tokio::time::sleep(every).await;
+                    true
+                }
+            };
+            if local_stopped {
+                local_rx = None;
+            }
+        }
+    });
+    Progress { rx }
 }
 
 /// Why a projector stopped: it could not read the log or could not write its store. Either way it

@@ -133,7 +133,7 @@ pub async fn migrate(settings: &ScyllaSettings) -> Result<Vec<String>> {
         session.await_schema_agreement().await.map_err(|e| cql_err("waiting for schema agreement", e))?;
         session
             .query_unpaged(
-                "INSERT INTO schema_migrations (name, applied_at) VALUES (?, toTimestamp(now()))",
+                format!("INSERT INTO {ks}.schema_migrations (name, applied_at) VALUES (?, toTimestamp(now()))"),
                 (name.to_string(),),
             )
             .await

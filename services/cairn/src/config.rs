@@ -38,6 +38,7 @@ struct FileSettings {
     scylla_nodes: Option<String>,
     scylla_keyspace: Option<String>,
     scylla_replication_factor: Option<u32>,
+    roles: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +54,47 @@ pub struct Settings {
     pub store_cache_bytes: usize,
     pub insecure_no_auth: bool,
     pub backends: Backends,
+    pub roles: Roles,
+}
+
+/// What one `cairn serve` process does. Default: everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// The FHIR API.
+    pub fhir: bool,
+    /// The resource projector (log -> store).
+    pub projector: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles { fhir: true, projector: true };
+
+    pub fn parse(text: &str) -> anyhow::Result<Roles> {
+        let mut roles = Roles { fhir: false, projector: false };
+        for role in text.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+            match role {
+                "fhir" => roles.fhir = true,
+                "projector" => roles.projector = true,
+                "auth" => bail!("--roles: the auth role is not available in this build (no authorization server yet)"),
+                other => bail!("--roles: unknown role `{other}` (use fhir, projector)"),
+            }
+        }
+        if !roles.fhir && !roles.projector {
+            bail!("--roles `{text}`: name at least one role (fhir, projector)");
+        }
+        Ok(roles)
+    }
+}
+
+impl std::fmt::Display for Roles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = [("fhir", self.fhir), ("projector", self.projector)]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect();
+        f.write_str(&names.join(","))
+    }
 }
 
 /// Which event log and projection store to use, with their settings.
@@ -180,6 +222,13 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
     if !(16..=1 << 20).contains(&store_cache_mb) {
         bail!("--store-cache-mb {store_cache_mb} is out of range (16 to 1048576)");
     }
+    let roles = match args.roles.clone().or(file.roles.clone()) {
+        Some(text) => Roles::parse(&text)?,
+        None => Roles::ALL,
+    };
+    if !roles.projector && matches!(backends.store, StoreBackend::Embedded) {
+        bail!("--roles {roles}: a process without the projector role needs a shared store (--store scylla)");
+    }
     if args.insecure_no_auth && !listen.ip().is_loopback() {
         bail!("--insecure-no-auth refuses to serve on {listen}: unauthenticated access is for a loopback address only");
     }
@@ -195,6 +244,7 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
         store_cache_bytes: store_cache_mb << 20,
         insecure_no_auth: args.insecure_no_auth,
         backends,
+        roles,
     })
 }
 
@@ -237,6 +287,18 @@ mod tests {
         assert!(!err.contains('\n'), "one line: {err}");
         let err = resolve_serve(&serve_args(None, Some("localhost"))).unwrap_err().to_string();
         assert!(err.contains("--listen `localhost`"), "{err}");
+    }
+
+    #[test]
+    fn roles_parse_and_explain_what_is_wrong() {
+        assert_eq!(Roles::parse("fhir,projector").unwrap(), Roles::ALL);
+        assert_eq!(Roles::parse(" projector ").unwrap(), Roles { fhir: false, projector: true });
+        assert!(Roles::parse("fhir,sorcery").unwrap_err().to_string().contains("unknown role `sorcery`"));
+        assert!(Roles::parse("").is_err());
+        assert!(Roles::parse("auth").unwrap_err().to_string().contains("not available"));
+        let args = ServeArgs { roles: Some("fhir".into()), ..Default::default() };
+        let err = resolve_serve(&args).unwrap_err().to_string();
+        assert!(err.contains("shared store"), "{err}");
     }
 
     #[test]

@@ -144,6 +144,10 @@ pub struct ServeArgs {
     /// How long a read waits for the store to reach the log before answering 503, in ms [default: 5000]
     #[arg(long, env = "CAIRN_READ_WAIT_MS")]
     pub read_wait_ms: Option<u64>,
+    /// What this process does, comma-separated: fhir (the API), projector (log -> store). Several
+    /// processes with different roles can share one Kafka and one ScyllaDB [default: fhir,projector]
+    #[arg(long, env = "CAIRN_ROLES")]
+    pub roles: Option<String>,
     /// LOCAL DEVELOPMENT ONLY: serve the FHIR API without authentication, as an anonymous actor.
     /// Refused on a non-loopback address.
     #[arg(long, env = "CAIRN_INSECURE_NO_AUTH")]

@@ -32,6 +32,10 @@ struct RunningPlatform {
     draining: AtomicBool,
 }
 
+/// How often a process on a shared store reads the projector checkpoints (read-your-writes waits on
+/// them when another process projects).
+const CHECKPOINT_POLL: Duration = Duration::from_millis(10);
+
 /// A projection counts as caught up if it reaches the log's current end within this bound.
 const READINESS_LAG_BOUND: Duration = Duration::from_secs(1);
 
@@ -94,34 +98,62 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     }
     let store = backends::open_store(&settings.backends, &data, settings.store_cache_bytes).await?;
     let dyn_log = log.clone();
-    let (projector, progress) =
-        ResourceProjector::new(dyn_log.clone(), store.clone(), cairn_events::topics::FHIR).await?;
-    // Catch up before serving, so the first reads are not held back by a long replay.
-    let started = std::time::Instant::now();
-    projector.catch_up().await.map_err(|e| anyhow::anyhow!("resource projection: {e}"))?;
-    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "resource projection caught up");
-    let projector_task = tokio::spawn(async move {
-        if let Err(e) = projector.run().await {
-            tracing::error!(error = %e, "resource projector stopped");
+    let topic = cairn_events::topics::FHIR;
+    let mut projector_task = None;
+    let local = if settings.roles.projector {
+        let (projector, progress) = ResourceProjector::new(dyn_log.clone(), store.clone(), topic).await?;
+        if let OpenLog::Embedded(_) = open_log {
+            // The only projector of this log: catch up before serving, so the first reads are not
+            // held back by a long replay. (On Kafka the consumer group decides who projects what.)
+            let started = std::time::Instant::now();
+            projector.catch_up().await.map_err(|e| anyhow::anyhow!("resource projection: {e}"))?;
+            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "resource projection caught up");
         }
-    });
-    let service = Arc::new(FhirService::new(
-        dyn_log,
-        store,
-        progress.clone(),
-        cairn_service::Settings {
-            base_url: format!("{}/fhir", settings.public_url),
-            read_wait: settings.read_wait,
-            max_resource_bytes: settings.max_resource_bytes,
-            max_bundle_bytes: settings.max_bundle_bytes,
-        },
-    ));
-    if settings.insecure_no_auth {
-        let banner = "WARNING: --insecure-no-auth: the FHIR API accepts requests WITHOUT AUTHENTICATION. Local development only.";
-        eprintln!("\n{}\n{banner}\n{}\n", "!".repeat(banner.len()), "!".repeat(banner.len()));
-        tracing::warn!("{banner}");
-    }
-    let fhir = cairn_http::fhir::FhirApi { service, allow_anonymous: settings.insecure_no_auth };
+        projector_task = Some(tokio::spawn(async move {
+            if let Err(e) = projector.run().await {
+                tracing::error!(error = %e, "resource projector stopped");
+            }
+        }));
+        Some(progress)
+    } else {
+        None
+    };
+    let progress = match (&settings.backends.store, local) {
+        // One process owns the embedded store: its own projector's progress is the truth.
+        (config::StoreBackend::Embedded, Some(local)) => local,
+        (config::StoreBackend::Embedded, None) => {
+            anyhow::bail!("--roles without projector needs a store shared with a projector process (--store scylla)")
+        }
+        // A shared store: other processes may project too; follow the checkpoints they all write.
+        (config::StoreBackend::Scylla(_), local) => cairn_projector::follow_checkpoints(
+            store.clone(),
+            topic,
+            dyn_log.partitions(topic)?,
+            local,
+            CHECKPOINT_POLL,
+        ),
+    };
+    let fhir = if settings.roles.fhir {
+        let service = Arc::new(FhirService::new(
+            dyn_log,
+            store,
+            progress.clone(),
+            cairn_service::Settings {
+                base_url: format!("{}/fhir", settings.public_url),
+                read_wait: settings.read_wait,
+                max_resource_bytes: settings.max_resource_bytes,
+                max_bundle_bytes: settings.max_bundle_bytes,
+            },
+        ));
+        if settings.insecure_no_auth {
+            let banner = "WARNING: --insecure-no-auth: the FHIR API accepts requests WITHOUT AUTHENTICATION. Local development only.";
+            eprintln!("\n{}\n{banner}\n{}\n", "!".repeat(banner.len()), "!".repeat(banner.len()));
+            tracing::warn!("{banner}");
+        }
+        Some(cairn_http::fhir::FhirApi { service, allow_anonymous: settings.insecure_no_auth })
+    } else {
+        None
+    };
     let platform = Arc::new(RunningPlatform {
         log: open_log.clone(),
         resources: progress,
@@ -137,12 +169,13 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
         public_url = %settings.public_url,
         data_dir = %settings.data_dir.display(),
         log = %open_log.describe(),
+        roles = %settings.roles,
         "cairn is serving"
     );
     // Machine- and human-readable: tests and scripts read the bound address from this line.
     println!("cairn: listening on http://{bound} (public URL {})", settings.public_url);
     let drain = platform.clone();
-    cairn_http::serve(listener, platform, Some(fhir), async move {
+    cairn_http::serve(listener, platform, fhir, async move {
         shutdown_signal().await;
         drain.draining.store(true, Ordering::Relaxed);
         tracing::info!("shutting down: finishing in-flight requests");
@@ -150,7 +183,9 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     .await
     .context("HTTP server")?;
     // Every acknowledged append is already durable; close lets queued appends finish.
-    projector_task.abort();
+    if let Some(task) = projector_task {
+        task.abort();
+    }
     open_log.close();
     tracing::info!("stopped cleanly");
     Ok(())
