@@ -238,6 +238,13 @@ impl Deployment {
         d
     }
 
+    /// A topic's name on the Kafka cluster (with this deployment's prefix).
+    pub fn kafka_topic(&self, topic: &str) -> String {
+        let prefix =
+            self.backend_args.iter().position(|a| a == "--kafka-topic-prefix").map(|i| &self.backend_args[i + 1]);
+        format!("{}{topic}", prefix.map(String::as_str).unwrap_or(""))
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }

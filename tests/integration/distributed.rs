@@ -223,3 +223,54 @@ fn split_roles_share_the_work_and_survive_a_dead_projector() {
     }
     assert!(projector_a.terminate().0.success());
 }
+
+/// On Kafka the chain is anchored by seals: `cairn log verify` checks every partition against them,
+/// and finds records removed from a partition (Kafka's DeleteRecords, which anyone with admin rights on
+/// the cluster can run).
+#[test]
+#[ignore = "needs Kafka and Cassandra: run with infra/test"]
+fn log_verify_on_kafka_checks_the_seals_and_finds_removed_records() {
+    let d = Deployment::new(Backend::KafkaCassandra);
+    let s = d.start(&["--insecure-no-auth"]);
+    let base = format!("{}/fhir", s.base_url);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        for n in 0..40 {
+            let r = http
+                .post(format!("{base}/Observation"))
+                .header("content-type", "application/fhir+json")
+                .body(serde_json::to_vec(&reading(n)).unwrap())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+        // Seals are made about once a second.
+        tokio::time::sleep(cairn_log::seal::SEAL_EVERY * 3).await;
+    });
+    assert!(s.terminate().0.success());
+    let (status, out, err) = d.cairn(&["log", "verify"]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("ok: 40 events") && out.contains("(0 not sealed yet"), "{out}");
+
+    // Remove the first two records of a cairn.fhir partition that has at least three.
+    let (_, tail, _) = d.cairn(&["log", "tail", "--topic", "cairn.fhir"]);
+    let mut per_partition = std::collections::BTreeMap::<u64, usize>::new();
+    for line in tail.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        *per_partition.entry(v["partition"].as_u64().unwrap()).or_default() += 1;
+    }
+    let (&partition, _) = per_partition.iter().find(|(_, n)| **n >= 3).expect("a partition with 3 records");
+    rt.block_on(async {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", cairn_tests::kafka_brokers()).create().unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(&d.kafka_topic("cairn.fhir"), partition as i32, rdkafka::Offset::Offset(2)).unwrap();
+        admin.delete_records(&tpl, &AdminOptions::new()).await.unwrap();
+    });
+    let (status, out, _) = d.cairn(&["log", "verify"]);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains(&format!("BROKEN: cairn.fhir/{partition}")), "{out}");
+}

@@ -108,6 +108,8 @@ pub struct KafkaLog {
     /// producer before the next transaction.
     failure: Arc<Mutex<Option<String>>>,
     groups: Mutex<HashMap<String, Arc<Reader>>>,
+    /// Idle reader consumers for `read`.
+    readers: Arc<Mutex<Vec<Reader>>>,
 }
 
 fn kafka_err(context: &str, e: impl std::fmt::Display) -> LogError {
@@ -134,7 +136,16 @@ impl KafkaLog {
             let (tx, rx) = mpsc::channel(4096);
             let failure = Arc::new(Mutex::new(None));
             tokio::spawn(writer(settings.clone(), Some(producer), rx, failure.clone()));
-            KafkaLog { settings, topics, admin, meta, appends: tx, failure, groups: Mutex::new(HashMap::new()) }
+            KafkaLog {
+                settings,
+                topics,
+                admin,
+                meta,
+                appends: tx,
+                failure,
+                groups: Mutex::new(HashMap::new()),
+                readers: Arc::default(),
+            }
         };
         log.refresh_topics().await?;
         Ok(log)
@@ -483,42 +494,26 @@ impl EventLog for KafkaLog {
 
     async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>> {
         self.check_partition(topic, partition)?;
-        let config = consumer_config(&self.settings, &self.wire("cairn-reader"));
+        let mut config = consumer_config(&self.settings, &self.wire("cairn-reader"));
+        // A read ends at the partition's end, which a fetch reports only after waiting this long for
+        // more data: keep it short (tails keep the default and are woken by new data).
+        config.set("fetch.wait.max.ms", "20");
         let topic = self.wire(topic);
         let prefix = self.settings.topic_prefix.len();
         let timeout = self.settings.timeout;
+        let pool = self.readers.clone();
         blocking(move || {
-            let consumer: Reader = config.create_with_context(CairnContext).map_err(|e| kafka_err("reader", e))?;
-            let (_, high) = consumer
-                .fetch_watermarks(&topic, partition as i32, timeout)
-                .map_err(|e| kafka_err("reading watermarks", e))?;
-            if from >= high.max(0) as u64 || max == 0 {
-                return Ok(Vec::new());
+            // Readers are reused: creating one costs a connection and a metadata round trip.
+            let pooled = pool.lock().unwrap().pop();
+            let consumer = match pooled {
+                Some(c) => c,
+                None => config.create_with_context(CairnContext).map_err(|e| kafka_err("reader", e))?,
+            };
+            let result = read_with(&consumer, &topic, partition, from, max, prefix, timeout);
+            if consumer.unassign().is_ok() {
+                pool.lock().unwrap().push(consumer);
             }
-            assign(&consumer, &topic, partition, from)?;
-            let mut out = Vec::new();
-            let deadline = Instant::now() + timeout;
-            while out.len() < max {
-                match consumer.poll(Duration::from_millis(200)) {
-                    Some(Ok(m)) => {
-                        let r = to_record(&m, prefix);
-                        let last = r.offset + 1 >= high as u64;
-                        out.push(r);
-                        if last {
-                            break;
-                        }
-                    }
-                    // The end of what is committed (transaction markers and open transactions are
-                    // not delivered).
-                    Some(Err(KafkaError::PartitionEOF(_))) => break,
-                    Some(Err(e)) => return Err(kafka_err("reading", e)),
-                    None if Instant::now() > deadline => {
-                        return Err(kafka_err("reading", "no answer from the broker in time"));
-                    }
-                    None => {}
-                }
-            }
-            Ok(out)
+            result
         })
         .await
     }
@@ -688,6 +683,50 @@ fn membership(
         let _ = consumer.poll(Duration::from_millis(200));
     }
     consumer.unsubscribe();
+}
+
+/// Up to `max` committed records of one partition from `from`, with a reader consumer.
+fn read_with(
+    consumer: &Reader,
+    topic: &str,
+    partition: u32,
+    from: u64,
+    max: usize,
+    prefix: usize,
+    timeout: Duration,
+) -> Result<Vec<Record>> {
+    let (_, high) =
+        consumer.fetch_watermarks(topic, partition as i32, timeout).map_err(|e| kafka_err("reading watermarks", e))?;
+    if from >= high.max(0) as u64 || max == 0 {
+        return Ok(Vec::new());
+    }
+    assign(consumer, topic, partition, from)?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while out.len() < max {
+        match consumer.poll(Duration::from_millis(200)) {
+            // A reused reader must not hand over anything left from its previous assignment.
+            Some(Ok(m)) if m.topic() != topic || m.partition() != partition as i32 || (m.offset() as u64) < from => {}
+            Some(Ok(m)) => {
+                let r = to_record(&m, prefix);
+                let last = r.offset + 1 >= high as u64;
+                out.push(r);
+                if last {
+                    break;
+                }
+            }
+            // The end of what is committed (transaction markers and open transactions are
+            // not delivered).
+            Some(Err(KafkaError::PartitionEOF(p))) if p == partition as i32 => break,
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => return Err(kafka_err("reading", e)),
+            None if Instant::now() > deadline => {
+                return Err(kafka_err("reading", "no answer from the broker in time"));
+            }
+            None => {}
+        }
+    }
+    Ok(out)
 }
 
 fn is_fatal(e: &KafkaError) -> bool {

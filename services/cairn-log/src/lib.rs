@@ -18,6 +18,7 @@ pub mod chain;
 pub mod embedded;
 mod frame;
 mod partitioner;
+pub mod seal;
 mod segment;
 pub mod verify;
 

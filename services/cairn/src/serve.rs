@@ -96,6 +96,23 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
             log.create_topic(topic, settings.partitions).await?;
         }
     }
+    let mut sealer_task = None;
+    if let OpenLog::Kafka(_) = open_log {
+        // Kafka cannot chain at append: the sealer anchors each partition's chain in seal records
+        // (cairn_log::seal), checked by `cairn log verify`. It runs with the projector role.
+        if log.partitions(cairn_log::seal::SEAL_TOPIC).is_err() {
+            log.create_topic(cairn_log::seal::SEAL_TOPIC, 1).await?;
+        }
+        if settings.roles.projector {
+            let topics = cairn_events::topics::ALL.iter().map(|t| t.to_string()).collect();
+            let log = log.clone();
+            sealer_task = Some(tokio::spawn(async move {
+                if let Err(e) = cairn_log::seal::run_sealer(log, topics).await {
+                    tracing::error!(error = %e, "log sealer stopped");
+                }
+            }));
+        }
+    }
     let store = backends::open_store(&settings.backends, &data, settings.store_cache_bytes).await?;
     let dyn_log = log.clone();
     let topic = cairn_events::topics::FHIR;
@@ -183,7 +200,7 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     .await
     .context("HTTP server")?;
     // Every acknowledged append is already durable; close lets queued appends finish.
-    if let Some(task) = projector_task {
+    for task in [projector_task, sealer_task].into_iter().flatten() {
         task.abort();
     }
     open_log.close();
