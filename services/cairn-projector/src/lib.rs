@@ -49,6 +49,16 @@ pub struct ResourceProjector {
     durable_every: Duration,
 }
 
+/// Registers the projectors' metrics with the installed recorder.
+pub fn describe_metrics() {
+    metrics::describe_histogram!(
+        "cairn_projection_lag_seconds",
+        metrics::Unit::Seconds,
+        "Time from an event's append (the log's timestamp) to the start of its projection"
+    );
+    let _ = metrics::histogram!("cairn_projection_lag_seconds", "projection" => "resources");
+}
+
 /// The consumer group in which resource projector processes share the FHIR topic's partitions.
 pub const RESOURCE_PROJECTOR_GROUP: &str = "cairn-projector-resources";
 
@@ -171,6 +181,14 @@ impl ResourceProjector {
         passed: &[(u32, u64)],
         durable: bool,
     ) -> Result<(), ProjectorError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let lag = metrics::histogram!("cairn_projection_lag_seconds", "projection" => "resources");
+        for r in records {
+            lag.record((now_ms - r.timestamp_ms).max(0) as f64 / 1000.0);
+        }
         let mut versions = Vec::with_capacity(records.len());
         let mut next = self.progress.borrow().clone();
         for r in records {

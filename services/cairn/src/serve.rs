@@ -82,6 +82,7 @@ impl Platform for RunningPlatform {
 
 async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> {
     cairn_log::describe_metrics();
+    cairn_projector::describe_metrics();
     let data = DataDir::open_or_create(&settings.data_dir)?;
     let open_log = backends::open_log(
         &settings.backends,
