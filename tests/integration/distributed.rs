@@ -110,7 +110,12 @@ fn a_kafka_restart_loses_no_acknowledged_write() {
             .collect()
             .await;
         for (id, status) in statuses {
-            assert_eq!(status, 200, "acknowledged Observation/{id} is missing after the restart");
+            if status != 200 {
+                let log = s.stderr();
+                let problems: Vec<&str> =
+                    log.lines().filter(|l| l.contains("ERROR") || l.contains("WARN")).rev().take(30).collect();
+                panic!("acknowledged Observation/{id} answered {status} after the restart; server said:\n{}", problems.join("\n"));
+            }
         }
         eprintln!("kafka restart: read back {} writes in {} ms", acked.len(), checking.elapsed().as_millis());
         (acked.len(), refused, after)
@@ -191,6 +196,17 @@ fn split_roles_share_the_work_and_survive_a_dead_projector() {
         read_back(first).await;
     });
     // Kill one projector while writes continue; the survivor takes its partitions over.
+    let assigned = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("partitions assigned"))
+            .filter_map(|l| l.split("partitions=").nth(1).map(str::to_owned))
+            .collect()
+    };
+    let b_held = assigned(&projector_b.stderr());
+    assert!(
+        b_held.last().is_some_and(|p| p.starts_with('[') && p.as_bytes().get(1).is_some_and(u8::is_ascii_digit)),
+        "the second projector held partitions before it was killed: {b_held:?}"
+    );
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         projector_b.kill();
@@ -217,7 +233,10 @@ fn split_roles_share_the_work_and_survive_a_dead_projector() {
             .unwrap();
         assert_eq!(history["entry"].as_array().unwrap().len(), 600, "one version per Observation");
     });
-    assert!(projector_a.stderr().contains("partitions assigned"), "the survivor joined the group");
+    // The survivor was given every partition after the other one died (it had only some before).
+    let a_held = assigned(&projector_a.stderr());
+    assert_eq!(a_held.last().map(String::as_str), Some("[0, 1, 2, 3, 4, 5, 6, 7]"), "{a_held:?}");
+    assert!(a_held.iter().any(|p| p != "[0, 1, 2, 3, 4, 5, 6, 7]"), "it shared the partitions before: {a_held:?}");
     for s in api {
         assert!(s.terminate().0.success());
     }

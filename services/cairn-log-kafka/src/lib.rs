@@ -55,6 +55,9 @@ pub struct KafkaSettings {
     /// Prepended to every topic and consumer-group name on the cluster (and stripped when reading),
     /// so several Cairn deployments, or test runs, can share one cluster. Empty by default.
     pub topic_prefix: String,
+    /// For commands that only read (`log tail`, `log verify`): no transactional producer is created,
+    /// and appends answer `ReadOnly`.
+    pub read_only: bool,
 }
 
 impl KafkaSettings {
@@ -67,6 +70,7 @@ impl KafkaSettings {
             max_record_bytes: 16 << 20,
             timeout: Duration::from_secs(10),
             topic_prefix: String::new(),
+            read_only: false,
         }
     }
 }
@@ -130,12 +134,14 @@ impl KafkaLog {
             .create_with_context(CairnContext)
             .map_err(|e| kafka_err("metadata client", e))?;
         let meta = Arc::new(meta);
-        let producer = start_producer(&settings).await?;
+        let producer = if settings.read_only { None } else { Some(start_producer(&settings).await?) };
         let topics = Arc::new(RwLock::new(BTreeMap::new()));
         let log = {
             let (tx, rx) = mpsc::channel(4096);
             let failure = Arc::new(Mutex::new(None));
-            tokio::spawn(writer(settings.clone(), Some(producer), rx, failure.clone()));
+            if let Some(producer) = producer {
+                tokio::spawn(writer(settings.clone(), Some(producer), rx, failure.clone()));
+            }
             KafkaLog {
                 settings,
                 topics,
@@ -277,7 +283,9 @@ async fn start_producer(settings: &KafkaSettings) -> Result<Arc<FutureProducer>>
         .set("acks", "all")
         .set("linger.ms", "1")
         .set("message.max.bytes", (settings.max_record_bytes + 4096).to_string())
-        .set("transaction.timeout.ms", "60000")
+        // An abandoned transaction (its process died) blocks read_committed readers of its
+        // partitions until it times out: keep that short. A stable transactional id fences it sooner.
+        .set("transaction.timeout.ms", "15000")
         // Back-to-back transactions: the coordinator answers CONCURRENT_TRANSACTIONS until the previous
         // transaction's markers are written, and the client retries after this backoff. At the default
         // (100 ms, doubling) every transaction waited about 200 ms; measured in docs/performance.md.
@@ -348,12 +356,63 @@ async fn writer(
                     producer = None;
                 }
                 for p in group {
-                    let _ = p.reply.send(Err(LogError::Failed(format!("kafka transaction failed: {e}"))));
+                    let _ = p.reply.send(Err(match &e {
+                        TransactionError::Unknown(_) => LogError::OutcomeUnknown(format!("kafka: {e}")),
+                        TransactionError::Failed(_) => LogError::Failed(format!("kafka transaction failed: {e}")),
+                    }));
                 }
             }
         }
     }
 }
+
+/// Why a transaction's appends were not acknowledged.
+#[derive(Debug)]
+enum TransactionError {
+    /// Aborted or never sent: nothing of it is readable.
+    Failed(KafkaError),
+    /// The commit did not answer in time and may still complete.
+    Unknown(KafkaError),
+}
+
+impl std::fmt::Display for TransactionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransactionError::Failed(e) => write!(f, "{e}"),
+            TransactionError::Unknown(e) => write!(f, "commit outcome unknown: {e}"),
+        }
+    }
+}
+
+enum Outcome {
+    Failed(KafkaError),
+    Unknown(KafkaError),
+}
+
+/// Commits, retrying while librdkafka says the commit is retriable (it goes on in the background: a
+/// retry waits for it), until `COMMIT_ATTEMPTS` attempts of `timeout` each have passed.
+async fn commit(producer: &Arc<FutureProducer>, timeout: Duration) -> std::result::Result<(), Outcome> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let p = producer.clone();
+        let result = tokio::task::spawn_blocking(move || p.commit_transaction(timeout))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled));
+        match result {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && !e.txn_requires_abort() => {
+                if attempt >= COMMIT_ATTEMPTS {
+                    return Err(Outcome::Unknown(KafkaError::Transaction(e)));
+                }
+                tracing::warn!(error = %e, attempt, "kafka commit not confirmed yet; retrying");
+            }
+            Err(e) => return Err(Outcome::Failed(e)),
+        }
+    }
+}
+
+const COMMIT_ATTEMPTS: u32 = 3;
 
 /// Sends the group's records in one transaction. On error the transaction is aborted; the flag says
 /// whether the producer is unusable from now on.
@@ -361,7 +420,7 @@ async fn transaction(
     producer: &Arc<FutureProducer>,
     group: &[PendingAppend],
     timeout: Duration,
-) -> std::result::Result<Vec<Vec<Position>>, (KafkaError, bool)> {
+) -> std::result::Result<Vec<Vec<Position>>, (TransactionError, bool)> {
     // A fatal error (fenced by a newer process with our transactional id, or a broken producer)
     // leaves the producer unusable: the log fails closed until restart.
     let fatal = |e: &KafkaError| {
@@ -370,7 +429,7 @@ async fn transaction(
     };
     producer.begin_transaction().map_err(|e| {
         let f = fatal(&e);
-        (e, f)
+        (TransactionError::Failed(e), f)
     })?;
     let mut deliveries = Vec::with_capacity(group.len());
     let mut send_error = None;
@@ -420,20 +479,20 @@ async fn transaction(
         }
     }
     let committed = match failed {
-        Some(e) => Err(e),
-        None => {
-            let p = producer.clone();
-            tokio::task::spawn_blocking(move || p.commit_transaction(timeout))
-                .await
-                .unwrap_or(Err(KafkaError::Canceled))
-        }
+        Some(e) => Err(Outcome::Failed(e)),
+        None => commit(producer, timeout).await,
     };
-    if let Err(e) = committed {
-        let f = fatal(&e);
-        let p = producer.clone();
-        let aborted = tokio::task::spawn_blocking(move || p.abort_transaction(timeout)).await;
-        let abort_failed = !matches!(aborted, Ok(Ok(())));
-        return Err((e, f || abort_failed));
+    match committed {
+        Ok(()) => {}
+        // The commit may still complete: do not abort, and do not say nothing was stored.
+        Err(Outcome::Unknown(e)) => return Err((TransactionError::Unknown(e), true)),
+        Err(Outcome::Failed(e)) => {
+            let f = fatal(&e);
+            let p = producer.clone();
+            let aborted = tokio::task::spawn_blocking(move || p.abort_transaction(timeout)).await;
+            let abort_failed = !matches!(aborted, Ok(Ok(())));
+            return Err((TransactionError::Failed(e), f || abort_failed));
+        }
     }
     Ok(positions)
 }
@@ -501,6 +560,9 @@ impl EventLog for KafkaLog {
         if records.is_empty() {
             return Err(LogError::EmptyBatch);
         }
+        if self.settings.read_only {
+            return Err(LogError::ReadOnly);
+        }
         let mut routed = Vec::with_capacity(records.len());
         for record in records {
             let size = record.key.len() + record.value.len();
@@ -528,14 +590,23 @@ impl EventLog for KafkaLog {
         let prefix = self.settings.topic_prefix.len();
         let timeout = self.settings.timeout;
         let pool = self.readers.clone();
+        let meta = self.meta.clone();
         blocking(move || {
+            // The high watermark, not the last stable offset: right after a commit the markers may not
+            // be written yet, and the read must still reach records already acknowledged.
+            let (_, high) = meta
+                .fetch_watermarks(&topic, partition as i32, timeout)
+                .map_err(|e| kafka_err("reading watermarks", e))?;
+            if from >= high.max(0) as u64 || max == 0 {
+                return Ok(Vec::new());
+            }
             // Readers are reused: creating one costs a connection and a metadata round trip.
             let pooled = pool.lock().unwrap().pop();
             let consumer = match pooled {
                 Some(c) => c,
                 None => config.create_with_context(CairnContext).map_err(|e| kafka_err("reader", e))?,
             };
-            let result = read_with(&consumer, &topic, partition, from, max, prefix, timeout);
+            let result = read_with(&consumer, &topic, partition, from, high as u64, max, prefix, timeout);
             if consumer.unassign().is_ok() {
                 pool.lock().unwrap().push(consumer);
             }
@@ -712,51 +783,71 @@ fn membership(
 }
 
 /// Up to `max` committed records of one partition from `from`, with a reader consumer.
+/// Up to `max` committed records of one partition from `from`, with a reader consumer. `high` is
+/// the high watermark when the read began: the read goes on until it has passed it (records and
+/// transaction markers), or, if a transaction is still open there, gives up waiting for it after
+/// [`OPEN_TRANSACTION_WAIT`] and returns what is committed.
+#[allow(clippy::too_many_arguments)]
 fn read_with(
     consumer: &Reader,
     topic: &str,
     partition: u32,
     from: u64,
+    high: u64,
     max: usize,
     prefix: usize,
     timeout: Duration,
 ) -> Result<Vec<Record>> {
-    let (_, high) =
-        consumer.fetch_watermarks(topic, partition as i32, timeout).map_err(|e| kafka_err("reading watermarks", e))?;
-    if from >= high.max(0) as u64 || max == 0 {
-        return Ok(Vec::new());
-    }
     assign(consumer, topic, partition, from)?;
     let mut out = Vec::new();
     let deadline = Instant::now() + timeout;
+    let mut first_end: Option<Instant> = None;
     while out.len() < max {
-        match consumer.poll(Duration::from_millis(200)) {
+        match consumer.poll(Duration::from_millis(50)) {
             // A reused reader must not hand over anything left from its previous assignment.
             Some(Ok(m)) if m.topic() != topic || m.partition() != partition as i32 || (m.offset() as u64) < from => {}
             Some(Ok(m)) => {
                 let r = to_record(&m, prefix);
-                let last = r.offset + 1 >= high as u64;
+                let last = r.offset + 1 >= high;
                 out.push(r);
                 if last {
                     break;
                 }
             }
-            // The end of what is committed (transaction markers and open transactions are
-            // not delivered).
-            Some(Err(KafkaError::PartitionEOF(p))) if p == partition as i32 => break,
+            // The end of what is committed. Past the high watermark: done. Before it: markers not
+            // yet written, or a transaction still open; wait a little for them.
+            Some(Err(KafkaError::PartitionEOF(p))) if p == partition as i32 => {
+                if position(consumer, topic, partition)?.is_some_and(|pos| pos >= high) {
+                    break;
+                }
+                let since = *first_end.get_or_insert_with(Instant::now);
+                if since.elapsed() > OPEN_TRANSACTION_WAIT {
+                    break;
+                }
+            }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => return Err(kafka_err("reading", e)),
             None if Instant::now() > deadline => {
                 return Err(kafka_err("reading", "no answer from the broker in time"));
             }
-            None => {}
+            None => {
+                if first_end.is_some_and(|t| t.elapsed() > OPEN_TRANSACTION_WAIT) {
+                    break;
+                }
+            }
         }
     }
     Ok(out)
 }
 
+/// How long a `read` waits at the end of what is committed for records below the high watermark
+/// (a transaction another process has not committed yet).
+const OPEN_TRANSACTION_WAIT: Duration = Duration::from_millis(500);
+
+/// Errors a tail cannot recover from. Others (broker restarts, leader changes, a partition briefly
+/// unknown while metadata refreshes) are retried.
 fn is_fatal(e: &KafkaError) -> bool {
-    matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::UnknownTopicOrPartition))
+    matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal))
 }
 
 fn assign<C: rdkafka::consumer::ConsumerContext>(

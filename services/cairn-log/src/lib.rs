@@ -116,6 +116,10 @@ pub enum LogError {
     /// process restarts and re-validates the files.
     #[error("the event log failed and refuses appends until restart: {0}")]
     Failed(String),
+    /// The append may or may not have become durable (a Kafka commit that did not answer in time and
+    /// may still complete). The caller must not say "nothing was stored".
+    #[error("the outcome of the append is unknown: {0}")]
+    OutcomeUnknown(String),
     #[error("the event log is read-only")]
     ReadOnly,
     #[error("the event log is shut down")]

@@ -82,16 +82,33 @@ pub async fn read_seals(log: &dyn EventLog) -> Result<BTreeMap<(String, u32), Ve
 }
 
 /// Seals the partitions of `topics` that the log assigns to this process, forever. Each partition
-/// resumes from its latest seal.
+/// resumes from its latest seal. A failure (a broker away, a seal that cannot be appended) is logged
+/// and the topic's sealing starts again after a pause: it never stops for good.
 pub async fn run_sealer(log: Arc<dyn EventLog>, topics: Vec<String>) -> Result<()> {
-    let seals = Arc::new(read_seals(log.as_ref()).await?);
-    let mut tasks = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
     for topic in topics {
-        let (log, seals) = (log.clone(), seals.clone());
-        tasks.push(tokio::spawn(async move { seal_topic(log, topic, seals).await }));
+        let log = log.clone();
+        tasks.spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                let result = match read_seals(log.as_ref()).await {
+                    Ok(seals) => seal_topic(log.clone(), topic.clone(), Arc::new(seals)).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => return,
+                    Err(e) => {
+                        failures += 1;
+                        let wait = Duration::from_millis(200 * 2u64.pow(failures.min(5)));
+                        tracing::error!(topic = %topic, error = %e, retry_in_ms = wait.as_millis() as u64, "log sealer failed; retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        });
     }
-    for t in tasks {
-        t.await.map_err(|e| LogError::Failed(format!("sealer task: {e}")))??;
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(|e| LogError::Failed(format!("sealer task: {e}")))?;
     }
     Ok(())
 }
@@ -352,7 +369,7 @@ mod tests {
             let report = verify_sealed(log.as_ref(), |_| {}).await.unwrap();
             assert!(report.ok(), "{:?}", report.problem);
             assert_eq!(report.records, 50);
-            assert_eq!(report.seals_checked, 2, "one seal per partition that has records");
+            assert!(report.seals_checked >= 2, "at least one seal per partition that has records");
             assert!(report.partitions.iter().all(|p| p.unsealed_records == 0));
             // The sealer computes the same chain the embedded log keeps.
             for part in &report.partitions {

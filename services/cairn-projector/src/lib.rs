@@ -10,7 +10,7 @@ pub mod resources;
 use cairn_log::{EventLog, Record, Tailed};
 use cairn_store::{Checkpoint, ResourceStore};
 use futures_util::StreamExt;
-use futures_util::stream::select_all;
+use futures_util::stream::{BoxStream, select_all};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -57,6 +57,12 @@ pub fn describe_metrics() {
         "Time from an event's append (the log's timestamp) to the start of its projection"
     );
     let _ = metrics::histogram!("cairn_projection_lag_seconds", "projection" => "resources");
+}
+
+/// How [`ResourceProjector::follow`] ended.
+enum Follow {
+    Reassigned,
+    Ended,
 }
 
 /// The consumer group in which resource projector processes share the FHIR topic's partitions.
@@ -119,53 +125,79 @@ impl ResourceProjector {
         let Some(first) = assignments.next().await else { return Ok(()) };
         let mut assigned = first?;
         let mut last_durable = Instant::now();
+        let mut failures = 0u32;
         loop {
-            let mut next = self.progress.borrow().clone();
-            let mut tails = Vec::with_capacity(assigned.len());
-            for &p in &assigned {
-                let stored = self.store.checkpoint(&self.topic, p).await?.unwrap_or(0);
-                let slot = &mut next[p as usize];
-                *slot = (*slot).max(stored);
-                tails.push(self.log.tail(&self.topic, p, *slot));
-            }
-            self.progress.send_replace(next);
-            let mut merged = select_all(tails);
-            loop {
-                let first = tokio::select! {
-                    change = assignments.next() => match change {
-                        Some(change) => {
-                            assigned = change?;
-                            break;
-                        }
-                        None => return Ok(()),
-                    },
-                    item = merged.next(), if !assigned.is_empty() => match item {
-                        Some(item) => item?,
-                        None => return Ok(()),
-                    },
-                };
-                let mut batch = vec![first];
-                while batch.len() < BATCH_RECORDS {
-                    match futures_util::FutureExt::now_or_never(merged.next()) {
-                        Some(Some(r)) => batch.push(r?),
-                        _ => break,
-                    }
+            match self.follow(&mut assignments, &mut assigned, &mut last_durable).await {
+                Ok(Follow::Reassigned) => {
+                    failures = 0;
+                    tracing::info!(topic = %self.topic, partitions = ?assigned, "resource projector: assignment changed");
                 }
-                let mut records = Vec::with_capacity(batch.len());
-                let mut passed = Vec::new();
-                for item in batch {
-                    match item {
-                        Tailed::Record(r) => records.push(r),
-                        Tailed::Passed { partition, next_offset } => passed.push((partition, next_offset)),
-                    }
-                }
-                let durable = last_durable.elapsed() >= self.durable_every;
-                self.apply_passing(&records, &passed, durable).await?;
-                if durable {
-                    last_durable = Instant::now();
+                Ok(Follow::Ended) => return Ok(()),
+                // A store or log that fails (a database node restarting, a broker away) must not stop
+                // the projection for good: wait, then start again from the store's checkpoints.
+                // Applying is idempotent, so nothing is lost or doubled. Readers answer 503 meanwhile.
+                Err(e) => {
+                    failures += 1;
+                    let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                    tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "resource projector: failed; retrying");
+                    tokio::time::sleep(wait).await;
                 }
             }
-            tracing::info!(topic = %self.topic, partitions = ?assigned, "resource projector: assignment changed");
+        }
+    }
+
+    /// Tails the assigned partitions from the store's checkpoints until the assignment changes, the
+    /// log ends, or something fails.
+    async fn follow(
+        &self,
+        assignments: &mut BoxStream<'static, cairn_log::Result<Vec<u32>>>,
+        assigned: &mut Vec<u32>,
+        last_durable: &mut Instant,
+    ) -> Result<Follow, ProjectorError> {
+        let mut next = self.progress.borrow().clone();
+        let mut tails = Vec::with_capacity(assigned.len());
+        for &p in assigned.iter() {
+            let stored = self.store.checkpoint(&self.topic, p).await?.unwrap_or(0);
+            let slot = &mut next[p as usize];
+            *slot = (*slot).max(stored);
+            tails.push(self.log.tail(&self.topic, p, *slot));
+        }
+        self.progress.send_replace(next);
+        let mut merged = select_all(tails);
+        loop {
+            let first = tokio::select! {
+                change = assignments.next() => match change {
+                    Some(change) => {
+                        *assigned = change?;
+                        return Ok(Follow::Reassigned);
+                    }
+                    None => return Ok(Follow::Ended),
+                },
+                item = merged.next(), if !assigned.is_empty() => match item {
+                    Some(item) => item?,
+                    None => return Ok(Follow::Ended),
+                },
+            };
+            let mut batch = vec![first];
+            while batch.len() < BATCH_RECORDS {
+                match futures_util::FutureExt::now_or_never(merged.next()) {
+                    Some(Some(r)) => batch.push(r?),
+                    _ => break,
+                }
+            }
+            let mut records = Vec::with_capacity(batch.len());
+            let mut passed = Vec::new();
+            for item in batch {
+                match item {
+                    Tailed::Record(r) => records.push(r),
+                    Tailed::Passed { partition, next_offset } => passed.push((partition, next_offset)),
+                }
+            }
+            let durable = last_durable.elapsed() >= self.durable_every;
+            self.apply_passing(&records, &passed, durable).await?;
+            if durable {
+                *last_durable = Instant::now();
+            }
         }
     }
 

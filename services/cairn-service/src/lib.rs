@@ -204,7 +204,7 @@ impl FhirService {
         let record = NewRecord::new(event.topic(), event.partition_key(), event.canonical_bytes());
         self.log.append(record).await.map_err(|e| {
             tracing::error!(error = %e, "append refused: failing closed");
-            FhirError::unavailable("the event log cannot accept writes right now; nothing was stored")
+            append_failed(&e)
         })?;
         Ok(())
     }
@@ -664,6 +664,18 @@ pub fn parse_etag(tag: &str) -> Option<u64> {
     let t = tag.trim();
     let t = t.strip_prefix("W/").unwrap_or(t);
     t.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
+}
+
+/// The answer to a write whose event the log did not take: 503 (fail closed), saying whether anything
+/// may have been stored.
+pub(crate) fn append_failed(e: &cairn_log::LogError) -> FhirError {
+    match e {
+        cairn_log::LogError::OutcomeUnknown(_) => FhirError::unavailable(
+            "the event log did not confirm the write in time: it may or may not have been stored; \
+             read the resource (or use a conditional create) before sending it again",
+        ),
+        _ => FhirError::unavailable("the event log cannot accept writes right now; nothing was stored"),
+    }
 }
 
 /// The one patient a query is confined to, if it names exactly one (`patient=` or `subject=Patient/`).

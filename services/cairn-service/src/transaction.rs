@@ -379,7 +379,7 @@ impl FhirService {
                 events.iter().map(|e| NewRecord::new(e.topic(), e.partition_key(), e.canonical_bytes())).collect();
             self.log.append_batch(records).await.map_err(|err| {
                 tracing::error!(error = %err, "transaction append refused: failing closed");
-                FhirError::unavailable("the event log cannot accept writes right now; nothing was stored")
+                crate::append_failed(&err)
             })?;
         }
         Ok(json!({"resourceType": "Bundle", "type": "transaction-response", "entry": responses}))
@@ -448,7 +448,7 @@ impl FhirService {
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "batch append refused: failing closed");
-                    let e = FhirError::unavailable("the event log cannot accept writes right now; nothing was stored");
+                    let e = crate::append_failed(&err);
                     for (i, ..) in &group {
                         responses[*i] = Some(error_entry(&e));
                     }

@@ -213,24 +213,24 @@ impl Statements {
             Ok::<_, StoreError>(s)
         };
         Ok(Statements {
-            insert_version: p("INSERT INTO resource_versions (resource_type, id, version_id, last_updated_ms, deleted, record) VALUES (?, ?, ?, ?, ?, ?)").await?,
+            insert_version: p("INSERT INTO resource_versions (resource_type, id, version_id, last_updated_ms, deleted, record) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?").await?,
             current: p("SELECT record FROM resource_versions WHERE resource_type = ? AND id = ? LIMIT 1").await?,
             version: p("SELECT record FROM resource_versions WHERE resource_type = ? AND id = ? AND version_id = ?").await?,
             history: p("SELECT record FROM resource_versions WHERE resource_type = ? AND id = ?").await?,
-            insert_type: p("INSERT INTO resources_by_type (resource_type, bucket, id) VALUES (?, ?, ?)").await?,
-            delete_type: p("DELETE FROM resources_by_type WHERE resource_type = ? AND bucket = ? AND id = ?").await?,
+            insert_type: p("INSERT INTO resources_by_type (resource_type, bucket, id) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,
+            delete_type: p("DELETE FROM resources_by_type USING TIMESTAMP ? WHERE resource_type = ? AND bucket = ? AND id = ?").await?,
             type_ids: p("SELECT id FROM resources_by_type WHERE resource_type = ? AND bucket = ?").await?,
             type_count: p("SELECT COUNT(*) FROM resources_by_type WHERE resource_type = ? AND bucket = ?").await?,
-            insert_patient: p("INSERT INTO resources_by_patient (patient, resource_type, id) VALUES (?, ?, ?)").await?,
-            delete_patient: p("DELETE FROM resources_by_patient WHERE patient = ? AND resource_type = ? AND id = ?").await?,
+            insert_patient: p("INSERT INTO resources_by_patient (patient, resource_type, id) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,
+            delete_patient: p("DELETE FROM resources_by_patient USING TIMESTAMP ? WHERE patient = ? AND resource_type = ? AND id = ?").await?,
             patient_ids: p("SELECT id FROM resources_by_patient WHERE patient = ? AND resource_type = ?").await?,
-            insert_patient_date: p("INSERT INTO resources_by_patient_date (patient, resource_type, date_key, id) VALUES (?, ?, ?, ?)").await?,
-            delete_patient_date: p("DELETE FROM resources_by_patient_date WHERE patient = ? AND resource_type = ? AND date_key = ? AND id = ?").await?,
+            insert_patient_date: p("INSERT INTO resources_by_patient_date (patient, resource_type, date_key, id) VALUES (?, ?, ?, ?) USING TIMESTAMP ?").await?,
+            delete_patient_date: p("DELETE FROM resources_by_patient_date USING TIMESTAMP ? WHERE patient = ? AND resource_type = ? AND date_key = ? AND id = ?").await?,
             patient_date_ids: p("SELECT id FROM resources_by_patient_date WHERE patient = ? AND resource_type = ? AND date_key >= ? AND date_key < ?").await?,
-            insert_identifier: p("INSERT INTO resources_by_identifier (resource_type, identifier, id) VALUES (?, ?, ?)").await?,
-            delete_identifier: p("DELETE FROM resources_by_identifier WHERE resource_type = ? AND identifier = ? AND id = ?").await?,
+            insert_identifier: p("INSERT INTO resources_by_identifier (resource_type, identifier, id) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,
+            delete_identifier: p("DELETE FROM resources_by_identifier USING TIMESTAMP ? WHERE resource_type = ? AND identifier = ? AND id = ?").await?,
             identifier_ids: p("SELECT id FROM resources_by_identifier WHERE resource_type = ? AND identifier = ?").await?,
-            insert_change: p("INSERT INTO resource_changes (day, last_updated_ms, resource_key, version_id) VALUES (?, ?, ?, ?)").await?,
+            insert_change: p("INSERT INTO resource_changes (day, last_updated_ms, resource_key, version_id) VALUES (?, ?, ?, ?) USING TIMESTAMP ?").await?,
             insert_day: p("INSERT INTO resource_change_days (shard, day) VALUES (0, ?)").await?,
             days: p("SELECT day FROM resource_change_days WHERE shard = 0 AND day >= ? AND day <= ?").await?,
             changes: p("SELECT resource_key, version_id FROM resource_changes WHERE day = ? AND last_updated_ms >= ? AND last_updated_ms <= ?").await?,
@@ -335,11 +335,12 @@ impl ScyllaStore {
             }
             let day = day_of(v.last_updated_ms);
             self.exec(&self.st.insert_day, (day,)).await?;
-            self.exec(&self.st.insert_change, (day, v.last_updated_ms, v.key(), v.version_id as i64)).await?;
+            let at = write_time(v.version_id, Step::Version);
+            self.exec(&self.st.insert_change, (day, v.last_updated_ms, v.key(), v.version_id as i64, at)).await?;
             let record = String::from_utf8(v.encode()).expect("JSON is UTF-8");
             self.exec(
                 &self.st.insert_version,
-                (&v.resource_type, &v.id, v.version_id as i64, v.last_updated_ms, v.deleted, record),
+                (&v.resource_type, &v.id, v.version_id as i64, v.last_updated_ms, v.deleted, record, at),
             )
             .await?;
             if newer {
@@ -359,24 +360,41 @@ impl ScyllaStore {
         };
         let (before, after) = (entries(old), entries(Some(new)));
         let (t, id) = (new.resource_type.as_str(), new.id.as_str());
+        let (del, ins) = (write_time(new.version_id, Step::RemoveIndex), write_time(new.version_id, Step::AddIndex));
         for e in before.iter().filter(|e| !after.contains(e)) {
             match e {
-                IndexEntry::Type => self.exec(&self.st.delete_type, (t, bucket(id), id)).await?,
-                IndexEntry::Patient(p) => self.exec(&self.st.delete_patient, (p, t, id)).await?,
-                IndexEntry::PatientDate(p, d) => self.exec(&self.st.delete_patient_date, (p, t, *d, id)).await?,
-                IndexEntry::Identifier(i) => self.exec(&self.st.delete_identifier, (t, i, id)).await?,
+                IndexEntry::Type => self.exec(&self.st.delete_type, (del, t, bucket(id), id)).await?,
+                IndexEntry::Patient(p) => self.exec(&self.st.delete_patient, (del, p, t, id)).await?,
+                IndexEntry::PatientDate(p, d) => self.exec(&self.st.delete_patient_date, (del, p, t, *d, id)).await?,
+                IndexEntry::Identifier(i) => self.exec(&self.st.delete_identifier, (del, t, i, id)).await?,
             }
         }
         for e in after.iter().filter(|e| !before.contains(e)) {
             match e {
-                IndexEntry::Type => self.exec(&self.st.insert_type, (t, bucket(id), id)).await?,
-                IndexEntry::Patient(p) => self.exec(&self.st.insert_patient, (p, t, id)).await?,
-                IndexEntry::PatientDate(p, d) => self.exec(&self.st.insert_patient_date, (p, t, *d, id)).await?,
-                IndexEntry::Identifier(i) => self.exec(&self.st.insert_identifier, (t, i, id)).await?,
+                IndexEntry::Type => self.exec(&self.st.insert_type, (t, bucket(id), id, ins)).await?,
+                IndexEntry::Patient(p) => self.exec(&self.st.insert_patient, (p, t, id, ins)).await?,
+                IndexEntry::PatientDate(p, d) => self.exec(&self.st.insert_patient_date, (p, t, *d, id, ins)).await?,
+                IndexEntry::Identifier(i) => self.exec(&self.st.insert_identifier, (t, i, id, ins)).await?,
             }
         }
         Ok(())
     }
+}
+
+/// The step of applying a version that a write belongs to, in the order they must win.
+#[derive(Clone, Copy)]
+enum Step {
+    RemoveIndex = 0,
+    AddIndex = 1,
+    Version = 2,
+}
+
+/// The CQL write timestamp of a step of applying `version`: derived from the event, never from a
+/// clock. With server-side timestamps, two coordinators' clocks decide which of "remove this index row
+/// (version 2)" and "add it back (version 3)" wins, and a replay would not repair a wrong outcome; with
+/// these, a later version always wins and replays or concurrent appliers write identical cells.
+fn write_time(version: u64, step: Step) -> i64 {
+    (version as i64).saturating_mul(4).saturating_add(step as i64)
 }
 
 /// The index rows a current, non-deleted version puts in place.
@@ -593,6 +611,15 @@ mod tests {
         let s = statements(MIGRATIONS[0].1);
         assert_eq!(s.len(), 8, "{s:#?}");
         assert!(s.iter().all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
+    }
+
+    #[test]
+    fn later_versions_always_win() {
+        // Adding a row back at version 3 beats removing it at version 2, which beats adding it at 1.
+        assert!(write_time(3, Step::AddIndex) > write_time(2, Step::RemoveIndex));
+        assert!(write_time(2, Step::RemoveIndex) > write_time(1, Step::AddIndex));
+        assert!(write_time(1, Step::Version) > write_time(1, Step::AddIndex));
+        assert_eq!(write_time(7, Step::Version), write_time(7, Step::Version), "replays write identical cells");
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub async fn open_log(backends: &Backends, data: &DataDir, options: EmbeddedOpti
             Ok(OpenLog::Embedded(Arc::new(log)))
         }
         LogBackend::Kafka(settings) => {
+            let mut settings = settings.clone();
+            settings.read_only = options.read_only;
             let log = KafkaLog::connect(settings.clone())
                 .await
                 .with_context(|| format!("event log on Kafka at {}", settings.brokers))?;

@@ -34,6 +34,7 @@ struct FileSettings {
     kafka_topic_prefix: Option<String>,
     kafka_replication_factor: Option<i32>,
     kafka_min_insync_replicas: Option<i32>,
+    kafka_transactional_id: Option<String>,
     store: Option<String>,
     scylla_nodes: Option<String>,
     scylla_keyspace: Option<String>,
@@ -138,6 +139,12 @@ fn resolve_backends(common: &CommonArgs, file: &FileSettings) -> anyhow::Result<
             k.topic_prefix = a.kafka_topic_prefix.clone().or(file.kafka_topic_prefix.clone()).unwrap_or_default();
             k.replication_factor = a.kafka_replication_factor.or(file.kafka_replication_factor).unwrap_or(1);
             k.min_insync_replicas = a.kafka_min_insync_replicas.or(file.kafka_min_insync_replicas).unwrap_or(1);
+            if let Some(id) = a.kafka_transactional_id.clone().or(file.kafka_transactional_id.clone()) {
+                if id.is_empty() || id.len() > 200 {
+                    bail!("--kafka-transactional-id: 1 to 200 characters, one per process instance");
+                }
+                k.transactional_id = id;
+            }
             if k.replication_factor < 1 || k.min_insync_replicas < 1 || k.min_insync_replicas > k.replication_factor {
                 bail!(
                     "Kafka replication factor {} and min.insync.replicas {}: need 1 <= min.insync.replicas <= replication factor",
@@ -168,6 +175,17 @@ fn resolve_backends(common: &CommonArgs, file: &FileSettings) -> anyhow::Result<
         }
         other => bail!("--store `{other}`: use embedded or scylla"),
     };
+    // A shared store records how far each log partition is projected: it must belong to exactly one
+    // log, and every process on that log must see the same store.
+    match (&log, &store) {
+        (LogBackend::Kafka(_), StoreBackend::Embedded) => bail!(
+            "--log kafka needs --store scylla: projector processes share Kafka's partitions, so they need one shared store"
+        ),
+        (LogBackend::Embedded, StoreBackend::Scylla(_)) => {
+            bail!("--store scylla needs --log kafka: a shared store's checkpoints must refer to one shared log")
+        }
+        _ => {}
+    }
     Ok(Backends { log, store })
 }
 
@@ -316,7 +334,7 @@ mod tests {
             "log = \"kafka\"\nkafka_brokers = \"k:9092\"\nkafka_topic_prefix = \"t.\"\nstore = \"scylla\"\nscylla_nodes = \"s:9042\"\n",
         )
         .unwrap();
-        let s = resolve_serve(&serve_args(Some(file), None)).unwrap();
+        let s = resolve_serve(&serve_args(Some(file.clone()), None)).unwrap();
         match (&s.backends.log, &s.backends.store) {
             (LogBackend::Kafka(k), StoreBackend::Scylla(sc)) => {
                 assert_eq!((k.brokers.as_str(), k.topic_prefix.as_str(), k.replication_factor), ("k:9092", "t.", 1));
@@ -324,5 +342,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // Mixed backends are refused: a shared store's checkpoints belong to one shared log.
+        std::fs::write(&file, "log = \"kafka\"\nkafka_brokers = \"k:9092\"\n").unwrap();
+        let err = resolve_serve(&serve_args(Some(file.clone()), None)).unwrap_err().to_string();
+        assert!(err.contains("--log kafka needs --store scylla"), "{err}");
+        std::fs::write(&file, "store = \"scylla\"\nscylla_nodes = \"s:9042\"\n").unwrap();
+        let err = resolve_serve(&serve_args(Some(file), None)).unwrap_err().to_string();
+        assert!(err.contains("--store scylla needs --log kafka"), "{err}");
     }
 }

@@ -105,6 +105,11 @@ pub struct BackendArgs {
     /// min.insync.replicas of the topics Cairn creates [default: 1; use 2 in production]
     #[arg(long, env = "CAIRN_KAFKA_MIN_INSYNC_REPLICAS", global = true)]
     pub kafka_min_insync_replicas: Option<i32>,
+    /// Kafka transactional id of this process: give each instance a stable one, so that a restarted
+    /// instance fences its predecessor's open transaction at once instead of readers waiting for it to
+    /// time out [default: random per process]
+    #[arg(long, env = "CAIRN_KAFKA_TRANSACTIONAL_ID", global = true)]
+    pub kafka_transactional_id: Option<String>,
     /// Projection store backend: embedded (redb in the data directory) or scylla (ScyllaDB or Cassandra) [default: embedded]
     #[arg(long, env = "CAIRN_STORE_BACKEND", global = true, value_parser = ["embedded", "scylla"])]
     pub store: Option<String>,
