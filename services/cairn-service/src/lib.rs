@@ -112,6 +112,38 @@ impl WriteOutcome {
 /// two writers of one resource never both take version n+1.
 const LOCK_SHARDS: usize = 256;
 
+/// How long a write lease lasts if its holder dies without giving it back. Longer than any write holds
+/// it (a bounded wait for the projection plus an append with its retries).
+const WRITE_LEASE_TTL: Duration = Duration::from_secs(60);
+
+/// Write locks held (see [`FhirService::write_lock`]); the store's leases are given back when it is
+/// dropped.
+pub(crate) struct WriteGuard<'a> {
+    _local: Vec<tokio::sync::MutexGuard<'a, ()>>,
+    leases: Vec<String>,
+    holder: String,
+    store: Arc<dyn ResourceStore>,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        if self.leases.is_empty() {
+            return;
+        }
+        let (store, holder, leases) = (self.store.clone(), self.holder.clone(), std::mem::take(&mut self.leases));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for lease in leases {
+                    if let Err(e) = store.release_lease(&lease, &holder).await {
+                        // It lapses after WRITE_LEASE_TTL anyway.
+                        tracing::warn!(error = %e, "could not release a write lease");
+                    }
+                }
+            });
+        }
+    }
+}
+
 pub struct FhirService {
     log: Arc<dyn EventLog>,
     store: Arc<dyn ResourceStore>,
@@ -143,8 +175,50 @@ impl FhirService {
         (h % LOCK_SHARDS as u64) as usize
     }
 
-    fn lock_for(&self, key: &str) -> &tokio::sync::Mutex<()> {
-        &self.locks[self.shard_of(key)]
+    /// Takes the write locks of `shards`, in order: this process's own, then (on a store shared by
+    /// several API processes) the store's leases on the same shards, so that no two processes decide
+    /// the next version of one resource, or run one conditional create, at the same time. Waits at most
+    /// `read_wait` for a lease another process holds, then answers 409.
+    async fn write_lock(&self, shards: impl IntoIterator<Item = usize>) -> FhirResult<WriteGuard<'_>> {
+        let shards: std::collections::BTreeSet<usize> = shards.into_iter().collect();
+        let mut guard = WriteGuard {
+            _local: Vec::with_capacity(shards.len()),
+            leases: Vec::new(),
+            holder: uuid::Uuid::now_v7().to_string(),
+            store: self.store.clone(),
+        };
+        for &s in &shards {
+            guard._local.push(self.locks[s].lock().await);
+        }
+        let deadline = std::time::Instant::now() + self.settings.read_wait;
+        for s in shards {
+            let name = format!("fhir-write-{s}");
+            loop {
+                match self.store.acquire_lease(&name, &guard.holder, WRITE_LEASE_TTL).await {
+                    Ok(true) => {
+                        guard.leases.push(name);
+                        break;
+                    }
+                    Ok(false) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Ok(false) => {
+                        return Err(FhirError::new(
+                            409,
+                            IssueCode::Conflict,
+                            "another server is writing the same resources; retry the request",
+                        ));
+                    }
+                    Err(e) => return Err(FhirError::unavailable(e.to_string())),
+                }
+            }
+        }
+        Ok(guard)
+    }
+
+    /// The write lock of the shard of `key` (a resource `Type/id`, or a conditional create's query).
+    async fn write_lock_for(&self, key: &str) -> FhirResult<WriteGuard<'_>> {
+        self.write_lock([self.shard_of(key)]).await
     }
 
     fn check_type(resource_type: &str) -> FhirResult<()> {
@@ -245,7 +319,7 @@ impl FhirService {
             let (parsed, _) = search::parse_query(resource_type, query, false)
                 .map_err(|e| FhirError::new(400, IssueCode::Invalid, format!("If-None-Exist: {e}")))?;
             // Identical conditional creates queue on one lock and see each other's result.
-            _guard = self.lock_for(&format!("{resource_type}?{query}")).lock().await;
+            _guard = Some(self.write_lock_for(&format!("{resource_type}?{query}")).await?);
             self.caught_up(None).await?;
             let mut found = Vec::new();
             self.scan(resource_type, &parsed, &mut |v, _| {
@@ -321,7 +395,7 @@ impl FhirService {
             None => None,
         };
         let key = format!("{resource_type}/{id}");
-        let _guard = self.lock_for(&key).lock().await;
+        let _guard = self.write_lock_for(&key).await?;
         self.caught_up(Some(&key)).await?;
         let current = self.store.current(resource_type, id).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
         let current_version = current.as_ref().map(|c| c.version_id);
@@ -352,7 +426,7 @@ impl FhirService {
         Self::check_type(resource_type)?;
         Self::check_id(id)?;
         let key = format!("{resource_type}/{id}");
-        let _guard = self.lock_for(&key).lock().await;
+        let _guard = self.write_lock_for(&key).await?;
         self.caught_up(Some(&key)).await?;
         let current = self.store.current(resource_type, id).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
         let Some(current) = current.filter(|c| !c.deleted) else { return Ok(None) };

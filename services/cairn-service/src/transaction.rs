@@ -208,10 +208,7 @@ impl FhirService {
                 _ => {}
             }
         }
-        let mut _guards = Vec::new();
-        for s in shards {
-            _guards.push(self.locks[s].lock().await);
-        }
+        let _guard = self.write_lock(shards).await?;
         self.caught_up(None).await?;
 
         // Pass 1: ids for creates, conditional creates resolved, the urn:uuid mapping.

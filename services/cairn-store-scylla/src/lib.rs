@@ -27,7 +27,10 @@ use scylla::statement::prepared::PreparedStatement;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The schema files, in order. Each is applied once and recorded in `schema_migrations`.
-pub const MIGRATIONS: &[(&str, &str)] = &[("001_resources", include_str!("../../../schemas/cql/001_resources.cql"))];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("001_resources", include_str!("../../../schemas/cql/001_resources.cql")),
+    ("002_write_leases", include_str!("../../../schemas/cql/002_write_leases.cql")),
+];
 
 /// Buckets of `resources_by_type` (see the schema).
 const TYPE_BUCKETS: i32 = 16;
@@ -199,6 +202,8 @@ struct Statements {
     changes: PreparedStatement,
     insert_checkpoint: PreparedStatement,
     checkpoint: PreparedStatement,
+    acquire_lease: PreparedStatement,
+    release_lease: PreparedStatement,
 }
 
 impl Statements {
@@ -236,6 +241,8 @@ impl Statements {
             changes: p("SELECT resource_key, version_id FROM resource_changes WHERE day = ? AND last_updated_ms >= ? AND last_updated_ms <= ?").await?,
             insert_checkpoint: p("INSERT INTO resource_checkpoints (topic, partition, next_offset) VALUES (?, ?, ?)").await?,
             checkpoint: p("SELECT next_offset FROM resource_checkpoints WHERE topic = ? AND partition = ?").await?,
+            acquire_lease: p("INSERT INTO write_leases (name, holder) VALUES (?, ?) IF NOT EXISTS USING TTL ?").await?,
+            release_lease: p("DELETE FROM write_leases WHERE name = ? IF holder = ?").await?,
         })
     }
 }
@@ -418,6 +425,16 @@ fn index_entries(v: &ResourceVersion) -> Vec<IndexEntry> {
     out
 }
 
+/// Whether a lightweight transaction applied: the first column of its one row, `[applied]`.
+fn lwt_applied(result: scylla::response::query_result::QueryResult) -> Result<bool> {
+    let rows = result.into_rows_result().map_err(|e| cql_err("lightweight transaction", e))?;
+    let row: scylla::value::Row = rows.first_row().map_err(|e| cql_err("lightweight transaction", e))?;
+    match row.columns.first() {
+        Some(Some(scylla::value::CqlValue::Boolean(applied))) => Ok(*applied),
+        other => Err(cql_err("lightweight transaction", format!("unexpected [applied] column: {other:?}"))),
+    }
+}
+
 fn decode(record: &str) -> Result<ResourceVersion> {
     serde_json::from_str(record).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -551,6 +568,25 @@ impl ResourceStore for ScyllaStore {
         Ok(out)
     }
 
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool> {
+        let ttl = ttl.as_secs().clamp(1, 3600) as i32;
+        let result = self
+            .session
+            .execute_unpaged(&self.st.acquire_lease, (name, holder, ttl))
+            .await
+            .map_err(|e| cql_err("acquiring a write lease", e))?;
+        lwt_applied(result)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        let result = self
+            .session
+            .execute_unpaged(&self.st.release_lease, (name, holder))
+            .await
+            .map_err(|e| cql_err("releasing a write lease", e))?;
+        lwt_applied(result).map(|_| ())
+    }
+
     async fn find_by_identifier(&self, resource_type: &str, identifier: &str) -> Result<Vec<String>> {
         let rows: Vec<(String,)> = self.rows(&self.st.identifier_ids, (resource_type, identifier)).await?;
         Ok(rows.into_iter().map(|(i,)| i).collect())
@@ -610,6 +646,7 @@ mod tests {
     fn schema_files_split_into_statements() {
         let s = statements(MIGRATIONS[0].1);
         assert_eq!(s.len(), 8, "{s:#?}");
+        assert_eq!(statements(MIGRATIONS[1].1).len(), 1);
         assert!(s.iter().all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
     }
 

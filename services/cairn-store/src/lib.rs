@@ -122,6 +122,19 @@ pub trait ResourceStore: Send + Sync + 'static {
     /// Ids of current, non-deleted resources of a type carrying the identifier `system|value`.
     async fn find_by_identifier(&self, resource_type: &str, identifier: &str) -> Result<Vec<String>>;
 
+    /// Takes the lease `name` for `holder` for `ttl`, unless another holder has it (false). API
+    /// processes sharing a store take turns this way before deciding a resource's next version, so two
+    /// processes cannot both write version n+1. The embedded store has one process, whose own locks
+    /// suffice: it always grants.
+    async fn acquire_lease(&self, _name: &str, _holder: &str, _ttl: std::time::Duration) -> Result<bool> {
+        Ok(true)
+    }
+
+    /// Gives the lease back if `holder` still has it.
+    async fn release_lease(&self, _name: &str, _holder: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// A digest of everything projected (checkpoints excluded), to prove a rebuild is identical.
     async fn digest(&self) -> Result<String>;
 }
