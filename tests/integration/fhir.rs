@@ -131,6 +131,7 @@ cairn_tests::on_every_backend!(
     reads_and_searches_leave_access_events,
     patients_and_devices_are_searchable,
     every_event_written_by_a_run_matches_its_schema,
+    every_observation_search_parameter_and_date_prefix,
     decimals_round_trip_as_written
 );
 
@@ -889,4 +890,84 @@ fn a_full_disk_fails_closed() {
     for id in &acked {
         assert!(written.contains(id), "acknowledged {id} missing from the log");
     }
+}
+
+/// Each Observation search parameter, and each date prefix against dateTime (second and day
+/// precision), Period and instant values, over HTTP: which resources each query finds.
+fn every_observation_search_parameter_and_date_prefix(backend: Backend) {
+    let (_d, s) = server(backend);
+    rt().block_on(async {
+        let c = Client::new(&s);
+        let mut a = glucose("px", "2026-11-10T10:00:00Z", 95.0, "px-a");
+        a["device"] = json!({"reference": "Device/meter-x"});
+        let mut b = glucose("px", "2026-11-12", 110.0, "px-b");
+        b["category"][0]["coding"][0]["code"] = json!("vital-signs");
+        let mut cc = glucose("px", "2026-11-14T00:00:00Z", 130.0, "px-c");
+        cc.as_object_mut().unwrap().remove("effectiveDateTime");
+        cc["effectivePeriod"] = json!({"start": "2026-11-14T00:00:00Z", "end": "2026-11-16T00:00:00Z"});
+        cc["status"] = json!("preliminary");
+        let mut dd = glucose("px", "2026-11-20T08:30:00Z", 150.0, "px-d");
+        dd.as_object_mut().unwrap().remove("effectiveDateTime");
+        dd["effectiveInstant"] = json!("2026-11-20T08:30:00.000Z");
+        let mut ids = std::collections::BTreeMap::new();
+        for (name, r) in [("a", &a), ("b", &b), ("c", &cc), ("d", &dd)] {
+            let created = c.post("/Observation", r).await;
+            assert_eq!(created.status, 201, "{}", created.body);
+            ids.insert(created.body["id"].as_str().unwrap().to_owned(), name);
+        }
+        let id_of = |name: &str| ids.iter().find(|(_, n)| **n == name).unwrap().0.clone();
+        let found = |q: String| {
+            let c = &c;
+            let ids = &ids;
+            async move {
+                let r = c.get(&format!("/Observation?patient=px&{q}&_count=100")).await;
+                assert_eq!(r.status, 200, "{q}: {}", r.body);
+                let mut names: Vec<&str> = r.body["entry"]
+                    .as_array()
+                    .map(|e| e.iter().map(|e| ids[e["resource"]["id"].as_str().unwrap()]).collect())
+                    .unwrap_or_default();
+                names.sort_unstable();
+                names.join(",")
+            }
+        };
+        let cases: &[(&str, &str)] = &[
+            ("date=2026-11-10", "a"),
+            ("date=eq2026-11-12", "b"),
+            ("date=ne2026-11-10", "b,c,d"),
+            ("date=lt2026-11-12", "a"),
+            ("date=le2026-11-12", "a,b"),
+            ("date=gt2026-11-14", "c,d"),
+            ("date=ge2026-11-14", "c,d"),
+            ("date=sa2026-11-12", "c,d"),
+            ("date=eb2026-11-14", "a,b"),
+            // eq: the day must contain the whole Period (14th to 16th): it does not.
+            ("date=2026-11-15", ""),
+            ("date=ge2026-11-14T12:00:00Z&date=le2026-11-15", "c"),
+            ("date=2026-11-20T08:30:00Z", "d"),
+            ("date=2026-11", "a,b,c,d"),
+            ("date=lt2026-11-01,gt2026-11-19", "d"),
+            ("device=Device/meter-x", "a"),
+            ("device=meter-1", "b,c,d"),
+            ("status=preliminary", "c"),
+            ("status=final,preliminary", "a,b,c,d"),
+            ("category=vital-signs", "b"),
+            ("category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory", "a,c,d"),
+            ("code=2339-0", "a,b,c,d"),
+            ("identifier=urn:example:meter-1|px-c", "c"),
+            ("value-quantity=ge130", "c,d"),
+            ("value-quantity=lt100|http://unitsofmeasure.org|mg/dL", "a"),
+            ("value-quantity=110", "b"),
+            ("_lastUpdated=gt2020-01-01", "a,b,c,d"),
+            ("_lastUpdated=lt2020-01-01", ""),
+            ("subject=Patient/px&value-quantity=gt100&date=lt2026-11-15", "b,c"),
+        ];
+        for (q, expected) in cases {
+            assert_eq!(found((*q).to_owned()).await, *expected, "{q}");
+        }
+        assert_eq!(found(format!("_id={}", id_of("b"))).await, "b");
+        assert_eq!(found(format!("_id={},{}", id_of("a"), id_of("d"))).await, "a,d");
+        // `ap` is about 10% of the distance to now: the reading on the day is found, one 10 days off is not.
+        let ap = found("date=ap2026-11-20".to_owned()).await;
+        assert!(ap.contains('d') && !ap.contains('a'), "date=ap2026-11-20 found {ap}");
+    });
 }
