@@ -132,6 +132,7 @@ cairn_tests::on_every_backend!(
     patients_and_devices_are_searchable,
     every_event_written_by_a_run_matches_its_schema,
     every_observation_search_parameter_and_date_prefix,
+    history_at_shows_what_was_current,
     decimals_round_trip_as_written
 );
 
@@ -969,5 +970,55 @@ fn every_observation_search_parameter_and_date_prefix(backend: Backend) {
         // `ap` is about 10% of the distance to now: the reading on the day is found, one 10 days off is not.
         let ap = found("date=ap2026-11-20".to_owned()).await;
         assert!(ap.contains('d') && !ap.contains('a'), "date=ap2026-11-20 found {ap}");
+    });
+}
+
+/// `_history?_at=T` at instance, type and system level: the versions that were current at T, not
+/// every version changed before it.
+fn history_at_shows_what_was_current(backend: Backend) {
+    let (_d, s) = server(backend);
+    rt().block_on(async {
+        let c = Client::new(&s);
+        let pause = || tokio::time::sleep(std::time::Duration::from_millis(15));
+        let a1 = c.post("/Patient", &json!({"resourceType": "Patient", "name": [{"family": "A1"}]})).await;
+        let a = a1.body["id"].as_str().unwrap().to_owned();
+        pause().await;
+        let a2 = c
+            .put(
+                &format!("/Patient/{a}"),
+                &json!({"resourceType": "Patient", "id": a, "name": [{"family": "A2"}]}),
+                &[],
+            )
+            .await;
+        pause().await;
+        let b1 = c.post("/Patient", &json!({"resourceType": "Patient", "name": [{"family": "B1"}]})).await;
+        let b = b1.body["id"].as_str().unwrap().to_owned();
+        pause().await;
+        let b2 = c
+            .put(
+                &format!("/Patient/{b}"),
+                &json!({"resourceType": "Patient", "id": b, "name": [{"family": "B2"}]}),
+                &[],
+            )
+            .await;
+        let when = |r: &Reply| r.body["meta"]["lastUpdated"].as_str().unwrap().replace('+', "%2B");
+        let families = |r: Reply| -> Vec<String> {
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.body["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["resource"]["name"][0]["family"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        // At the moment a2 was written: a2 only (b did not exist, a1 was just replaced).
+        assert_eq!(families(c.get(&format!("/Patient/_history?_at={}", when(&a2))).await), ["A2"]);
+        // When b1 was written: a2 was still current, and b1.
+        assert_eq!(families(c.get(&format!("/Patient/_history?_at={}", when(&b1))).await), ["B1", "A2"]);
+        assert_eq!(families(c.get(&format!("/_history?_at={}", when(&b2))).await), ["B2", "A2"]);
+        assert_eq!(families(c.get(&format!("/Patient/{a}/_history?_at={}", when(&b2))).await), ["A2"]);
+        assert_eq!(families(c.get(&format!("/Patient/{a}/_history?_at={}", when(&a1))).await), ["A1"]);
+        // Without _at, type history lists every version.
+        assert_eq!(families(c.get("/Patient/_history").await).len(), 4);
     });
 }

@@ -192,25 +192,30 @@ impl HistoryParams {
         Ok(p)
     }
 
-    /// Time window of versions to consider for type and system history.
+    /// Time window of versions to read for type and system history: with `_at`, every version that
+    /// started before the window's end (an older one may still have been current during it), filtered
+    /// afterwards by [`current_during`].
     pub fn window(&self) -> (i64, i64) {
-        let from = self.since_ms.unwrap_or(i64::MIN);
+        let from = if self.at.is_some() { i64::MIN } else { self.since_ms.unwrap_or(i64::MIN) };
         let to = self.at.map(|(_, high)| high - 1).unwrap_or(i64::MAX);
         (from, to)
     }
 }
 
-/// Instance history with `_at`: versions that were current at some moment of the window. Input and
-/// output newest first.
+/// History with `_at`: the versions that were current at some moment of the window `[low, high)`, of
+/// one resource or many. A version is current from its lastUpdated until the next version of the same
+/// resource. Input: every version that started before the window's end, newest first; output the same
+/// order.
 pub fn current_during(versions: Vec<ResourceVersion>, at: (i64, i64)) -> Vec<ResourceVersion> {
+    // When the version after the one being looked at took over, per resource.
+    let mut next_start: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
     let mut out = Vec::new();
-    let mut next_start = i64::MAX; // when the version after this one took over
     for v in versions {
         let start = v.last_updated_ms;
-        if start < at.1 && next_start > at.0 {
+        let end = next_start.insert(v.key(), start).unwrap_or(i64::MAX);
+        if start < at.1 && end > at.0 {
             out.push(v);
         }
-        next_start = start;
     }
     out
 }
@@ -237,4 +242,44 @@ pub fn history(base: &str, versions: &[ResourceVersion]) -> Value {
         })
         .collect();
     json!({"resourceType": "Bundle", "type": "history", "total": entries.len(), "entry": entries})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(id: &str, version_id: u64, at_ms: i64) -> ResourceVersion {
+        ResourceVersion {
+            resource_type: "Observation".into(),
+            id: id.into(),
+            version_id,
+            last_updated: String::new(),
+            last_updated_ms: at_ms,
+            deleted: false,
+            resource: None,
+            patient: None,
+            identifiers: Vec::new(),
+            date_key: None,
+        }
+    }
+
+    fn keys(vs: &[ResourceVersion]) -> Vec<String> {
+        vs.iter().map(|v| format!("{}@{}", v.id, v.version_id)).collect()
+    }
+
+    #[test]
+    fn at_keeps_the_versions_current_during_the_window() {
+        // a: v1 at 100, v2 at 200, v3 at 300. b: v1 at 150, v2 at 250. Newest first, as the store gives.
+        let all = || vec![v("a", 3, 300), v("b", 2, 250), v("a", 2, 200), v("b", 1, 150), v("a", 1, 100)];
+        // At 120: only a@1 existed.
+        assert_eq!(keys(&current_during(all(), (120, 121))), ["a@1"]);
+        // At 220: a@2 (since 200) and b@1 (since 150); a@1 had been replaced.
+        assert_eq!(keys(&current_during(all(), (220, 221))), ["a@2", "b@1"]);
+        // A window from 180 to 260 saw a@1 until 200, a@2, b@1 until 250, and b@2.
+        assert_eq!(keys(&current_during(all(), (180, 260))), ["b@2", "a@2", "b@1", "a@1"]);
+        // Exactly at a version's start: that version, not the one it replaced.
+        assert_eq!(keys(&current_during(all(), (200, 201))), ["a@2", "b@1"]);
+        // Before anything existed: nothing.
+        assert!(current_during(all(), (10, 20)).is_empty());
+    }
 }

@@ -112,6 +112,11 @@ impl WriteOutcome {
 /// two writers of one resource never both take version n+1.
 const LOCK_SHARDS: usize = 256;
 
+/// How many versions type and system history with `_at` read back from the window's end to find the
+/// ones still current during it. Versions current in the window but older than that many later changes
+/// are not found: a bound on the work one request can cause (README, "The FHIR API").
+const AT_SCAN: usize = 20_000;
+
 /// How long a write lease lasts if its holder dies without giving it back. Longer than any write holds
 /// it (a bounded wait for the projection plus an append with its retries).
 const WRITE_LEASE_TTL: Duration = Duration::from_secs(60);
@@ -716,10 +721,27 @@ impl FhirService {
             _ => {
                 self.caught_up(None).await?;
                 let (from, to) = params.window();
-                self.store
-                    .changes(resource_type, from, to, params.count)
-                    .await
-                    .map_err(|e| FhirError::unavailable(e.to_string()))?
+                match params.at {
+                    None => self
+                        .store
+                        .changes(resource_type, from, to, params.count)
+                        .await
+                        .map_err(|e| FhirError::unavailable(e.to_string()))?,
+                    // Versions current during the window include ones that started long before it:
+                    // read further back (up to AT_SCAN versions) and keep those still current then.
+                    Some(at) => {
+                        let read = self
+                            .store
+                            .changes(resource_type, from, to, AT_SCAN)
+                            .await
+                            .map_err(|e| FhirError::unavailable(e.to_string()))?;
+                        bundle::current_during(read, at)
+                            .into_iter()
+                            .filter(|v| params.since_ms.is_none_or(|s| v.last_updated_ms >= s))
+                            .take(params.count)
+                            .collect()
+                    }
+                }
             }
         };
         Ok((bundle::history(&self.settings.base_url, &versions), versions))
