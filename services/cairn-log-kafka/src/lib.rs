@@ -630,21 +630,32 @@ impl EventLog for KafkaLog {
     }
 
     fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, Result<Tailed>> {
-        let checked = self.check_partition(topic, partition);
+        self.tail_partitions(topic, &[(partition, from)])
+    }
+
+    fn tail_partitions(&self, topic: &str, from: &[(u32, u64)]) -> BoxStream<'static, Result<Tailed>> {
+        let checked: Result<()> = from.iter().try_for_each(|&(p, _)| self.check_partition(topic, p));
         let config = consumer_config(&self.settings, &self.wire("cairn-tail"));
         let topic = self.wire(topic);
         let prefix = self.settings.topic_prefix.len();
+        let from = from.to_vec();
         Box::pin(async_stream::try_stream! {
             checked?;
             let consumer: StreamConsumer<CairnContext> =
                 config.create_with_context(CairnContext).map_err(|e| kafka_err("tail consumer", e))?;
-            assign(&consumer, &topic, partition, from)?;
+            let mut tpl = TopicPartitionList::new();
+            for &(p, offset) in &from {
+                tpl.add_partition_offset(&topic, p as i32, Offset::Offset(offset as i64))
+                    .map_err(|e| kafka_err("assign", e))?;
+            }
+            consumer.assign(&tpl).map_err(|e| kafka_err("assign", e))?;
             loop {
                 match consumer.recv().await {
                     Ok(m) => yield Tailed::Record(to_record(&m, prefix)),
-                    Err(KafkaError::PartitionEOF(_)) => {
+                    Err(KafkaError::PartitionEOF(p)) => {
                         // At the end of what is committed, the consumer's position has passed any
                         // transaction markers: report it so readers know they are caught up.
+                        let partition = p as u32;
                         if let Some(next_offset) = position(&consumer, &topic, partition)? {
                             yield Tailed::Passed { partition, next_offset };
                         }
@@ -652,7 +663,7 @@ impl EventLog for KafkaLog {
                     Err(e) if is_fatal(&e) => Err(kafka_err("tailing", e))?,
                     Err(e) => {
                         // Broker restarts and network blips: librdkafka reconnects by itself.
-                        tracing::warn!(error = %e, topic = %topic, partition, "kafka tail: transient error, retrying");
+                        tracing::warn!(error = %e, topic = %topic, "kafka tail: transient error, retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }

@@ -171,6 +171,13 @@ pub trait EventLog: Send + Sync + 'static {
     /// Every record of the partition from `from` on, waiting for new ones forever.
     fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, Result<Tailed>>;
 
+    /// Several partitions of one topic tailed at once, each from its own offset, merged (each
+    /// partition's records stay in order). Kafka serves them with one consumer instead of one per
+    /// partition; the default merges single-partition tails.
+    fn tail_partitions(&self, topic: &str, from: &[(u32, u64)]) -> BoxStream<'static, Result<Tailed>> {
+        Box::pin(futures_util::stream::select_all(from.iter().map(|&(p, offset)| self.tail(topic, p, offset))))
+    }
+
     /// The partitions of `topic` this process should work on as a member of consumer group `group`,
     /// each time they change (the first item is the first assignment). Kafka shares a topic's
     /// partitions among the group's live members and moves a member's partitions to the others when it

@@ -125,7 +125,7 @@ async fn seal_topic(
     let Some(first) = assignments.next().await else { return Ok(()) };
     let mut assigned = first?;
     loop {
-        let mut tails = Vec::new();
+        let mut from = Vec::new();
         for &p in &assigned {
             // Resume from the newest seal: ours from before a reassignment, or the one in the log.
             let from_log = seals.get(&(topic.clone(), p)).and_then(|v| v.last()).map(|s| {
@@ -141,9 +141,9 @@ async fn seal_topic(
             };
             heads.insert(p, head);
             sealed.entry(p).or_insert(head.0);
-            tails.push(log.tail(&topic, p, head.1));
+            from.push((p, head.1));
         }
-        let mut merged = futures_util::stream::select_all(tails);
+        let mut merged = log.tail_partitions(&topic, &from);
         let mut tick = tokio::time::interval(SEAL_EVERY);
         loop {
             tokio::select! {

@@ -10,7 +10,7 @@ pub mod resources;
 use cairn_log::{EventLog, Record, Tailed};
 use cairn_store::{Checkpoint, ResourceStore};
 use futures_util::StreamExt;
-use futures_util::stream::{BoxStream, select_all};
+use futures_util::stream::BoxStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -155,15 +155,15 @@ impl ResourceProjector {
         last_durable: &mut Instant,
     ) -> Result<Follow, ProjectorError> {
         let mut next = self.progress.borrow().clone();
-        let mut tails = Vec::with_capacity(assigned.len());
+        let mut from = Vec::with_capacity(assigned.len());
         for &p in assigned.iter() {
             let stored = self.store.checkpoint(&self.topic, p).await?.unwrap_or(0);
             let slot = &mut next[p as usize];
             *slot = (*slot).max(stored);
-            tails.push(self.log.tail(&self.topic, p, *slot));
+            from.push((p, *slot));
         }
         self.progress.send_replace(next);
-        let mut merged = select_all(tails);
+        let mut merged = self.log.tail_partitions(&self.topic, &from);
         loop {
             let first = tokio::select! {
                 change = assignments.next() => match change {
