@@ -275,6 +275,21 @@ fn log_verify_on_kafka_checks_the_seals_and_finds_removed_records() {
     let (status, out, err) = d.cairn(&["log", "verify"]);
     assert!(status.success(), "{out}{err}");
     assert!(out.contains("ok: 40 events") && out.contains("(0 not sealed yet"), "{out}");
+    assert!(out.contains("warning: seal signatures not checked"), "{out}");
+    // The seals are signed with the key the server created; its public key verifies them ...
+    let public = d.data_dir().join("keys/seal-ed25519.key.pub");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.data_dir().join("keys/seal-ed25519.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the signing key is readable by its owner only");
+    }
+    let (status, out, err) = d.cairn(&["log", "verify", "--seal-public-key", public.to_str().unwrap()]);
+    assert!(status.success() && !out.contains("warning"), "{out}{err}");
+    // ... and another key does not.
+    let stranger = cairn_log::seal::SealSigner::generate().public_key_hex();
+    let (status, out, _) = d.cairn(&["log", "verify", "--seal-public-key", &stranger]);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("not signed by a trusted key"), "{out}");
 
     // Remove the first two records of a cairn.fhir partition that has at least three.
     let (_, tail, _) = d.cairn(&["log", "tail", "--topic", "cairn.fhir"]);

@@ -9,8 +9,9 @@
 //! checks each seal: a record altered, removed or inserted before a seal changes the hash or the count
 //! at that seal. Records after the last seal are reported as unsealed, not as verified.
 //!
-//! Seals are plain records in the log itself; signing them (so that whoever can rewrite the log cannot
-//! also rewrite the seals) is the next step.
+//! Seals are signed with an Ed25519 key ([`SealSigner`]) when the sealer has one: whoever can rewrite
+//! the log's records and recompute their chain still cannot make seals that verify against the public
+//! key an auditor holds (`cairn log verify --seal-public-key`).
 
 use crate::chain::{self, Hash};
 use crate::{EventLog, LogError, NewRecord, Result, Tailed};
@@ -41,11 +42,82 @@ pub struct Seal {
     pub hash: String,
     /// When the seal was made (ms since the epoch).
     pub sealed_at_ms: i64,
+    /// Ed25519 signature (hex) over [`Seal::signed_bytes`], by the key named in `key_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// The signing key's id: the first 16 hex digits of SHA-256 of its public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 impl Seal {
     fn key(&self) -> String {
         format!("{}/{}", self.topic, self.partition)
+    }
+
+    /// What a signature covers: every field but the signature itself, unambiguously delimited.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        format!(
+            "cairn-seal-v1\0{}\0{}\0{}\0{}\0{}\0{}",
+            self.topic, self.partition, self.records, self.next_offset, self.hash, self.sealed_at_ms
+        )
+        .into_bytes()
+    }
+}
+
+/// The key a sealer signs its seals with.
+pub struct SealSigner {
+    key: ed25519_dalek::SigningKey,
+}
+
+impl SealSigner {
+    pub fn generate() -> SealSigner {
+        SealSigner { key: ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng) }
+    }
+
+    pub fn from_secret(secret: &[u8; 32]) -> SealSigner {
+        SealSigner { key: ed25519_dalek::SigningKey::from_bytes(secret) }
+    }
+
+    pub fn secret(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    /// The public key, hex: what verifiers are given.
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(self.key.verifying_key().to_bytes())
+    }
+
+    fn sign(&self, seal: &mut Seal) {
+        use ed25519_dalek::Signer;
+        seal.key_id = Some(key_id(&self.key.verifying_key()));
+        seal.signature = Some(hex::encode(self.key.sign(&seal.signed_bytes()).to_bytes()));
+    }
+}
+
+/// A public key given as 64 hex digits.
+pub fn parse_public_key(text: &str) -> std::result::Result<ed25519_dalek::VerifyingKey, String> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut bytes).map_err(|_| "a seal public key is 64 hex digits".to_owned())?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|e| format!("not an Ed25519 public key: {e}"))
+}
+
+fn key_id(key: &ed25519_dalek::VerifyingKey) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(key.to_bytes())[..8])
+}
+
+/// Whether `seal` carries a valid signature by one of `keys`; the error says what is wrong.
+fn check_signature(seal: &Seal, keys: &[ed25519_dalek::VerifyingKey]) -> std::result::Result<(), String> {
+    use ed25519_dalek::Verifier;
+    let Some(signature) = &seal.signature else { return Err("is not signed".into()) };
+    let mut bytes = [0u8; 64];
+    hex::decode_to_slice(signature, &mut bytes).map_err(|_| "has a malformed signature".to_owned())?;
+    let signature = ed25519_dalek::Signature::from_bytes(&bytes);
+    if keys.iter().any(|k| k.verify(&seal.signed_bytes(), &signature).is_ok()) {
+        Ok(())
+    } else {
+        Err(format!("is not signed by a trusted key (key id {})", seal.key_id.as_deref().unwrap_or("none")))
     }
 }
 
@@ -84,15 +156,15 @@ pub async fn read_seals(log: &dyn EventLog) -> Result<BTreeMap<(String, u32), Ve
 /// Seals the partitions of `topics` that the log assigns to this process, forever. Each partition
 /// resumes from its latest seal. A failure (a broker away, a seal that cannot be appended) is logged
 /// and the topic's sealing starts again after a pause: it never stops for good.
-pub async fn run_sealer(log: Arc<dyn EventLog>, topics: Vec<String>) -> Result<()> {
+pub async fn run_sealer(log: Arc<dyn EventLog>, topics: Vec<String>, signer: Option<Arc<SealSigner>>) -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for topic in topics {
-        let log = log.clone();
+        let (log, signer) = (log.clone(), signer.clone());
         tasks.spawn(async move {
             let mut failures = 0u32;
             loop {
                 let result = match read_seals(log.as_ref()).await {
-                    Ok(seals) => seal_topic(log.clone(), topic.clone(), Arc::new(seals)).await,
+                    Ok(seals) => seal_topic(log.clone(), topic.clone(), Arc::new(seals), signer.clone()).await,
                     Err(e) => Err(e),
                 };
                 match result {
@@ -117,6 +189,7 @@ async fn seal_topic(
     log: Arc<dyn EventLog>,
     topic: String,
     seals: Arc<BTreeMap<(String, u32), Vec<Seal>>>,
+    signer: Option<Arc<SealSigner>>,
 ) -> Result<()> {
     let mut assignments = log.assignments(&format!("{SEALER_GROUP}.{topic}"), &topic);
     // Chain heads survive reassignment within this process: (records, next offset, hash).
@@ -171,7 +244,19 @@ async fn seal_topic(
                         if sealed.get(&p).is_some_and(|&s| s >= records) {
                             continue;
                         }
-                        let seal = Seal { topic: topic.clone(), partition: p, records, next_offset, hash: hex::encode(hash), sealed_at_ms: now_ms() };
+                        let mut seal = Seal {
+                            topic: topic.clone(),
+                            partition: p,
+                            records,
+                            next_offset,
+                            hash: hex::encode(hash),
+                            sealed_at_ms: now_ms(),
+                            signature: None,
+                            key_id: None,
+                        };
+                        if let Some(signer) = &signer {
+                            signer.sign(&mut seal);
+                        }
                         let value = serde_json::to_vec(&seal).expect("a seal serializes");
                         log.append(NewRecord::new(SEAL_TOPIC, seal.key(), value)).await?;
                         sealed.insert(p, records);
@@ -199,6 +284,8 @@ pub struct SealReport {
     pub partitions: Vec<SealedPartition>,
     pub records: u64,
     pub seals_checked: usize,
+    /// Whether every seal's signature was checked against trusted keys.
+    pub signatures_checked: bool,
     /// The first problem found, if any.
     pub problem: Option<String>,
 }
@@ -211,9 +298,33 @@ impl SealReport {
 
 /// Recomputes every partition's chain (except the seal topic's) and checks it against every seal.
 /// `progress(records_done)` is called as it goes.
-pub async fn verify_sealed(log: &dyn EventLog, mut progress: impl FnMut(u64)) -> Result<SealReport> {
+/// With `trusted_keys`, every seal must also carry a valid signature by one of them.
+pub async fn verify_sealed(
+    log: &dyn EventLog,
+    trusted_keys: &[ed25519_dalek::VerifyingKey],
+    mut progress: impl FnMut(u64),
+) -> Result<SealReport> {
     let seals = read_seals(log).await?;
-    let mut report = SealReport { partitions: Vec::new(), records: 0, seals_checked: 0, problem: None };
+    let mut report = SealReport {
+        partitions: Vec::new(),
+        records: 0,
+        seals_checked: 0,
+        signatures_checked: !trusted_keys.is_empty(),
+        problem: None,
+    };
+    if !trusted_keys.is_empty() {
+        for list in seals.values() {
+            for seal in list {
+                if let Err(why) = check_signature(seal, trusted_keys) {
+                    report.problem = Some(format!(
+                        "the seal of {}/{} at {} records {why}: the seals were forged or made by an unknown key",
+                        seal.topic, seal.partition, seal.records
+                    ));
+                    return Ok(report);
+                }
+            }
+        }
+    }
     let mut unknown: Vec<&(String, u32)> =
         seals.keys().filter(|(t, p)| log.partitions(t).map_or(true, |n| *p >= n)).collect();
     if let Some((t, p)) = unknown.pop() {
@@ -354,7 +465,16 @@ mod tests {
     }
 
     async fn seal(log: &dyn EventLog, topic: &str, partition: u32, records: u64, next_offset: u64, hash: &str) {
-        let s = Seal { topic: topic.into(), partition, records, next_offset, hash: hash.into(), sealed_at_ms: 1 };
+        let s = Seal {
+            topic: topic.into(),
+            partition,
+            records,
+            next_offset,
+            hash: hash.into(),
+            sealed_at_ms: 1,
+            signature: None,
+            key_id: None,
+        };
         log.append(NewRecord::new(SEAL_TOPIC, s.key(), serde_json::to_vec(&s).unwrap())).await.unwrap();
     }
 
@@ -363,12 +483,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         rt().block_on(async {
             let log = log_with_records(dir.path()).await;
-            let sealer = tokio::spawn(run_sealer(log.clone(), vec!["t".into()]));
+            let signer = Arc::new(SealSigner::generate());
+            let sealer = tokio::spawn(run_sealer(log.clone(), vec!["t".into()], Some(signer.clone())));
             tokio::time::sleep(SEAL_EVERY * 2 + Duration::from_millis(300)).await;
             sealer.abort();
-            let report = verify_sealed(log.as_ref(), |_| {}).await.unwrap();
+            let trusted = [parse_public_key(&signer.public_key_hex()).unwrap()];
+            let report = verify_sealed(log.as_ref(), &trusted, |_| {}).await.unwrap();
             assert!(report.ok(), "{:?}", report.problem);
+            assert!(report.signatures_checked);
             assert_eq!(report.records, 50);
+            // Another key's public key: every seal is refused.
+            let stranger = [parse_public_key(&SealSigner::generate().public_key_hex()).unwrap()];
+            let refused = verify_sealed(log.as_ref(), &stranger, |_| {}).await.unwrap();
+            assert!(refused.problem.as_deref().unwrap().contains("not signed by a trusted key"), "{refused:?}");
             assert!(report.seals_checked >= 2, "at least one seal per partition that has records");
             assert!(report.partitions.iter().all(|p| p.unsealed_records == 0));
             // The sealer computes the same chain the embedded log keeps.
@@ -378,10 +505,44 @@ mod tests {
             }
             // Records after the last seal are reported as unsealed, not verified.
             log.append(NewRecord::new("t", "k0", "late")).await.unwrap();
-            let report = verify_sealed(log.as_ref(), |_| {}).await.unwrap();
+            let report = verify_sealed(log.as_ref(), &[], |_| {}).await.unwrap();
             assert!(report.ok());
             assert_eq!(report.partitions.iter().map(|p| p.unsealed_records).sum::<u64>(), 1);
         });
+    }
+
+    #[test]
+    fn a_signature_covers_every_field() {
+        let signer = SealSigner::generate();
+        let trusted = [parse_public_key(&signer.public_key_hex()).unwrap()];
+        let mut s = Seal {
+            topic: "t".into(),
+            partition: 1,
+            records: 10,
+            next_offset: 11,
+            hash: "ab".repeat(32),
+            sealed_at_ms: 5,
+            signature: None,
+            key_id: None,
+        };
+        assert!(check_signature(&s, &trusted).unwrap_err().contains("not signed"));
+        signer.sign(&mut s);
+        assert!(check_signature(&s, &trusted).is_ok());
+        let restored = SealSigner::from_secret(&signer.secret());
+        assert_eq!(restored.public_key_hex(), signer.public_key_hex());
+        for tamper in [
+            |s: &mut Seal| s.records += 1,
+            |s: &mut Seal| s.next_offset += 1,
+            |s: &mut Seal| s.partition += 1,
+            |s: &mut Seal| s.hash = "cd".repeat(32),
+            |s: &mut Seal| s.sealed_at_ms += 1,
+            |s: &mut Seal| s.topic = "u".into(),
+        ] {
+            let mut forged = s.clone();
+            tamper(&mut forged);
+            assert!(check_signature(&forged, &trusted).is_err(), "{forged:?}");
+        }
+        assert!(parse_public_key("zz").is_err());
     }
 
     #[test]
@@ -393,11 +554,11 @@ mod tests {
             let n = records.len() as u64;
             let good = hex::encode(records.last().unwrap().hash.unwrap());
             seal(log.as_ref(), "t", 0, n, n, &good).await;
-            assert!(verify_sealed(log.as_ref(), |_| {}).await.unwrap().ok());
+            assert!(verify_sealed(log.as_ref(), &[], |_| {}).await.unwrap().ok());
 
             // A seal whose hash differs: what an altered record looks like.
             seal(log.as_ref(), "t", 0, 3, 3, &"00".repeat(32)).await;
-            let report = verify_sealed(log.as_ref(), |_| {}).await.unwrap();
+            let report = verify_sealed(log.as_ref(), &[], |_| {}).await.unwrap();
             assert!(
                 report.problem.as_deref().unwrap().contains("t/0 after 3 records: chain hash differs"),
                 "{report:?}"
@@ -408,11 +569,11 @@ mod tests {
             let log = log_with_records(dir.path()).await;
             // A seal covering more records than the partition has: records were removed.
             seal(log.as_ref(), "t", 1, 10_000, 10_000, &"00".repeat(32)).await;
-            let report = verify_sealed(log.as_ref(), |_| {}).await.unwrap();
+            let report = verify_sealed(log.as_ref(), &[], |_| {}).await.unwrap();
             assert!(report.problem.as_deref().unwrap().contains("records were removed"), "{report:?}");
             // A seal naming a partition the log does not have.
             seal(log.as_ref(), "t", 7, 1, 1, &"00".repeat(32)).await;
-            let report = verify_sealed(log.as_ref(), |_| {}).await.unwrap();
+            let report = verify_sealed(log.as_ref(), &[], |_| {}).await.unwrap();
             assert!(report.problem.as_deref().unwrap().contains("t/7"), "{report:?}");
         });
     }

@@ -40,6 +40,7 @@ struct FileSettings {
     scylla_keyspace: Option<String>,
     scylla_replication_factor: Option<u32>,
     roles: Option<String>,
+    seal_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +57,7 @@ pub struct Settings {
     pub insecure_no_auth: bool,
     pub backends: Backends,
     pub roles: Roles,
+    pub seal_key_file: PathBuf,
 }
 
 /// What one `cairn serve` process does. Default: everything.
@@ -250,6 +252,11 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
     if args.insecure_no_auth && !listen.ip().is_loopback() {
         bail!("--insecure-no-auth refuses to serve on {listen}: unauthenticated access is for a loopback address only");
     }
+    let seal_key_file = args
+        .seal_key_file
+        .clone()
+        .or(file.seal_key_file.clone())
+        .unwrap_or_else(|| data_dir.join("keys").join("seal-ed25519.key"));
     Ok(Settings {
         data_dir,
         listen,
@@ -263,6 +270,7 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
         insecure_no_auth: args.insecure_no_auth,
         backends,
         roles,
+        seal_key_file,
     })
 }
 

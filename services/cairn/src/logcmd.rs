@@ -129,12 +129,14 @@ fn verify_sealed(args: VerifyArgs, backends: crate::config::Backends) -> anyhow:
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let started = Instant::now();
     let show_progress = std::io::stderr().is_terminal();
+    let trusted: Vec<_> =
+        args.seal_public_key.iter().map(|k| crate::keys::read_public_key(k)).collect::<anyhow::Result<_>>()?;
     let report = rt.block_on(async {
         let log =
             crate::backends::open_log(&backends, &data, EmbeddedOptions { read_only: true, ..Default::default() })
                 .await?
                 .as_dyn();
-        let report = cairn_log::seal::verify_sealed(log.as_ref(), |done| {
+        let report = cairn_log::seal::verify_sealed(log.as_ref(), &trusted, |done| {
             if show_progress && done % 10_000 == 0 {
                 eprint!("\rverifying: {done} events");
             }
@@ -160,6 +162,12 @@ fn verify_sealed(args: VerifyArgs, backends: crate::config::Backends) -> anyhow:
         if let Some(problem) = &report.problem {
             println!("BROKEN: {problem}");
         } else {
+            if !report.signatures_checked {
+                println!(
+                    "warning: seal signatures not checked (give --seal-public-key): a forger who rewrote both the \
+                     records and the seals would pass"
+                );
+            }
             let unsealed: u64 = report.partitions.iter().map(|p| p.unsealed_records).sum();
             println!(
                 "ok: {} events in {} partitions match {} seals ({} not sealed yet; {:.0} events/s)",

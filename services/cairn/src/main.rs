@@ -5,6 +5,7 @@ mod backends;
 mod bench;
 mod config;
 mod datadir;
+mod keys;
 mod logcmd;
 mod serve;
 mod storecmd;
@@ -149,6 +150,10 @@ pub struct ServeArgs {
     /// How long a read waits for the store to reach the log before answering 503, in ms [default: 5000]
     #[arg(long, env = "CAIRN_READ_WAIT_MS")]
     pub read_wait_ms: Option<u64>,
+    /// The Ed25519 key the log sealer signs seals with (on Kafka), created on first start if absent
+    /// [default: <data dir>/keys/seal-ed25519.key]
+    #[arg(long, env = "CAIRN_SEAL_KEY_FILE")]
+    pub seal_key_file: Option<PathBuf>,
     /// What this process does, comma-separated: fhir (the API), projector (log -> store). Several
     /// processes with different roles can share one Kafka and one ScyllaDB [default: fhir,projector]
     #[arg(long, env = "CAIRN_ROLES")]
@@ -192,6 +197,11 @@ pub struct VerifyArgs {
     /// Print the report as one JSON object instead of text
     #[arg(long)]
     pub json: bool,
+    /// On Kafka: a public key (64 hex digits, or a file holding them, such as the server's
+    /// keys/seal-ed25519.key.pub) whose signature every seal must carry; repeat for several sealers.
+    /// Get it from the server's start-up log and keep a copy away from the log's machines.
+    #[arg(long)]
+    pub seal_public_key: Vec<String>,
 }
 
 fn main() -> ExitCode {

@@ -107,8 +107,11 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
         if settings.roles.projector {
             let topics = cairn_events::topics::ALL.iter().map(|t| t.to_string()).collect();
             let log = log.clone();
+            let signer = Arc::new(crate::keys::load_or_create_seal_key(&settings.seal_key_file)?);
+            // Not a secret: verifiers need it (`cairn log verify --seal-public-key`).
+            tracing::info!(public_key = %signer.public_key_hex(), "log sealer signs seals with this key");
             sealer_task = Some(tokio::spawn(async move {
-                if let Err(e) = cairn_log::seal::run_sealer(log, topics).await {
+                if let Err(e) = cairn_log::seal::run_sealer(log, topics, Some(signer)).await {
                     tracing::error!(error = %e, "log sealer stopped");
                 }
             }));
