@@ -18,6 +18,17 @@ fn reading(n: usize) -> Value {
     })
 }
 
+/// POST of reading `n` to the FHIR base `base`.
+fn post_reading(http: &reqwest::Client, base: &str, n: usize) -> reqwest::RequestBuilder {
+    http.post(format!("{base}/Observation"))
+        .header("content-type", "application/fhir+json")
+        .body(serde_json::to_vec(&reading(n)).unwrap())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
 /// Restart the Kafka broker while clients write: every write that was acknowledged (201) is there
 /// afterwards, writes during the outage fail with 503 (never a false 201), and writes succeed again
 /// once the broker is back, without restarting Cairn.
@@ -28,7 +39,7 @@ fn a_kafka_restart_loses_no_acknowledged_write() {
     let d = Deployment::unguarded(Backend::KafkaCassandra);
     let s = d.start(&["--insecure-no-auth", "--read-wait-ms", "20000"]);
     let base = format!("{}/fhir", s.base_url);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = rt();
     let (acked, refused, acked_after_restart) = rt.block_on(async {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
         let next = Arc::new(AtomicUsize::new(0));
@@ -42,12 +53,7 @@ fn a_kafka_restart_loses_no_acknowledged_write() {
                 let (mut acked, mut refused, mut after) = (Vec::new(), 0usize, 0usize);
                 while !stop.load(Ordering::Relaxed) {
                     let n = next.fetch_add(1, Ordering::Relaxed);
-                    let r = http
-                        .post(format!("{base}/Observation"))
-                        .header("content-type", "application/fhir+json")
-                        .body(serde_json::to_vec(&reading(n)).unwrap())
-                        .send()
-                        .await;
+                    let r = post_reading(&http, &base, n).send().await;
                     match r {
                         Ok(r) if r.status() == 201 => {
                             let body: Value = r.json().await.unwrap();
@@ -155,18 +161,12 @@ fn split_roles_share_the_work_and_survive_a_dead_projector() {
     let projector_a = d.start(&["--roles", "projector"]);
     let projector_b = d.start(&["--roles", "projector"]);
     let bases: Vec<String> = api.iter().map(|s| format!("{}/fhir", s.base_url)).collect();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = rt();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     let write = |n: usize| {
         let (http, base) = (http.clone(), bases[n % 2].clone());
         async move {
-            let r = http
-                .post(format!("{base}/Observation"))
-                .header("content-type", "application/fhir+json")
-                .body(serde_json::to_vec(&reading(n)).unwrap())
-                .send()
-                .await
-                .unwrap();
+            let r = post_reading(&http, &base, n).send().await.unwrap();
             assert_eq!(r.status(), 201);
             let body: Value = r.json().await.unwrap();
             (n, body["id"].as_str().unwrap().to_owned())
@@ -255,17 +255,11 @@ fn log_verify_on_kafka_checks_the_seals_and_finds_removed_records() {
     let d = Deployment::new(Backend::KafkaCassandra);
     let s = d.start(&["--insecure-no-auth"]);
     let base = format!("{}/fhir", s.base_url);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = rt();
     rt.block_on(async {
         let http = reqwest::Client::new();
         for n in 0..40 {
-            let r = http
-                .post(format!("{base}/Observation"))
-                .header("content-type", "application/fhir+json")
-                .body(serde_json::to_vec(&reading(n)).unwrap())
-                .send()
-                .await
-                .unwrap();
+            let r = post_reading(&http, &base, n).send().await.unwrap();
             assert_eq!(r.status(), 201);
         }
         // Seals are made about once a second.
@@ -321,19 +315,10 @@ fn two_apis_never_give_two_writes_the_same_version() {
     let d = Deployment::new(Backend::KafkaCassandra);
     let api = [d.start(&["--insecure-no-auth"]), d.start(&["--insecure-no-auth", "--roles", "fhir"])];
     let bases: Vec<String> = api.iter().map(|s| format!("{}/fhir", s.base_url)).collect();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = rt();
     rt.block_on(async {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-        let created: Value = http
-            .post(format!("{}/Observation", bases[0]))
-            .header("content-type", "application/fhir+json")
-            .body(serde_json::to_vec(&reading(1)).unwrap())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let created: Value = post_reading(&http, &bases[0], 1).send().await.unwrap().json().await.unwrap();
         let id = created["id"].as_str().unwrap().to_owned();
         // 20 unconditional updates, alternating APIs, all at once.
         let mut updates = Vec::new();
@@ -381,10 +366,8 @@ fn two_apis_never_give_two_writes_the_same_version() {
         for n in 0..10 {
             let (http, base) = (http.clone(), bases[n % 2].clone());
             resends.push(tokio::spawn(async move {
-                http.post(format!("{base}/Observation"))
-                    .header("content-type", "application/fhir+json")
+                post_reading(&http, &base, 777)
                     .header("if-none-exist", "identifier=urn:example:restart|r-777")
-                    .body(serde_json::to_vec(&reading(777)).unwrap())
                     .send()
                     .await
                     .unwrap()
@@ -421,16 +404,10 @@ fn reads_fail_closed_while_the_projection_lags() {
     let d = Deployment::new(Backend::KafkaCassandra);
     let api = d.start(&["--insecure-no-auth", "--roles", "fhir", "--read-wait-ms", "300"]);
     let base = format!("{}/fhir", api.base_url);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = rt();
     let http = reqwest::Client::new();
     let id = rt.block_on(async {
-        let r = http
-            .post(format!("{base}/Observation"))
-            .header("content-type", "application/fhir+json")
-            .body(serde_json::to_vec(&reading(1)).unwrap())
-            .send()
-            .await
-            .unwrap();
+        let r = post_reading(&http, &base, 1).send().await.unwrap();
         assert_eq!(r.status(), 201, "the write is in the log");
         let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
         let started = Instant::now();

@@ -554,9 +554,7 @@ impl ResourceStore for ScyllaStore {
                 if out.len() >= limit {
                     return Ok(out);
                 }
-                if let Some(t) = resource_type
-                    && !key.strip_prefix(t).is_some_and(|rest| rest.starts_with('/'))
-                {
+                if !cairn_store::key_has_type(&key, resource_type) {
                     continue;
                 }
                 let Some((t, id)) = key.split_once('/') else { continue };

@@ -329,9 +329,7 @@ impl ResourceStore for EmbeddedStore {
             }
             let (k, _) = item.map_err(|e| self.err(e))?;
             let (_, key, version) = k.value();
-            if let Some(t) = resource_type
-                && !key.strip_prefix(t).is_some_and(|rest| rest.starts_with('/'))
-            {
+            if !crate::key_has_type(key, resource_type) {
                 continue;
             }
             if let Some(v) = versions.get((key, version)).map_err(|e| self.err(e))? {

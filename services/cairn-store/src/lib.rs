@@ -50,6 +50,11 @@ impl ResourceVersion {
     }
 }
 
+/// Whether a resource key `Type/id` names a resource of `resource_type` (`None`: any type).
+pub fn key_has_type(key: &str, resource_type: Option<&str>) -> bool {
+    resource_type.is_none_or(|t| key.strip_prefix(t).is_some_and(|rest| rest.starts_with('/')))
+}
+
 /// A projector's position in one partition: the next offset it will apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {

@@ -94,9 +94,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     if args.json {
-        let mut json = serde_json::to_value(&report)?;
-        json["ok"] = report.ok().into();
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        print_json_report(&report, report.ok())?;
     } else {
         for p in &report.partitions {
             println!("{}/{}: {} events, head {}", p.topic, p.partition, p.records, p.head_hash);
@@ -149,9 +147,7 @@ fn verify_sealed(args: VerifyArgs, backends: crate::config::Backends) -> anyhow:
     }
     let elapsed = started.elapsed().as_secs_f64();
     if args.json {
-        let mut json = serde_json::to_value(&report)?;
-        json["ok"] = report.ok().into();
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        print_json_report(&report, report.ok())?;
     } else {
         for p in &report.partitions {
             println!(
@@ -180,4 +176,12 @@ fn verify_sealed(args: VerifyArgs, backends: crate::config::Backends) -> anyhow:
         }
     }
     Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+/// A verify report as one JSON object with its verdict in `ok`.
+fn print_json_report(report: &impl serde::Serialize, ok: bool) -> anyhow::Result<()> {
+    let mut json = serde_json::to_value(report)?;
+    json["ok"] = ok.into();
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
 }
