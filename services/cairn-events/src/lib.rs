@@ -36,6 +36,13 @@ pub enum EventType {
     AuthLoginFailed,
     AuthTokenIssued,
     AuthTokenRevoked,
+    AuthClientRegistered,
+    AuthClientDisabled,
+    AuthUserCreated,
+    AuthUserDisabled,
+    AuthKeyPublished,
+    AuthTokenRefused,
+    AuthTokenIntrospected,
     FhirResourceCreated,
     FhirResourceUpdated,
     FhirResourceDeleted,
@@ -44,11 +51,18 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 16] = [
         EventType::AuthLoginSucceeded,
         EventType::AuthLoginFailed,
         EventType::AuthTokenIssued,
         EventType::AuthTokenRevoked,
+        EventType::AuthClientRegistered,
+        EventType::AuthClientDisabled,
+        EventType::AuthUserCreated,
+        EventType::AuthUserDisabled,
+        EventType::AuthKeyPublished,
+        EventType::AuthTokenRefused,
+        EventType::AuthTokenIntrospected,
         EventType::FhirResourceCreated,
         EventType::FhirResourceUpdated,
         EventType::FhirResourceDeleted,
@@ -62,6 +76,13 @@ impl EventType {
             EventType::AuthLoginFailed => "auth.login.failed",
             EventType::AuthTokenIssued => "auth.token.issued",
             EventType::AuthTokenRevoked => "auth.token.revoked",
+            EventType::AuthClientRegistered => "auth.client.registered",
+            EventType::AuthClientDisabled => "auth.client.disabled",
+            EventType::AuthUserCreated => "auth.user.created",
+            EventType::AuthUserDisabled => "auth.user.disabled",
+            EventType::AuthKeyPublished => "auth.key.published",
+            EventType::AuthTokenRefused => "auth.token.refused",
+            EventType::AuthTokenIntrospected => "auth.token.introspected",
             EventType::FhirResourceCreated => "fhir.resource.created",
             EventType::FhirResourceUpdated => "fhir.resource.updated",
             EventType::FhirResourceDeleted => "fhir.resource.deleted",
@@ -483,7 +504,14 @@ impl Event {
             EventType::AuthLoginSucceeded
             | EventType::AuthLoginFailed
             | EventType::AuthTokenIssued
-            | EventType::AuthTokenRevoked => topics::AUTH,
+            | EventType::AuthTokenRevoked
+            | EventType::AuthClientRegistered
+            | EventType::AuthClientDisabled
+            | EventType::AuthUserCreated
+            | EventType::AuthUserDisabled
+            | EventType::AuthKeyPublished
+            | EventType::AuthTokenRefused
+            | EventType::AuthTokenIntrospected => topics::AUTH,
         }
     }
 
@@ -508,6 +536,13 @@ impl Event {
                 RevocationTarget::Client { client_id, .. } => client_id.clone(),
                 RevocationTarget::SigningKey { kid } => kid.clone(),
             },
+            Payload::ClientRegistered(c) => c.client_id.clone(),
+            Payload::ClientDisabled(c) => c.client_id.clone(),
+            Payload::UserCreated(u) => u.user_id.clone(),
+            Payload::UserDisabled(u) => u.user_id.clone(),
+            Payload::KeyPublished(k) => k.kid.clone(),
+            Payload::TokenRefused(r) => r.client_id.clone().unwrap_or_else(|| self.id.to_string()),
+            Payload::TokenIntrospected(i) => i.jti.clone().unwrap_or_else(|| i.client_id.clone()),
         }
     }
 }

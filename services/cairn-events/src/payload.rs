@@ -10,6 +10,13 @@ pub enum Payload {
     LoginFailed(LoginFailed),
     TokenIssued(TokenIssued),
     TokenRevoked(TokenRevoked),
+    ClientRegistered(ClientRegistered),
+    ClientDisabled(ClientDisabled),
+    UserCreated(UserCreated),
+    UserDisabled(UserDisabled),
+    KeyPublished(KeyPublished),
+    TokenRefused(TokenRefused),
+    TokenIntrospected(TokenIntrospected),
     ResourceCreated(ResourceWritten),
     ResourceUpdated(ResourceWritten),
     ResourceDeleted(ResourceDeleted),
@@ -24,6 +31,13 @@ impl Payload {
             Payload::LoginFailed(_) => EventType::AuthLoginFailed,
             Payload::TokenIssued(_) => EventType::AuthTokenIssued,
             Payload::TokenRevoked(_) => EventType::AuthTokenRevoked,
+            Payload::ClientRegistered(_) => EventType::AuthClientRegistered,
+            Payload::ClientDisabled(_) => EventType::AuthClientDisabled,
+            Payload::UserCreated(_) => EventType::AuthUserCreated,
+            Payload::UserDisabled(_) => EventType::AuthUserDisabled,
+            Payload::KeyPublished(_) => EventType::AuthKeyPublished,
+            Payload::TokenRefused(_) => EventType::AuthTokenRefused,
+            Payload::TokenIntrospected(_) => EventType::AuthTokenIntrospected,
             Payload::ResourceCreated(_) => EventType::FhirResourceCreated,
             Payload::ResourceUpdated(_) => EventType::FhirResourceUpdated,
             Payload::ResourceDeleted(_) => EventType::FhirResourceDeleted,
@@ -38,6 +52,13 @@ impl Payload {
             EventType::AuthLoginFailed => Payload::LoginFailed(serde_json::from_str(json)?),
             EventType::AuthTokenIssued => Payload::TokenIssued(serde_json::from_str(json)?),
             EventType::AuthTokenRevoked => Payload::TokenRevoked(serde_json::from_str(json)?),
+            EventType::AuthClientRegistered => Payload::ClientRegistered(serde_json::from_str(json)?),
+            EventType::AuthClientDisabled => Payload::ClientDisabled(serde_json::from_str(json)?),
+            EventType::AuthUserCreated => Payload::UserCreated(serde_json::from_str(json)?),
+            EventType::AuthUserDisabled => Payload::UserDisabled(serde_json::from_str(json)?),
+            EventType::AuthKeyPublished => Payload::KeyPublished(serde_json::from_str(json)?),
+            EventType::AuthTokenRefused => Payload::TokenRefused(serde_json::from_str(json)?),
+            EventType::AuthTokenIntrospected => Payload::TokenIntrospected(serde_json::from_str(json)?),
             EventType::FhirResourceCreated => Payload::ResourceCreated(serde_json::from_str(json)?),
             EventType::FhirResourceUpdated => Payload::ResourceUpdated(serde_json::from_str(json)?),
             EventType::FhirResourceDeleted => Payload::ResourceDeleted(serde_json::from_str(json)?),
@@ -57,6 +78,13 @@ impl Serialize for PayloadRef<'_> {
             Payload::LoginFailed(p) => p.serialize(s),
             Payload::TokenIssued(p) => p.serialize(s),
             Payload::TokenRevoked(p) => p.serialize(s),
+            Payload::ClientRegistered(p) => p.serialize(s),
+            Payload::ClientDisabled(p) => p.serialize(s),
+            Payload::UserCreated(p) => p.serialize(s),
+            Payload::UserDisabled(p) => p.serialize(s),
+            Payload::KeyPublished(p) => p.serialize(s),
+            Payload::TokenRefused(p) => p.serialize(s),
+            Payload::TokenIntrospected(p) => p.serialize(s),
             Payload::ResourceCreated(p) | Payload::ResourceUpdated(p) => p.serialize(s),
             Payload::ResourceDeleted(p) => p.serialize(s),
             Payload::AccessRead(p) => p.serialize(s),
@@ -77,6 +105,13 @@ into_payload!(
     LoginFailed => LoginFailed,
     TokenIssued => TokenIssued,
     TokenRevoked => TokenRevoked,
+    ClientRegistered => ClientRegistered,
+    ClientDisabled => ClientDisabled,
+    UserCreated => UserCreated,
+    UserDisabled => UserDisabled,
+    KeyPublished => KeyPublished,
+    TokenRefused => TokenRefused,
+    TokenIntrospected => TokenIntrospected,
     ResourceDeleted => ResourceDeleted,
     AccessRead => AccessRead,
     AccessSearch => AccessSearch,
@@ -194,6 +229,122 @@ pub struct TokenRevoked {
     pub target: RevocationTarget,
     /// e.g. `revocation_endpoint`, `refresh_token_reuse`, `code_reuse`, `user_disabled`, `logout`, `admin`.
     pub reason: String,
+}
+
+/// How a client authenticates at the token endpoint (SMART's client types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientKind {
+    /// No credentials (a browser or native app); PKCE only.
+    Public,
+    /// A shared secret (`client_secret_basic` or `client_secret_post`).
+    ConfidentialSymmetric,
+    /// A signed JWT assertion (`private_key_jwt`, SMART Backend Services).
+    ConfidentialAsymmetric,
+}
+
+/// `auth.client.registered`: a new client, or a client's new registration (the latest one counts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRegistered {
+    pub client_id: String,
+    pub client_name: String,
+    pub kind: ClientKind,
+    /// Exact redirect URIs for the authorization code flow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redirect_uris: Vec<String>,
+    /// The scopes this client may be granted (space separated SMART scopes).
+    pub scope: String,
+    /// SHA-256 (hex) of the generated secret of a symmetric client; the secret itself is shown once
+    /// and never recorded. Secrets are 256 random bits, so a fast hash is enough.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_sha256: Option<String>,
+    /// The public keys of an asymmetric client, inline (a JWK Set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<serde_json::Value>,
+    /// Or where to fetch them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// `admin` (the CLI) or `dynamic` (RFC 7591 registration endpoint).
+    pub registered_by: String,
+}
+
+/// `auth.client.disabled`: the client gets no new tokens and its live tokens stop working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientDisabled {
+    pub client_id: String,
+    pub reason: String,
+}
+
+/// `auth.user.created`. The password is recorded only as an Argon2id hash (PHC string).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserCreated {
+    pub user_id: String,
+    pub username: String,
+    pub password_hash: String,
+    /// The FHIR resource that represents the user, e.g. `Patient/123` or `Practitioner/7`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fhir_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+}
+
+/// `auth.user.disabled`: the user cannot sign in and their live tokens stop working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDisabled {
+    pub user_id: String,
+    pub reason: String,
+}
+
+/// What a signing key signs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyPurpose {
+    AccessToken,
+    IdToken,
+}
+
+/// `auth.key.published`: a token-signing public key. Every API instance learns the keys it must
+/// accept from these events, and a key signs nothing before its event is durable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPublished {
+    pub kid: String,
+    pub alg: String,
+    pub purpose: KeyPurpose,
+    /// The public key as a JWK (RFC 7517), `kid`, `alg` and `use` included.
+    pub jwk: serde_json::Value,
+}
+
+/// `auth.token.refused`: a token request the authorization server refused. Never carries the
+/// credentials that were presented.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRefused {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_type: Option<String>,
+    /// The client the request claimed to be, when it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The RFC 6749 error code (`invalid_client`, `invalid_grant`, ...).
+    pub error: String,
+    /// Why, in words (the same text the client got).
+    pub reason: String,
+}
+
+/// `auth.token.introspected`: a resource server asked about a token (RFC 7662).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenIntrospected {
+    /// The client that asked.
+    pub client_id: String,
+    /// The token's `jti`, when it was one of ours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    pub active: bool,
 }
 
 /// `fhir.resource.created` and `fhir.resource.updated`: the full resource as stored, meta included.
@@ -333,6 +484,53 @@ pub fn sample_event(t: EventType) -> Event {
         EventType::AuthTokenRevoked => TokenRevoked {
             target: RevocationTarget::Subject { subject: "user-7".into(), issued_before: now },
             reason: "user_disabled".into(),
+        }
+        .into(),
+        EventType::AuthClientRegistered => ClientRegistered {
+            client_id: "glucose-gateway".into(),
+            client_name: "Glucose gateway".into(),
+            kind: ClientKind::ConfidentialAsymmetric,
+            redirect_uris: vec![],
+            scope: "system/Observation.cru system/Device.rs".into(),
+            secret_sha256: None,
+            jwks: Some(serde_json::json!({"keys": [{"kty": "EC", "crv": "P-384", "kid": "gw-1", "alg": "ES384",
+                "x": "4r5K3JpAJdxnVu4tBmTkWYb6qVdSvtnZxEPMbdMQDHo5U1MQmN0mYyq9zvUNkWAL",
+                "y": "U8Hk3d1DaBcsk6e9Wmcg3vhX8YZTp1h8hQoVqwDKN_Ny0Q5JDi1bjMZDnX6a-dRH"}]})),
+            jwks_uri: None,
+            registered_by: "admin".into(),
+        }
+        .into(),
+        EventType::AuthClientDisabled => {
+            ClientDisabled { client_id: "glucose-gateway".into(), reason: "admin".into() }.into()
+        }
+        EventType::AuthUserCreated => UserCreated {
+            user_id: "user-7".into(),
+            username: "alice".into(),
+            password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".into(),
+            fhir_user: Some("Patient/p-1".into()),
+            roles: vec!["patient".into()],
+        }
+        .into(),
+        EventType::AuthUserDisabled => UserDisabled { user_id: "user-7".into(), reason: "admin".into() }.into(),
+        EventType::AuthKeyPublished => KeyPublished {
+            kid: "k-2026-11".into(),
+            alg: "ES256".into(),
+            purpose: KeyPurpose::AccessToken,
+            jwk: serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k-2026-11", "alg": "ES256", "use": "sig",
+                "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}),
+        }
+        .into(),
+        EventType::AuthTokenRefused => TokenRefused {
+            grant_type: Some("client_credentials".into()),
+            client_id: Some("glucose-gateway".into()),
+            error: "invalid_client".into(),
+            reason: "client assertion jti was already used".into(),
+        }
+        .into(),
+        EventType::AuthTokenIntrospected => TokenIntrospected {
+            client_id: "resource-server".into(),
+            jti: Some("0f9c4f0e-7a43-4d1f-8b7e-2d1c3f9a5b11".into()),
+            active: true,
         }
         .into(),
         EventType::FhirResourceCreated | EventType::FhirResourceUpdated => {

@@ -1,0 +1,715 @@
+//! [`AuthServer`]: the authorization server's use cases over the event log.
+//!
+//! Every decision that changes or reveals something (a grant, a refusal, an introspection, a
+//! revocation, a registration) is appended to the log before the answer is returned; when the log
+//! cannot take it, the answer is `temporarily_unavailable` and nothing is issued.
+
+use crate::client_auth::{self, FormRequest};
+use crate::keys::KeyRing;
+use crate::scope::{Context, Scope, ScopeSet};
+use crate::state::{AuthState, Client};
+use crate::token::{self, AccessClaims, TokenRejection, VerifiedToken, Verifier};
+use crate::{AuthError, OAuthError, assertion, now_secs, password, random_token, sha256_hex};
+use cairn_events::{
+    Actor, ClientDisabled, ClientKind, ClientRegistered, Event, KeyPublished, KeyPurpose, Payload, RevocationTarget,
+    Timestamp, TokenIntrospected, TokenIssued, TokenKind, TokenRefused, TokenRevoked, UserCreated, UserDisabled, topics,
+};
+use cairn_log::{EventLog, NewRecord, Tailed};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Settings of the authorization server. Times are kept short by default.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// The issuer: the server's public base URL, without a trailing slash.
+    pub issuer: String,
+    /// Lifetime of tokens issued to backend services (`client_credentials`); at most 5 minutes.
+    pub backend_token_lifetime: Duration,
+    /// How long to wait for the log when this instance must catch up (startup, an unknown `kid`).
+    pub catch_up_timeout: Duration,
+}
+
+impl AuthSettings {
+    pub fn new(issuer: impl Into<String>) -> AuthSettings {
+        AuthSettings {
+            issuer: issuer.into().trim_end_matches('/').to_owned(),
+            backend_token_lifetime: Duration::from_secs(300),
+            catch_up_timeout: Duration::from_secs(30),
+        }
+    }
+    pub fn fhir_base(&self) -> String {
+        format!("{}/fhir", self.issuer)
+    }
+    pub fn token_endpoint(&self) -> String {
+        format!("{}/token", self.issuer)
+    }
+}
+
+/// The longest a backend-services token may live (SMART Backend Services).
+pub const MAX_BACKEND_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Administrative commands (the `cairn admin` CLI sends these to a running server).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AdminCommand {
+    ClientRegister {
+        name: String,
+        kind: ClientKind,
+        #[serde(default)]
+        client_id: Option<String>,
+        #[serde(default)]
+        redirect_uris: Vec<String>,
+        scope: String,
+        #[serde(default)]
+        jwks: Option<Value>,
+        #[serde(default)]
+        jwks_uri: Option<String>,
+    },
+    ClientDisable {
+        client_id: String,
+    },
+    ClientList,
+    UserAdd {
+        username: String,
+        password: String,
+        #[serde(default)]
+        fhir_user: Option<String>,
+        #[serde(default)]
+        roles: Vec<String>,
+    },
+    UserDisable {
+        username: String,
+    },
+    UserList,
+    Revoke {
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        client_id: Option<String>,
+        #[serde(default)]
+        jti: Option<String>,
+    },
+}
+
+struct Projection {
+    state: AuthState,
+    /// Next offset to apply, per partition of `cairn.auth`.
+    next: Vec<u64>,
+}
+
+/// The authorization server of one process.
+pub struct AuthServer {
+    log: Arc<dyn EventLog>,
+    settings: AuthSettings,
+    keys: KeyRing,
+    projection: RwLock<Projection>,
+    applied: tokio::sync::watch::Sender<u64>,
+    verifier: Verifier,
+    replay: assertion::ReplayCache,
+}
+
+impl AuthServer {
+    /// Loads (or creates) this process's signing keys from `keys_dir`, rebuilds the state from the
+    /// log, publishes keys the log does not know yet, and keeps following the log.
+    pub async fn start(log: Arc<dyn EventLog>, keys_dir: &Path, settings: AuthSettings) -> Result<Arc<AuthServer>, AuthError> {
+        let keys = KeyRing::load_or_create(keys_dir)?;
+        let partitions = log.partitions(topics::AUTH).map_err(|e| AuthError::Unavailable(e.to_string()))? as usize;
+        let server = Arc::new(AuthServer {
+            log,
+            verifier: Verifier::new(settings.issuer.clone(), settings.fhir_base()),
+            settings,
+            keys,
+            projection: RwLock::new(Projection { state: AuthState::default(), next: vec![0; partitions] }),
+            applied: tokio::sync::watch::channel(0).0,
+            replay: assertion::ReplayCache::default(),
+        });
+        tokio::spawn(follow(Arc::downgrade(&server)));
+        server.catch_up().await?;
+        let unpublished: Vec<KeyPublished> = {
+            let p = server.projection.read().expect("auth projection");
+            server
+                .keys
+                .keys()
+                .iter()
+                .filter(|k| p.state.key(&k.kid).is_none())
+                .map(|k| KeyPublished {
+                    kid: k.kid.clone(),
+                    alg: k.public_jwk["alg"].as_str().unwrap_or_default().to_owned(),
+                    purpose: k.purpose,
+                    jwk: k.public_jwk.clone(),
+                })
+                .collect()
+        };
+        for key in unpublished {
+            tracing::info!(kid = %key.kid, purpose = ?key.purpose, "publishing signing key");
+            server.append(Event::new(Payload::from(key))).await?;
+        }
+        server.catch_up().await?;
+        Ok(server)
+    }
+
+    pub fn settings(&self) -> &AuthSettings {
+        &self.settings
+    }
+
+    /// Waits until every event in the auth topic at this moment has been applied.
+    pub async fn catch_up(&self) -> Result<(), AuthError> {
+        let partitions = self.projection.read().expect("auth projection").next.len();
+        let mut ends = Vec::with_capacity(partitions);
+        for p in 0..partitions {
+            ends.push(self.log.end_offset(topics::AUTH, p as u32).await.map_err(|e| AuthError::Unavailable(e.to_string()))?);
+        }
+        self.wait_for(&ends).await
+    }
+
+    async fn wait_for(&self, ends: &[u64]) -> Result<(), AuthError> {
+        let mut rx = self.applied.subscribe();
+        let deadline = tokio::time::Instant::now() + self.settings.catch_up_timeout;
+        loop {
+            {
+                let p = self.projection.read().expect("auth projection");
+                if p.next.iter().zip(ends).all(|(n, e)| n >= e) {
+                    return Ok(());
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(AuthError::Unavailable("the authorization state did not catch up with the log in time".into()));
+            }
+        }
+    }
+
+    async fn append(&self, event: Event) -> Result<cairn_log::Position, AuthError> {
+        let record = NewRecord::new(event.topic(), event.partition_key(), event.canonical_bytes());
+        self.log.append(record).await.map_err(|e| {
+            tracing::error!(error = %e, "auth event refused by the log: failing closed");
+            AuthError::Unavailable(e.to_string())
+        })
+    }
+
+    /// Appends and waits until this instance's state includes the event (read-your-writes for admin
+    /// commands).
+    async fn append_and_apply(&self, event: Event) -> Result<(), AuthError> {
+        let pos = self.append(event).await?;
+        let mut ends = vec![0; self.projection.read().expect("auth projection").next.len()];
+        ends[pos.partition as usize] = pos.offset + 1;
+        self.wait_for(&ends).await
+    }
+
+    fn read_state<T>(&self, f: impl FnOnce(&AuthState) -> T) -> T {
+        f(&self.projection.read().expect("auth projection").state)
+    }
+
+    // ---------------------------------------------------------------- token endpoint
+
+    /// `POST /token`. Refusals are recorded as `auth.token.refused` before they are returned.
+    pub async fn token(&self, req: &FormRequest, actor: &Actor) -> Result<Value, OAuthError> {
+        let grant_type = req.get("grant_type").ok().flatten().map(str::to_owned);
+        match self.grant(req, actor).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.error == "temporarily_unavailable" || e.error == "server_error" => Err(e),
+            Err(e) => {
+                let refused = TokenRefused {
+                    grant_type,
+                    client_id: req.claimed_client(),
+                    error: e.error.to_owned(),
+                    reason: e.description.clone(),
+                };
+                self.append(Event::new(Payload::from(refused)).with_actor(actor.clone())).await?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn grant(&self, req: &FormRequest, actor: &Actor) -> Result<Value, OAuthError> {
+        let grant_type = req.require("grant_type")?;
+        match grant_type {
+            "client_credentials" => self.client_credentials(req, actor).await,
+            "password" | "implicit" => Err(OAuthError::new("unsupported_grant_type", format!("the {grant_type} grant is not offered (RFC 9700)"))),
+            other => Err(OAuthError::new("unsupported_grant_type", format!("grant_type `{other}` is not supported"))),
+        }
+    }
+
+    fn authenticate(&self, req: &FormRequest) -> Result<Client, OAuthError> {
+        let token_endpoint = self.settings.token_endpoint();
+        self.read_state(|s| client_auth::authenticate(s, req, &token_endpoint, &self.replay, now_secs()))
+    }
+
+    async fn client_credentials(&self, req: &FormRequest, actor: &Actor) -> Result<Value, OAuthError> {
+        let client = self.authenticate(req)?;
+        if client.kind() == ClientKind::Public {
+            return Err(OAuthError::new("unauthorized_client", "public clients cannot use client_credentials"));
+        }
+        let requested = req.get("scope")?.ok_or_else(|| OAuthError::invalid_scope("scope is required"))?;
+        let requested = ScopeSet::parse(requested).map_err(|e| OAuthError::invalid_scope(e.to_string()))?;
+        if requested.iter().any(|s| !matches!(s, Scope::Resource(r) if r.context == Context::System)) {
+            return Err(OAuthError::invalid_scope("client_credentials grants system/ scopes only"));
+        }
+        let granted = requested.narrowed_to(&client.allowed);
+        if granted.is_empty() {
+            return Err(OAuthError::invalid_scope("none of the requested scopes is allowed for this client"));
+        }
+        let lifetime = self.settings.backend_token_lifetime.min(MAX_BACKEND_TOKEN_LIFETIME).as_secs() as i64;
+        let (token, issued) = self.issue_access_token(&client, client.id(), &granted, lifetime, "client_credentials", None, None)?;
+        self.append(Event::new(Payload::from(issued)).with_actor(Actor { client_id: Some(client.id().to_owned()), ..actor.clone() }))
+            .await?;
+        Ok(json!({
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+            "scope": granted.to_string(),
+        }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn issue_access_token(
+        &self,
+        client: &Client,
+        subject: &str,
+        scopes: &ScopeSet,
+        lifetime_secs: i64,
+        grant_type: &str,
+        patient: Option<String>,
+        fhir_user: Option<String>,
+    ) -> Result<(String, TokenIssued), OAuthError> {
+        let key = self.keys.newest(KeyPurpose::AccessToken);
+        let now = now_secs();
+        let claims = AccessClaims {
+            iss: self.settings.issuer.clone(),
+            sub: subject.to_owned(),
+            aud: self.settings.fhir_base(),
+            exp: now + lifetime_secs,
+            iat: now,
+            nbf: None,
+            jti: uuid::Uuid::now_v7().to_string(),
+            client_id: client.id().to_owned(),
+            scope: scopes.to_string(),
+            patient,
+            fhir_user,
+            fam: None,
+        };
+        let token = token::sign(&claims, key)?;
+        let issued = TokenIssued {
+            jti: claims.jti.clone(),
+            kind: TokenKind::Access,
+            grant_type: grant_type.to_owned(),
+            client_id: claims.client_id.clone(),
+            subject: Some(claims.sub.clone()),
+            scope: claims.scope.clone(),
+            audience: claims.aud.clone(),
+            issued_at: Timestamp::from_millis(now * 1000),
+            expires_at: Timestamp::from_millis(claims.exp * 1000),
+            family_id: None,
+            kid: Some(key.kid.clone()),
+        };
+        Ok((token, issued))
+    }
+
+    // ---------------------------------------------------------------- resource server side
+
+    /// Verifies a bearer token presented to the FHIR API. A token signed by a key this instance has
+    /// not seen yet makes it catch up with the log once before refusing: a key is published before
+    /// it signs anything, so no token in flight fails for an unknown `kid`.
+    pub async fn verify(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenRejection> {
+        match self.verify_now(token) {
+            Err(TokenRejection::UnknownKey) => {
+                if self.catch_up().await.is_err() {
+                    return Err(TokenRejection::UnknownKey);
+                }
+                self.verify_now(token)
+            }
+            other => other,
+        }
+    }
+
+    fn verify_now(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenRejection> {
+        self.read_state(|s| self.verifier.verify(token, s, now_secs()))
+    }
+
+    // ---------------------------------------------------------------- introspection, revocation
+
+    /// `POST /introspect` (RFC 7662). Only confidential clients may ask. Anything not active is
+    /// exactly `{"active": false}`.
+    pub async fn introspect(&self, req: &FormRequest, actor: &Actor) -> Result<Value, OAuthError> {
+        let caller = self.authenticate(req)?;
+        if caller.kind() == ClientKind::Public {
+            return Err(OAuthError::invalid_client("public clients may not introspect tokens"));
+        }
+        let token = req.require("token")?;
+        let verified = self.verify(token).await.ok();
+        let event = TokenIntrospected {
+            client_id: caller.id().to_owned(),
+            jti: verified.as_ref().map(|v| v.claims.jti.clone()),
+            active: verified.is_some(),
+        };
+        self.append(Event::new(Payload::from(event)).with_actor(Actor { client_id: Some(caller.id().to_owned()), ..actor.clone() }))
+            .await?;
+        let Some(v) = verified else { return Ok(json!({"active": false})) };
+        let c = &v.claims;
+        let mut out = json!({
+            "active": true,
+            "scope": c.scope,
+            "client_id": c.client_id,
+            "sub": c.sub,
+            "exp": c.exp,
+            "iat": c.iat,
+            "iss": c.iss,
+            "aud": c.aud,
+            "jti": c.jti,
+            "token_type": "Bearer",
+        });
+        if let Some(p) = &c.patient {
+            out["patient"] = p.clone().into();
+        }
+        if let Some(f) = &c.fhir_user {
+            out["fhirUser"] = f.clone().into();
+        }
+        Ok(out)
+    }
+
+    /// `POST /revoke` (RFC 7009): a client revokes one of its own tokens. Unknown and invalid tokens
+    /// are answered with success, as the RFC asks.
+    pub async fn revoke(&self, req: &FormRequest, actor: &Actor) -> Result<(), OAuthError> {
+        let caller = self.authenticate(req)?;
+        let token = req.require("token")?;
+        if let Some(hint) = req.get("token_type_hint")?
+            && !matches!(hint, "access_token" | "refresh_token")
+        {
+            return Err(OAuthError::new("unsupported_token_type", format!("token_type_hint `{hint}` is not supported")));
+        }
+        let Ok(v) = self.verify(token).await else { return Ok(()) };
+        if v.claims.client_id != caller.id() {
+            return Err(OAuthError::new("unauthorized_client", "a client may revoke only its own tokens"));
+        }
+        let revoked = TokenRevoked {
+            target: RevocationTarget::Token { jti: v.claims.jti.clone(), expires_at: Timestamp::from_millis(v.claims.exp * 1000) },
+            reason: "revocation_endpoint".into(),
+        };
+        self.append_and_apply(Event::new(Payload::from(revoked)).with_actor(Actor { client_id: Some(caller.id().to_owned()), ..actor.clone() }))
+            .await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- discovery
+
+    /// The public keys every token may be verified with (`/jwks`): every key published in the log.
+    pub fn jwks(&self) -> Value {
+        self.read_state(|s| json!({"keys": s.keys().iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}))
+    }
+
+    /// RFC 8414 / OpenID Connect Discovery metadata: only what this server really does.
+    pub fn server_metadata(&self) -> Value {
+        let i = &self.settings.issuer;
+        json!({
+            "issuer": i,
+            "jwks_uri": format!("{i}/jwks"),
+            "token_endpoint": self.settings.token_endpoint(),
+            "introspection_endpoint": format!("{i}/introspect"),
+            "revocation_endpoint": format!("{i}/revoke"),
+            "grant_types_supported": ["client_credentials"],
+            "response_types_supported": ["code"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+            "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+            "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+            "scopes_supported": SCOPES_SUPPORTED,
+            "code_challenge_methods_supported": ["S256"],
+        })
+    }
+
+    /// `{fhir-base}/.well-known/smart-configuration` (SMART App Launch 2.2): capabilities that work.
+    pub fn smart_configuration(&self) -> Value {
+        let i = &self.settings.issuer;
+        json!({
+            "issuer": i,
+            "jwks_uri": format!("{i}/jwks"),
+            "token_endpoint": self.settings.token_endpoint(),
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+            "grant_types_supported": ["client_credentials"],
+            "scopes_supported": SCOPES_SUPPORTED,
+            "response_types_supported": ["code"],
+            "introspection_endpoint": format!("{i}/introspect"),
+            "revocation_endpoint": format!("{i}/revoke"),
+            "code_challenge_methods_supported": ["S256"],
+            "capabilities": ["client-confidential-symmetric", "client-confidential-asymmetric", "permission-v1", "permission-v2"],
+        })
+    }
+
+    // ---------------------------------------------------------------- administration
+
+    /// Runs an administrative command; its events are applied here before it returns.
+    pub async fn admin(&self, cmd: AdminCommand) -> Result<Value, AuthError> {
+        let admin_actor = Actor { subject: Some("admin".into()), ..Actor::default() };
+        match cmd {
+            AdminCommand::ClientRegister { name, kind, client_id, redirect_uris, scope, jwks, jwks_uri } => {
+                let (registration, secret) = new_client(name, kind, client_id, redirect_uris, scope, jwks, jwks_uri, "admin")?;
+                if self.read_state(|s| s.client(&registration.client_id).is_some()) {
+                    return Err(AuthError::Invalid(format!("client `{}` already exists", registration.client_id)));
+                }
+                let id = registration.client_id.clone();
+                self.append_and_apply(Event::new(Payload::from(registration)).with_actor(admin_actor)).await?;
+                let mut out = json!({"client_id": id});
+                if let Some(secret) = secret {
+                    out["client_secret"] = secret.into();
+                }
+                Ok(out)
+            }
+            AdminCommand::ClientDisable { client_id } => {
+                if self.read_state(|s| s.client(&client_id).is_none()) {
+                    return Err(AuthError::Invalid(format!("no client `{client_id}`")));
+                }
+                let e = ClientDisabled { client_id: client_id.clone(), reason: "admin".into() };
+                self.append_and_apply(Event::new(Payload::from(e)).with_actor(admin_actor)).await?;
+                Ok(json!({"client_id": client_id, "disabled": true}))
+            }
+            AdminCommand::ClientList => Ok(self.read_state(|s| {
+                let mut clients: Vec<Value> = s
+                    .clients()
+                    .map(|c| {
+                        json!({
+                            "client_id": c.id(), "name": c.registration.client_name, "kind": c.kind(),
+                            "scope": c.registration.scope, "redirect_uris": c.registration.redirect_uris, "disabled": c.disabled,
+                        })
+                    })
+                    .collect();
+                clients.sort_by(|a, b| a["client_id"].as_str().cmp(&b["client_id"].as_str()));
+                json!(clients)
+            })),
+            AdminCommand::UserAdd { username, password, fhir_user, roles } => {
+                validate_username(&username)?;
+                if let Some(f) = &fhir_user {
+                    validate_fhir_user(f)?;
+                }
+                if self.read_state(|s| s.user_by_name(&username).is_some()) {
+                    return Err(AuthError::Invalid(format!("user `{username}` already exists")));
+                }
+                let password_hash = password::hash(&password)?;
+                let user_id = uuid::Uuid::new_v4().to_string();
+                let e = UserCreated { user_id: user_id.clone(), username: username.clone(), password_hash, fhir_user, roles };
+                self.append_and_apply(Event::new(Payload::from(e)).with_actor(admin_actor)).await?;
+                Ok(json!({"user_id": user_id, "username": username}))
+            }
+            AdminCommand::UserDisable { username } => {
+                let user_id = self
+                    .read_state(|s| s.user_by_name(&username).map(|u| u.account.user_id.clone()))
+                    .ok_or_else(|| AuthError::Invalid(format!("no user `{username}`")))?;
+                let e = UserDisabled { user_id: user_id.clone(), reason: "admin".into() };
+                self.append_and_apply(Event::new(Payload::from(e)).with_actor(admin_actor)).await?;
+                Ok(json!({"user_id": user_id, "username": username, "disabled": true}))
+            }
+            AdminCommand::UserList => Ok(self.read_state(|s| {
+                let mut users: Vec<Value> = s
+                    .users()
+                    .map(|u| {
+                        json!({
+                            "user_id": u.account.user_id, "username": u.account.username, "fhir_user": u.account.fhir_user,
+                            "roles": u.account.roles, "disabled": u.disabled,
+                        })
+                    })
+                    .collect();
+                users.sort_by(|a, b| a["username"].as_str().cmp(&b["username"].as_str()));
+                json!(users)
+            })),
+            AdminCommand::Revoke { username, client_id, jti } => {
+                let now = Timestamp::now();
+                let target = match (username, client_id, jti) {
+                    (Some(u), None, None) => {
+                        let subject = self
+                            .read_state(|s| s.user_by_name(&u).map(|u| u.account.user_id.clone()))
+                            .ok_or_else(|| AuthError::Invalid(format!("no user `{u}`")))?;
+                        RevocationTarget::Subject { subject, issued_before: now }
+                    }
+                    (None, Some(c), None) => {
+                        if self.read_state(|s| s.client(&c).is_none()) {
+                            return Err(AuthError::Invalid(format!("no client `{c}`")));
+                        }
+                        RevocationTarget::Client { client_id: c, issued_before: now }
+                    }
+                    // The expiry of a bare jti is unknown here: keep it for the longest any token lives.
+                    (None, None, Some(j)) => RevocationTarget::Token {
+                        jti: j,
+                        expires_at: Timestamp::from_millis(now.as_millis() + MAX_TOKEN_LIFETIME.as_millis() as i64),
+                    },
+                    _ => return Err(AuthError::Invalid("name exactly one of a user, a client or a jti".into())),
+                };
+                let e = TokenRevoked { target: target.clone(), reason: "admin".into() };
+                self.append_and_apply(Event::new(Payload::from(e)).with_actor(admin_actor)).await?;
+                Ok(json!({"revoked": target}))
+            }
+        }
+    }
+
+    /// Whether the state follows the log (for readiness).
+    pub fn applied_positions(&self) -> Vec<u64> {
+        self.projection.read().expect("auth projection").next.clone()
+    }
+}
+
+/// The longest any access token lives (the bound for remembering a revoked `jti`).
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+const SCOPES_SUPPORTED: &[&str] = &["system/*.cruds", "system/*.rs", "system/Observation.cruds", "system/Observation.crs"];
+
+/// Tails `cairn.auth` and applies every event to the server's state, for as long as the server lives.
+async fn follow(server: std::sync::Weak<AuthServer>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(s) = server.upgrade() else { return };
+        let from: Vec<(u32, u64)> = {
+            let p = s.projection.read().expect("auth projection");
+            p.next.iter().enumerate().map(|(i, n)| (i as u32, *n)).collect()
+        };
+        let mut tail = s.log.tail_partitions(topics::AUTH, &from);
+        drop(s);
+        while let Some(item) = tail.next().await {
+            let Some(s) = server.upgrade() else { return };
+            match item {
+                Ok(Tailed::Record(r)) => {
+                    match Event::from_canonical_bytes(&r.value) {
+                        Ok(event) => {
+                            let mut p = s.projection.write().expect("auth projection");
+                            p.state.apply(&event);
+                            p.next[r.partition as usize] = r.offset + 1;
+                        }
+                        Err(e) => {
+                            // An event this build cannot read must not stop the others being applied.
+                            tracing::error!(partition = r.partition, offset = r.offset, error = %e, "auth event skipped");
+                            s.projection.write().expect("auth projection").next[r.partition as usize] = r.offset + 1;
+                        }
+                    }
+                    s.applied.send_modify(|n| *n += 1);
+                    backoff = Duration::from_millis(100);
+                }
+                Ok(Tailed::Passed { partition, next_offset }) => {
+                    let mut p = s.projection.write().expect("auth projection");
+                    let n = &mut p.next[partition as usize];
+                    *n = (*n).max(next_offset);
+                    drop(p);
+                    s.applied.send_modify(|n| *n += 1);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "auth log tail failed; retrying");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_client(
+    name: String,
+    kind: ClientKind,
+    client_id: Option<String>,
+    redirect_uris: Vec<String>,
+    scope: String,
+    jwks: Option<Value>,
+    jwks_uri: Option<String>,
+    registered_by: &str,
+) -> Result<(ClientRegistered, Option<String>), AuthError> {
+    let invalid = |m: String| AuthError::Invalid(m);
+    if name.trim().is_empty() {
+        return Err(invalid("a client needs a name".into()));
+    }
+    let client_id = client_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    if client_id.is_empty() || client_id.len() > 128 || !client_id.chars().all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c)) {
+        return Err(invalid(format!("client id `{client_id}`: use 1-128 letters, digits, '-', '.', '_' or '~'")));
+    }
+    let scopes = ScopeSet::parse(&scope).map_err(|e| invalid(e.to_string()))?;
+    if scopes.is_empty() {
+        return Err(invalid("a client needs at least one allowed scope".into()));
+    }
+    for uri in &redirect_uris {
+        validate_redirect_uri(uri)?;
+    }
+    match kind {
+        ClientKind::Public if redirect_uris.is_empty() => {
+            return Err(invalid("a public client needs at least one redirect URI".into()));
+        }
+        ClientKind::ConfidentialAsymmetric => match (&jwks, &jwks_uri) {
+            (Some(set), None) => validate_client_jwks(set)?,
+            (None, Some(_)) => return Err(invalid("jwks_uri is not supported yet; register the key set inline (--jwks-file)".into())),
+            _ => return Err(invalid("an asymmetric client needs its public keys: a JWK Set".into())),
+        },
+        _ if jwks.is_some() || jwks_uri.is_some() => {
+            return Err(invalid("only confidential-asymmetric clients register keys".into()));
+        }
+        _ => {}
+    }
+    let secret = (kind == ClientKind::ConfidentialSymmetric).then(|| random_token(32));
+    let registration = ClientRegistered {
+        client_id,
+        client_name: name,
+        kind,
+        redirect_uris,
+        scope: scopes.to_string(),
+        secret_sha256: secret.as_deref().map(|s| sha256_hex(s.as_bytes())),
+        jwks,
+        jwks_uri,
+        registered_by: registered_by.to_owned(),
+    };
+    Ok((registration, secret))
+}
+
+fn validate_redirect_uri(uri: &str) -> Result<(), AuthError> {
+    let bad = |why: &str| AuthError::Invalid(format!("redirect URI `{uri}`: {why}"));
+    let rest = if let Some(r) = uri.strip_prefix("https://") {
+        r
+    } else if let Some(r) = uri.strip_prefix("http://") {
+        let host = r.split(['/', ':', '?']).next().unwrap_or_default();
+        if !matches!(host, "localhost" | "127.0.0.1" | "[::1]") {
+            return Err(bad("plain http is allowed only for loopback addresses"));
+        }
+        r
+    } else {
+        return Err(bad("must be an absolute https URL (or http on loopback)"));
+    };
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(bad("has no host"));
+    }
+    if uri.contains('#') {
+        return Err(bad("must not contain a fragment"));
+    }
+    if uri.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("contains whitespace"));
+    }
+    Ok(())
+}
+
+/// A client's key set must be public keys we can use for RS384 or ES384, each with a `kid`.
+fn validate_client_jwks(set: &Value) -> Result<(), AuthError> {
+    let keys = set["keys"].as_array().filter(|k| !k.is_empty()).ok_or_else(|| AuthError::Invalid("the JWK Set has no keys".into()))?;
+    for k in keys {
+        let kid = k["kid"].as_str().ok_or_else(|| AuthError::Invalid("every key in the JWK Set needs a kid".into()))?;
+        if k.get("d").is_some() || k.get("p").is_some() {
+            return Err(AuthError::Invalid(format!("key `{kid}` contains private key material; register the public key only")));
+        }
+        let jwk: jsonwebtoken::jwk::Jwk =
+            serde_json::from_value(k.clone()).map_err(|e| AuthError::Invalid(format!("key `{kid}` is not a valid JWK: {e}")))?;
+        jsonwebtoken::DecodingKey::from_jwk(&jwk).map_err(|e| AuthError::Invalid(format!("key `{kid}` is not usable: {e}")))?;
+    }
+    Ok(())
+}
+
+fn validate_username(u: &str) -> Result<(), AuthError> {
+    if u.is_empty() || u.len() > 64 || !u.chars().all(|c| c.is_ascii_alphanumeric() || "-._@".contains(c)) {
+        return Err(AuthError::Invalid(format!("username `{u}`: use 1-64 letters, digits, '-', '.', '_' or '@'")));
+    }
+    Ok(())
+}
+
+fn validate_fhir_user(f: &str) -> Result<(), AuthError> {
+    let ok = f.split_once('/').is_some_and(|(t, id)| {
+        matches!(t, "Patient" | "Practitioner" | "PractitionerRole" | "RelatedPerson" | "Person")
+            && !id.is_empty()
+            && id.len() <= 64
+            && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    });
+    if ok { Ok(()) } else { Err(AuthError::Invalid(format!("fhir user `{f}`: expected e.g. Patient/123 or Practitioner/7"))) }
+}
