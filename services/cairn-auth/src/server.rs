@@ -105,7 +105,8 @@ struct Projection {
 pub struct AuthServer {
     log: Arc<dyn EventLog>,
     settings: AuthSettings,
-    keys: KeyRing,
+    /// `None` for an administrative instance (the `cairn admin` CLI offline), which signs nothing.
+    keys: Option<KeyRing>,
     projection: RwLock<Projection>,
     applied: tokio::sync::watch::Sender<u64>,
     verifier: Verifier,
@@ -114,9 +115,14 @@ pub struct AuthServer {
 
 impl AuthServer {
     /// Loads (or creates) this process's signing keys from `keys_dir`, rebuilds the state from the
-    /// log, publishes keys the log does not know yet, and keeps following the log.
-    pub async fn start(log: Arc<dyn EventLog>, keys_dir: &Path, settings: AuthSettings) -> Result<Arc<AuthServer>, AuthError> {
-        let keys = KeyRing::load_or_create(keys_dir)?;
+    /// log, publishes keys the log does not know yet, and keeps following the log. Without a key
+    /// directory the instance only administers (it issues no tokens).
+    pub async fn start(
+        log: Arc<dyn EventLog>,
+        keys_dir: Option<&Path>,
+        settings: AuthSettings,
+    ) -> Result<Arc<AuthServer>, AuthError> {
+        let keys = keys_dir.map(KeyRing::load_or_create).transpose()?;
         let partitions = log.partitions(topics::AUTH).map_err(|e| AuthError::Unavailable(e.to_string()))? as usize;
         let server = Arc::new(AuthServer {
             log,
@@ -133,8 +139,8 @@ impl AuthServer {
             let p = server.projection.read().expect("auth projection");
             server
                 .keys
-                .keys()
                 .iter()
+                .flat_map(|ring| ring.keys())
                 .filter(|k| p.state.key(&k.kid).is_none())
                 .map(|k| KeyPublished {
                     kid: k.kid.clone(),
@@ -275,7 +281,11 @@ impl AuthServer {
         patient: Option<String>,
         fhir_user: Option<String>,
     ) -> Result<(String, TokenIssued), OAuthError> {
-        let key = self.keys.newest(KeyPurpose::AccessToken);
+        let key = self
+            .keys
+            .as_ref()
+            .map(|ring| ring.newest(KeyPurpose::AccessToken))
+            .ok_or_else(|| AuthError::Internal("this instance has no signing key".into()))?;
         let now = now_secs();
         let claims = AccessClaims {
             iss: self.settings.issuer.clone(),

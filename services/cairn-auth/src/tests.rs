@@ -32,7 +32,7 @@ async fn fixture() -> Fixture {
         log.create_topic(t, 4).await.unwrap();
     }
     let keys_dir = dir.path().join("keys");
-    let auth = AuthServer::start(log.clone(), &keys_dir, AuthSettings::new(ISSUER)).await.unwrap();
+    let auth = AuthServer::start(log.clone(), Some(&keys_dir), AuthSettings::new(ISSUER)).await.unwrap();
     Fixture { _dir: dir, log, auth, keys_dir }
 }
 
@@ -389,14 +389,14 @@ async fn a_restarted_server_rebuilds_its_state_from_the_log() {
         .await
         .unwrap();
     let published = events_of(&f.log, EventType::AuthKeyPublished).await.len();
-    let again = AuthServer::start(f.log.clone(), &f.keys_dir, AuthSettings::new(ISSUER)).await.unwrap();
+    let again = AuthServer::start(f.log.clone(), Some(&f.keys_dir), AuthSettings::new(ISSUER)).await.unwrap();
     again.verify(&token).await.unwrap();
     assert_eq!(again.verify(&revoked).await.unwrap_err(), TokenRejection::Revoked);
     assert_eq!(again.admin(AdminCommand::UserList).await.unwrap()[0]["username"], "alice");
     assert_eq!(events_of(&f.log, EventType::AuthKeyPublished).await.len(), published, "known keys are not published twice");
     // A second instance with its own keys: its tokens verify at the first once the log has them.
     let other_keys = tempfile::tempdir().unwrap();
-    let second = AuthServer::start(f.log.clone(), other_keys.path(), AuthSettings::new(ISSUER)).await.unwrap();
+    let second = AuthServer::start(f.log.clone(), Some(other_keys.path()), AuthSettings::new(ISSUER)).await.unwrap();
     let from_second = {
         let req = FormRequest {
             params: vec![("grant_type".into(), "client_credentials".into()), ("scope".into(), "system/Observation.rs".into())],

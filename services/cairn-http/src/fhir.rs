@@ -10,9 +10,8 @@ use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use cairn_events::Actor;
 use cairn_fhir::outcome::{Issue, IssueCode, operation_outcome};
-use cairn_service::{FhirError, FhirService, RequestContext, Versioned, WriteOutcome};
+use cairn_service::{Access, FhirError, FhirService, RequestContext, Versioned, WriteOutcome};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +22,8 @@ pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 #[derive(Clone)]
 pub struct FhirApi {
     pub service: Arc<FhirService>,
+    /// Verifies bearer tokens. `None` only with `--insecure-no-auth`.
+    pub auth: Option<Arc<cairn_auth::AuthServer>>,
     /// `--insecure-no-auth`: accept requests without a token, as an anonymous actor (local development).
     pub allow_anonymous: bool,
 }
@@ -43,21 +44,31 @@ pub fn routes(api: FhirApi) -> Router {
         .with_state(api)
 }
 
-/// An error as an OperationOutcome response.
-pub struct Outcome(pub FhirError);
+/// An error as an OperationOutcome response, with its RFC 6750 challenge when it is about the token.
+pub struct Outcome {
+    error: FhirError,
+    challenge: Option<String>,
+}
 
 impl From<FhirError> for Outcome {
-    fn from(e: FhirError) -> Self {
-        Outcome(e)
+    fn from(error: FhirError) -> Self {
+        let insufficient = error.status == 403 && error.issues.iter().any(|i| i.diagnostics.starts_with("insufficient_scope"));
+        let challenge = insufficient.then(|| "Bearer realm=\"cairn\", error=\"insufficient_scope\"".to_owned());
+        Outcome { error, challenge }
     }
 }
 
 impl IntoResponse for Outcome {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut r = fhir_json(status, &operation_outcome(&self.0.issues));
-        if status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        let status = StatusCode::from_u16(self.error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = fhir_json(status, &operation_outcome(&self.error.issues));
+        let challenge = match (status, self.challenge) {
+            (_, Some(c)) => Some(c),
+            (StatusCode::UNAUTHORIZED, None) => Some("Bearer realm=\"cairn\"".to_owned()),
+            _ => None,
+        };
+        if let Some(value) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, value);
         }
         r
     }
@@ -71,26 +82,30 @@ fn fhir_json(status: StatusCode, body: &Value) -> Response {
 }
 
 fn error(status: u16, code: IssueCode, diagnostics: impl Into<String>) -> Outcome {
-    Outcome(FhirError::new(status, code, diagnostics))
+    Outcome::from(FhirError::new(status, code, diagnostics))
 }
 
-/// The acting party. Authentication arrives with the authorization server; until then only
-/// `--insecure-no-auth` lets requests through, as an anonymous actor.
-fn context(api: &FhirApi, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<RequestContext, Outcome> {
-    if !api.allow_anonymous {
-        return Err(error(
-            401,
-            IssueCode::Security,
-            "authentication required: this build has no token support yet; run with --insecure-no-auth for local development",
-        ));
-    }
+/// The acting party, from the bearer token (RFC 6750), or anonymous and unrestricted under
+/// `--insecure-no-auth`.
+async fn context(api: &FhirApi, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<RequestContext, Outcome> {
     let request_id = headers.get(crate::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    let actor = Actor {
-        source_address: peer.map(|p| p.ip().to_string()),
-        user_agent: headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned),
-        ..Actor::default()
+    let mut actor = crate::oauth::request_actor(headers, peer);
+    let auth = match (&api.auth, api.allow_anonymous) {
+        (_, true) => return Ok(RequestContext { actor, request_id, access: Access::Unrestricted }),
+        (Some(auth), false) => auth,
+        (None, false) => return Err(error(503, IssueCode::Transient, "the authorization server is not running")),
     };
-    Ok(RequestContext { actor, request_id })
+    let token = crate::oauth::authenticate_bearer(auth, headers).await.map_err(|failure| {
+        let (challenge, why) = failure.challenge();
+        Outcome { error: FhirError::new(401, IssueCode::Security, why), challenge: Some(challenge) }
+    })?;
+    let claims = &token.claims;
+    actor.subject = Some(claims.sub.clone());
+    actor.client_id = Some(claims.client_id.clone());
+    actor.jti = Some(claims.jti.clone());
+    actor.fhir_user = claims.fhir_user.clone();
+    let access = Access::Smart { scopes: token.scopes.clone(), patient: claims.patient.clone() };
+    Ok(RequestContext { actor, request_id, access })
 }
 
 /// JSON only: `_format` and `Accept` must allow it.
@@ -183,7 +198,7 @@ fn lenient(headers: &HeaderMap) -> bool {
 }
 
 /// The client's address, when the server was started with connect info.
-pub struct Peer(Option<SocketAddr>);
+pub struct Peer(pub Option<SocketAddr>);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
     type Rejection = std::convert::Infallible;
@@ -206,7 +221,7 @@ async fn create(
     RawQuery(q): RawQuery,
     request: Request,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0)?;
+    let ctx = context(&api, &headers, peer.0).await?;
     negotiate(&headers, q.as_deref().unwrap_or(""))?;
     check_content_type(&headers)?;
     let body = body_bytes(&api, request.into_body()).await?;
@@ -222,7 +237,7 @@ async fn bundle(
     RawQuery(q): RawQuery,
     request: Request,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0)?;
+    let ctx = context(&api, &headers, peer.0).await?;
     negotiate(&headers, q.as_deref().unwrap_or(""))?;
     check_content_type(&headers)?;
     let limit = api.service.settings().max_bundle_bytes;
@@ -241,7 +256,7 @@ async fn update(
     RawQuery(q): RawQuery,
     request: Request,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0)?;
+    let ctx = context(&api, &headers, peer.0).await?;
     negotiate(&headers, q.as_deref().unwrap_or(""))?;
     check_content_type(&headers)?;
     let body = body_bytes(&api, request.into_body()).await?;
@@ -264,7 +279,7 @@ async fn delete(
     peer: Peer,
     headers: HeaderMap,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0)?;
+    let ctx = context(&api, &headers, peer.0).await?;
     let deleted = api.service.delete(&ctx, &rtype, &id).await?;
     let mut r = StatusCode::NO_CONTENT.into_response();
     if let Some(v) = deleted
@@ -282,7 +297,7 @@ async fn read(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0)?;
+    let ctx = context(&api, &headers, peer.0).await?;
     negotiate(&headers, q.as_deref().unwrap_or(""))?;
     let v = api.service.read(&ctx, &rtype, &id).await?;
     Ok(resource_response(StatusCode::OK, &v, &api.service.settings().base_url, &rtype, None, false))
@@ -295,7 +310,7 @@ async fn vread(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0)?;
+    let ctx = context(&api, &headers, peer.0).await?;
     negotiate(&headers, q.as_deref().unwrap_or(""))?;
     let v = api.service.vread(&ctx, &rtype, &id, &vid).await?;
     Ok(resource_response(StatusCode::OK, &v, &api.service.settings().base_url, &rtype, None, false))
@@ -308,7 +323,7 @@ async fn search(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0)?;
+    let ctx = context(&api, &headers, peer.0).await?;
     let q = q.unwrap_or_default();
     negotiate(&headers, &q)?;
     let bundle = api.service.search(&ctx, &rtype, &q, lenient(&headers)).await?;
@@ -352,7 +367,7 @@ async fn history(
     headers: HeaderMap,
     q: Option<String>,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0)?;
+    let ctx = context(&api, &headers, peer.0).await?;
     let q = q.unwrap_or_default();
     negotiate(&headers, &q)?;
     let bundle = api.service.history(&ctx, rtype.as_deref(), id.as_deref(), &q).await?;

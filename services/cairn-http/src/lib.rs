@@ -16,6 +16,7 @@ use std::time::Instant;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 pub mod fhir;
+pub mod oauth;
 
 /// The request header carrying the request id; set by us when the client did not send one.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -41,7 +42,8 @@ pub trait Platform: Send + Sync + 'static {
 
 type SharedPlatform = Arc<dyn Platform>;
 
-/// The whole HTTP surface: operational endpoints and, when given, the FHIR API.
+/// The whole HTTP surface: operational endpoints and, when given, the FHIR API and the
+/// authorization server.
 pub fn router(platform: SharedPlatform, fhir: Option<fhir::FhirApi>) -> Router {
     let mut app = Router::new()
         .route("/healthz", get(healthz))
@@ -49,6 +51,9 @@ pub fn router(platform: SharedPlatform, fhir: Option<fhir::FhirApi>) -> Router {
         .route("/metrics", get(metrics_text))
         .with_state(platform);
     if let Some(api) = fhir {
+        if let Some(auth) = &api.auth {
+            app = app.merge(oauth::routes(auth.clone()));
+        }
         app = app.merge(fhir::routes(api));
     }
     app.layer(middleware::from_fn(observe))

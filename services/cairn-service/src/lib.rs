@@ -6,10 +6,13 @@
 //! began, so a client always sees its own writes, and past the bound they fail with 503 rather than
 //! answer with stale data. Nothing here knows HTTP: results and errors are FHIR values and statuses.
 
+mod access;
 mod bundle;
 mod capability;
 mod transaction;
 
+pub use access::{Access, Permit};
+pub use cairn_auth::scope::Permission;
 pub use capability::capability_statement;
 
 use cairn_events::{
@@ -24,12 +27,13 @@ use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Who is acting, and on behalf of which request. Until the authorization server lands the actor is
-/// anonymous (`--insecure-no-auth`); afterwards it is filled from the bearer token.
-#[derive(Debug, Clone, Default)]
+/// Who is acting, on behalf of which request, with what authority (from the bearer token, or
+/// unrestricted under `--insecure-no-auth`).
+#[derive(Debug, Clone)]
 pub struct RequestContext {
     pub actor: Actor,
     pub request_id: String,
+    pub access: Access,
 }
 
 /// A FHIR error: the HTTP status and the issues for its OperationOutcome.
@@ -37,14 +41,20 @@ pub struct RequestContext {
 pub struct FhirError {
     pub status: u16,
     pub issues: Vec<Issue>,
+    /// Answered as 404 to hide that a resource outside the token's reach exists; audited as 403.
+    concealed: bool,
 }
 
 impl FhirError {
     pub fn new(status: u16, code: IssueCode, diagnostics: impl Into<String>) -> FhirError {
-        FhirError { status, issues: vec![Issue::error(code, diagnostics)] }
+        FhirError { status, issues: vec![Issue::error(code, diagnostics)], concealed: false }
     }
     fn invalid(issues: Vec<Issue>) -> FhirError {
-        FhirError { status: 400, issues }
+        FhirError { status: 400, issues, concealed: false }
+    }
+    /// The status the audit trail records: the truth, even when the client is told less.
+    pub fn audit_status(&self) -> u16 {
+        if self.concealed { 403 } else { self.status }
     }
     fn unavailable(why: impl Into<String>) -> FhirError {
         FhirError::new(503, IssueCode::Transient, why)
@@ -318,7 +328,12 @@ impl FhirService {
         if_none_exist: Option<&str>,
     ) -> FhirResult<WriteOutcome> {
         Self::check_type(resource_type)?;
+        let permit = ctx.access.permit(Permission::Create, resource_type)?;
         let mut resource = self.parse_body(resource_type, body)?;
+        let new_id = new_resource_id();
+        if !permit.admits(resource_type, index::patient_of(resource_type, &new_id, &resource).as_deref(), Some(&resource)) {
+            return Err(FhirError::outside_compartment("the resource"));
+        }
         let _guard;
         if let Some(query) = if_none_exist {
             let (parsed, _) = search::parse_query(resource_type, query, false)
@@ -337,6 +352,9 @@ impl FhirService {
                 1 => {
                     // The answer discloses the resource that was found: audited like the search it is.
                     let existing = found.pop().expect("one");
+                    if !ctx.access.permit(Permission::Read, resource_type)?.admits_version(&existing) {
+                        return Err(FhirError::outside_compartment("the resource If-None-Exist matched"));
+                    }
                     let payload = AccessSearch {
                         interaction: "search-type".into(),
                         resource_type: Some(resource_type.to_owned()),
@@ -357,7 +375,7 @@ impl FhirService {
                 }
             }
         }
-        let id = new_resource_id();
+        let id = new_id;
         let now = Timestamp::now().to_rfc3339();
         resource::stamp(&mut resource, &id, 1, &now);
         self.append(Self::written_event(ctx, resource_type, &id, 1, &resource, true)).await?;
@@ -375,6 +393,7 @@ impl FhirService {
     ) -> FhirResult<WriteOutcome> {
         Self::check_type(resource_type)?;
         Self::check_id(id)?;
+        let permit = ctx.access.permit(Permission::Update, resource_type)?;
         let mut resource = self.parse_body(resource_type, body)?;
         match resource.get("id").and_then(Value::as_str) {
             Some(body_id) if body_id == id => {}
@@ -403,6 +422,16 @@ impl FhirService {
         let _guard = self.write_lock_for(&key).await?;
         self.caught_up(Some(&key)).await?;
         let current = self.store.current(resource_type, id).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
+        match &current {
+            Some(c) if !permit.admits_version(c) => return Err(FhirError::concealed(resource_type, id)),
+            None => {
+                ctx.access.permit(Permission::Create, resource_type)?;
+            }
+            _ => {}
+        }
+        if !permit.admits(resource_type, index::patient_of(resource_type, id, &resource).as_deref(), Some(&resource)) {
+            return Err(FhirError::outside_compartment("the new content"));
+        }
         let current_version = current.as_ref().map(|c| c.version_id);
         if let Some(expected) = expected
             && current_version != Some(expected)
@@ -430,10 +459,16 @@ impl FhirService {
     pub async fn delete(&self, ctx: &RequestContext, resource_type: &str, id: &str) -> FhirResult<Option<u64>> {
         Self::check_type(resource_type)?;
         Self::check_id(id)?;
+        let permit = ctx.access.permit(Permission::Delete, resource_type)?;
         let key = format!("{resource_type}/{id}");
         let _guard = self.write_lock_for(&key).await?;
         self.caught_up(Some(&key)).await?;
         let current = self.store.current(resource_type, id).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
+        if let Some(c) = &current
+            && !permit.admits_version(c)
+        {
+            return Err(FhirError::concealed(resource_type, id));
+        }
         let Some(current) = current.filter(|c| !c.deleted) else { return Ok(None) };
         let version_id = current.version_id + 1;
         let mut e =
@@ -449,7 +484,7 @@ impl FhirService {
 
     /// read. Audited: the access event is durable before the resource is returned.
     pub async fn read(&self, ctx: &RequestContext, resource_type: &str, id: &str) -> FhirResult<Versioned> {
-        let result = self.read_unaudited(resource_type, id, None).await;
+        let result = self.read_unaudited(ctx, resource_type, id, None).await;
         self.audit_read(ctx, "read", resource_type, id, result).await
     }
 
@@ -462,7 +497,7 @@ impl FhirService {
         version: &str,
     ) -> FhirResult<Versioned> {
         let result = match version.parse::<u64>() {
-            Ok(v) => self.read_unaudited(resource_type, id, Some(v)).await,
+            Ok(v) => self.read_unaudited(ctx, resource_type, id, Some(v)).await,
             Err(_) => Err(FhirError::new(400, IssueCode::Value, format!("`{version}` is not a version number"))),
         };
         self.audit_read(ctx, "vread", resource_type, id, result).await
@@ -470,18 +505,25 @@ impl FhirService {
 
     async fn read_unaudited(
         &self,
+        ctx: &RequestContext,
         resource_type: &str,
         id: &str,
         version_id: Option<u64>,
     ) -> FhirResult<ResourceVersion> {
         Self::check_type(resource_type)?;
         Self::check_id(id)?;
+        let permit = ctx.access.permit(Permission::Read, resource_type)?;
         self.caught_up(Some(&format!("{resource_type}/{id}"))).await?;
         let found = match version_id {
             None => self.store.current(resource_type, id).await,
             Some(v) => self.store.version(resource_type, id, v).await,
         }
         .map_err(|e| FhirError::unavailable(e.to_string()))?;
+        if let Some(v) = &found
+            && !permit.admits_version(v)
+        {
+            return Err(FhirError::concealed(resource_type, id));
+        }
         match (found, version_id) {
             (None, None) => {
                 Err(FhirError::new(404, IssueCode::NotFound, format!("{resource_type}/{id} does not exist")))
@@ -515,7 +557,7 @@ impl FhirService {
     ) -> FhirResult<Versioned> {
         let (status, returned, patient) = match &result {
             Ok(v) => (200, vec![bundle::version_ref(v)], v.patient.clone()),
-            Err(e) => (e.status, Vec::new(), None),
+            Err(e) => (e.audit_status(), Vec::new(), None),
         };
         let payload = AccessRead {
             interaction: interaction.to_owned(),
@@ -574,10 +616,10 @@ impl FhirService {
         lenient: bool,
     ) -> FhirResult<Value> {
         let mut patient = None;
-        let result = self.search_unaudited(resource_type, raw_query, lenient, &mut patient).await;
+        let result = self.search_unaudited(ctx, resource_type, raw_query, lenient, &mut patient).await;
         let (status, returned, total) = match &result {
             Ok((bundle, returned)) => (200, returned.clone(), bundle["total"].as_u64()),
-            Err(e) => (e.status, Vec::new(), None),
+            Err(e) => (e.audit_status(), Vec::new(), None),
         };
         let payload = AccessSearch {
             interaction: "search-type".into(),
@@ -593,17 +635,28 @@ impl FhirService {
 
     async fn search_unaudited(
         &self,
+        ctx: &RequestContext,
         resource_type: &str,
         raw_query: &str,
         lenient: bool,
         patient: &mut Option<String>,
     ) -> FhirResult<(Value, Vec<VersionedRef>)> {
         Self::check_type(resource_type)?;
-        let (query, ignored) = search::parse_query(resource_type, raw_query, lenient)
+        let permit = ctx.access.permit(Permission::Search, resource_type)?;
+        let (mut query, ignored) = search::parse_query(resource_type, raw_query, lenient)
             .map_err(|e| FhirError::new(400, IssueCode::Invalid, e.to_string()))?;
+        // A token confined to one patient's compartment searches through that patient's index.
+        if let Some(compartment) = permit.sole_compartment()
+            && resource_type == "Observation"
+            && single_patient(resource_type, &query).is_none()
+        {
+            let (with_patient, _) = search::parse_query(resource_type, &format!("patient={compartment}"), false)
+                .map_err(|e| FhirError::new(500, IssueCode::Exception, e.to_string()))?;
+            query.params.extend(with_patient.params);
+        }
         *patient = single_patient(resource_type, &query);
         self.caught_up(None).await?;
-        if query.summary_count && query.params.is_empty() {
+        if query.summary_count && query.params.is_empty() && permit.is_unrestricted() {
             // A plain count needs no resource read.
             let total =
                 self.store.count_current(resource_type).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
@@ -621,7 +674,9 @@ impl FhirService {
         let keys = bundle::sort_keys(&query);
         let mut hits = Vec::new();
         self.scan(resource_type, &query, &mut |v, r| {
-            hits.push(bundle::hit(&v, r, &keys));
+            if permit.is_unrestricted() || permit.admits(&v.resource_type, v.patient.as_deref(), Some(r)) {
+                hits.push(bundle::hit(&v, r, &keys));
+            }
             true
         })
         .await?;
@@ -658,10 +713,10 @@ impl FhirService {
         id: Option<&str>,
         raw_query: &str,
     ) -> FhirResult<Value> {
-        let result = self.history_unaudited(resource_type, id, raw_query).await;
+        let result = self.history_unaudited(ctx, resource_type, id, raw_query).await;
         let (status, returned) = match &result {
             Ok((_, versions)) => (200, versions.iter().map(bundle::version_ref).collect()),
-            Err(e) => (e.status, Vec::new()),
+            Err(e) => (e.audit_status(), Vec::new()),
         };
         let patient = match &result {
             Ok((_, versions)) if id.is_some() => versions.iter().find_map(|v| v.patient.clone()),
@@ -692,6 +747,7 @@ impl FhirService {
 
     async fn history_unaudited(
         &self,
+        ctx: &RequestContext,
         resource_type: Option<&str>,
         id: Option<&str>,
         raw_query: &str,
@@ -699,6 +755,21 @@ impl FhirService {
         if let Some(t) = resource_type {
             Self::check_type(t)?;
         }
+        // Instance history is a read; type and system history are searches. A version is shown
+        // only if the token admits it (system history: per type).
+        let permission = if id.is_some() { Permission::Read } else { Permission::Search };
+        let restricted = match resource_type {
+            Some(t) => !ctx.access.permit(permission, t)?.is_unrestricted(),
+            None => !matches!(ctx.access, Access::Unrestricted),
+        };
+        let mut permits: std::collections::HashMap<String, Option<Permit>> = std::collections::HashMap::new();
+        let mut admitted = |v: &ResourceVersion| {
+            permits
+                .entry(v.resource_type.clone())
+                .or_insert_with(|| ctx.access.permit(permission, &v.resource_type).ok())
+                .as_ref()
+                .is_some_and(|p| p.admits_version(v))
+        };
         let params = bundle::HistoryParams::parse(raw_query)?;
         let versions = match (resource_type, id) {
             (Some(t), Some(id)) => {
@@ -708,6 +779,10 @@ impl FhirService {
                 if all.is_empty() {
                     return Err(FhirError::new(404, IssueCode::NotFound, format!("{t}/{id} does not exist")));
                 }
+                if !all.iter().any(&mut admitted) {
+                    return Err(FhirError::concealed(t, id));
+                }
+                let all: Vec<ResourceVersion> = all.into_iter().filter(|v| admitted(v)).collect();
                 let during = match params.at {
                     Some(at) => bundle::current_during(all, at),
                     None => all,
@@ -716,17 +791,22 @@ impl FhirService {
                     .into_iter()
                     .filter(|v| params.since_ms.is_none_or(|s| v.last_updated_ms >= s))
                     .take(params.count)
-                    .collect()
+                    .collect::<Vec<_>>()
             }
             _ => {
                 self.caught_up(None).await?;
                 let (from, to) = params.window();
                 match params.at {
+                    // A token that sees only part of the data reads further and filters.
                     None => self
                         .store
-                        .changes(resource_type, from, to, params.count)
+                        .changes(resource_type, from, to, if restricted { AT_SCAN } else { params.count })
                         .await
-                        .map_err(|e| FhirError::unavailable(e.to_string()))?,
+                        .map_err(|e| FhirError::unavailable(e.to_string()))?
+                        .into_iter()
+                        .filter(|v| admitted(v))
+                        .take(params.count)
+                        .collect(),
                     // Versions current during the window include ones that started long before it:
                     // read further back (up to AT_SCAN versions) and keep those still current then.
                     Some(at) => {
@@ -738,6 +818,7 @@ impl FhirService {
                         bundle::current_during(read, at)
                             .into_iter()
                             .filter(|v| params.since_ms.is_none_or(|s| v.last_updated_ms >= s))
+                            .filter(|v| admitted(v))
                             .take(params.count)
                             .collect()
                     }

@@ -7,10 +7,10 @@
 //! but still appends its plain creates in one group so a gateway uploading 100 readings pays for one
 //! durable append, not a hundred.
 
-use crate::{FhirError, FhirResult, FhirService, RequestContext, Versioned, WriteOutcome, new_resource_id, parse_etag};
+use crate::{FhirError, FhirResult, FhirService, Permission, RequestContext, Versioned, WriteOutcome, new_resource_id, parse_etag};
 use cairn_events::{Event, ResourceDeleted, Timestamp};
 use cairn_fhir::outcome::{IssueCode, operation_outcome};
-use cairn_fhir::{resource, search};
+use cairn_fhir::{index, resource, search};
 use cairn_log::NewRecord;
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};
@@ -307,14 +307,22 @@ impl FhirService {
         let mut responses = Vec::new();
         for (i, t, id, existing) in plans {
             let e = &entries[i];
+            let permission = match e.method {
+                Method::Post => Permission::Create,
+                Method::Put => Permission::Update,
+                Method::Delete => Permission::Delete,
+                Method::Get => Permission::Read,
+            };
+            let permit = ctx.access.permit(permission, &t).map_err(|err| err.at_entry(i))?;
             match e.method {
                 Method::Post if existing.is_some() => {
-                    let v = self
-                        .store
-                        .current(&t, &id)
-                        .await
-                        .map_err(|err| FhirError::unavailable(err.to_string()))?
-                        .map(Versioned::from);
+                    let found =
+                        self.store.current(&t, &id).await.map_err(|err| FhirError::unavailable(err.to_string()))?;
+                    let read = ctx.access.permit(Permission::Read, &t).map_err(|err| err.at_entry(i))?;
+                    if found.as_ref().is_some_and(|f| !read.admits_version(f)) {
+                        return Err(FhirError::outside_compartment("the resource ifNoneExist matched").at_entry(i));
+                    }
+                    let v = found.map(Versioned::from);
                     responses.push(response_entry("200 OK", v.as_ref(), &t, &base));
                 }
                 Method::Post | Method::Put => {
@@ -332,6 +340,15 @@ impl FhirService {
                         }
                         _ => None,
                     };
+                    if current.as_ref().is_some_and(|c| !permit.admits_version(c)) {
+                        return Err(FhirError::concealed(&t, &id).at_entry(i));
+                    }
+                    if current.is_none() && matches!(e.method, Method::Put) {
+                        ctx.access.permit(Permission::Create, &t).map_err(|err| err.at_entry(i))?;
+                    }
+                    if !permit.admits(&t, index::patient_of(&t, &id, &r).as_deref(), Some(&r)) {
+                        return Err(FhirError::outside_compartment("the resource").at_entry(i));
+                    }
                     if let Some(tag) = &e.if_match {
                         let expected =
                             parse_etag(tag).ok_or_else(|| entry_error(i, format!("ifMatch `{tag}` is not an ETag")))?;
@@ -353,6 +370,9 @@ impl FhirService {
                 Method::Delete => {
                     let current =
                         self.store.current(&t, &id).await.map_err(|err| FhirError::unavailable(err.to_string()))?;
+                    if current.as_ref().is_some_and(|c| !permit.admits_version(c)) {
+                        return Err(FhirError::concealed(&t, &id).at_entry(i));
+                    }
                     if let Some(c) = current.filter(|c| !c.deleted) {
                         let mut ev = Event::new(ResourceDeleted {
                             resource_type: t.clone(),
@@ -393,10 +413,20 @@ impl FhirService {
             let result: FhirResult<Value> = match (&e.method, id, query) {
                 (Method::Post, None, None) if e.if_none_exist.is_none() => {
                     let r = e.resource.clone().expect("checked in parse_entries");
-                    match Self::check_type(&t).and_then(|()| resource::validate(&r, &t).map_err(FhirError::invalid)) {
+                    let new_id = new_resource_id();
+                    let checked = Self::check_type(&t)
+                        .and_then(|()| resource::validate(&r, &t).map_err(FhirError::invalid))
+                        .and_then(|()| ctx.access.permit(Permission::Create, &t))
+                        .and_then(|permit| {
+                            if permit.admits(&t, index::patient_of(&t, &new_id, &r).as_deref(), Some(&r)) {
+                                Ok(())
+                            } else {
+                                Err(FhirError::outside_compartment("the resource"))
+                            }
+                        });
+                    match checked {
                         Ok(()) => {
                             let mut r = r;
-                            let new_id = new_resource_id();
                             resource::stamp(&mut r, &new_id, 1, &now);
                             let event = Self::written_event(ctx, &t, &new_id, 1, &r, true);
                             group.push((

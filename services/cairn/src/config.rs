@@ -41,6 +41,8 @@ struct FileSettings {
     scylla_replication_factor: Option<u32>,
     roles: Option<String>,
     seal_key_file: Option<PathBuf>,
+    token_key_dir: Option<PathBuf>,
+    backend_token_lifetime_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +50,9 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub public_url: String,
+    /// Whether the public URL was given; if not it follows the bound address (which matters with
+    /// port 0), since it is also the token issuer.
+    pub public_url_explicit: bool,
     pub partitions: u32,
     pub segment_bytes: u64,
     pub max_resource_bytes: usize,
@@ -58,6 +63,9 @@ pub struct Settings {
     pub backends: Backends,
     pub roles: Roles,
     pub seal_key_file: PathBuf,
+    /// Where this process keeps its token-signing keys.
+    pub token_key_dir: PathBuf,
+    pub backend_token_lifetime: std::time::Duration,
 }
 
 /// What one `cairn serve` process does. Default: everything.
@@ -78,7 +86,6 @@ impl Roles {
             match role {
                 "fhir" => roles.fhir = true,
                 "projector" => roles.projector = true,
-                "auth" => bail!("--roles: the auth role is not available in this build (no authorization server yet)"),
                 other => bail!("--roles: unknown role `{other}` (use fhir, projector)"),
             }
         }
@@ -218,6 +225,7 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
     let listen: SocketAddr = listen_text
         .parse()
         .with_context(|| format!("--listen `{listen_text}` is not an address like 127.0.0.1:8080"))?;
+    let public_url_explicit = args.public_url.is_some() || file.public_url.is_some();
     let public_url = args.public_url.clone().or(file.public_url).unwrap_or_else(|| format!("http://{listen}"));
     let public_url = public_url.trim_end_matches('/').to_owned();
     if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
@@ -257,10 +265,22 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
         .clone()
         .or(file.seal_key_file.clone())
         .unwrap_or_else(|| data_dir.join("keys").join("seal-ed25519.key"));
+    let token_key_dir = args
+        .token_key_dir
+        .clone()
+        .or(file.token_key_dir.clone())
+        .unwrap_or_else(|| data_dir.join("keys").join("tokens"));
+    let backend_token_lifetime_secs = args.backend_token_lifetime_secs.or(file.backend_token_lifetime_secs).unwrap_or(300);
+    if !(10..=300).contains(&backend_token_lifetime_secs) {
+        bail!("--backend-token-lifetime-secs {backend_token_lifetime_secs}: SMART Backend Services tokens live 10 to 300 seconds");
+    }
     Ok(Settings {
         data_dir,
         listen,
         public_url,
+        public_url_explicit,
+        token_key_dir,
+        backend_token_lifetime: std::time::Duration::from_secs(backend_token_lifetime_secs),
         partitions,
         segment_bytes,
         max_resource_bytes,
@@ -321,7 +341,6 @@ mod tests {
         assert_eq!(Roles::parse(" projector ").unwrap(), Roles { fhir: false, projector: true });
         assert!(Roles::parse("fhir,sorcery").unwrap_err().to_string().contains("unknown role `sorcery`"));
         assert!(Roles::parse("").is_err());
-        assert!(Roles::parse("auth").unwrap_err().to_string().contains("not available"));
         let args = ServeArgs { roles: Some("fhir".into()), ..Default::default() };
         let err = resolve_serve(&args).unwrap_err().to_string();
         assert!(err.contains("shared store"), "{err}");

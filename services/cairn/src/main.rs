@@ -1,6 +1,7 @@
 //! `cairn`: the command line. Every subcommand is a thin shell over a plain function; errors become
 //! one readable line on stderr and a non-zero exit.
 
+mod admin;
 mod backends;
 mod bench;
 mod config;
@@ -36,6 +37,132 @@ enum Command {
     Store(StoreCommand),
     /// Create or upgrade the CQL schema (with --store scylla): keyspace and tables, idempotent.
     Migrate(StoreArgs),
+    /// Users, OAuth clients and revocations. Works while the server runs (through its admin socket)
+    /// and while it is stopped (directly on the log). Every change is an event.
+    Admin(AdminArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AdminArgs {
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// OAuth clients: apps, device gateways, resource servers.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// User accounts.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Revoke tokens: every token of a user or a client issued until now, or one token by its jti.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Register a client; prints its id (and, for a symmetric client, its secret, once).
+    Register(ClientRegisterArgs),
+    /// Disable a client: no new tokens, and its live tokens stop working.
+    Disable(ClientIdArgs),
+    /// List the registered clients.
+    List(StoreArgs),
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum ClientKindArg {
+    /// A browser or native app without credentials (PKCE only)
+    Public,
+    /// Authenticates with a generated secret (client_secret_basic or client_secret_post)
+    ConfidentialSymmetric,
+    /// Authenticates with a signed JWT (private_key_jwt, SMART Backend Services)
+    ConfidentialAsymmetric,
+}
+
+#[derive(Args, Debug)]
+pub struct ClientRegisterArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// A name people recognise (shown on the consent page)
+    #[arg(long)]
+    pub name: String,
+    #[arg(long, value_enum)]
+    pub kind: ClientKindArg,
+    /// The scopes the client may be granted, space-separated SMART scopes, e.g. "system/Observation.cru"
+    #[arg(long)]
+    pub scope: String,
+    /// Choose the client id instead of a generated one
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// An exact redirect URI (repeat for several)
+    #[arg(long)]
+    pub redirect_uri: Vec<String>,
+    /// The client's public keys, a JWK Set file (confidential-asymmetric)
+    #[arg(long)]
+    pub jwks_file: Option<PathBuf>,
+    /// Where to fetch the client's public keys (confidential-asymmetric)
+    #[arg(long)]
+    pub jwks_uri: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ClientIdArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[arg(long)]
+    pub client_id: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Create a user; the password is read from standard input.
+    Add(UserAddArgs),
+    /// Disable a user: no sign-in, and their live tokens stop working.
+    Disable(UsernameArgs),
+    /// List the users.
+    List(StoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct UserAddArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[arg(long)]
+    pub username: String,
+    /// Read the password from standard input (one line)
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// The FHIR resource for this user, e.g. Patient/123 or Practitioner/7
+    #[arg(long)]
+    pub fhir_user: Option<String>,
+    /// A role, e.g. auditor (repeat for several)
+    #[arg(long)]
+    pub role: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct UsernameArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[arg(long)]
+    pub username: String,
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct RevokeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Every token of this user (by username)
+    #[arg(long, group = "target")]
+    pub user: Option<String>,
+    /// Every token of this client
+    #[arg(long, group = "target")]
+    pub client: Option<String>,
+    /// One token, by its jti
+    #[arg(long, group = "target")]
+    pub jti: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -158,6 +285,14 @@ pub struct ServeArgs {
     /// processes with different roles can share one Kafka and one ScyllaDB [default: fhir,projector]
     #[arg(long, env = "CAIRN_ROLES")]
     pub roles: Option<String>,
+    /// Directory of this process's token-signing keys (created on first start, owner-only)
+    /// [default: <data dir>/keys/tokens]
+    #[arg(long, env = "CAIRN_TOKEN_KEY_DIR")]
+    pub token_key_dir: Option<PathBuf>,
+    /// Lifetime of access tokens issued to backend services (client_credentials), 10 to 300 seconds
+    /// [default: 300]
+    #[arg(long, env = "CAIRN_BACKEND_TOKEN_LIFETIME_SECS")]
+    pub backend_token_lifetime_secs: Option<u64>,
     /// LOCAL DEVELOPMENT ONLY: serve the FHIR API without authentication, as an anonymous actor.
     /// Refused on a non-loopback address.
     #[arg(long, env = "CAIRN_INSECURE_NO_AUTH")]
@@ -213,6 +348,7 @@ fn main() -> ExitCode {
         Command::Store(StoreCommand::Digest(args)) => storecmd::digest(args),
         Command::Migrate(args) => storecmd::migrate(args),
         Command::Bench(args) => bench::run(args),
+        Command::Admin(args) => admin::run(args),
     };
     match result {
         Ok(code) => code,

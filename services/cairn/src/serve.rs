@@ -80,10 +80,18 @@ impl Platform for RunningPlatform {
     }
 }
 
-async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> {
+async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> {
     cairn_log::describe_metrics();
     cairn_projector::describe_metrics();
     let data = DataDir::open_or_create(&settings.data_dir)?;
+    // Bind first: with port 0 the public URL (the token issuer and audience) is the bound address.
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let bound = listener.local_addr()?;
+    if !settings.public_url_explicit {
+        settings.public_url = format!("http://{bound}");
+    }
     let open_log = backends::open_log(
         &settings.backends,
         &data,
@@ -154,7 +162,19 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
             CHECKPOINT_POLL,
         ),
     };
+    let mut admin_task = None;
     let fhir = if settings.roles.fhir {
+        // The authorization server: its state is rebuilt from the log before anything is served.
+        let auth_settings = cairn_auth::AuthSettings {
+            backend_token_lifetime: settings.backend_token_lifetime,
+            ..cairn_auth::AuthSettings::new(settings.public_url.clone())
+        };
+        let started = std::time::Instant::now();
+        let auth = cairn_auth::AuthServer::start(dyn_log.clone(), Some(&settings.token_key_dir), auth_settings)
+            .await
+            .map_err(|e| anyhow::anyhow!("authorization server: {e}"))?;
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "authorization state rebuilt from the log");
+        admin_task = Some(crate::admin::serve_socket(crate::admin::socket_path(&settings.data_dir), auth.clone()).await?);
         let service = Arc::new(FhirService::new(
             dyn_log,
             store,
@@ -171,7 +191,7 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
             eprintln!("\n{}\n{banner}\n{}\n", "!".repeat(banner.len()), "!".repeat(banner.len()));
             tracing::warn!("{banner}");
         }
-        Some(cairn_http::fhir::FhirApi { service, allow_anonymous: settings.insecure_no_auth })
+        Some(cairn_http::fhir::FhirApi { service, auth: Some(auth), allow_anonymous: settings.insecure_no_auth })
     } else {
         None
     };
@@ -181,10 +201,6 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
         metrics: telemetry.metrics.clone(),
         draining: AtomicBool::new(false),
     });
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let bound = listener.local_addr()?;
     tracing::info!(
         listen = %bound,
         public_url = %settings.public_url,
@@ -204,9 +220,10 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     .await
     .context("HTTP server")?;
     // Every acknowledged append is already durable; close lets queued appends finish.
-    for task in [projector_task, sealer_task].into_iter().flatten() {
+    for task in [projector_task, sealer_task, admin_task].into_iter().flatten() {
         task.abort();
     }
+    let _ = std::fs::remove_file(crate::admin::socket_path(&settings.data_dir));
     open_log.close();
     tracing::info!("stopped cleanly");
     Ok(())

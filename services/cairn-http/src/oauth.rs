@@ -1,0 +1,191 @@
+//! The authorization server's HTTP surface: discovery documents, JWKS, and the token,
+//! introspection and revocation endpoints (thin handlers over `cairn_auth::AuthServer`), plus the
+//! bearer-token check the FHIR API runs on every request.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use cairn_auth::client_auth::FormRequest;
+use cairn_auth::{AuthServer, OAuthError, TokenRejection, VerifiedToken};
+use cairn_events::Actor;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// The largest form body the OAuth endpoints read (assertions and tokens are a few KB).
+const MAX_FORM_BYTES: usize = 64 * 1024;
+
+pub fn routes(auth: Arc<AuthServer>) -> Router {
+    Router::new()
+        .route("/.well-known/openid-configuration", get(server_metadata))
+        .route("/.well-known/oauth-authorization-server", get(server_metadata))
+        .route("/fhir/.well-known/smart-configuration", get(smart_configuration))
+        .route("/jwks", get(jwks))
+        .route("/token", post(token))
+        .route("/introspect", post(introspect))
+        .route("/revoke", post(revoke))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
+        .with_state(auth)
+}
+
+/// Public JSON (discovery, JWKS): any origin may read it, as SMART asks.
+fn public_json(body: Value) -> Response {
+    let mut r = Json(body).into_response();
+    r.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
+    r
+}
+
+async fn server_metadata(State(auth): State<Arc<AuthServer>>) -> Response {
+    public_json(auth.server_metadata())
+}
+
+async fn smart_configuration(State(auth): State<Arc<AuthServer>>) -> Response {
+    public_json(auth.smart_configuration())
+}
+
+async fn jwks(State(auth): State<Arc<AuthServer>>) -> Response {
+    public_json(auth.jwks())
+}
+
+/// A token-endpoint answer: never cached (RFC 6749 5.1).
+fn no_store(status: StatusCode, body: Value) -> Response {
+    let mut r = (status, Json(body)).into_response();
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// An RFC 6749 5.2 error response.
+struct OAuthFailure {
+    error: OAuthError,
+    basic_attempted: bool,
+}
+
+impl IntoResponse for OAuthFailure {
+    fn into_response(self) -> Response {
+        let e = self.error;
+        let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut r = no_store(status, json!({"error": e.error, "error_description": e.description}));
+        if status == StatusCode::UNAUTHORIZED {
+            let scheme = if self.basic_attempted { "Basic realm=\"cairn\"" } else { "Bearer realm=\"cairn\"" };
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
+        }
+        r
+    }
+}
+
+/// The actor as far as HTTP knows it: where the request came from.
+pub fn request_actor(headers: &HeaderMap, peer: Option<std::net::SocketAddr>) -> Actor {
+    Actor {
+        source_address: peer.map(|p| p.ip().to_string()),
+        user_agent: headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(256).collect()),
+        ..Actor::default()
+    }
+}
+
+/// Parses an `application/x-www-form-urlencoded` body and the Basic credentials.
+fn form_request(headers: &HeaderMap, body: &[u8]) -> Result<FormRequest, OAuthFailure> {
+    let fail = |d: &str| OAuthFailure { error: OAuthError::invalid_request(d), basic_attempted: false };
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if content_type.split(';').next().unwrap_or("").trim() != "application/x-www-form-urlencoded" {
+        return Err(fail("the body must be application/x-www-form-urlencoded"));
+    }
+    let params = form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    let basic = match headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(v) => {
+            let malformed = || OAuthFailure {
+                error: OAuthError::invalid_client("malformed Basic credentials"),
+                basic_attempted: true,
+            };
+            let encoded = v.strip_prefix("Basic ").ok_or_else(malformed)?;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| malformed())?;
+            let text = String::from_utf8(decoded).map_err(|_| malformed())?;
+            let (id, secret) = text.split_once(':').ok_or_else(malformed)?;
+            // RFC 6749 2.3.1: both parts are form-encoded before base64.
+            let decode = |s: &str| form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
+            Some((decode(id).ok_or_else(malformed)?, decode(secret).ok_or_else(malformed)?))
+        }
+    };
+    Ok(FormRequest { params, basic })
+}
+
+async fn token(
+    State(auth): State<Arc<AuthServer>>,
+    peer: crate::fhir::Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OAuthFailure> {
+    let req = form_request(&headers, &body)?;
+    let basic_attempted = req.basic.is_some();
+    let answer = auth.token(&req, &request_actor(&headers, peer.0)).await;
+    answer.map(|v| no_store(StatusCode::OK, v)).map_err(|error| OAuthFailure { error, basic_attempted })
+}
+
+async fn introspect(
+    State(auth): State<Arc<AuthServer>>,
+    peer: crate::fhir::Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OAuthFailure> {
+    let req = form_request(&headers, &body)?;
+    let basic_attempted = req.basic.is_some();
+    let answer = auth.introspect(&req, &request_actor(&headers, peer.0)).await;
+    answer.map(|v| no_store(StatusCode::OK, v)).map_err(|error| OAuthFailure { error, basic_attempted })
+}
+
+async fn revoke(
+    State(auth): State<Arc<AuthServer>>,
+    peer: crate::fhir::Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OAuthFailure> {
+    let req = form_request(&headers, &body)?;
+    let basic_attempted = req.basic.is_some();
+    let answer = auth.revoke(&req, &request_actor(&headers, peer.0)).await;
+    answer.map(|()| no_store(StatusCode::OK, json!({}))).map_err(|error| OAuthFailure { error, basic_attempted })
+}
+
+/// Why a FHIR request was not authenticated, as RFC 6750 wants it said.
+pub enum BearerFailure {
+    /// No credentials at all: 401 with a bare challenge.
+    Missing,
+    /// Something other than `Authorization: Bearer <token>`.
+    Malformed,
+    Rejected(TokenRejection),
+}
+
+impl BearerFailure {
+    /// The `WWW-Authenticate` challenge and the human explanation.
+    pub fn challenge(&self) -> (String, String) {
+        match self {
+            BearerFailure::Missing => ("Bearer realm=\"cairn\"".into(), "a bearer token is required".into()),
+            BearerFailure::Malformed => (
+                "Bearer realm=\"cairn\", error=\"invalid_request\", error_description=\"use Authorization: Bearer <token>\"".into(),
+                "the Authorization header is not a bearer token".into(),
+            ),
+            BearerFailure::Rejected(r) => {
+                (format!("Bearer realm=\"cairn\", error=\"invalid_token\", error_description=\"{r}\""), r.to_string())
+            }
+        }
+    }
+}
+
+/// Verifies the request's bearer token.
+pub async fn authenticate_bearer(auth: &AuthServer, headers: &HeaderMap) -> Result<Arc<VerifiedToken>, BearerFailure> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else { return Err(BearerFailure::Missing) };
+    if values.next().is_some() {
+        return Err(BearerFailure::Malformed);
+    }
+    let value = value.to_str().map_err(|_| BearerFailure::Malformed)?;
+    let (scheme, token) = value.split_once(' ').ok_or(BearerFailure::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(BearerFailure::Malformed);
+    }
+    auth.verify(token.trim()).await.map_err(BearerFailure::Rejected)
+}
