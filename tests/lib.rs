@@ -41,6 +41,22 @@ pub fn run_cairn(args: &[&str]) -> (ExitStatus, String, String) {
     (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Runs `cairn <args>` to completion with `input` on its standard input.
+pub fn run_cairn_with_stdin(args: &[&str], input: &str) -> (ExitStatus, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(cairn_bin())
+        .args(args)
+        .env_remove("CAIRN_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run cairn");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().expect("run cairn");
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// A `cairn serve` child process on a free loopback port.
 pub struct Server {
     child: Child,
@@ -258,11 +274,29 @@ impl Deployment {
 
     /// Runs `cairn <args> --data-dir <dir> <backend flags>` to completion.
     pub fn cairn(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        run_cairn(&self.with_deployment_args(args))
+    }
+
+    /// Like [`Deployment::cairn`], with `input` on standard input.
+    pub fn cairn_with_stdin(&self, args: &[&str], input: &str) -> (ExitStatus, String, String) {
+        run_cairn_with_stdin(&self.with_deployment_args(args), input)
+    }
+
+    /// `cairn admin <args>` expected to succeed; its JSON answer.
+    pub fn admin(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["admin"];
+        all.extend_from_slice(args);
+        let (status, out, err) = self.cairn(&all);
+        assert!(status.success(), "cairn admin {args:?} failed: {out}{err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("cairn admin {args:?} printed no JSON ({e}): {out}"))
+    }
+
+    fn with_deployment_args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
         let mut all: Vec<&str> = args.to_vec();
         all.push("--data-dir");
         all.push(self.dir.path().to_str().unwrap());
         all.extend(self.backend_args.iter().map(String::as_str));
-        run_cairn(&all)
+        all
     }
 }
 

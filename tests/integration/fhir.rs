@@ -283,8 +283,8 @@ fn without_insecure_no_auth_the_api_refuses_anonymous_requests() {
         let c = Client::new(&s);
         assert_eq!(c.get("/metadata").await.status, 200);
         let r = c.get("/Observation").await;
-        assert_outcome(&r, 401, "authentication required");
-        assert_eq!(r.header("www-authenticate"), "Bearer");
+        assert_outcome(&r, 401, "a bearer token is required");
+        assert_eq!(r.header("www-authenticate"), "Bearer realm=\"cairn\"");
     });
     let (status, _, err) = run_cairn(&[
         "serve",

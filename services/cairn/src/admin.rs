@@ -154,20 +154,23 @@ fn run_offline(common: &CommonArgs, data_dir: &Path, command: AdminCommand) -> a
     })
 }
 
-/// Serves admin commands on the socket for as long as the server runs.
-pub async fn serve_socket(path: PathBuf, auth: Arc<AuthServer>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// Serves admin commands on the socket for as long as the server runs. `None` if another server
+/// (sharing this data directory, which only a shared Kafka log allows) already answers there: it
+/// administers the same log, so one socket is enough.
+pub async fn serve_socket(path: PathBuf, auth: Arc<AuthServer>) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let dir = path.parent().expect("socket path has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     set_mode(dir, 0o700)?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            bail!("another cairn server answers on {}: one server per data directory", path.display());
+            tracing::warn!(socket = %path.display(), "another cairn server answers admin commands for this data directory");
+            return Ok(None);
         }
         std::fs::remove_file(&path).with_context(|| format!("cannot remove the stale {}", path.display()))?;
     }
     let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
     set_mode(&path, 0o600)?;
-    Ok(tokio::spawn(async move {
+    Ok(Some(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
             let auth = auth.clone();
@@ -190,7 +193,7 @@ pub async fn serve_socket(path: PathBuf, auth: Arc<AuthServer>) -> anyhow::Resul
                 let _ = write.write_all(&bytes).await;
             });
         }
-    }))
+    })))
 }
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {

@@ -150,18 +150,18 @@ pub struct UsernameArgs {
 }
 
 #[derive(Args, Debug)]
-#[group(required = true, multiple = false)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["user", "client", "jti"])))]
 pub struct RevokeArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Every token of this user (by username)
-    #[arg(long, group = "target")]
+    #[arg(long)]
     pub user: Option<String>,
     /// Every token of this client
-    #[arg(long, group = "target")]
+    #[arg(long)]
     pub client: Option<String>,
     /// One token, by its jti
-    #[arg(long, group = "target")]
+    #[arg(long)]
     pub jti: Option<String>,
 }
 

@@ -174,7 +174,7 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
             .await
             .map_err(|e| anyhow::anyhow!("authorization server: {e}"))?;
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "authorization state rebuilt from the log");
-        admin_task = Some(crate::admin::serve_socket(crate::admin::socket_path(&settings.data_dir), auth.clone()).await?);
+        admin_task = crate::admin::serve_socket(crate::admin::socket_path(&settings.data_dir), auth.clone()).await?;
         let service = Arc::new(FhirService::new(
             dyn_log,
             store,
@@ -220,10 +220,13 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     .await
     .context("HTTP server")?;
     // Every acknowledged append is already durable; close lets queued appends finish.
+    let owns_socket = admin_task.is_some();
     for task in [projector_task, sealer_task, admin_task].into_iter().flatten() {
         task.abort();
     }
-    let _ = std::fs::remove_file(crate::admin::socket_path(&settings.data_dir));
+    if owns_socket {
+        let _ = std::fs::remove_file(crate::admin::socket_path(&settings.data_dir));
+    }
     open_log.close();
     tracing::info!("stopped cleanly");
     Ok(())

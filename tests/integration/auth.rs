@@ -1,0 +1,299 @@
+//! The authorization server over HTTP, driven as its users drive it: a device gateway with SMART
+//! Backend Services, a resource server introspecting, an administrator with `cairn admin`, and the
+//! FHIR API refusing what the token does not allow. Every grant and refusal must be in the log, and
+//! no secret anywhere else.
+
+use aws_lc_rs::signature::{ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use cairn_tests::{Backend, Deployment, Server};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A device gateway's key pair (ES384) and its public JWK Set.
+struct GatewayKey {
+    encoding: EncodingKey,
+    jwks: Value,
+}
+
+fn gateway_key() -> GatewayKey {
+    let pair = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING).unwrap();
+    let point = pair.public_key().as_ref().to_vec();
+    GatewayKey {
+        encoding: EncodingKey::from_ec_der(pair.to_pkcs8v1().unwrap().as_ref()),
+        jwks: json!({"keys": [{"kty": "EC", "crv": "P-384", "kid": "gw-key-1", "alg": "ES384",
+            "x": URL_SAFE_NO_PAD.encode(&point[1..49]), "y": URL_SAFE_NO_PAD.encode(&point[49..97])}]}),
+    }
+}
+
+fn assertion(key: &GatewayKey, client_id: &str, token_url: &str) -> String {
+    let mut header = Header::new(Algorithm::ES384);
+    header.kid = Some("gw-key-1".into());
+    let claims = json!({"iss": client_id, "sub": client_id, "aud": token_url, "exp": now() + 240,
+        "jti": format!("{}-{}", now(), rand_suffix())});
+    jsonwebtoken::encode(&header, &claims, &key.encoding).unwrap()
+}
+
+fn rand_suffix() -> String {
+    let mut b = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut b).unwrap();
+    URL_SAFE_NO_PAD.encode(b)
+}
+
+struct Http {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Http {
+    fn new(server: &Server) -> Http {
+        Http { client: reqwest::Client::new(), base: server.base_url.clone() }
+    }
+
+    async fn form(&self, path: &str, form: &[(&str, &str)], basic: Option<(&str, &str)>) -> (u16, reqwest::header::HeaderMap, Value) {
+        let body: String = form_body(form);
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some((id, secret)) = basic {
+            req = req.basic_auth(id, Some(secret));
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        (status, headers, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn fhir(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<&Value>) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self.client.request(method, format!("{}/fhir{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/fhir+json").body(serde_json::to_vec(b).unwrap());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        (status, headers, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get_json(&self, path: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+        let resp = self.client.get(format!("{}{path}", self.base)).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        (status, headers, resp.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn form_body(form: &[(&str, &str)]) -> String {
+    form.iter()
+        .map(|(k, v)| format!("{}={}", k, percent_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn reading(patient: &str) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
+        "subject": {"reference": format!("Patient/{patient}")},
+        "effectiveDateTime": "2026-11-28T08:00:00Z",
+        "valueQuantity": {"value": 104, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+    })
+}
+
+fn header(h: &reqwest::header::HeaderMap, name: &str) -> String {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+}
+
+/// A device gateway gets tokens with SMART Backend Services and uploads readings; a resource server
+/// introspects; the gateway revokes its token; the log holds every step and no secret.
+fn backend_services(backend: Backend) {
+    let d = Deployment::new(backend);
+    let server = d.start(&[]);
+    let http = Http::new(&server);
+    let token_url = format!("{}/token", server.base_url);
+    let key = gateway_key();
+    let jwks_file = d.data_dir().join("gateway.jwks.json");
+    std::fs::write(&jwks_file, key.jwks.to_string()).unwrap();
+    let gw = d.admin(&[
+        "client", "register", "--name", "Glucose gateway", "--kind", "confidential-asymmetric", "--client-id", "gateway-7",
+        "--scope", "system/Observation.crs system/Device.rs", "--jwks-file", jwks_file.to_str().unwrap(),
+    ]);
+    assert_eq!(gw["client_id"], "gateway-7");
+    let rs = d.admin(&["client", "register", "--name", "Resource server", "--kind", "confidential-symmetric", "--scope", "system/*.rs"]);
+    let (rs_id, rs_secret) = (rs["client_id"].as_str().unwrap().to_owned(), rs["client_secret"].as_str().unwrap().to_owned());
+
+    rt().block_on(async {
+        // Discovery: the documents agree with each other and with where we are.
+        let (status, headers, smart) = http.get_json("/fhir/.well-known/smart-configuration").await;
+        assert_eq!(status, 200);
+        assert_eq!(header(&headers, "access-control-allow-origin"), "*");
+        assert!(header(&headers, "content-type").starts_with("application/json"));
+        assert_eq!(smart["token_endpoint"], token_url.as_str());
+        assert_eq!(smart["issuer"], server.base_url.as_str());
+        assert!(smart["capabilities"].as_array().unwrap().contains(&json!("client-confidential-asymmetric")));
+        assert!(!smart["code_challenge_methods_supported"].as_array().unwrap().contains(&json!("plain")));
+        let (_, _, oidc) = http.get_json("/.well-known/openid-configuration").await;
+        let (_, _, rfc8414) = http.get_json("/.well-known/oauth-authorization-server").await;
+        assert_eq!(oidc["issuer"], server.base_url.as_str());
+        assert_eq!(oidc, rfc8414);
+        assert!(oidc["token_endpoint_auth_signing_alg_values_supported"].as_array().unwrap().contains(&json!("ES384")));
+
+        // No token: 401 with a bare challenge; metadata stays open.
+        let (status, headers, body) = http.fhir(reqwest::Method::GET, "/Observation", None, None).await;
+        assert_eq!(status, 401);
+        assert_eq!(header(&headers, "www-authenticate"), "Bearer realm=\"cairn\"");
+        assert_eq!(body["resourceType"], "OperationOutcome");
+        assert_eq!(http.fhir(reqwest::Method::GET, "/metadata", None, None).await.0, 200);
+        let (status, headers, _) = http.fhir(reqwest::Method::GET, "/Observation", Some("not-a-token"), None).await;
+        assert_eq!(status, 401);
+        assert!(header(&headers, "www-authenticate").contains("error=\"invalid_token\""));
+
+        // The grant.
+        let jwt = assertion(&key, "gateway-7", &token_url);
+        let grant = [
+            ("grant_type", "client_credentials"),
+            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+            ("client_assertion", jwt.as_str()),
+            ("scope", "system/Observation.crs system/Observation.d"),
+        ];
+        let (status, headers, token) = http.form("/token", &grant, None).await;
+        assert_eq!(status, 200, "{token}");
+        assert_eq!(header(&headers, "cache-control"), "no-store");
+        assert_eq!(header(&headers, "pragma"), "no-cache");
+        assert_eq!(token["token_type"], "Bearer");
+        assert_eq!(token["scope"], "system/Observation.crs", "the scope the client may not have is dropped");
+        assert!(token["expires_in"].as_u64().unwrap() <= 300);
+        let access = token["access_token"].as_str().unwrap().to_owned();
+        let kid = jsonwebtoken::decode_header(&access).unwrap().kid.unwrap();
+        let (_, _, jwks) = http.get_json("/jwks").await;
+        assert!(jwks["keys"].as_array().unwrap().iter().any(|k| k["kid"] == kid.as_str() && k.get("d").is_none()));
+
+        // The same assertion again is a replay.
+        let (status, headers, err) = http.form("/token", &grant, None).await;
+        assert_eq!((status, err["error"].as_str()), (401, Some("invalid_client")), "{err}");
+        assert!(err["error_description"].as_str().unwrap().contains("already used"));
+        assert_eq!(header(&headers, "cache-control"), "no-store");
+        // A malformed request names its problem.
+        let (status, _, err) = http.form("/token", &[("grant_type", "implicit")], None).await;
+        assert_eq!((status, err["error"].as_str()), (400, Some("unsupported_grant_type")));
+
+        // The token at work: create and read; delete is not in its scopes.
+        let (status, _, created) = http.fhir(reqwest::Method::POST, "/Observation", Some(&access), Some(&reading("p-1"))).await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["id"].as_str().unwrap().to_owned();
+        let (status, _, _) = http.fhir(reqwest::Method::GET, &format!("/Observation/{id}"), Some(&access), None).await;
+        assert_eq!(status, 200);
+        let (status, headers, body) = http.fhir(reqwest::Method::DELETE, &format!("/Observation/{id}"), Some(&access), None).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(header(&headers, "www-authenticate").contains("error=\"insufficient_scope\""));
+        let (status, _, _) = http.fhir(reqwest::Method::GET, "/Patient?name=x", Some(&access), None).await;
+        assert_eq!(status, 403, "no scope for Patient");
+
+        // A resource server introspects it.
+        let (status, _, info) = http.form("/introspect", &[("token", &access)], Some((&rs_id, &rs_secret))).await;
+        assert_eq!(status, 200);
+        assert_eq!((info["active"].as_bool(), info["client_id"].as_str()), (Some(true), Some("gateway-7")));
+        let (status, _, _) = http.form("/introspect", &[("token", &access)], Some((&rs_id, "wrong secret"))).await;
+        assert_eq!(status, 401);
+
+        // The gateway revokes it; from then on the API refuses it and introspection says inactive.
+        let revoke_jwt = assertion(&key, "gateway-7", &token_url);
+        let revoke = [
+            ("token", access.as_str()),
+            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+            ("client_assertion", revoke_jwt.as_str()),
+        ];
+        let (status, _, _) = http.form("/revoke", &revoke, None).await;
+        assert_eq!(status, 200);
+        let (status, headers, _) = http.fhir(reqwest::Method::GET, &format!("/Observation/{id}"), Some(&access), None).await;
+        assert_eq!(status, 401);
+        assert!(header(&headers, "www-authenticate").contains("revoked"));
+        let (_, _, info) = http.form("/introspect", &[("token", &access)], Some((&rs_id, &rs_secret))).await;
+        assert_eq!(info, json!({"active": false}));
+    });
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+
+    // Every step is an event; no secret, token or assertion is anywhere in the log or the server log.
+    let (status, events, err) = d.cairn(&["log", "tail", "--topic", "cairn.auth"]);
+    assert!(status.success(), "{err}");
+    for t in ["auth.key.published", "auth.client.registered", "auth.token.issued", "auth.token.refused", "auth.token.introspected", "auth.token.revoked"] {
+        assert!(events.contains(&format!("\"type\":\"{t}\"")), "no {t} event in the log");
+    }
+    for (what, text) in [("the log", &events), ("the server's output", &stderr)] {
+        assert!(!text.contains(&rs_secret), "a client secret in {what}");
+        assert!(!text.contains("eyJ"), "a JWT in {what}");
+    }
+}
+
+/// `cairn admin` with the server stopped and running; passwords only on stdin and only hashed.
+fn administration(backend: Backend) {
+    let d = Deployment::new(backend);
+    // Offline: the CLI writes to the log itself.
+    let (status, out, err) = d.cairn_with_stdin(
+        &["admin", "user", "add", "--username", "alice", "--password-stdin", "--fhir-user", "Patient/p-1"],
+        "alice's long password\n",
+    );
+    assert!(status.success(), "{out}{err}");
+    let (status, _, err) = d.cairn(&["admin", "user", "add", "--username", "bob"]);
+    assert!(!status.success());
+    assert!(err.contains("--password-stdin") && err.lines().count() == 1, "{err}");
+    let server = d.start(&[]);
+    // Online: through the server's socket; the server sees offline changes.
+    let users = d.admin(&["user", "list"]);
+    assert_eq!(users[0]["username"], "alice");
+    assert_eq!(users[0]["fhir_user"], "Patient/p-1");
+    let (status, _, err) = d.cairn_with_stdin(&["admin", "user", "add", "--username", "alice", "--password-stdin"], "another password\n");
+    assert!(!status.success() && err.contains("already exists"), "{err}");
+    let lab = d.admin(&["client", "register", "--name", "Lab", "--kind", "confidential-symmetric", "--scope", "system/Observation.rs"]);
+    let (id, secret) = (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let http = Http::new(&server);
+    rt().block_on(async {
+        let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.rs")];
+        let (status, _, token) = http.form("/token", &grant, Some((&id, &secret))).await;
+        assert_eq!(status, 200, "{token}");
+        let access = token["access_token"].as_str().unwrap().to_owned();
+        assert_eq!(http.fhir(reqwest::Method::GET, "/Observation", Some(&access), None).await.0, 200);
+        // Revoking everything of the client kills the live token at once.
+        let revoked = d.admin(&["revoke", "--client", &id]);
+        assert_eq!(revoked["revoked"]["kind"], "client");
+        assert_eq!(http.fhir(reqwest::Method::GET, "/Observation", Some(&access), None).await.0, 401);
+        // A disabled client gets no new token.
+        d.admin(&["client", "disable", "--client-id", &id]);
+        let (status, _, err) = http.form("/token", &grant, Some((&id, &secret))).await;
+        assert_eq!((status, err["error"].as_str()), (401, Some("invalid_client")));
+        let clients = d.admin(&["client", "list"]);
+        assert_eq!(clients[0]["disabled"], true);
+    });
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    let (_, events, _) = d.cairn(&["log", "tail", "--topic", "cairn.auth"]);
+    assert!(events.contains("$argon2id$"), "the password hash is recorded");
+    assert!(!events.contains("alice's long password") && !stderr.contains("alice's long password"));
+    assert!(!events.contains(&secret));
+}
+
+cairn_tests::on_every_backend!(backend_services, administration);
