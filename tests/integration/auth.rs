@@ -297,3 +297,53 @@ fn administration(backend: Backend) {
 }
 
 cairn_tests::on_every_backend!(backend_services, administration);
+
+/// Two API processes on one Kafka log, each with its own signing key: a token the one issues is
+/// accepted by the other at once (keys are published in the log before they sign, and an unknown
+/// `kid` makes an instance catch up before refusing), and a revocation made at one is enforced by the
+/// other.
+#[test]
+#[ignore = "needs Kafka and Cassandra: run with infra/test"]
+fn a_token_issued_by_one_api_process_is_honoured_and_revoked_at_another() {
+    let d = Deployment::new(Backend::KafkaCassandra);
+    let other_keys = tempfile::tempdir().unwrap();
+    // Behind one load balancer every instance has the same public URL: the issuer and audience.
+    let a = d.start(&["--public-url", "https://cairn.test"]);
+    let b = d.start(&["--public-url", "https://cairn.test", "--roles", "fhir", "--token-key-dir", other_keys.path().to_str().unwrap()]);
+    let lab = d.admin(&["client", "register", "--name", "Lab", "--kind", "confidential-symmetric", "--scope", "system/Observation.crs"]);
+    let (id, secret) = (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let (http_a, http_b) = (Http::new(&a), Http::new(&b));
+    rt().block_on(async {
+        let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.crs")];
+        // The client was registered through A's socket; B learns it from the log.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let token = loop {
+            let (status, _, token) = http_b.form("/token", &grant, Some((&id, &secret))).await;
+            if status == 200 {
+                break token["access_token"].as_str().unwrap().to_owned();
+            }
+            assert!(std::time::Instant::now() < deadline, "B never learned the client: {token}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        let kid_b = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+        let (_, _, jwks_a) = http_a.get_json("/jwks").await;
+        let (status, _, body) = http_a.fhir(reqwest::Method::POST, "/Observation", Some(&token), Some(&reading("p-9"))).await;
+        assert_eq!(status, 201, "A refused B's token: {body}");
+        let (_, _, jwks_a_after) = http_a.get_json("/jwks").await;
+        assert!(jwks_a_after["keys"].as_array().unwrap().iter().any(|k| k["kid"] == kid_b.as_str()), "{jwks_a} {jwks_a_after}");
+        // Revoked through A's revocation endpoint; B stops accepting it.
+        let (status, _, _) = http_a.form("/revoke", &[("token", &token)], Some((&id, &secret))).await;
+        assert_eq!(status, 200);
+        let revoked_at = std::time::Instant::now();
+        loop {
+            let (status, _, _) = http_b.fhir(reqwest::Method::GET, "/Observation?patient=p-9", Some(&token), None).await;
+            if status == 401 {
+                break;
+            }
+            assert_eq!(status, 200);
+            assert!(revoked_at.elapsed() < std::time::Duration::from_secs(10), "B still accepts a revoked token");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        eprintln!("revocation through A enforced at B after {} ms", revoked_at.elapsed().as_millis());
+    });
+}

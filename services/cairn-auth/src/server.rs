@@ -165,9 +165,21 @@ impl AuthServer {
     /// Waits until every event in the auth topic at this moment has been applied.
     pub async fn catch_up(&self) -> Result<(), AuthError> {
         let partitions = self.projection.read().expect("auth projection").next.len();
+        let deadline = tokio::time::Instant::now() + self.settings.catch_up_timeout;
         let mut ends = Vec::with_capacity(partitions);
         for p in 0..partitions {
-            ends.push(self.log.end_offset(topics::AUTH, p as u32).await.map_err(|e| AuthError::Unavailable(e.to_string()))?);
+            // A topic created a moment ago may have no partition leader yet: retry until the deadline.
+            let end = loop {
+                match self.log.end_offset(topics::AUTH, p as u32).await {
+                    Ok(end) => break end,
+                    Err(e) if tokio::time::Instant::now() >= deadline => return Err(AuthError::Unavailable(e.to_string())),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading the auth topic's end offset; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                }
+            };
+            ends.push(end);
         }
         self.wait_for(&ends).await
     }
