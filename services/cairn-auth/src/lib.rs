@@ -11,6 +11,7 @@
 
 pub mod assertion;
 pub mod client_auth;
+pub mod flow;
 pub mod keys;
 pub mod password;
 pub mod scope;

@@ -29,6 +29,14 @@ pub struct AuthSettings {
     pub issuer: String,
     /// Lifetime of tokens issued to backend services (`client_credentials`); at most 5 minutes.
     pub backend_token_lifetime: Duration,
+    /// Lifetime of access tokens issued to apps (authorization code and refresh grants).
+    pub access_token_lifetime: Duration,
+    /// Lifetime of refresh tokens granted with `offline_access`.
+    pub offline_refresh_lifetime: Duration,
+    /// Lifetime of a browser session, and of refresh tokens granted with `online_access`.
+    pub session_lifetime: Duration,
+    /// Lifetime of an authorization code.
+    pub code_lifetime: Duration,
     /// How long to wait for the log when this instance must catch up (startup, an unknown `kid`).
     pub catch_up_timeout: Duration,
 }
@@ -38,6 +46,10 @@ impl AuthSettings {
         AuthSettings {
             issuer: issuer.into().trim_end_matches('/').to_owned(),
             backend_token_lifetime: Duration::from_secs(300),
+            access_token_lifetime: Duration::from_secs(900),
+            offline_refresh_lifetime: Duration::from_secs(30 * 24 * 3600),
+            session_lifetime: Duration::from_secs(8 * 3600),
+            code_lifetime: Duration::from_secs(60),
             catch_up_timeout: Duration::from_secs(30),
         }
     }
@@ -95,22 +107,34 @@ pub enum AdminCommand {
     },
 }
 
-struct Projection {
-    state: AuthState,
+pub(crate) struct Projection {
+    pub(crate) state: AuthState,
     /// Next offset to apply, per partition of `cairn.auth`.
     next: Vec<u64>,
 }
 
 /// The authorization server of one process.
 pub struct AuthServer {
-    log: Arc<dyn EventLog>,
-    settings: AuthSettings,
+    pub(crate) log: Arc<dyn EventLog>,
+    pub(crate) settings: AuthSettings,
     /// `None` for an administrative instance (the `cairn admin` CLI offline), which signs nothing.
-    keys: Option<KeyRing>,
-    projection: RwLock<Projection>,
+    pub(crate) keys: Option<KeyRing>,
+    pub(crate) projection: RwLock<Projection>,
     applied: tokio::sync::watch::Sender<u64>,
     verifier: Verifier,
     replay: assertion::ReplayCache,
+}
+
+/// What an access token is issued for.
+pub(crate) struct Grant<'a> {
+    pub client_id: &'a str,
+    pub subject: &'a str,
+    pub scopes: &'a ScopeSet,
+    pub lifetime_secs: i64,
+    pub grant_type: &'a str,
+    pub patient: Option<String>,
+    pub fhir_user: Option<String>,
+    pub family: Option<String>,
 }
 
 impl AuthServer {
@@ -200,7 +224,7 @@ impl AuthServer {
         }
     }
 
-    async fn append(&self, event: Event) -> Result<cairn_log::Position, AuthError> {
+    pub(crate) async fn append(&self, event: Event) -> Result<cairn_log::Position, AuthError> {
         let record = NewRecord::new(event.topic(), event.partition_key(), event.canonical_bytes());
         self.log.append(record).await.map_err(|e| {
             tracing::error!(error = %e, "auth event refused by the log: failing closed");
@@ -210,14 +234,27 @@ impl AuthServer {
 
     /// Appends and waits until this instance's state includes the event (read-your-writes for admin
     /// commands).
-    async fn append_and_apply(&self, event: Event) -> Result<(), AuthError> {
-        let pos = self.append(event).await?;
+    pub(crate) async fn append_and_apply(&self, event: Event) -> Result<(), AuthError> {
+        self.append_all_and_apply(vec![event]).await
+    }
+
+    /// Appends several events atomically and waits until this instance has applied them.
+    pub(crate) async fn append_all_and_apply(&self, events: Vec<Event>) -> Result<(), AuthError> {
+        let records: Vec<NewRecord> =
+            events.iter().map(|e| NewRecord::new(e.topic(), e.partition_key(), e.canonical_bytes())).collect();
+        let positions = self.log.append_batch(records).await.map_err(|e| {
+            tracing::error!(error = %e, "auth events refused by the log: failing closed");
+            AuthError::Unavailable(e.to_string())
+        })?;
         let mut ends = vec![0; self.projection.read().expect("auth projection").next.len()];
-        ends[pos.partition as usize] = pos.offset + 1;
+        for pos in positions {
+            let end = &mut ends[pos.partition as usize];
+            *end = (*end).max(pos.offset + 1);
+        }
         self.wait_for(&ends).await
     }
 
-    fn read_state<T>(&self, f: impl FnOnce(&AuthState) -> T) -> T {
+    pub(crate) fn read_state<T>(&self, f: impl FnOnce(&AuthState) -> T) -> T {
         f(&self.projection.read().expect("auth projection").state)
     }
 
@@ -246,12 +283,14 @@ impl AuthServer {
         let grant_type = req.require("grant_type")?;
         match grant_type {
             "client_credentials" => self.client_credentials(req, actor).await,
+            "authorization_code" => self.authorization_code(req, actor).await,
+            "refresh_token" => self.refresh_token(req, actor).await,
             "password" | "implicit" => Err(OAuthError::new("unsupported_grant_type", format!("the {grant_type} grant is not offered (RFC 9700)"))),
             other => Err(OAuthError::new("unsupported_grant_type", format!("grant_type `{other}` is not supported"))),
         }
     }
 
-    fn authenticate(&self, req: &FormRequest) -> Result<Client, OAuthError> {
+    pub(crate) fn authenticate(&self, req: &FormRequest) -> Result<Client, OAuthError> {
         let token_endpoint = self.settings.token_endpoint();
         self.read_state(|s| client_auth::authenticate(s, req, &token_endpoint, &self.replay, now_secs()))
     }
@@ -271,7 +310,16 @@ impl AuthServer {
             return Err(OAuthError::invalid_scope("none of the requested scopes is allowed for this client"));
         }
         let lifetime = self.settings.backend_token_lifetime.min(MAX_BACKEND_TOKEN_LIFETIME).as_secs() as i64;
-        let (token, issued) = self.issue_access_token(&client, client.id(), &granted, lifetime, "client_credentials", None, None)?;
+        let (token, issued) = self.issue_access_token(&Grant {
+            client_id: client.id(),
+            subject: client.id(),
+            scopes: &granted,
+            lifetime_secs: lifetime,
+            grant_type: "client_credentials",
+            patient: None,
+            fhir_user: None,
+            family: None,
+        })?;
         self.append(Event::new(Payload::from(issued)).with_actor(Actor { client_id: Some(client.id().to_owned()), ..actor.clone() }))
             .await?;
         Ok(json!({
@@ -282,17 +330,7 @@ impl AuthServer {
         }))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn issue_access_token(
-        &self,
-        client: &Client,
-        subject: &str,
-        scopes: &ScopeSet,
-        lifetime_secs: i64,
-        grant_type: &str,
-        patient: Option<String>,
-        fhir_user: Option<String>,
-    ) -> Result<(String, TokenIssued), OAuthError> {
+    pub(crate) fn issue_access_token(&self, g: &Grant) -> Result<(String, TokenIssued), OAuthError> {
         let key = self
             .keys
             .as_ref()
@@ -301,31 +339,32 @@ impl AuthServer {
         let now = now_secs();
         let claims = AccessClaims {
             iss: self.settings.issuer.clone(),
-            sub: subject.to_owned(),
+            sub: g.subject.to_owned(),
             aud: self.settings.fhir_base(),
-            exp: now + lifetime_secs,
+            exp: now + g.lifetime_secs,
             iat: now,
             nbf: None,
             jti: uuid::Uuid::now_v7().to_string(),
-            client_id: client.id().to_owned(),
-            scope: scopes.to_string(),
-            patient,
-            fhir_user,
-            fam: None,
+            client_id: g.client_id.to_owned(),
+            scope: g.scopes.to_string(),
+            patient: g.patient.clone(),
+            fhir_user: g.fhir_user.clone(),
+            fam: g.family.clone(),
         };
         let token = token::sign(&claims, key)?;
         let issued = TokenIssued {
             jti: claims.jti.clone(),
             kind: TokenKind::Access,
-            grant_type: grant_type.to_owned(),
+            grant_type: g.grant_type.to_owned(),
             client_id: claims.client_id.clone(),
             subject: Some(claims.sub.clone()),
             scope: claims.scope.clone(),
             audience: claims.aud.clone(),
             issued_at: Timestamp::from_millis(now * 1000),
             expires_at: Timestamp::from_millis(claims.exp * 1000),
-            family_id: None,
+            family_id: g.family.clone(),
             kid: Some(key.kid.clone()),
+            rotated_from: None,
         };
         Ok((token, issued))
     }
@@ -427,18 +466,26 @@ impl AuthServer {
         let i = &self.settings.issuer;
         json!({
             "issuer": i,
-            "jwks_uri": format!("{i}/jwks"),
+            "authorization_endpoint": format!("{i}/authorize"),
             "token_endpoint": self.settings.token_endpoint(),
+            "userinfo_endpoint": format!("{i}/userinfo"),
+            "jwks_uri": format!("{i}/jwks"),
             "introspection_endpoint": format!("{i}/introspect"),
             "revocation_endpoint": format!("{i}/revoke"),
-            "grant_types_supported": ["client_credentials"],
+            "end_session_endpoint": format!("{i}/logout"),
+            "grant_types_supported": GRANT_TYPES,
             "response_types_supported": ["code"],
-            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+            "response_modes_supported": ["query"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "token_endpoint_auth_methods_supported": TOKEN_AUTH_METHODS,
             "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-            "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
-            "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+            "introspection_endpoint_auth_methods_supported": AUTH_METHODS,
+            "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
             "scopes_supported": SCOPES_SUPPORTED,
+            "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "azp", "fhirUser", "preferred_username"],
             "code_challenge_methods_supported": ["S256"],
+            "authorization_response_iss_parameter_supported": true,
         })
     }
 
@@ -448,16 +495,34 @@ impl AuthServer {
         json!({
             "issuer": i,
             "jwks_uri": format!("{i}/jwks"),
+            "authorization_endpoint": format!("{i}/authorize"),
             "token_endpoint": self.settings.token_endpoint(),
-            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+            "token_endpoint_auth_methods_supported": TOKEN_AUTH_METHODS,
             "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-            "grant_types_supported": ["client_credentials"],
+            "grant_types_supported": GRANT_TYPES,
             "scopes_supported": SCOPES_SUPPORTED,
             "response_types_supported": ["code"],
             "introspection_endpoint": format!("{i}/introspect"),
             "revocation_endpoint": format!("{i}/revoke"),
+            "userinfo_endpoint": format!("{i}/userinfo"),
             "code_challenge_methods_supported": ["S256"],
-            "capabilities": ["client-confidential-symmetric", "client-confidential-asymmetric", "permission-v1", "permission-v2"],
+            "capabilities": [
+                "launch-standalone", "authorize-post",
+                "client-public", "client-confidential-symmetric", "client-confidential-asymmetric",
+                "sso-openid-connect", "context-banner", "context-style", "context-standalone-patient",
+                "permission-offline", "permission-online", "permission-patient", "permission-user",
+                "permission-v1", "permission-v2",
+            ],
+        })
+    }
+
+    /// The styling hints `smart_style_url` points at (SMART App Launch: context-style).
+    pub fn smart_style(&self) -> Value {
+        json!({
+            "color_background": "#f6f7f9", "color_error": "#b3261e", "color_highlight": "#1f6feb",
+            "color_modal_backdrop": "", "color_success": "#1a7f37", "color_text": "#1f2328",
+            "dim_border_radius": "6px", "dim_font_size": "15px", "dim_spacing_size": "16px",
+            "font_family_body": "system-ui, sans-serif", "font_family_heading": "system-ui, sans-serif",
         })
     }
 
@@ -574,7 +639,15 @@ impl AuthServer {
 /// The longest any access token lives (the bound for remembering a revoked `jti`).
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
-const SCOPES_SUPPORTED: &[&str] = &["system/*.cruds", "system/*.rs", "system/Observation.cruds", "system/Observation.crs"];
+const SCOPES_SUPPORTED: &[&str] = &[
+    "openid", "fhirUser", "launch/patient", "offline_access", "online_access",
+    "patient/*.cruds", "patient/*.rs", "patient/Observation.rs", "patient/Observation.crus", "patient/Patient.rs",
+    "user/*.cruds", "user/*.rs", "user/Observation.rs", "system/*.cruds", "system/*.rs", "system/Observation.crs",
+];
+const GRANT_TYPES: &[&str] = &["authorization_code", "refresh_token", "client_credentials"];
+const AUTH_METHODS: &[&str] = &["client_secret_basic", "client_secret_post", "private_key_jwt"];
+/// Public clients (`none`) may use the token endpoint too, with PKCE.
+const TOKEN_AUTH_METHODS: &[&str] = &["client_secret_basic", "client_secret_post", "private_key_jwt", "none"];
 
 /// Tails `cairn.auth` and applies every event to the server's state, for as long as the server lives.
 async fn follow(server: std::sync::Weak<AuthServer>) {

@@ -5,7 +5,9 @@
 
 use crate::keys::decoding_key;
 use crate::scope::ScopeSet;
-use cairn_events::{ClientKind, ClientRegistered, Event, KeyPurpose, Payload, RevocationTarget, UserCreated};
+use cairn_events::{
+    ClientKind, ClientRegistered, CodeIssued, Event, KeyPurpose, Payload, RevocationTarget, TokenKind, UserCreated,
+};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use std::collections::HashMap;
 
@@ -51,7 +53,65 @@ pub struct AuthState {
     user_ids_by_name: HashMap<String, String>,
     keys: Vec<PublishedKey>,
     revoked: Revocations,
+    sessions: HashMap<String, Session>,
+    codes: HashMap<String, Code>,
+    families: HashMap<String, Family>,
+    refresh: HashMap<String, RefreshToken>,
+    failures: LoginFailures,
 }
+
+/// A browser session (by the hash of its cookie).
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub user_id: String,
+    pub started_ms: i64,
+    pub ended: bool,
+}
+
+/// An authorization code (by its hash) and what became of it.
+#[derive(Debug, Clone)]
+pub struct Code {
+    pub issued: CodeIssued,
+    /// The family of the first redemption; later redemptions are reuse.
+    pub first_redemption: Option<String>,
+}
+
+/// The tokens descended from one authorization code: their shared context.
+#[derive(Debug, Clone)]
+pub struct Family {
+    pub client_id: String,
+    pub user_id: String,
+    pub scope: String,
+    pub patient: Option<String>,
+    pub fhir_user: Option<String>,
+    pub auth_time_ms: i64,
+}
+
+/// A refresh token (by its hash, which is its `jti`).
+#[derive(Debug, Clone)]
+pub struct RefreshToken {
+    pub family_id: String,
+    pub client_id: String,
+    pub user_id: String,
+    pub scope: String,
+    pub expires_ms: i64,
+    /// The first refresh token that replaced this one; presenting this one again after that is reuse.
+    pub rotated_to: Option<String>,
+}
+
+/// Recent failed sign-ins (event times, ms) per username and per source address.
+#[derive(Default)]
+struct LoginFailures {
+    by_user: HashMap<String, std::collections::VecDeque<i64>>,
+    by_address: HashMap<String, std::collections::VecDeque<i64>>,
+}
+
+/// The window login throttling counts failures in.
+pub const THROTTLE_WINDOW_MS: i64 = 15 * 60 * 1000;
+/// Failures per username within the window before the account is locked for the rest of it.
+pub const MAX_FAILURES_PER_USER: usize = 5;
+/// Failures per source address within the window before the address is locked out.
+pub const MAX_FAILURES_PER_ADDRESS: usize = 20;
 
 /// What `auth.token.revoked` events have killed. A revoked `jti` is remembered only until the
 /// token's own expiry, so the list stays bounded.
@@ -114,6 +174,74 @@ impl AuthState {
                 }
             }
             Payload::TokenRevoked(r) => self.revoke(&r.target, event.occurred_at.as_millis() / 1000),
+            Payload::LoginSucceeded(l) => {
+                self.sessions.insert(
+                    l.session_id.clone(),
+                    Session { user_id: l.user_id.clone(), started_ms: event.occurred_at.as_millis(), ended: false },
+                );
+                self.failures.by_user.remove(&l.username);
+            }
+            Payload::LoginFailed(f) => {
+                let at = event.occurred_at.as_millis();
+                if let Some(u) = &f.username {
+                    push_failure(self.failures.by_user.entry(u.clone()).or_default(), at);
+                }
+                if let Some(a) = &event.actor.source_address {
+                    push_failure(self.failures.by_address.entry(a.clone()).or_default(), at);
+                }
+            }
+            Payload::Logout(l) => {
+                if let Some(s) = self.sessions.get_mut(&l.session_id) {
+                    s.ended = true;
+                }
+            }
+            Payload::CodeIssued(c) => {
+                let now = event.occurred_at.as_millis();
+                // Codes live a minute: forget the long-expired ones as new ones come (time from the event).
+                if self.codes.len() >= 1024 {
+                    self.codes.retain(|_, code| code.issued.expires_at.as_millis() + 3_600_000 >= now);
+                }
+                self.codes.insert(c.code_hash.clone(), Code { issued: c.clone(), first_redemption: None });
+            }
+            Payload::CodeRedeemed(r) => {
+                if let Some(code) = self.codes.get_mut(&r.code_hash)
+                    && code.first_redemption.is_none()
+                {
+                    code.first_redemption = Some(r.family_id.clone());
+                    let c = &code.issued;
+                    self.families.insert(
+                        r.family_id.clone(),
+                        Family {
+                            client_id: c.client_id.clone(),
+                            user_id: c.user_id.clone(),
+                            scope: c.scope.clone(),
+                            patient: c.patient.clone(),
+                            fhir_user: c.fhir_user.clone(),
+                            auth_time_ms: c.auth_time.as_millis(),
+                        },
+                    );
+                }
+            }
+            Payload::TokenIssued(t) if t.kind == TokenKind::Refresh => {
+                let now = event.occurred_at.as_millis();
+                if self.refresh.len() >= 1024 {
+                    self.refresh.retain(|_, r| r.expires_ms >= now);
+                }
+                if let Some(previous) = t.rotated_from.as_ref().and_then(|p| self.refresh.get_mut(p)) {
+                    previous.rotated_to.get_or_insert_with(|| t.jti.clone());
+                }
+                self.refresh.insert(
+                    t.jti.clone(),
+                    RefreshToken {
+                        family_id: t.family_id.clone().unwrap_or_default(),
+                        client_id: t.client_id.clone(),
+                        user_id: t.subject.clone().unwrap_or_default(),
+                        scope: t.scope.clone(),
+                        expires_ms: t.expires_at.as_millis(),
+                        rotated_to: None,
+                    },
+                );
+            }
             _ => {}
         }
     }
@@ -157,6 +285,38 @@ impl AuthState {
             || r.kids.contains(kid)
     }
 
+    pub fn session(&self, session_id: &str) -> Option<&Session> {
+        self.sessions.get(session_id)
+    }
+
+    pub fn code(&self, code_hash: &str) -> Option<&Code> {
+        self.codes.get(code_hash)
+    }
+
+    pub fn family(&self, family_id: &str) -> Option<&Family> {
+        self.families.get(family_id)
+    }
+
+    pub fn refresh_token(&self, jti: &str) -> Option<&RefreshToken> {
+        self.refresh.get(jti)
+    }
+
+    pub fn is_family_revoked(&self, family_id: &str) -> bool {
+        self.revoked.families.contains(family_id)
+    }
+
+    /// Until when (ms) sign-ins for this username or from this address are refused, if they are.
+    pub fn throttled_until(&self, username: &str, address: Option<&str>, now_ms: i64) -> Option<i64> {
+        let locked = |q: Option<&std::collections::VecDeque<i64>>, max: usize| {
+            let q = q?;
+            let recent: Vec<i64> = q.iter().copied().filter(|t| *t + THROTTLE_WINDOW_MS > now_ms).collect();
+            (recent.len() >= max).then(|| recent[recent.len() - max] + THROTTLE_WINDOW_MS)
+        };
+        let by_user = locked(self.failures.by_user.get(username), MAX_FAILURES_PER_USER);
+        let by_address = address.and_then(|a| locked(self.failures.by_address.get(a), MAX_FAILURES_PER_ADDRESS));
+        by_user.into_iter().chain(by_address).max()
+    }
+
     pub fn client(&self, client_id: &str) -> Option<&Client> {
         self.clients.get(client_id)
     }
@@ -183,5 +343,13 @@ impl AuthState {
 
     pub fn keys(&self) -> &[PublishedKey] {
         &self.keys
+    }
+}
+
+/// Keeps at most the failures that can still count.
+fn push_failure(q: &mut std::collections::VecDeque<i64>, at: i64) {
+    q.push_back(at);
+    while q.len() > MAX_FAILURES_PER_ADDRESS || q.front().is_some_and(|t| *t + THROTTLE_WINDOW_MS < at) {
+        q.pop_front();
     }
 }

@@ -442,3 +442,230 @@ async fn admin_commands_validate_their_input() {
     let text = String::from_utf8(created[0].canonical_bytes()).unwrap();
     assert!(!text.contains("long enough pw") && text.contains("$argon2id$"), "only the hash is recorded");
 }
+
+// ---------------------------------------------------------------- the authorization code flow
+
+const APP_REDIRECT: &str = "https://app.example/callback";
+
+async fn app_and_patient(f: &Fixture) -> (String, crate::state::User) {
+    f.auth
+        .admin(AdminCommand::ClientRegister {
+            name: "Growth chart".into(),
+            kind: ClientKind::Public,
+            client_id: Some("growth-chart".into()),
+            redirect_uris: vec![APP_REDIRECT.into()],
+            scope: "launch/patient openid fhirUser offline_access patient/Observation.rs patient/Patient.r".into(),
+            jwks: None,
+            jwks_uri: None,
+        })
+        .await
+        .unwrap();
+    f.auth
+        .admin(AdminCommand::UserAdd {
+            username: "pat".into(),
+            password: "patient password".into(),
+            fhir_user: Some("Patient/p-1".into()),
+            roles: vec![],
+        })
+        .await
+        .unwrap();
+    let user = f.auth.read_state(|s| s.user_by_name("pat").cloned()).unwrap();
+    ("growth-chart".into(), user)
+}
+
+fn verifier() -> String {
+    crate::random_token(48)
+}
+
+fn challenge(v: &str) -> String {
+    use sha2::Digest;
+    URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(v.as_bytes()))
+}
+
+fn authorize_params(challenge: &str, scope: &str) -> Vec<(String, String)> {
+    [
+        ("response_type", "code"),
+        ("client_id", "growth-chart"),
+        ("redirect_uri", APP_REDIRECT),
+        ("scope", scope),
+        ("state", "st-1"),
+        ("aud", "https://cairn.test/fhir"),
+        ("code_challenge", challenge),
+        ("code_challenge_method", "S256"),
+        ("nonce", "n-1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn query_param(url: &str, name: &str) -> Option<String> {
+    let q = url.split_once('?')?.1;
+    form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+/// Signs in, consents to everything asked, returns the code.
+async fn code_for(f: &Fixture, v: &str, scope: &str) -> String {
+    let req = f.auth.authorize_request(&authorize_params(&challenge(v), scope)).unwrap();
+    let signed_in = f.auth.login("pat", "patient password", &Actor::default()).await.unwrap();
+    let user = f.auth.session_user(&signed_in.cookie).unwrap();
+    let all: Vec<String> = req.scopes.iter().map(|s| s.to_string()).collect();
+    let url = f.auth.decide(&req, &user, &signed_in.cookie, Some(&all), None, &Actor::default()).await.unwrap();
+    assert_eq!(query_param(&url, "state").as_deref(), Some("st-1"));
+    assert_eq!(query_param(&url, "iss").as_deref(), Some(ISSUER));
+    query_param(&url, "code").unwrap()
+}
+
+fn code_exchange(code: &str, v: &str) -> FormRequest {
+    FormRequest {
+        params: vec![
+            ("grant_type".into(), "authorization_code".into()),
+            ("code".into(), code.into()),
+            ("redirect_uri".into(), APP_REDIRECT.into()),
+            ("client_id".into(), "growth-chart".into()),
+            ("code_verifier".into(), v.into()),
+        ],
+        basic: None,
+    }
+}
+
+#[tokio::test]
+async fn standalone_launch_gives_patient_context_id_token_and_refresh() {
+    let f = fixture().await;
+    app_and_patient(&f).await;
+    let v = verifier();
+    let code = code_for(&f, &v, "launch/patient openid fhirUser offline_access patient/Observation.rs").await;
+    let t = f.auth.token(&code_exchange(&code, &v), &Actor::default()).await.unwrap();
+    assert_eq!(t["patient"], "p-1");
+    assert_eq!(t["need_patient_banner"], true);
+    assert!(t["smart_style_url"].as_str().unwrap().starts_with(ISSUER));
+    let access = f.auth.verify(t["access_token"].as_str().unwrap()).await.unwrap();
+    assert_eq!(access.claims.patient.as_deref(), Some("p-1"));
+    assert_eq!(access.claims.fhir_user.as_deref(), Some("Patient/p-1"));
+    // The ID token: RS256, our key, the nonce, fhirUser.
+    let id = t["id_token"].as_str().unwrap();
+    let header = jsonwebtoken::decode_header(id).unwrap();
+    assert_eq!(header.alg, Algorithm::RS256);
+    let claims: Value = jsonwebtoken::dangerous::insecure_decode(id).unwrap().claims;
+    assert_eq!((claims["aud"].as_str(), claims["nonce"].as_str()), (Some("growth-chart"), Some("n-1")));
+    assert_eq!(claims["fhirUser"], "https://cairn.test/fhir/Patient/p-1");
+    let info = f.auth.userinfo(&access).unwrap();
+    assert_eq!(info["fhirUser"], "https://cairn.test/fhir/Patient/p-1");
+
+    // Refresh rotates; the old refresh token presented again revokes the whole family.
+    let r1 = t["refresh_token"].as_str().unwrap().to_owned();
+    let refresh = |r: &str| FormRequest {
+        params: vec![("grant_type".into(), "refresh_token".into()), ("refresh_token".into(), r.into()), ("client_id".into(), "growth-chart".into())],
+        basic: None,
+    };
+    let t2 = f.auth.token(&refresh(&r1), &Actor::default()).await.unwrap();
+    let r2 = t2["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(r1, r2);
+    let a2 = t2["access_token"].as_str().unwrap().to_owned();
+    f.auth.verify(&a2).await.unwrap();
+    let narrower = FormRequest {
+        params: vec![
+            ("grant_type".into(), "refresh_token".into()),
+            ("refresh_token".into(), r2.clone()),
+            ("client_id".into(), "growth-chart".into()),
+            ("scope".into(), "patient/Observation.rs user/Observation.rs".into()),
+        ],
+        basic: None,
+    };
+    assert_eq!(f.auth.token(&narrower, &Actor::default()).await.unwrap_err().error, "invalid_scope", "a refresh cannot widen");
+    let err = f.auth.token(&refresh(&r1), &Actor::default()).await.unwrap_err();
+    assert_eq!(err.error, "invalid_grant");
+    assert_eq!(f.auth.verify(&a2).await.unwrap_err(), TokenRejection::Revoked, "reuse revokes the family's access tokens");
+    assert_eq!(f.auth.token(&refresh(&r2), &Actor::default()).await.unwrap_err().error, "invalid_grant");
+    let revoked = events_of(&f.log, EventType::AuthTokenRevoked).await;
+    assert!(revoked.iter().any(|e| String::from_utf8(e.canonical_bytes()).unwrap().contains("refresh_token_reuse")));
+}
+
+#[tokio::test]
+async fn every_code_rule_is_enforced() {
+    let f = fixture().await;
+    app_and_patient(&f).await;
+    // PKCE: wrong verifier, missing verifier.
+    let v = verifier();
+    let code = code_for(&f, &v, "patient/Observation.rs").await;
+    let wrong = f.auth.token(&code_exchange(&code, &verifier()), &Actor::default()).await.unwrap_err();
+    assert!(wrong.error == "invalid_grant" && wrong.description.contains("PKCE"), "{wrong:?}");
+    let mut missing = code_exchange(&code, &v);
+    missing.params.retain(|(k, _)| k != "code_verifier");
+    assert_eq!(f.auth.token(&missing, &Actor::default()).await.unwrap_err().error, "invalid_grant");
+    // Redirect URI must match exactly.
+    let mut other = code_exchange(&code, &v);
+    other.params[2].1 = "https://app.example/callback/".into();
+    assert_eq!(f.auth.token(&other, &Actor::default()).await.unwrap_err().error, "invalid_grant");
+    // The right exchange works once; the second use revokes what the first gave.
+    let t = f.auth.token(&code_exchange(&code, &v), &Actor::default()).await.unwrap();
+    let access = t["access_token"].as_str().unwrap().to_owned();
+    f.auth.verify(&access).await.unwrap();
+    let again = f.auth.token(&code_exchange(&code, &v), &Actor::default()).await.unwrap_err();
+    assert!(again.description.contains("already used"), "{again:?}");
+    assert_eq!(f.auth.verify(&access).await.unwrap_err(), TokenRejection::Revoked);
+
+    // The authorization request: PKCE mandatory, plain refused, aud required and ours.
+    let c = challenge(&verifier());
+    let mut p = authorize_params(&c, "patient/Observation.rs");
+    p.retain(|(k, _)| k != "code_challenge_method");
+    let err = f.auth.authorize_request(&p).unwrap_err();
+    assert!(matches!(&err, crate::flow::AuthorizeError::Redirect(u) if u.contains("error=invalid_request") && u.contains("state=st-1")), "{err:?}");
+    let mut p = authorize_params(&c, "patient/Observation.rs");
+    p.iter_mut().find(|(k, _)| k == "code_challenge_method").unwrap().1 = "plain".into();
+    assert!(matches!(f.auth.authorize_request(&p).unwrap_err(), crate::flow::AuthorizeError::Redirect(u) if u.contains("S256")));
+    let mut p = authorize_params(&c, "patient/Observation.rs");
+    p.iter_mut().find(|(k, _)| k == "aud").unwrap().1 = "https://elsewhere/fhir".into();
+    assert!(matches!(f.auth.authorize_request(&p).unwrap_err(), crate::flow::AuthorizeError::Redirect(u) if u.contains("aud")));
+    // An unregistered redirect URI is never redirected to.
+    let mut p = authorize_params(&c, "patient/Observation.rs");
+    p.iter_mut().find(|(k, _)| k == "redirect_uri").unwrap().1 = "https://evil.example/cb".into();
+    assert!(matches!(f.auth.authorize_request(&p).unwrap_err(), crate::flow::AuthorizeError::Page(_)));
+    // Implicit flow is not offered.
+    let mut p = authorize_params(&c, "patient/Observation.rs");
+    p.iter_mut().find(|(k, _)| k == "response_type").unwrap().1 = "token".into();
+    assert!(matches!(f.auth.authorize_request(&p).unwrap_err(), crate::flow::AuthorizeError::Redirect(u) if u.contains("unsupported_response_type")));
+}
+
+#[tokio::test]
+async fn consent_can_withhold_scopes_and_refusal_is_recorded() {
+    let f = fixture().await;
+    let (_, user) = app_and_patient(&f).await;
+    let v = verifier();
+    let req = f.auth.authorize_request(&authorize_params(&challenge(&v), "openid patient/Observation.rs patient/Patient.r")).unwrap();
+    let s = f.auth.login("pat", "patient password", &Actor::default()).await.unwrap();
+    let url = f.auth.decide(&req, &user, &s.cookie, Some(&["patient/Observation.rs".to_owned()]), None, &Actor::default()).await.unwrap();
+    let t = f.auth.token(&code_exchange(&query_param(&url, "code").unwrap(), &v), &Actor::default()).await.unwrap();
+    assert_eq!(t["scope"], "patient/Observation.rs", "the token carries exactly what was granted");
+    assert!(t.get("id_token").is_none());
+    let url = f.auth.decide(&req, &user, &s.cookie, None, None, &Actor::default()).await.unwrap();
+    assert_eq!(query_param(&url, "error").as_deref(), Some("access_denied"));
+    let consents = events_of(&f.log, EventType::AuthConsentRecorded).await;
+    assert_eq!(consents.len(), 2);
+}
+
+#[tokio::test]
+async fn sign_in_is_throttled_and_sessions_end_at_logout() {
+    let f = fixture().await;
+    app_and_patient(&f).await;
+    let from = Actor { source_address: Some("198.51.100.7".into()), ..Actor::default() };
+    for _ in 0..crate::state::MAX_FAILURES_PER_USER {
+        let r = f.auth.login("pat", "wrong password", &from).await.err().unwrap();
+        assert_eq!(r.0, "Wrong username or password.");
+    }
+    f.auth.catch_up().await.unwrap();
+    let locked = f.auth.login("pat", "patient password", &from).await.err().unwrap();
+    assert!(locked.0.starts_with("Too many"), "{locked:?}");
+    // An unknown user reads the same as a wrong password.
+    assert_eq!(f.auth.login("nobody", "whatever", &Actor::default()).await.err().unwrap().0, "Wrong username or password.");
+    let failed = events_of(&f.log, EventType::AuthLoginFailed).await;
+    assert!(failed.iter().any(|e| String::from_utf8(e.canonical_bytes()).unwrap().contains("throttled")));
+    assert!(failed.iter().all(|e| !String::from_utf8(e.canonical_bytes()).unwrap().contains("wrong password")));
+
+    let other = fixture().await;
+    app_and_patient(&other).await;
+    let s = other.auth.login("pat", "patient password", &Actor::default()).await.unwrap();
+    assert!(other.auth.session_user(&s.cookie).is_some());
+    assert!(other.auth.logout(&s.cookie, &Actor::default()).await.unwrap());
+    assert!(other.auth.session_user(&s.cookie).is_none());
+}

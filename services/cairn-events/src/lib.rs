@@ -43,6 +43,10 @@ pub enum EventType {
     AuthKeyPublished,
     AuthTokenRefused,
     AuthTokenIntrospected,
+    AuthConsentRecorded,
+    AuthCodeIssued,
+    AuthCodeRedeemed,
+    AuthLogout,
     FhirResourceCreated,
     FhirResourceUpdated,
     FhirResourceDeleted,
@@ -51,7 +55,7 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 16] = [
+    pub const ALL: [EventType; 20] = [
         EventType::AuthLoginSucceeded,
         EventType::AuthLoginFailed,
         EventType::AuthTokenIssued,
@@ -63,6 +67,10 @@ impl EventType {
         EventType::AuthKeyPublished,
         EventType::AuthTokenRefused,
         EventType::AuthTokenIntrospected,
+        EventType::AuthConsentRecorded,
+        EventType::AuthCodeIssued,
+        EventType::AuthCodeRedeemed,
+        EventType::AuthLogout,
         EventType::FhirResourceCreated,
         EventType::FhirResourceUpdated,
         EventType::FhirResourceDeleted,
@@ -83,6 +91,10 @@ impl EventType {
             EventType::AuthKeyPublished => "auth.key.published",
             EventType::AuthTokenRefused => "auth.token.refused",
             EventType::AuthTokenIntrospected => "auth.token.introspected",
+            EventType::AuthConsentRecorded => "auth.consent.recorded",
+            EventType::AuthCodeIssued => "auth.code.issued",
+            EventType::AuthCodeRedeemed => "auth.code.redeemed",
+            EventType::AuthLogout => "auth.logout",
             EventType::FhirResourceCreated => "fhir.resource.created",
             EventType::FhirResourceUpdated => "fhir.resource.updated",
             EventType::FhirResourceDeleted => "fhir.resource.deleted",
@@ -511,7 +523,11 @@ impl Event {
             | EventType::AuthUserDisabled
             | EventType::AuthKeyPublished
             | EventType::AuthTokenRefused
-            | EventType::AuthTokenIntrospected => topics::AUTH,
+            | EventType::AuthTokenIntrospected
+            | EventType::AuthConsentRecorded
+            | EventType::AuthCodeIssued
+            | EventType::AuthCodeRedeemed
+            | EventType::AuthLogout => topics::AUTH,
         }
     }
 
@@ -543,6 +559,11 @@ impl Event {
             Payload::KeyPublished(k) => k.kid.clone(),
             Payload::TokenRefused(r) => r.client_id.clone().unwrap_or_else(|| self.id.to_string()),
             Payload::TokenIntrospected(i) => i.jti.clone().unwrap_or_else(|| i.client_id.clone()),
+            Payload::ConsentRecorded(c) => c.user_id.clone(),
+            // Every event about one code shares a partition, so the first redemption is well defined.
+            Payload::CodeIssued(c) => c.code_hash.clone(),
+            Payload::CodeRedeemed(c) => c.code_hash.clone(),
+            Payload::Logout(l) => l.user_id.clone(),
         }
     }
 }

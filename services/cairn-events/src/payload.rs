@@ -17,6 +17,10 @@ pub enum Payload {
     KeyPublished(KeyPublished),
     TokenRefused(TokenRefused),
     TokenIntrospected(TokenIntrospected),
+    ConsentRecorded(ConsentRecorded),
+    CodeIssued(CodeIssued),
+    CodeRedeemed(CodeRedeemed),
+    Logout(Logout),
     ResourceCreated(ResourceWritten),
     ResourceUpdated(ResourceWritten),
     ResourceDeleted(ResourceDeleted),
@@ -38,6 +42,10 @@ impl Payload {
             Payload::KeyPublished(_) => EventType::AuthKeyPublished,
             Payload::TokenRefused(_) => EventType::AuthTokenRefused,
             Payload::TokenIntrospected(_) => EventType::AuthTokenIntrospected,
+            Payload::ConsentRecorded(_) => EventType::AuthConsentRecorded,
+            Payload::CodeIssued(_) => EventType::AuthCodeIssued,
+            Payload::CodeRedeemed(_) => EventType::AuthCodeRedeemed,
+            Payload::Logout(_) => EventType::AuthLogout,
             Payload::ResourceCreated(_) => EventType::FhirResourceCreated,
             Payload::ResourceUpdated(_) => EventType::FhirResourceUpdated,
             Payload::ResourceDeleted(_) => EventType::FhirResourceDeleted,
@@ -59,6 +67,10 @@ impl Payload {
             EventType::AuthKeyPublished => Payload::KeyPublished(serde_json::from_str(json)?),
             EventType::AuthTokenRefused => Payload::TokenRefused(serde_json::from_str(json)?),
             EventType::AuthTokenIntrospected => Payload::TokenIntrospected(serde_json::from_str(json)?),
+            EventType::AuthConsentRecorded => Payload::ConsentRecorded(serde_json::from_str(json)?),
+            EventType::AuthCodeIssued => Payload::CodeIssued(serde_json::from_str(json)?),
+            EventType::AuthCodeRedeemed => Payload::CodeRedeemed(serde_json::from_str(json)?),
+            EventType::AuthLogout => Payload::Logout(serde_json::from_str(json)?),
             EventType::FhirResourceCreated => Payload::ResourceCreated(serde_json::from_str(json)?),
             EventType::FhirResourceUpdated => Payload::ResourceUpdated(serde_json::from_str(json)?),
             EventType::FhirResourceDeleted => Payload::ResourceDeleted(serde_json::from_str(json)?),
@@ -85,6 +97,10 @@ impl Serialize for PayloadRef<'_> {
             Payload::KeyPublished(p) => p.serialize(s),
             Payload::TokenRefused(p) => p.serialize(s),
             Payload::TokenIntrospected(p) => p.serialize(s),
+            Payload::ConsentRecorded(p) => p.serialize(s),
+            Payload::CodeIssued(p) => p.serialize(s),
+            Payload::CodeRedeemed(p) => p.serialize(s),
+            Payload::Logout(p) => p.serialize(s),
             Payload::ResourceCreated(p) | Payload::ResourceUpdated(p) => p.serialize(s),
             Payload::ResourceDeleted(p) => p.serialize(s),
             Payload::AccessRead(p) => p.serialize(s),
@@ -112,6 +128,10 @@ into_payload!(
     KeyPublished => KeyPublished,
     TokenRefused => TokenRefused,
     TokenIntrospected => TokenIntrospected,
+    ConsentRecorded => ConsentRecorded,
+    CodeIssued => CodeIssued,
+    CodeRedeemed => CodeRedeemed,
+    Logout => Logout,
     ResourceDeleted => ResourceDeleted,
     AccessRead => AccessRead,
     AccessSearch => AccessSearch,
@@ -204,6 +224,9 @@ pub struct TokenIssued {
     /// Signing key id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kid: Option<String>,
+    /// For a rotated refresh token: the `jti` of the refresh token it replaces (which is now used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_from: Option<String>,
 }
 
 /// What a revocation kills.
@@ -347,6 +370,63 @@ pub struct TokenIntrospected {
     pub active: bool,
 }
 
+/// `auth.consent.recorded`: what a user allowed an app (or that they refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentRecorded {
+    pub user_id: String,
+    pub client_id: String,
+    pub requested_scope: String,
+    /// Empty when refused.
+    pub granted_scope: String,
+    pub approved: bool,
+    /// The patient in context, a FHIR id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
+}
+
+/// `auth.code.issued`: an authorization code, recorded by its SHA-256 (the code itself is never
+/// recorded), with everything the token request will be checked against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodeIssued {
+    pub code_hash: String,
+    pub client_id: String,
+    pub user_id: String,
+    pub redirect_uri: String,
+    pub scope: String,
+    /// PKCE S256 challenge.
+    pub code_challenge: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
+    #[serde(default, rename = "fhirUser", skip_serializing_if = "Option::is_none")]
+    pub fhir_user: Option<String>,
+    /// Identifies the browser session that signed in (a hash, never the cookie).
+    pub session_id: String,
+    pub auth_time: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+/// `auth.code.redeemed`: a code was exchanged; the tokens issued from it form `family_id`. A second
+/// redemption of the same code revokes that family.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodeRedeemed {
+    pub code_hash: String,
+    pub client_id: String,
+    pub family_id: String,
+}
+
+/// `auth.logout`: a browser session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logout {
+    pub session_id: String,
+    pub user_id: String,
+}
+
 /// `fhir.resource.created` and `fhir.resource.updated`: the full resource as stored, meta included.
 ///
 /// The resource is kept as raw JSON text: written once by the API, copied verbatim by the projector
@@ -479,6 +559,7 @@ pub fn sample_event(t: EventType) -> Event {
             expires_at: later,
             family_id: Some("fam-1".into()),
             kid: Some("k-2026-11".into()),
+            rotated_from: Some("9d2c0c3e2b5b6f1e8c4a7d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c".into()),
         }
         .into(),
         EventType::AuthTokenRevoked => TokenRevoked {
@@ -533,6 +614,37 @@ pub fn sample_event(t: EventType) -> Event {
             active: true,
         }
         .into(),
+        EventType::AuthConsentRecorded => ConsentRecorded {
+            user_id: "user-7".into(),
+            client_id: "growth-chart".into(),
+            requested_scope: "launch/patient patient/Observation.rs openid fhirUser offline_access".into(),
+            granted_scope: "launch/patient patient/Observation.rs openid fhirUser".into(),
+            approved: true,
+            patient: Some("p-1".into()),
+        }
+        .into(),
+        EventType::AuthCodeIssued => CodeIssued {
+            code_hash: "4f2c0c3e2b5b6f1e8c4a7d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c".into(),
+            client_id: "growth-chart".into(),
+            user_id: "user-7".into(),
+            redirect_uri: "https://app.example.org/callback".into(),
+            scope: "launch/patient patient/Observation.rs openid fhirUser".into(),
+            code_challenge: "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM".into(),
+            nonce: Some("n-0S6_WzA2Mj".into()),
+            patient: Some("p-1".into()),
+            fhir_user: Some("Patient/p-1".into()),
+            session_id: "s-1".into(),
+            auth_time: now,
+            expires_at: Timestamp::from_millis(now.as_millis() + 60_000),
+        }
+        .into(),
+        EventType::AuthCodeRedeemed => CodeRedeemed {
+            code_hash: "4f2c0c3e2b5b6f1e8c4a7d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c".into(),
+            client_id: "growth-chart".into(),
+            family_id: "fam-1".into(),
+        }
+        .into(),
+        EventType::AuthLogout => Logout { session_id: "s-1".into(), user_id: "user-7".into() }.into(),
         EventType::FhirResourceCreated | EventType::FhirResourceUpdated => {
             let version_id = if t == EventType::FhirResourceCreated { 1 } else { 2 };
             let written = ResourceWritten::new(

@@ -17,6 +17,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 
 pub mod fhir;
 pub mod oauth;
+pub mod pages;
 
 /// The request header carrying the request id; set by us when the client did not send one.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -52,7 +53,7 @@ pub fn router(platform: SharedPlatform, fhir: Option<fhir::FhirApi>) -> Router {
         .with_state(platform);
     if let Some(api) = fhir {
         if let Some(auth) = &api.auth {
-            app = app.merge(oauth::routes(auth.clone()));
+            app = app.merge(oauth::routes(auth.clone())).merge(pages::routes(auth.clone()));
         }
         app = app.merge(fhir::routes(api));
     }

@@ -1,0 +1,433 @@
+//! The pages a person sees: sign-in, consent, sign-out and errors. Plain HTML forms that work
+//! without JavaScript; every value shown is escaped; every form carries a CSRF token (double submit:
+//! a cookie and a hidden field that must match); session and CSRF cookies are HttpOnly, SameSite and,
+//! behind https, Secure. The decisions are `cairn_auth`'s; this module only renders and parses.
+
+use crate::fhir::Peer;
+use crate::oauth::{authenticate_bearer, request_actor};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use cairn_auth::AuthServer;
+use cairn_auth::flow::{AuthorizeError, AuthorizeRequest};
+use cairn_auth::scope::{Context, Permission, Scope};
+use cairn_events::LoginFailure;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+const SESSION_COOKIE: &str = "cairn_session";
+const CSRF_COOKIE: &str = "cairn_csrf";
+
+pub fn routes(auth: Arc<AuthServer>) -> Router {
+    Router::new()
+        .route("/authorize", get(authorize).post(authorize))
+        .route("/login", axum::routing::post(login))
+        .route("/consent", axum::routing::post(consent))
+        .route("/logout", get(logout_page).post(logout))
+        .route("/userinfo", get(userinfo).post(userinfo))
+        .route("/smart-style.json", get(smart_style))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(auth)
+}
+
+/// HTML-escapes text for element content and quoted attribute values.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == name && !v.is_empty()).then(|| v.to_owned())
+    })
+}
+
+fn secure(auth: &AuthServer) -> &'static str {
+    if auth.settings().issuer.starts_with("https://") { "; Secure" } else { "" }
+}
+
+/// A page with the headers every page gets: no caching, no framing, no scripts.
+fn html(status: StatusCode, title: &str, body: &str, cookies: &[String]) -> Response {
+    let doc = format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} · Cairn</title>
+<style>
+body{{font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;background:#f6f7f9;color:#1f2328;margin:0}}
+main{{max-width:26rem;margin:3rem auto;background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:1.5rem 2rem}}
+h1{{font-size:1.3rem;margin:0 0 .25rem}} p.sub{{color:#59636e;margin:0 0 1.25rem}}
+label{{display:block;font-weight:600;margin:.75rem 0 .25rem}}
+input[type=text],input[type=password]{{width:100%;box-sizing:border-box;padding:.5rem;border:1px solid #d0d7de;border-radius:6px;font:inherit}}
+button{{font:inherit;padding:.5rem 1rem;border-radius:6px;border:1px solid #1f6feb;background:#1f6feb;color:#fff;cursor:pointer;margin-top:1rem}}
+button.secondary{{background:#fff;color:#1f2328;border-color:#d0d7de}}
+.error{{background:#ffebe9;border:1px solid #ff8182;border-radius:6px;padding:.5rem .75rem;margin-bottom:1rem}}
+ul.scopes{{list-style:none;padding:0}} ul.scopes li{{margin:.4rem 0}} ul.scopes code{{color:#59636e;font-size:.8rem}}
+footer{{color:#59636e;font-size:.8rem;margin-top:1.5rem}}
+</style></head>
+<body><main>{body}<footer>Cairn · every sign-in and consent is recorded in the audit trail</footer></main></body></html>"#,
+        title = esc(title),
+    );
+    let mut r = (status, doc).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"),
+    );
+    for c in cookies {
+        if let Ok(v) = HeaderValue::from_str(c) {
+            h.append(header::SET_COOKIE, v);
+        }
+    }
+    r
+}
+
+fn error_page(status: StatusCode, message: &str) -> Response {
+    html(status, "Cannot continue", &format!("<h1>Cannot continue</h1><p class=\"error\">{}</p>", esc(message)), &[])
+}
+
+fn see_other(location: &str, cookies: &[String]) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for c in cookies {
+        if let Ok(v) = HeaderValue::from_str(c) {
+            r.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    r
+}
+
+/// The CSRF token for a form: the browser's cookie if it has a good one, else a new one (and the
+/// cookie to set).
+fn csrf_token(auth: &AuthServer, headers: &HeaderMap) -> (String, Vec<String>) {
+    match cookie(headers, CSRF_COOKIE).filter(|c| c.len() == 43) {
+        Some(t) => (t, Vec::new()),
+        None => {
+            let t = cairn_auth::random_token(32);
+            let set = format!("{CSRF_COOKIE}={t}; Path=/; HttpOnly; SameSite=Strict{}", secure(auth));
+            (t, vec![set])
+        }
+    }
+}
+
+fn csrf_ok(headers: &HeaderMap, form: &Form) -> bool {
+    match (cookie(headers, CSRF_COOKIE), form.one("csrf")) {
+        (Some(c), Some(f)) => bool::from(c.as_bytes().ct_eq(f.as_bytes())),
+        _ => false,
+    }
+}
+
+/// A parsed form body.
+struct Form(Vec<(String, String)>);
+
+impl Form {
+    fn parse(body: &[u8]) -> Form {
+        Form(form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
+    }
+    fn one(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    fn all(&self, name: &str) -> Vec<String> {
+        self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect()
+    }
+    /// The authorization request carried through the forms.
+    fn authorize_params(&self) -> Vec<(String, String)> {
+        Form::parse(self.one("authorize").unwrap_or("").as_bytes()).0
+    }
+}
+
+fn encode_params(params: &[(String, String)]) -> String {
+    form_urlencoded::Serializer::new(String::new()).extend_pairs(params).finish()
+}
+
+async fn authorize(
+    State(auth): State<Arc<AuthServer>>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let params = if method == Method::POST { Form::parse(&body).0 } else { Form::parse(query.unwrap_or_default().as_bytes()).0 };
+    let req = match auth.authorize_request(&params) {
+        Ok(r) => r,
+        Err(AuthorizeError::Page(m)) => return error_page(StatusCode::BAD_REQUEST, &m),
+        Err(AuthorizeError::Redirect(url)) => return see_other(&url, &[]),
+    };
+    match cookie(&headers, SESSION_COOKIE).and_then(|c| auth.session_user(&c)) {
+        Some(user) => consent_page(&auth, &headers, &req, &user, None),
+        None => login_page(&auth, &headers, Some(&req), "", None, StatusCode::OK),
+    }
+}
+
+fn login_page(
+    auth: &AuthServer,
+    headers: &HeaderMap,
+    req: Option<&AuthorizeRequest>,
+    username: &str,
+    error: Option<&str>,
+    status: StatusCode,
+) -> Response {
+    let (csrf, cookies) = csrf_token(auth, headers);
+    let who = match req {
+        Some(r) => format!("<p class=\"sub\"><strong>{}</strong> asks to use your Cairn account.</p>", esc(&r.client_name)),
+        None => "<p class=\"sub\">Sign in to your Cairn account.</p>".to_owned(),
+    };
+    let error = error.map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", esc(e))).unwrap_or_default();
+    let carried = req.map(|r| encode_params(&r.params)).unwrap_or_default();
+    let body = format!(
+        r#"<h1>Sign in</h1>{who}{error}
+<form method="post" action="/login">
+<input type="hidden" name="csrf" value="{csrf}">
+<input type="hidden" name="authorize" value="{carried}">
+<label for="username">Username</label><input type="text" id="username" name="username" value="{username}" autocomplete="username" required autofocus>
+<label for="password">Password</label><input type="password" id="password" name="password" autocomplete="current-password" required>
+<button type="submit">Sign in</button>
+</form>"#,
+        csrf = esc(&csrf),
+        carried = esc(&carried),
+        username = esc(username),
+    );
+    html(status, "Sign in", &body, &cookies)
+}
+
+/// What a scope lets the app do, in words.
+fn describe(scope: &Scope) -> String {
+    match scope {
+        Scope::OpenId => "Know who you are (your Cairn account id)".into(),
+        Scope::FhirUser => "Know which patient or practitioner record is yours".into(),
+        Scope::LaunchPatient => "Know which patient's record it is working with".into(),
+        Scope::Launch => "Join the current session".into(),
+        Scope::OfflineAccess => "Keep access after you close the app (until you revoke it)".into(),
+        Scope::OnlineAccess => "Keep access while you are signed in".into(),
+        Scope::Resource(r) => {
+            let verbs: Vec<&str> = [
+                (Permission::Create, "create"),
+                (Permission::Read, "read"),
+                (Permission::Update, "update"),
+                (Permission::Delete, "delete"),
+                (Permission::Search, "search"),
+            ]
+            .iter()
+            .filter(|(p, _)| r.permissions.contains(*p))
+            .map(|(_, v)| *v)
+            .collect();
+            let what = r.resource_type.clone().map(|t| format!("{t} records")).unwrap_or_else(|| "all records".into());
+            let whose = match r.context {
+                Context::Patient => "of the patient in context",
+                Context::User => "you have access to",
+                Context::System => "on the whole server",
+            };
+            let narrowed = if r.query.is_some() { " (only those matching a filter)" } else { "" };
+            let mut text = format!("{} {what} {whose}{narrowed}", verbs.join(", "));
+            text[..1].make_ascii_uppercase();
+            text
+        }
+    }
+}
+
+fn consent_page(
+    auth: &AuthServer,
+    headers: &HeaderMap,
+    req: &AuthorizeRequest,
+    user: &cairn_auth::state::User,
+    error: Option<&str>,
+) -> Response {
+    let (csrf, cookies) = csrf_token(auth, headers);
+    let items: String = req
+        .scopes
+        .iter()
+        .map(|s| {
+            let v = s.to_string();
+            format!(
+                "<li><label style=\"font-weight:400\"><input type=\"checkbox\" name=\"scope\" value=\"{v}\" checked> {d} <code>{v}</code></label></li>",
+                v = esc(&v),
+                d = esc(&describe(s))
+            )
+        })
+        .collect();
+    let is_patient = user.account.fhir_user.as_deref().is_some_and(|f| f.starts_with("Patient/"));
+    let patient_field = if req.needs_patient(&req.scopes) && !is_patient {
+        r#"<label for="patient">Patient id</label><input type="text" id="patient" name="patient" placeholder="e.g. 123" required>"#
+    } else {
+        ""
+    };
+    let error = error.map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", esc(e))).unwrap_or_default();
+    let body = format!(
+        r#"<h1>Allow access?</h1><p class="sub"><strong>{client}</strong> would like to:</p>{error}
+<form method="post" action="/consent">
+<input type="hidden" name="csrf" value="{csrf}">
+<input type="hidden" name="authorize" value="{carried}">
+<ul class="scopes">{items}</ul>{patient_field}
+<p>Untick anything you do not want to allow. You can revoke access later.</p>
+<button type="submit" name="decision" value="approve">Allow</button>
+<button type="submit" name="decision" value="deny" class="secondary" formnovalidate>Deny</button>
+</form>
+<p style="margin-top:1rem">Signed in as <strong>{username}</strong>. <a href="/logout">Not you?</a></p>"#,
+        client = esc(&req.client_name),
+        csrf = esc(&csrf),
+        carried = esc(&encode_params(&req.params)),
+        username = esc(&user.account.username),
+    );
+    html(StatusCode::OK, "Allow access", &body, &cookies)
+}
+
+async fn login(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: HeaderMap, body: Bytes) -> Response {
+    let form = Form::parse(&body);
+    let actor = request_actor(&headers, peer.0);
+    let params = form.authorize_params();
+    let req = if params.is_empty() {
+        None
+    } else {
+        match auth.authorize_request(&params) {
+            Ok(r) => Some(r),
+            Err(AuthorizeError::Page(m)) => return error_page(StatusCode::BAD_REQUEST, &m),
+            Err(AuthorizeError::Redirect(url)) => return see_other(&url, &[]),
+        }
+    };
+    let username = form.one("username").unwrap_or("").trim().to_owned();
+    if !csrf_ok(&headers, &form) {
+        let recorded = auth.login_refused(Some(&username).filter(|u| !u.is_empty()).map(|u| u.as_str()), LoginFailure::CsrfMismatch, &actor).await;
+        if recorded.is_err() {
+            return error_page(StatusCode::SERVICE_UNAVAILABLE, "sign-in is unavailable right now; try again shortly");
+        }
+        return login_page(&auth, &headers, req.as_ref(), &username, Some("Your sign-in form expired. Please try again."), StatusCode::FORBIDDEN);
+    }
+    match auth.login(&username, form.one("password").unwrap_or(""), &actor).await {
+        Ok(signed_in) => {
+            let lifetime = auth.settings().session_lifetime.as_secs();
+            let set = format!(
+                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={lifetime}{}",
+                signed_in.cookie,
+                secure(&auth)
+            );
+            match req {
+                Some(r) => see_other(&format!("/authorize?{}", encode_params(&r.params)), &[set]),
+                None => html(StatusCode::OK, "Signed in", "<h1>Signed in</h1><p>You are signed in to Cairn.</p>", &[set]),
+            }
+        }
+        Err(refusal) => {
+            let status = if refusal.0.starts_with("Too many") { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::UNAUTHORIZED };
+            login_page(&auth, &headers, req.as_ref(), &username, Some(&refusal.0), status)
+        }
+    }
+}
+
+async fn consent(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: HeaderMap, body: Bytes) -> Response {
+    let form = Form::parse(&body);
+    let actor = request_actor(&headers, peer.0);
+    let req = match auth.authorize_request(&form.authorize_params()) {
+        Ok(r) => r,
+        Err(AuthorizeError::Page(m)) => return error_page(StatusCode::BAD_REQUEST, &m),
+        Err(AuthorizeError::Redirect(url)) => return see_other(&url, &[]),
+    };
+    let session = cookie(&headers, SESSION_COOKIE);
+    let Some((cookie_value, user)) = session.and_then(|c| auth.session_user(&c).map(|u| (c, u))) else {
+        return login_page(&auth, &headers, Some(&req), "", Some("Please sign in again."), StatusCode::UNAUTHORIZED);
+    };
+    if !csrf_ok(&headers, &form) {
+        if auth.login_refused(Some(&user.account.username), LoginFailure::CsrfMismatch, &actor).await.is_err() {
+            return error_page(StatusCode::SERVICE_UNAVAILABLE, "the audit log cannot record this right now; try again shortly");
+        }
+        return consent_page(&auth, &headers, &req, &user, Some("The form expired. Please decide again."));
+    }
+    let chosen = form.all("scope");
+    let decision = match form.one("decision") {
+        Some("approve") => Some(chosen.as_slice()),
+        _ => None,
+    };
+    match auth.decide(&req, &user, &cookie_value, decision, form.one("patient"), &actor).await {
+        Ok(url) => see_other(&url, &[]),
+        Err(AuthorizeError::Redirect(url)) => see_other(&url, &[]),
+        Err(AuthorizeError::Page(m)) => consent_page(&auth, &headers, &req, &user, Some(&m)),
+    }
+}
+
+async fn logout_page(State(auth): State<Arc<AuthServer>>, headers: HeaderMap) -> Response {
+    let (csrf, cookies) = csrf_token(&auth, &headers);
+    let body = format!(
+        r#"<h1>Sign out</h1><p class="sub">End your Cairn session in this browser.</p>
+<form method="post" action="/logout"><input type="hidden" name="csrf" value="{}"><button type="submit">Sign out</button></form>"#,
+        esc(&csrf)
+    );
+    html(StatusCode::OK, "Sign out", &body, &cookies)
+}
+
+async fn logout(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: HeaderMap, body: Bytes) -> Response {
+    let form = Form::parse(&body);
+    if !csrf_ok(&headers, &form) {
+        return error_page(StatusCode::FORBIDDEN, "the sign-out form expired; open the sign-out page again");
+    }
+    if let Some(c) = cookie(&headers, SESSION_COOKIE)
+        && auth.logout(&c, &request_actor(&headers, peer.0)).await.is_err()
+    {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, "the audit log cannot record this right now; try again shortly");
+    }
+    let clear = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}", secure(&auth));
+    html(StatusCode::OK, "Signed out", "<h1>Signed out</h1><p>You are signed out of Cairn.</p>", &[clear])
+}
+
+async fn userinfo(State(auth): State<Arc<AuthServer>>, headers: HeaderMap) -> Response {
+    let token = match authenticate_bearer(&auth, &headers).await {
+        Ok(t) => t,
+        Err(failure) => return bearer_error(StatusCode::UNAUTHORIZED, &failure.challenge().0),
+    };
+    match auth.userinfo(&token) {
+        Ok(v) => {
+            let mut r = axum::Json(v).into_response();
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(_) => bearer_error(StatusCode::FORBIDDEN, "Bearer realm=\"cairn\", error=\"insufficient_scope\", scope=\"openid\""),
+    }
+}
+
+fn bearer_error(status: StatusCode, challenge: &str) -> Response {
+    let mut r = status.into_response();
+    if let Ok(v) = HeaderValue::from_str(challenge) {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    r
+}
+
+async fn smart_style(State(auth): State<Arc<AuthServer>>) -> Response {
+    let mut r = axum::Json(auth.smart_style()).into_response();
+    r.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_covers_markup_and_quotes() {
+        assert_eq!(esc(r#"<script>alert("x")</script> & 'y'"#), "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;");
+    }
+
+    #[test]
+    fn scopes_read_as_sentences() {
+        assert_eq!(describe(&Scope::parse("patient/Observation.rs").unwrap()), "Read, search Observation records of the patient in context");
+        assert_eq!(describe(&Scope::parse("user/*.cruds").unwrap()), "Create, read, update, delete, search all records you have access to");
+    }
+}
