@@ -347,3 +347,191 @@ fn a_token_issued_by_one_api_process_is_honoured_and_revoked_at_another() {
         eprintln!("revocation through A enforced at B after {} ms", revoked_at.elapsed().as_millis());
     });
 }
+
+// ---------------------------------------------------------------- SMART standalone launch
+
+/// The relying party's HTTP client: reqwest behind openidconnect's client interface.
+async fn rp_http(req: openidconnect::HttpRequest) -> Result<openidconnect::HttpResponse, reqwest::Error> {
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+    let (parts, body) = req.into_parts();
+    let resp = client.request(parts.method, parts.uri.to_string()).headers(parts.headers).body(body).send().await?;
+    let mut out = http::Response::builder().status(resp.status());
+    for (k, v) in resp.headers() {
+        out = out.header(k, v);
+    }
+    Ok(out.body(resp.bytes().await?.to_vec()).expect("a response"))
+}
+
+/// The value of a hidden form field in a page, unescaped.
+fn hidden(page: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = page.find(&marker).unwrap_or_else(|| panic!("no {name} field in {page}")) + marker.len();
+    let raw = &page[start..start + page[start..].find('"').unwrap()];
+    raw.replace("&quot;", "\"").replace("&#39;", "'").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+}
+
+fn location(resp: &reqwest::Response) -> String {
+    resp.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+}
+
+fn url_param(url: &str, name: &str) -> Option<String> {
+    reqwest::Url::parse(url).ok()?.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+/// A patient signs in through the pages, consents, and an independent OpenID Connect relying party
+/// (the `openidconnect` crate) discovers the server, exchanges the code with PKCE, validates the ID
+/// token, reads userinfo and refreshes; the token reads the patient's own Observations and nothing
+/// of anyone else's.
+#[test]
+fn smart_standalone_launch_with_an_independent_relying_party() {
+    use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
+    use openidconnect::{
+        AuthorizationCode, ClientId, CsrfToken, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge, RedirectUrl,
+        Scope, TokenResponse,
+    };
+    let d = Deployment::new(Backend::Embedded);
+    let server = d.start(&[]);
+    let base = server.base_url.clone();
+    let redirect = "http://127.0.0.1:9/callback";
+    d.admin(&[
+        "client", "register", "--name", "Glucose <b>diary</b>", "--kind", "public", "--client-id", "diary", "--redirect-uri", redirect,
+        "--scope", "launch/patient openid fhirUser offline_access patient/Observation.crs patient/Patient.r",
+    ]);
+    let feeder = d.admin(&["client", "register", "--name", "Feeder", "--kind", "confidential-symmetric", "--scope", "system/*.cruds"]);
+    let (status, out, err) = d.cairn_with_stdin(
+        &["admin", "user", "add", "--username", "pat", "--password-stdin", "--fhir-user", "Patient/p-1"],
+        "a long patient password\n",
+    );
+    assert!(status.success(), "{out}{err}");
+    let http = Http::new(&server);
+    rt().block_on(async {
+        // Readings of two patients, written by a backend.
+        let grant = [("grant_type", "client_credentials"), ("scope", "system/*.cruds")];
+        let (_, _, t) = http
+            .form("/token", &grant, Some((feeder["client_id"].as_str().unwrap(), feeder["client_secret"].as_str().unwrap())))
+            .await;
+        let system = t["access_token"].as_str().unwrap().to_owned();
+        let mut ids = Vec::new();
+        for p in ["p-1", "p-2"] {
+            let (status, _, created) = http.fhir(reqwest::Method::POST, "/Observation", Some(&system), Some(&reading(p))).await;
+            assert_eq!(status, 201);
+            ids.push(created["id"].as_str().unwrap().to_owned());
+        }
+
+        // The relying party.
+        let meta = CoreProviderMetadata::discover_async(IssuerUrl::new(base.clone()).unwrap(), &rp_http).await.expect("discovery");
+        let client = CoreClient::from_provider_metadata(meta, ClientId::new("diary".into()), None)
+            .set_redirect_uri(RedirectUrl::new(redirect.into()).unwrap());
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut request = client.authorize_url(CoreAuthenticationFlow::AuthorizationCode, CsrfToken::new_random, Nonce::new_random);
+        for s in ["launch/patient", "fhirUser", "offline_access", "patient/Observation.crs", "patient/Patient.r"] {
+            request = request.add_scope(Scope::new(s.into()));
+        }
+        let (auth_url, state, nonce) =
+            request.add_extra_param("aud", format!("{base}/fhir")).set_pkce_challenge(challenge).url();
+
+        // The browser.
+        let browser = reqwest::Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let resp = browser.get(auth_url.as_str()).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let page = resp.text().await.unwrap();
+        assert!(page.contains("Glucose &lt;b&gt;diary&lt;/b&gt;") && !page.contains("<b>diary</b>"), "the client's name is escaped");
+        // Without the CSRF token the sign-in is refused (and recorded).
+        let resp = browser
+            .post(format!("{base}/login"))
+            .form(&[("username", "pat"), ("password", "a long patient password"), ("authorize", &hidden(&page, "authorize"))])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403);
+        let resp = browser
+            .post(format!("{base}/login"))
+            .form(&[
+                ("csrf", hidden(&page, "csrf").as_str()),
+                ("username", "pat"),
+                ("password", "a long patient password"),
+                ("authorize", &hidden(&page, "authorize")),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 303);
+        let cookies: Vec<String> = resp.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
+        assert!(cookies.iter().any(|c| c.starts_with("cairn_session=") && c.contains("HttpOnly") && c.contains("SameSite=Lax")), "{cookies:?}");
+        let resp = browser.get(format!("{base}{}", location(&resp))).send().await.unwrap();
+        let consent = resp.text().await.unwrap();
+        assert!(consent.contains("Allow access?") && consent.contains("patient/Observation.crs"), "{consent}");
+        // The user withholds offline access.
+        let mut form: Vec<(String, String)> = vec![
+            ("csrf".into(), hidden(&consent, "csrf")),
+            ("authorize".into(), hidden(&consent, "authorize")),
+            ("decision".into(), "approve".into()),
+        ];
+        for s in ["openid", "launch/patient", "fhirUser", "patient/Observation.crs", "patient/Patient.r"] {
+            form.push(("scope".into(), s.into()));
+        }
+        let resp = browser.post(format!("{base}/consent")).form(&form).send().await.unwrap();
+        assert_eq!(resp.status(), 303);
+        let back = location(&resp);
+        assert!(back.starts_with(redirect), "{back}");
+        assert_eq!(url_param(&back, "state").as_deref(), Some(state.secret().as_str()));
+        assert_eq!(url_param(&back, "iss").as_deref(), Some(base.as_str()));
+        let code = url_param(&back, "code").unwrap();
+
+        // The exchange, validated by the relying party.
+        let token = client
+            .exchange_code(AuthorizationCode::new(code.clone()))
+            .unwrap()
+            .set_pkce_verifier(verifier)
+            .request_async(&rp_http)
+            .await
+            .expect("code exchange");
+        let id_token = token.id_token().expect("an ID token");
+        let claims = id_token.claims(&client.id_token_verifier(), &nonce).expect("a valid ID token");
+        let user_id = claims.subject().to_string();
+        let scopes: Vec<String> = token.scopes().unwrap().iter().map(|s| s.to_string()).collect();
+        assert!(!scopes.contains(&"offline_access".to_owned()) && token.refresh_token().is_none(), "offline access was withheld");
+        let access = token.access_token().secret().clone();
+        let info: openidconnect::core::CoreUserInfoClaims =
+            client.user_info(token.access_token().clone(), None).unwrap().request_async(&rp_http).await.expect("userinfo");
+        assert_eq!(info.subject().as_str(), user_id);
+
+        // The SMART context in the raw token response, and the token at the FHIR API.
+        let (status, _, introspected) = http
+            .form("/introspect", &[("token", &access)], Some((feeder["client_id"].as_str().unwrap(), feeder["client_secret"].as_str().unwrap())))
+            .await;
+        assert_eq!((status, introspected["patient"].as_str()), (200, Some("p-1")));
+        let (status, _, _) = http.fhir(reqwest::Method::GET, &format!("/Observation/{}", ids[0]), Some(&access), None).await;
+        assert_eq!(status, 200, "the patient's own reading");
+        let (status, _, body) = http.fhir(reqwest::Method::GET, &format!("/Observation/{}", ids[1]), Some(&access), None).await;
+        assert_eq!(status, 404, "another patient's reading is not revealed: {body}");
+        let (status, _, missing) = http.fhir(reqwest::Method::GET, "/Observation/does-not-exist", Some(&access), None).await;
+        assert_eq!((status, missing["issue"][0]["code"].clone()), (404, body["issue"][0]["code"].clone()), "indistinguishable from absent");
+        let (status, _, bundle) = http.fhir(reqwest::Method::GET, "/Observation", Some(&access), None).await;
+        assert_eq!((status, bundle["total"].as_u64()), (200, Some(1)), "search sees only the compartment: {bundle}");
+        let (status, _, bundle) = http.fhir(reqwest::Method::GET, "/Observation?patient=p-2", Some(&access), None).await;
+        assert_eq!((status, bundle["total"].as_u64()), (200, Some(0)));
+        let (status, _, _) = http.fhir(reqwest::Method::POST, "/Observation", Some(&access), Some(&reading("p-2"))).await;
+        assert_eq!(status, 403, "writing into another patient's record");
+        let (status, _, _) = http.fhir(reqwest::Method::POST, "/Observation", Some(&access), Some(&reading("p-1"))).await;
+        assert_eq!(status, 201, "writing into one's own record");
+        let (status, _, _) = http.fhir(reqwest::Method::GET, "/Patient/p-2", Some(&access), None).await;
+        assert_eq!(status, 404);
+
+        // The code cannot be used twice; doing so revokes the tokens it gave.
+        let (status, _, err) = http
+            .form("/token", &[("grant_type", "authorization_code"), ("code", &code), ("redirect_uri", redirect), ("client_id", "diary"), ("code_verifier", &"x".repeat(43))], None)
+            .await;
+        assert_eq!((status, err["error"].as_str()), (400, Some("invalid_grant")));
+        let (status, _, _) = http.fhir(reqwest::Method::GET, &format!("/Observation/{}", ids[0]), Some(&access), None).await;
+        assert_eq!(status, 401, "reuse of the code revoked its tokens");
+    });
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    let (_, events, _) = d.cairn(&["log", "tail", "--topic", "cairn.auth"]);
+    for t in ["auth.login.failed", "auth.login.succeeded", "auth.consent.recorded", "auth.code.issued", "auth.code.redeemed"] {
+        assert!(events.contains(&format!("\"type\":\"{t}\"")), "no {t} event");
+    }
+    assert!(events.contains("csrf_mismatch") && events.contains("code_reuse"));
+    assert!(!events.contains("a long patient password") && !stderr.contains("a long patient password"));
+}
