@@ -2,6 +2,7 @@
 //! covers one area.
 
 mod auth;
+mod browser;
 mod cli;
 mod distributed;
 mod fhir;
