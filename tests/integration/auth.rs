@@ -535,3 +535,76 @@ fn smart_standalone_launch_with_an_independent_relying_party() {
     assert!(events.contains("csrf_mismatch") && events.contains("code_reuse"));
     assert!(!events.contains("a long patient password") && !stderr.contains("a long patient password"));
 }
+
+/// RFC 7591 registration with an initial access token, then a key rotation under live tokens: the
+/// new key is in the JWKS before it signs, tokens signed by the old one keep working, and a restart
+/// keeps signing with the new one.
+#[test]
+fn dynamic_registration_and_key_rotation() {
+    let d = Deployment::new(Backend::Embedded);
+    let server = d.start(&[]);
+    let http = Http::new(&server);
+    let token = d.admin(&["registration-token", "--expires-in-secs", "600"]);
+    let initial = token["registration_token"].as_str().unwrap().to_owned();
+    let register = |bearer: Option<String>, body: Value| {
+        let client = reqwest::Client::new();
+        let url = format!("{}/register", server.base_url);
+        async move {
+            let mut req = client.post(url).json(&body);
+            if let Some(b) = bearer {
+                req = req.bearer_auth(b);
+            }
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    rt().block_on(async {
+        let metadata = json!({"client_name": "Lab importer", "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": ["client_credentials"], "scope": "system/Observation.crs"});
+        let (status, err) = register(None, metadata.clone()).await;
+        assert_eq!((status, err["error"].as_str()), (401, Some("invalid_token")));
+        let (status, err) = register(Some("made-up".into()), metadata.clone()).await;
+        assert_eq!(status, 401, "{err}");
+        let (status, err) = register(
+            Some(initial.clone()),
+            json!({"client_name": "App", "token_endpoint_auth_method": "none", "redirect_uris": ["http://evil.example/cb"], "scope": "openid"}),
+        )
+        .await;
+        assert_eq!((status, err["error"].as_str()), (400, Some("invalid_redirect_uri")), "{err}");
+        let (status, reg) = register(Some(initial.clone()), metadata).await;
+        assert_eq!(status, 201, "{reg}");
+        let (id, secret) = (reg["client_id"].as_str().unwrap().to_owned(), reg["client_secret"].as_str().unwrap().to_owned());
+        let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.crs")];
+        let (status, _, before) = http.form("/token", &grant, Some((&id, &secret))).await;
+        assert_eq!(status, 200);
+        let old_token = before["access_token"].as_str().unwrap().to_owned();
+        let old_kid = jsonwebtoken::decode_header(&old_token).unwrap().kid.unwrap();
+
+        let rotated = d.admin(&["keys", "rotate"]);
+        let new_kid = rotated["rotated"][0]["new_kid"].as_str().unwrap().to_owned();
+        assert_eq!(rotated["rotated"][0]["old_kid"], old_kid.as_str());
+        let (_, _, jwks) = http.get_json("/jwks").await;
+        let kids: Vec<&str> = jwks["keys"].as_array().unwrap().iter().filter_map(|k| k["kid"].as_str()).collect();
+        assert!(kids.contains(&old_kid.as_str()) && kids.contains(&new_kid.as_str()), "{kids:?}");
+        let (status, _, after) = http.form("/token", &grant, Some((&id, &secret))).await;
+        assert_eq!(status, 200);
+        let new_token = after["access_token"].as_str().unwrap().to_owned();
+        assert_eq!(jsonwebtoken::decode_header(&new_token).unwrap().kid.unwrap(), new_kid);
+        for t in [&old_token, &new_token] {
+            assert_eq!(http.fhir(reqwest::Method::GET, "/Observation", Some(t), None).await.0, 200, "a token in flight fails after rotation");
+        }
+    });
+    assert!(server.terminate().0.success());
+    let server = d.start(&[]);
+    let http = Http::new(&server);
+    rt().block_on(async {
+        let (_, _, jwks) = http.get_json("/jwks").await;
+        assert_eq!(jwks["keys"].as_array().unwrap().len(), 4, "two purposes, old and new, still published: {jwks}");
+    });
+    let (status, out, err) = d.cairn(&["admin", "keys", "rotate"]);
+    assert!(status.success(), "{out}{err}");
+    assert!(server.terminate().0.success());
+    // Offline there are no keys to rotate: one clear line.
+    let (status, _, err) = d.cairn(&["admin", "keys", "rotate"]);
+    assert!(!status.success() && err.contains("running server") && err.lines().count() == 1, "{err}");
+}

@@ -477,11 +477,7 @@ impl AuthServer {
         }
         answer["smart_style_url"] = format!("{}/smart-style.json", self.settings.issuer).into();
         if scopes.contains(&Scope::OpenId) {
-            let key = self
-                .keys
-                .as_ref()
-                .map(|r| r.newest(KeyPurpose::IdToken))
-                .ok_or_else(|| OAuthError::new("server_error", "no signing key"))?;
+            let key = self.signing_key(KeyPurpose::IdToken)?;
             let mut claims = json!({
                 "iss": self.settings.issuer, "sub": user_id, "aud": client_id, "azp": client_id,
                 "exp": now + lifetime, "iat": now, "auth_time": context.auth_time_ms / 1000,

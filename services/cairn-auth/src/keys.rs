@@ -144,7 +144,7 @@ fn pem_decode(text: &str) -> Option<Vec<u8>> {
 /// The signing keys of this process, kept in one directory: `<purpose>-<created ms>.pem`.
 pub struct KeyRing {
     dir: PathBuf,
-    keys: Vec<SigningKey>,
+    keys: Vec<std::sync::Arc<SigningKey>>,
 }
 
 fn file_prefix(purpose: KeyPurpose) -> &'static str {
@@ -176,7 +176,7 @@ impl KeyRing {
             check_private(&path)?;
             let text = std::fs::read_to_string(&path).map_err(io)?;
             let der = pem_decode(&text).ok_or_else(|| AuthError::Internal(format!("{}: not a PEM key", path.display())))?;
-            ring.keys.push(SigningKey::from_pkcs8(purpose, &der, created_ms)?);
+            ring.keys.push(std::sync::Arc::new(SigningKey::from_pkcs8(purpose, &der, created_ms)?));
         }
         for purpose in [KeyPurpose::AccessToken, KeyPurpose::IdToken] {
             if !ring.keys.iter().any(|k| k.purpose == purpose) {
@@ -187,27 +187,39 @@ impl KeyRing {
         Ok(ring)
     }
 
-    /// Creates a new key of `purpose`; it becomes the newest. (Whether it may sign yet is the
-    /// caller's business: only once its `auth.key.published` event is durable.)
-    pub fn create(&mut self, purpose: KeyPurpose) -> Result<&SigningKey, AuthError> {
+    /// Creates a new key of `purpose` and writes it to disk; it becomes the newest. (Whether it may
+    /// sign yet is the caller's business: only once its `auth.key.published` event is durable.)
+    pub fn create(&mut self, purpose: KeyPurpose) -> Result<std::sync::Arc<SigningKey>, AuthError> {
+        let key = self.generate(purpose)?;
+        self.adopt(key.clone());
+        Ok(key)
+    }
+
+    /// Creates a new key of `purpose` on disk without making it the signing key yet.
+    pub fn generate(&self, purpose: KeyPurpose) -> Result<std::sync::Arc<SigningKey>, AuthError> {
         let der = SigningKey::generate(purpose)?;
         let created_ms = cairn_events::Timestamp::now().as_millis().max(self.keys.iter().map(|k| k.created_ms + 1).max().unwrap_or(0));
         let path = self.dir.join(format!("{}-{created_ms}.pem", file_prefix(purpose)));
         write_private(&path, pem_encode("PRIVATE KEY", &der).as_bytes())?;
-        self.keys.push(SigningKey::from_pkcs8(purpose, &der, created_ms)?);
-        Ok(self.keys.last().expect("just pushed"))
+        Ok(std::sync::Arc::new(SigningKey::from_pkcs8(purpose, &der, created_ms)?))
     }
 
-    pub fn keys(&self) -> &[SigningKey] {
+    /// Makes a generated key the newest of its purpose (it signs from now on).
+    pub fn adopt(&mut self, key: std::sync::Arc<SigningKey>) {
+        self.keys.push(key);
+        self.keys.sort_by_key(|k| k.created_ms);
+    }
+
+    pub fn keys(&self) -> &[std::sync::Arc<SigningKey>] {
         &self.keys
     }
 
     /// The newest key of a purpose.
-    pub fn newest(&self, purpose: KeyPurpose) -> &SigningKey {
+    pub fn newest(&self, purpose: KeyPurpose) -> &std::sync::Arc<SigningKey> {
         self.keys.iter().rev().find(|k| k.purpose == purpose).expect("load_or_create makes one of each")
     }
 
-    pub fn by_kid(&self, kid: &str) -> Option<&SigningKey> {
+    pub fn by_kid(&self, kid: &str) -> Option<&std::sync::Arc<SigningKey>> {
         self.keys.iter().find(|k| k.kid == kid)
     }
 }

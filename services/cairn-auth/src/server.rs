@@ -97,6 +97,13 @@ pub enum AdminCommand {
         username: String,
     },
     UserList,
+    /// Creates new signing keys, publishes them, then signs with them; the old ones stay published
+    /// until every token they signed has expired.
+    KeysRotate,
+    /// An RFC 7591 initial access token for `/register`.
+    RegistrationToken {
+        expires_in_secs: u64,
+    },
     Revoke {
         #[serde(default)]
         username: Option<String>,
@@ -118,7 +125,7 @@ pub struct AuthServer {
     pub(crate) log: Arc<dyn EventLog>,
     pub(crate) settings: AuthSettings,
     /// `None` for an administrative instance (the `cairn admin` CLI offline), which signs nothing.
-    pub(crate) keys: Option<KeyRing>,
+    pub(crate) keys: Option<RwLock<KeyRing>>,
     pub(crate) projection: RwLock<Projection>,
     applied: tokio::sync::watch::Sender<u64>,
     verifier: Verifier,
@@ -146,7 +153,7 @@ impl AuthServer {
         keys_dir: Option<&Path>,
         settings: AuthSettings,
     ) -> Result<Arc<AuthServer>, AuthError> {
-        let keys = keys_dir.map(KeyRing::load_or_create).transpose()?;
+        let keys = keys_dir.map(KeyRing::load_or_create).transpose()?.map(RwLock::new);
         let partitions = log.partitions(topics::AUTH).map_err(|e| AuthError::Unavailable(e.to_string()))? as usize;
         let server = Arc::new(AuthServer {
             log,
@@ -161,9 +168,8 @@ impl AuthServer {
         server.catch_up().await?;
         let unpublished: Vec<KeyPublished> = {
             let p = server.projection.read().expect("auth projection");
-            server
-                .keys
-                .iter()
+            let ring = server.keys.as_ref().map(|r| r.read().expect("key ring"));
+            ring.iter()
                 .flat_map(|ring| ring.keys())
                 .filter(|k| p.state.key(&k.kid).is_none())
                 .map(|k| KeyPublished {
@@ -171,6 +177,7 @@ impl AuthServer {
                     alg: k.public_jwk["alg"].as_str().unwrap_or_default().to_owned(),
                     purpose: k.purpose,
                     jwk: k.public_jwk.clone(),
+                    replaces: None,
                 })
                 .collect()
         };
@@ -330,12 +337,16 @@ impl AuthServer {
         }))
     }
 
-    pub(crate) fn issue_access_token(&self, g: &Grant) -> Result<(String, TokenIssued), OAuthError> {
-        let key = self
-            .keys
+    /// The key that signs tokens of `purpose` now.
+    pub(crate) fn signing_key(&self, purpose: KeyPurpose) -> Result<Arc<crate::keys::SigningKey>, AuthError> {
+        self.keys
             .as_ref()
-            .map(|ring| ring.newest(KeyPurpose::AccessToken))
-            .ok_or_else(|| AuthError::Internal("this instance has no signing key".into()))?;
+            .map(|ring| ring.read().expect("key ring").newest(purpose).clone())
+            .ok_or_else(|| AuthError::Internal("this instance has no signing key".into()))
+    }
+
+    pub(crate) fn issue_access_token(&self, g: &Grant) -> Result<(String, TokenIssued), OAuthError> {
+        let key = self.signing_key(KeyPurpose::AccessToken)?;
         let now = now_secs();
         let claims = AccessClaims {
             iss: self.settings.issuer.clone(),
@@ -351,7 +362,7 @@ impl AuthServer {
             fhir_user: g.fhir_user.clone(),
             fam: g.family.clone(),
         };
-        let token = token::sign(&claims, key)?;
+        let token = token::sign(&claims, &key)?;
         let issued = TokenIssued {
             jti: claims.jti.clone(),
             kind: TokenKind::Access,
@@ -458,7 +469,8 @@ impl AuthServer {
 
     /// The public keys every token may be verified with (`/jwks`): every key published in the log.
     pub fn jwks(&self) -> Value {
-        self.read_state(|s| json!({"keys": s.keys().iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}))
+        let now = Timestamp::now().as_millis();
+        self.read_state(|s| json!({"keys": s.keys().iter().filter(|k| k.is_live(now)).map(|k| k.jwk.clone()).collect::<Vec<_>>()}))
     }
 
     /// RFC 8414 / OpenID Connect Discovery metadata: only what this server really does.
@@ -473,6 +485,7 @@ impl AuthServer {
             "introspection_endpoint": format!("{i}/introspect"),
             "revocation_endpoint": format!("{i}/revoke"),
             "end_session_endpoint": format!("{i}/logout"),
+            "registration_endpoint": format!("{i}/register"),
             "grant_types_supported": GRANT_TYPES,
             "response_types_supported": ["code"],
             "response_modes_supported": ["query"],
@@ -505,6 +518,7 @@ impl AuthServer {
             "introspection_endpoint": format!("{i}/introspect"),
             "revocation_endpoint": format!("{i}/revoke"),
             "userinfo_endpoint": format!("{i}/userinfo"),
+            "registration_endpoint": format!("{i}/register"),
             "code_challenge_methods_supported": ["S256"],
             "capabilities": [
                 "launch-standalone", "authorize-post",
@@ -601,6 +615,31 @@ impl AuthServer {
                 users.sort_by(|a, b| a["username"].as_str().cmp(&b["username"].as_str()));
                 json!(users)
             })),
+            AdminCommand::KeysRotate => self.rotate_keys().await,
+            AdminCommand::RegistrationToken { expires_in_secs } => {
+                if !(60..=30 * 24 * 3600).contains(&expires_in_secs) {
+                    return Err(AuthError::Invalid("a registration token lives 60 seconds to 30 days".into()));
+                }
+                let token = random_token(32);
+                let now = Timestamp::now();
+                let issued = TokenIssued {
+                    jti: sha256_hex(token.as_bytes()),
+                    kind: TokenKind::Registration,
+                    grant_type: "admin".into(),
+                    client_id: "admin".into(),
+                    subject: None,
+                    scope: "register".into(),
+                    audience: format!("{}/register", self.settings.issuer),
+                    issued_at: now,
+                    expires_at: Timestamp::from_millis(now.as_millis() + expires_in_secs as i64 * 1000),
+                    family_id: None,
+                    kid: None,
+                    rotated_from: None,
+                };
+                let expires_at = issued.expires_at.to_rfc3339();
+                self.append_and_apply(Event::new(Payload::from(issued)).with_actor(admin_actor)).await?;
+                Ok(json!({"registration_token": token, "expires_at": expires_at}))
+            }
             AdminCommand::Revoke { username, client_id, jti } => {
                 let now = Timestamp::now();
                 let target = match (username, client_id, jti) {
@@ -628,6 +667,98 @@ impl AuthServer {
                 Ok(json!({"revoked": target}))
             }
         }
+    }
+
+    /// `POST /register` (RFC 7591), authorized by an initial access token from
+    /// `cairn admin registration-token`. Returns the registration (201) or an RFC 7591 error.
+    pub async fn register(&self, bearer: Option<&str>, metadata: &Value, actor: &Actor) -> Result<Value, OAuthError> {
+        let now = Timestamp::now().as_millis();
+        let authorized = bearer.is_some_and(|t| self.read_state(|s| s.registration_token_valid(&sha256_hex(t.as_bytes()), now)));
+        if !authorized {
+            let mut e = OAuthError::new("invalid_token", "registration needs a valid initial access token (cairn admin registration-token)");
+            e.status = 401;
+            return Err(e);
+        }
+        let meta_err = |d: String| {
+            let code = if d.contains("redirect URI") { "invalid_redirect_uri" } else { "invalid_client_metadata" };
+            OAuthError::new(code, d)
+        };
+        let text = |k: &str| metadata.get(k).and_then(Value::as_str).map(str::to_owned);
+        let method = text("token_endpoint_auth_method").unwrap_or_else(|| "client_secret_basic".into());
+        let kind = match method.as_str() {
+            "none" => ClientKind::Public,
+            "client_secret_basic" | "client_secret_post" => ClientKind::ConfidentialSymmetric,
+            "private_key_jwt" => ClientKind::ConfidentialAsymmetric,
+            other => return Err(meta_err(format!("token_endpoint_auth_method `{other}` is not supported"))),
+        };
+        let redirect_uris: Vec<String> = match metadata.get("redirect_uris") {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| meta_err("redirect_uris must be strings".into())))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(meta_err("redirect_uris must be an array".into())),
+        };
+        if let Some(grants) = metadata.get("grant_types") {
+            let ok = grants.as_array().is_some_and(|a| {
+                a.iter().all(|g| matches!(g.as_str(), Some("authorization_code" | "refresh_token" | "client_credentials")))
+            });
+            if !ok {
+                return Err(meta_err("grant_types may hold authorization_code, refresh_token and client_credentials".into()));
+            }
+        }
+        let name = text("client_name").ok_or_else(|| meta_err("client_name is required".into()))?;
+        let scope = text("scope").ok_or_else(|| meta_err("scope is required: the scopes the client may be granted".into()))?;
+        let (registration, secret) =
+            new_client(name, kind, None, redirect_uris, scope, metadata.get("jwks").cloned(), text("jwks_uri"), "dynamic")
+                .map_err(|e| meta_err(e.to_string()))?;
+        let mut out = json!({
+            "client_id": registration.client_id,
+            "client_id_issued_at": now / 1000,
+            "client_name": registration.client_name,
+            "redirect_uris": registration.redirect_uris,
+            "token_endpoint_auth_method": method,
+            "scope": registration.scope,
+        });
+        if let Some(g) = metadata.get("grant_types") {
+            out["grant_types"] = g.clone();
+        }
+        if let Some(j) = &registration.jwks {
+            out["jwks"] = j.clone();
+        }
+        if let Some(secret) = secret {
+            out["client_secret"] = secret.into();
+            out["client_secret_expires_at"] = 0.into();
+        }
+        self.append_and_apply(Event::new(Payload::from(registration)).with_actor(actor.clone())).await?;
+        Ok(out)
+    }
+
+    /// Rotates this instance's signing keys: each new key is published (durably, and applied here)
+    /// before it signs anything; other instances learn it from the log, and one that meets its `kid`
+    /// first catches up with the log before judging the token.
+    async fn rotate_keys(&self) -> Result<Value, AuthError> {
+        let ring = self.keys.as_ref().ok_or_else(|| AuthError::Invalid("keys rotate needs a running server (its signing keys)".into()))?;
+        let mut rotated = Vec::new();
+        for purpose in [KeyPurpose::AccessToken, KeyPurpose::IdToken] {
+            let (old, new) = {
+                let r = ring.read().expect("key ring");
+                (r.newest(purpose).kid.clone(), r.generate(purpose)?)
+            };
+            let published = KeyPublished {
+                kid: new.kid.clone(),
+                alg: new.public_jwk["alg"].as_str().unwrap_or_default().to_owned(),
+                purpose,
+                jwk: new.public_jwk.clone(),
+                replaces: Some(old.clone()),
+            };
+            let actor = Actor { subject: Some("admin".into()), ..Actor::default() };
+            self.append_and_apply(Event::new(Payload::from(published)).with_actor(actor)).await?;
+            ring.write().expect("key ring").adopt(new.clone());
+            tracing::info!(purpose = ?purpose, old = %old, new = %new.kid, "signing key rotated");
+            rotated.push(json!({"purpose": purpose, "old_kid": old, "new_kid": new.kid}));
+        }
+        Ok(json!({"rotated": rotated}))
     }
 
     /// Whether the state follows the log (for readiness).

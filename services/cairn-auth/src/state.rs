@@ -44,6 +44,15 @@ pub struct PublishedKey {
     pub purpose: KeyPurpose,
     pub jwk: serde_json::Value,
     pub decoding: DecodingKey,
+    /// When a rotation published this key's successor (ms); the key retires a token lifetime later.
+    pub replaced_ms: Option<i64>,
+}
+
+impl PublishedKey {
+    /// Whether tokens it signed may still be alive at `now_ms` (so it stays in the JWKS and verifies).
+    pub fn is_live(&self, now_ms: i64) -> bool {
+        self.replaced_ms.is_none_or(|t| t + crate::server::MAX_TOKEN_LIFETIME.as_millis() as i64 > now_ms)
+    }
 }
 
 #[derive(Default)]
@@ -58,6 +67,8 @@ pub struct AuthState {
     families: HashMap<String, Family>,
     refresh: HashMap<String, RefreshToken>,
     failures: LoginFailures,
+    /// RFC 7591 initial access tokens (by hash) and their expiry (ms).
+    registration_tokens: HashMap<String, i64>,
 }
 
 /// A browser session (by the hash of its cookie).
@@ -162,6 +173,9 @@ impl AuthState {
                 if self.keys.iter().any(|p| p.kid == k.kid) {
                     return;
                 }
+                if let Some(old) = k.replaces.as_ref().and_then(|old| self.keys.iter_mut().find(|p| p.kid == *old)) {
+                    old.replaced_ms.get_or_insert(event.occurred_at.as_millis());
+                }
                 match decoding_key(&k.jwk) {
                     Ok((algorithm, decoding)) => self.keys.push(PublishedKey {
                         kid: k.kid.clone(),
@@ -169,6 +183,7 @@ impl AuthState {
                         purpose: k.purpose,
                         jwk: k.jwk.clone(),
                         decoding,
+                        replaced_ms: None,
                     }),
                     Err(e) => tracing::error!(kid = %k.kid, error = %e, "published key ignored"),
                 }
@@ -221,6 +236,9 @@ impl AuthState {
                         },
                     );
                 }
+            }
+            Payload::TokenIssued(t) if t.kind == TokenKind::Registration => {
+                self.registration_tokens.insert(t.jti.clone(), t.expires_at.as_millis());
             }
             Payload::TokenIssued(t) if t.kind == TokenKind::Refresh => {
                 let now = event.occurred_at.as_millis();
@@ -283,6 +301,11 @@ impl AuthState {
             || r.subjects.get(&claims.sub).is_some_and(|t| claims.iat < *t)
             || r.clients.get(&claims.client_id).is_some_and(|t| claims.iat < *t)
             || r.kids.contains(kid)
+    }
+
+    /// Whether an initial access token (by hash) may register a client at `now_ms`.
+    pub fn registration_token_valid(&self, hash: &str, now_ms: i64) -> bool {
+        self.registration_tokens.get(hash).is_some_and(|exp| *exp > now_ms)
     }
 
     pub fn session(&self, session_id: &str) -> Option<&Session> {

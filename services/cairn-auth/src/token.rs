@@ -163,6 +163,7 @@ impl Verifier {
         let key = state
             .key(&kid)
             .filter(|k| k.purpose == cairn_events::KeyPurpose::AccessToken && k.algorithm == header.alg)
+            .filter(|k| k.is_live(crate::now_secs() * 1000))
             .ok_or(TokenRejection::UnknownKey)?;
         let mut validation = Validation::new(key.algorithm);
         validation.leeway = LEEWAY_SECS;

@@ -201,6 +201,8 @@ pub enum TokenKind {
     Access,
     Refresh,
     Id,
+    /// An RFC 7591 initial access token for the registration endpoint.
+    Registration,
 }
 
 /// `auth.token.issued`. Carries the token's identity and claims, never the token itself.
@@ -340,6 +342,10 @@ pub struct KeyPublished {
     pub purpose: KeyPurpose,
     /// The public key as a JWK (RFC 7517), `kid`, `alg` and `use` included.
     pub jwk: serde_json::Value,
+    /// The key this one rotates out (`cairn admin keys rotate`): that one stays published until
+    /// every token it signed has expired, then leaves the JWKS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
 }
 
 /// `auth.token.refused`: a token request the authorization server refused. Never carries the
@@ -599,6 +605,7 @@ pub fn sample_event(t: EventType) -> Event {
             purpose: KeyPurpose::AccessToken,
             jwk: serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k-2026-11", "alg": "ES256", "use": "sig",
                 "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}),
+            replaces: Some("k-2026-10".into()),
         }
         .into(),
         EventType::AuthTokenRefused => TokenRefused {

@@ -27,6 +27,7 @@ pub fn routes(auth: Arc<AuthServer>) -> Router {
         .route("/token", post(token))
         .route("/introspect", post(introspect))
         .route("/revoke", post(revoke))
+        .route("/register", post(register))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
         .with_state(auth)
 }
@@ -148,6 +149,26 @@ async fn revoke(
     let basic_attempted = req.basic.is_some();
     let answer = auth.revoke(&req, &request_actor(&headers, peer.0)).await;
     answer.map(|()| no_store(StatusCode::OK, json!({}))).map_err(|error| OAuthFailure { error, basic_attempted })
+}
+
+/// `POST /register` (RFC 7591): JSON in, JSON out, 201 on success.
+async fn register(State(auth): State<Arc<AuthServer>>, peer: crate::fhir::Peer, headers: HeaderMap, body: Bytes) -> Response {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let metadata: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            let e = OAuthError::new("invalid_client_metadata", "the body must be a JSON object of client metadata");
+            return OAuthFailure { error: e, basic_attempted: false }.into_response();
+        }
+    };
+    match auth.register(bearer, &metadata, &request_actor(&headers, peer.0)).await {
+        Ok(v) => no_store(StatusCode::CREATED, v),
+        Err(error) => OAuthFailure { error, basic_attempted: false }.into_response(),
+    }
 }
 
 /// Why a FHIR request was not authenticated, as RFC 6750 wants it said.

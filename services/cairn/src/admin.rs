@@ -37,8 +37,8 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
         None => run_offline(&common, &data_dir, command)?,
     };
     let answer = answer.map_err(|e| anyhow::anyhow!(e))?;
-    if answer.get("client_secret").is_some() {
-        eprintln!("cairn: store the client secret now: it is not kept and cannot be shown again");
+    if answer.get("client_secret").is_some() || answer.get("registration_token").is_some() {
+        eprintln!("cairn: store the secret now: it is not kept and cannot be shown again");
     }
     println!("{}", serde_json::to_string_pretty(&answer)?);
     Ok(ExitCode::SUCCESS)
@@ -94,6 +94,8 @@ fn to_command(cli: Cli) -> anyhow::Result<(CommonArgs, AdminCommand)> {
         Cli::User(UserCommand::Disable(a)) => (a.common, AdminCommand::UserDisable { username: a.username }),
         Cli::User(UserCommand::List(a)) => (a.common, AdminCommand::UserList),
         Cli::Revoke(a) => (a.common, AdminCommand::Revoke { username: a.user, client_id: a.client, jti: a.jti }),
+        Cli::Keys(crate::KeysCommand::Rotate(a)) => (a.common, AdminCommand::KeysRotate),
+        Cli::RegistrationToken(a) => (a.common, AdminCommand::RegistrationToken { expires_in_secs: a.expires_in_secs }),
     })
 }
 

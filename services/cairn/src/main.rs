@@ -58,6 +58,27 @@ pub enum AdminCommand {
     User(UserCommand),
     /// Revoke tokens: every token of a user or a client issued until now, or one token by its jti.
     Revoke(RevokeArgs),
+    /// Token-signing keys of the running server.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Print an RFC 7591 initial access token that lets one party register clients at /register.
+    RegistrationToken(RegistrationTokenArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// New signing keys, published before they sign; the old ones stay published until every token
+    /// they signed has expired. Needs the running server (it holds the keys).
+    Rotate(StoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RegistrationTokenArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// How long the token may be used, in seconds (60 to 2592000)
+    #[arg(long, default_value_t = 3600)]
+    pub expires_in_secs: u64,
 }
 
 #[derive(Subcommand, Debug)]
