@@ -608,3 +608,30 @@ fn dynamic_registration_and_key_rotation() {
     let (status, _, err) = d.cairn(&["admin", "keys", "rotate"]);
     assert!(!status.success() && err.contains("running server") && err.lines().count() == 1, "{err}");
 }
+
+/// `cairn serve --demo` seeds accounts that work, once, and keeps their credentials owner-only.
+#[test]
+fn demo_mode_seeds_working_accounts_once() {
+    let d = Deployment::new(Backend::Embedded);
+    let server = d.start(&["--demo"]);
+    let file = d.data_dir().join("demo-credentials.json");
+    let creds: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let http = Http::new(&server);
+    rt().block_on(async {
+        let secret = creds["device_client"]["client_secret"].as_str().unwrap();
+        let (status, _, token) =
+            http.form("/token", &[("grant_type", "client_credentials"), ("scope", "system/Patient.rs")], Some(("demo-device", secret))).await;
+        assert_eq!(status, 200, "{token}");
+        let (status, _, patient) = http.fhir(reqwest::Method::GET, "/Patient/demo-patient", token["access_token"].as_str(), None).await;
+        assert_eq!((status, patient["name"][0]["family"].as_str()), (200, Some("Demo")));
+    });
+    assert!(server.terminate().0.success());
+    let server = d.start(&["--demo"]);
+    let users = d.admin(&["user", "list"]);
+    assert_eq!(users.as_array().unwrap().len(), 3, "seeded once: {users}");
+    assert!(server.terminate().0.success());
+}

@@ -6,6 +6,7 @@ mod backends;
 mod bench;
 mod config;
 mod datadir;
+mod demo;
 mod keys;
 mod logcmd;
 mod serve;
@@ -314,6 +315,10 @@ pub struct ServeArgs {
     /// [default: 300]
     #[arg(long, env = "CAIRN_BACKEND_TOKEN_LIFETIME_SECS")]
     pub backend_token_lifetime_secs: Option<u64>,
+    /// Seed demo accounts (a patient, a practitioner, an auditor), a demo SMART app and a demo device
+    /// client, and print how to use them
+    #[arg(long, env = "CAIRN_DEMO")]
+    pub demo: bool,
     /// LOCAL DEVELOPMENT ONLY: serve the FHIR API without authentication, as an anonymous actor.
     /// Refused on a non-loopback address.
     #[arg(long, env = "CAIRN_INSECURE_NO_AUTH")]

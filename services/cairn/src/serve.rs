@@ -186,6 +186,9 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
                 max_bundle_bytes: settings.max_bundle_bytes,
             },
         ));
+        if settings.demo {
+            crate::demo::seed(&settings.data_dir, &settings.public_url, &auth, &service).await?;
+        }
         if settings.insecure_no_auth {
             let banner = "WARNING: --insecure-no-auth: the FHIR API accepts requests WITHOUT AUTHENTICATION. Local development only.";
             eprintln!("\n{}\n{banner}\n{}\n", "!".repeat(banner.len()), "!".repeat(banner.len()));
