@@ -18,6 +18,122 @@ pub enum Workload {
     Batch,
     /// GET Observation?patient=..&code=..&date=ge..&date=le..
     Search,
+    /// POST /token: client_credentials with private_key_jwt (ES384), as SMART Backend Services do.
+    /// Registers its own client at /register (needs --registration-token); assertions are signed
+    /// before the clock starts, so the figure is the server's.
+    Grant,
+    /// POST /token: client_credentials with client_secret_basic.
+    GrantSecret,
+    /// POST /introspect of a live token, authenticated with client_secret_basic.
+    Introspect,
+}
+
+/// Form requests the auth workloads send, prepared before the run.
+struct AuthPlan {
+    url: String,
+    basic: Option<(String, String)>,
+    /// One form body per request (each assertion is single use), or one body for every request.
+    bodies: Vec<String>,
+    next: AtomicU64,
+}
+
+impl AuthPlan {
+    fn body(&self) -> Option<String> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        match self.bodies.len() {
+            1 => Some(self.bodies[0].clone()),
+            n if i < n => Some(self.bodies[i].clone()),
+            _ => None,
+        }
+    }
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
+}
+
+/// Registers a client for the auth workloads and prepares their requests.
+async fn auth_plan(client: &reqwest::Client, args: &BenchArgs, base: &str) -> anyhow::Result<AuthPlan> {
+    let server = base.trim_end_matches("/fhir").to_owned();
+    let Some(reg_token) = &args.registration_token else {
+        bail!("--workload {:?} registers its own client: give --registration-token (cairn admin registration-token)", args.workload);
+    };
+    let scope = "system/Observation.crs";
+    let (metadata, key) = match args.workload {
+        Workload::Grant => {
+            use aws_lc_rs::signature::{ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+            use base64::Engine;
+            let pair = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING).map_err(|_| anyhow::anyhow!("key generation"))?;
+            let point = pair.public_key().as_ref().to_vec();
+            let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+            let jwk = serde_json::json!({"kty": "EC", "crv": "P-384", "kid": "bench-1", "alg": "ES384", "x": b64(&point[1..49]), "y": b64(&point[49..97])});
+            let der = pair.to_pkcs8v1().map_err(|_| anyhow::anyhow!("key encoding"))?;
+            let metadata = serde_json::json!({"client_name": "cairn bench", "token_endpoint_auth_method": "private_key_jwt",
+                "grant_types": ["client_credentials"], "scope": scope, "jwks": {"keys": [jwk]}});
+            (metadata, Some(jsonwebtoken::EncodingKey::from_ec_der(der.as_ref())))
+        }
+        _ => (
+            serde_json::json!({"client_name": "cairn bench", "token_endpoint_auth_method": "client_secret_basic",
+                "grant_types": ["client_credentials"], "scope": scope}),
+            None,
+        ),
+    };
+    let resp = client.post(format!("{server}/register")).bearer_auth(reg_token).json(&metadata).send().await?;
+    let status = resp.status();
+    let reg: serde_json::Value = resp.json().await.unwrap_or_default();
+    if status.as_u16() != 201 {
+        bail!("registering the bench client at {server}/register: HTTP {status}: {reg}");
+    }
+    let id = reg["client_id"].as_str().unwrap_or_default().to_owned();
+    let secret = reg["client_secret"].as_str().map(str::to_owned);
+    let token_url = format!("{server}/token");
+    Ok(match args.workload {
+        Workload::Grant => {
+            let key = key.expect("made above");
+            let n = args.assertions;
+            eprintln!("cairn bench: signing {n} client assertions before the run");
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES384);
+            header.kid = Some("bench-1".into());
+            let mut bodies = Vec::with_capacity(n);
+            for i in 0..n {
+                let claims = serde_json::json!({"iss": id, "sub": id, "aud": token_url, "exp": now + 290, "jti": format!("bench-{now}-{i}")});
+                let jwt = jsonwebtoken::encode(&header, &claims, &key)?;
+                bodies.push(form(&[
+                    ("grant_type", "client_credentials"),
+                    ("scope", scope),
+                    ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                    ("client_assertion", &jwt),
+                ]));
+            }
+            AuthPlan { url: token_url, basic: None, bodies, next: AtomicU64::new(0) }
+        }
+        Workload::GrantSecret => AuthPlan {
+            url: token_url,
+            basic: Some((id, secret.unwrap_or_default())),
+            bodies: vec![form(&[("grant_type", "client_credentials"), ("scope", scope)])],
+            next: AtomicU64::new(0),
+        },
+        _ => {
+            let secret = secret.unwrap_or_default();
+            let t: serde_json::Value = client
+                .post(&token_url)
+                .basic_auth(&id, Some(&secret))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form(&[("grant_type", "client_credentials"), ("scope", scope)]))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let token = t["access_token"].as_str().context("no token for the introspection workload")?.to_owned();
+            AuthPlan {
+                url: format!("{server}/introspect"),
+                basic: Some((id, secret)),
+                bodies: vec![form(&[("token", &token)])],
+                next: AtomicU64::new(0),
+            }
+        }
+    })
 }
 
 /// A deterministic generator so runs are comparable.
@@ -74,6 +190,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.connections).build().context("HTTP client")?;
     let totals = Arc::new(Totals { ok: AtomicU64::new(0), errors: AtomicU64::new(0), resources: AtomicU64::new(0) });
+    let plan = match args.workload {
+        Workload::Grant | Workload::GrantSecret | Workload::Introspect => Some(Arc::new(runtime.block_on(auth_plan(&client, &args, &base))?)),
+        _ => None,
+    };
     let started = Instant::now();
     let deadline = started + duration;
     let latencies: Vec<Vec<u32>> = runtime.block_on(async {
@@ -83,6 +203,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let base = base.clone();
             let token = args.token.clone();
             let totals = totals.clone();
+            let plan = plan.clone();
             let (workload, batch_size, patients) = (args.workload, args.batch_size, args.patients);
             tasks.push(tokio::spawn(async move {
                 let mut g = Gen(0x9e37_79b9_7f4a_7c15 ^ (worker as u64 + 1).wrapping_mul(0x1000_0000_01b3));
@@ -115,6 +236,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                                 month + 1
                             );
                             (client.get(url), 0)
+                        }
+                        Workload::Grant | Workload::GrantSecret | Workload::Introspect => {
+                            let plan = plan.as_ref().expect("prepared");
+                            let Some(body) = plan.body() else {
+                                eprintln!("cairn bench: out of pre-signed assertions; raise --assertions");
+                                break;
+                            };
+                            let req = client.post(&plan.url).header("content-type", "application/x-www-form-urlencoded").body(body);
+                            let req = match &plan.basic {
+                                Some((id, secret)) => req.basic_auth(id, Some(secret)),
+                                None => req,
+                            };
+                            (req, 0)
                         }
                     };
                     let req = match &token {

@@ -209,6 +209,13 @@ pub struct BenchArgs {
     /// Distinct patients the readings are spread over
     #[arg(long, default_value_t = 1000)]
     pub patients: u64,
+    /// An initial access token (cairn admin registration-token): the grant, grant-secret and
+    /// introspect workloads register their own client with it
+    #[arg(long, env = "CAIRN_BENCH_REGISTRATION_TOKEN")]
+    pub registration_token: Option<String>,
+    /// Client assertions to sign before a grant run (one per request)
+    #[arg(long, default_value_t = 100_000)]
+    pub assertions: usize,
 }
 
 #[derive(Subcommand, Debug)]
