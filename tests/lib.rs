@@ -214,10 +214,11 @@ pub fn infra(script: &str, args: &[&str]) {
 }
 
 impl Deployment {
-    /// A fresh deployment; on Kafka and Cassandra this runs `cairn migrate` for its keyspace, and
-    /// holds the shared-servers lock (see [`shared_servers`]).
+    /// A fresh deployment; on Kafka and Cassandra this runs `cairn migrate` for its keyspace. Every
+    /// deployment holds the shared-servers lock (see [`shared_servers`]): the test that restarts
+    /// Kafka then runs alone, not starved of CPU by servers of other tests on the two cores.
     pub fn new(backend: Backend) -> Deployment {
-        let guard = (backend == Backend::KafkaCassandra).then(shared_servers);
+        let guard = Some(shared_servers());
         let mut d = Self::unguarded(backend);
         d._servers = guard;
         d

@@ -635,3 +635,72 @@ fn demo_mode_seeds_working_accounts_once() {
     assert_eq!(users.as_array().unwrap().len(), 3, "seeded once: {users}");
     assert!(server.terminate().0.success());
 }
+
+/// A backend client that publishes its keys at a `jwks_uri`: the server fetches them (and refetches
+/// when the client rotates to a key it has not seen).
+#[test]
+fn a_backend_client_with_a_jwks_uri() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = Deployment::new(Backend::Embedded);
+    let server = d.start(&[]);
+    let http = Http::new(&server);
+    let token_url = format!("{}/token", server.base_url);
+    rt().block_on(async {
+        // The client's own key server; what it serves can change.
+        let first = gateway_key();
+        let served = std::sync::Arc::new(std::sync::Mutex::new(first.jwks.to_string()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let body = served.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else { return };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let b = body.lock().unwrap().clone();
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncache-control: max-age=3600\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
+                    b.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            }
+        });
+        let uri = format!("http://127.0.0.1:{port}/jwks.json");
+        d.admin(&[
+            "client", "register", "--name", "Remote-keyed gateway", "--kind", "confidential-asymmetric", "--client-id", "remote-gw",
+            "--scope", "system/Observation.crs", "--jwks-uri", &uri,
+        ]);
+        let http = &http;
+        let grant = |jwt: String| async move {
+            let form = [
+                ("grant_type", "client_credentials".to_owned()),
+                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_owned()),
+                ("client_assertion", jwt),
+                ("scope", "system/Observation.crs".to_owned()),
+            ];
+            let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            http.form("/token", &pairs, None).await
+        };
+        let (status, _, body) = grant(assertion(&first, "remote-gw", &token_url)).await;
+        assert_eq!(status, 200, "{body}");
+        // The client rotates: a new key under a new kid. The cached set lacks it, so it is refetched
+        // (at most every 10 seconds).
+        let mut second = gateway_key();
+        second.jwks["keys"][0]["kid"] = "gw-key-2".into();
+        *served.lock().unwrap() = second.jwks.to_string();
+        tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+        let mut header = Header::new(Algorithm::ES384);
+        header.kid = Some("gw-key-2".into());
+        let claims = json!({"iss": "remote-gw", "sub": "remote-gw", "aud": token_url, "exp": now() + 120, "jti": rand_suffix()});
+        let jwt = jsonwebtoken::encode(&header, &claims, &second.encoding).unwrap();
+        let (status, _, body) = grant(jwt).await;
+        assert_eq!(status, 200, "after the client's rotation: {body}");
+        // A key set at a URL that is neither https nor loopback is refused at registration.
+        let (status, _, err) = d.cairn(&[
+            "admin", "client", "register", "--name", "x", "--kind", "confidential-asymmetric", "--scope", "system/Observation.r",
+            "--jwks-uri", "http://keys.example/jwks.json",
+        ]);
+        assert!(!status.success() && err.contains("jwks_uri"), "{err}");
+    });
+    assert!(server.terminate().0.success());
+}

@@ -44,13 +44,15 @@ impl FormRequest {
     }
 }
 
-/// Authenticates the caller. `token_endpoint` is the audience assertions must name.
+/// Authenticates the caller. `token_endpoint` is the audience assertions must name; `fetched_jwks` is
+/// the key set fetched from the client's `jwks_uri`, for a client that registered one.
 pub fn authenticate(
     state: &AuthState,
     req: &FormRequest,
     token_endpoint: &str,
     replay: &assertion::ReplayCache,
     now: i64,
+    fetched_jwks: Option<&serde_json::Value>,
 ) -> Result<Client, OAuthError> {
     let assertion = req.get("client_assertion")?;
     let assertion_type = req.get("client_assertion_type")?;
@@ -89,7 +91,8 @@ pub fn authenticate(
             .registration
             .jwks
             .as_ref()
-            .ok_or_else(|| OAuthError::invalid_client("this client registered a jwks_uri, which is not fetched yet; register the key set inline"))?;
+            .or(fetched_jwks)
+            .ok_or_else(|| OAuthError::invalid_client("the client's key set could not be fetched from its jwks_uri"))?;
         assertion::verify(jwt, &id, jwks, token_endpoint, replay, now)?;
         client
     } else {

@@ -277,6 +277,9 @@ impl AuthServer {
             return Ok(with_query(&req.redirect_uri, &redirect));
         };
         let granted = req.scopes.filtered(|s| chosen.iter().any(|c| *c == s.to_string()));
+        if granted.is_empty() {
+            return Err(AuthorizeError::Page("choose at least one permission to allow, or deny the request".into()));
+        }
         let patient = if req.needs_patient(&granted) {
             let own = user.account.fhir_user.as_deref().and_then(|f| f.strip_prefix("Patient/"));
             match (own, patient.map(str::trim).filter(|p| !p.is_empty())) {
@@ -331,7 +334,7 @@ impl AuthServer {
     // ---------------------------------------------------------------- the token endpoint
 
     pub(crate) async fn authorization_code(&self, req: &FormRequest, actor: &Actor) -> Result<Value, OAuthError> {
-        let client = self.authenticate(req)?;
+        let client = self.authenticate(req).await?;
         let code = req.require("code")?;
         let code_hash = sha256_hex(code.as_bytes());
         let mut found = self.read_state(|s| s.code(&code_hash).cloned());
@@ -377,7 +380,7 @@ impl AuthServer {
     }
 
     pub(crate) async fn refresh_token(&self, req: &FormRequest, actor: &Actor) -> Result<Value, OAuthError> {
-        let client = self.authenticate(req)?;
+        let client = self.authenticate(req).await?;
         let presented = req.require("refresh_token")?;
         let jti = sha256_hex(presented.as_bytes());
         let mut found = self.read_state(|s| s.refresh_token(&jti).cloned());

@@ -12,6 +12,7 @@
 pub mod assertion;
 pub mod client_auth;
 pub mod flow;
+pub mod jwks;
 pub mod keys;
 pub mod password;
 pub mod scope;

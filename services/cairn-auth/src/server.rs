@@ -130,6 +130,8 @@ pub struct AuthServer {
     applied: tokio::sync::watch::Sender<u64>,
     verifier: Verifier,
     replay: assertion::ReplayCache,
+    jwks_fetcher: std::sync::OnceLock<Arc<dyn crate::jwks::JwksFetcher>>,
+    jwks_cache: crate::jwks::JwksCache,
 }
 
 /// What an access token is issued for.
@@ -163,6 +165,8 @@ impl AuthServer {
             projection: RwLock::new(Projection { state: AuthState::default(), next: vec![0; partitions] }),
             applied: tokio::sync::watch::channel(0).0,
             replay: assertion::ReplayCache::default(),
+            jwks_fetcher: std::sync::OnceLock::new(),
+            jwks_cache: crate::jwks::JwksCache::default(),
         });
         tokio::spawn(follow(Arc::downgrade(&server)));
         server.catch_up().await?;
@@ -297,13 +301,39 @@ impl AuthServer {
         }
     }
 
-    pub(crate) fn authenticate(&self, req: &FormRequest) -> Result<Client, OAuthError> {
+    pub(crate) async fn authenticate(&self, req: &FormRequest) -> Result<Client, OAuthError> {
         let token_endpoint = self.settings.token_endpoint();
-        self.read_state(|s| client_auth::authenticate(s, req, &token_endpoint, &self.replay, now_secs()))
+        let fetched = self.fetch_client_keys(req).await?;
+        self.read_state(|s| client_auth::authenticate(s, req, &token_endpoint, &self.replay, now_secs(), fetched.as_ref()))
+    }
+
+    /// For an assertion from a client that registered a `jwks_uri`: its key set, fetched (or cached).
+    async fn fetch_client_keys(&self, req: &FormRequest) -> Result<Option<Value>, OAuthError> {
+        let Some(jwt) = req.get("client_assertion").ok().flatten() else { return Ok(None) };
+        let Some(claimed) = assertion::claimed_client(jwt) else { return Ok(None) };
+        let Some(uri) = self.read_state(|s| s.client(&claimed).and_then(|c| c.registration.jwks_uri.clone())) else {
+            return Ok(None);
+        };
+        let Some(fetcher) = self.jwks_fetcher.get() else {
+            return Err(OAuthError::invalid_client("this server cannot fetch client key sets"));
+        };
+        let kid = jsonwebtoken::decode_header(jwt).ok().and_then(|h| h.kid);
+        match self.jwks_cache.get(fetcher.as_ref(), &uri, kid.as_deref()).await {
+            Ok(set) => Ok(Some(set)),
+            Err(e) => {
+                tracing::warn!(client_id = %claimed, error = %e, "fetching a client's jwks_uri failed");
+                Err(OAuthError::invalid_client("the client's key set could not be fetched from its jwks_uri"))
+            }
+        }
+    }
+
+    /// Lets this server fetch client key sets from their `jwks_uri` (the edge knows HTTP).
+    pub fn set_jwks_fetcher(&self, fetcher: Arc<dyn crate::jwks::JwksFetcher>) {
+        let _ = self.jwks_fetcher.set(fetcher);
     }
 
     async fn client_credentials(&self, req: &FormRequest, actor: &Actor) -> Result<Value, OAuthError> {
-        let client = self.authenticate(req)?;
+        let client = self.authenticate(req).await?;
         if client.kind() == ClientKind::Public {
             return Err(OAuthError::new("unauthorized_client", "public clients cannot use client_credentials"));
         }
@@ -406,7 +436,7 @@ impl AuthServer {
     /// `POST /introspect` (RFC 7662). Only confidential clients may ask. Anything not active is
     /// exactly `{"active": false}`.
     pub async fn introspect(&self, req: &FormRequest, actor: &Actor) -> Result<Value, OAuthError> {
-        let caller = self.authenticate(req)?;
+        let caller = self.authenticate(req).await?;
         if caller.kind() == ClientKind::Public {
             return Err(OAuthError::invalid_client("public clients may not introspect tokens"));
         }
@@ -445,7 +475,7 @@ impl AuthServer {
     /// `POST /revoke` (RFC 7009): a client revokes one of its own tokens. Unknown and invalid tokens
     /// are answered with success, as the RFC asks.
     pub async fn revoke(&self, req: &FormRequest, actor: &Actor) -> Result<(), OAuthError> {
-        let caller = self.authenticate(req)?;
+        let caller = self.authenticate(req).await?;
         let token = req.require("token")?;
         if let Some(hint) = req.get("token_type_hint")?
             && !matches!(hint, "access_token" | "refresh_token")
@@ -860,7 +890,7 @@ fn new_client(
         }
         ClientKind::ConfidentialAsymmetric => match (&jwks, &jwks_uri) {
             (Some(set), None) => validate_client_jwks(set)?,
-            (None, Some(_)) => return Err(invalid("jwks_uri is not supported yet; register the key set inline (--jwks-file)".into())),
+            (None, Some(uri)) => validate_jwks_uri(uri)?,
             _ => return Err(invalid("an asymmetric client needs its public keys: a JWK Set".into())),
         },
         _ if jwks.is_some() || jwks_uri.is_some() => {
@@ -919,6 +949,16 @@ fn validate_client_jwks(set: &Value) -> Result<(), AuthError> {
         let jwk: jsonwebtoken::jwk::Jwk =
             serde_json::from_value(k.clone()).map_err(|e| AuthError::Invalid(format!("key `{kid}` is not a valid JWK: {e}")))?;
         jsonwebtoken::DecodingKey::from_jwk(&jwk).map_err(|e| AuthError::Invalid(format!("key `{kid}` is not usable: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Where client keys may be fetched from: https, or http on loopback (development and tests); no
+/// credentials, no fragment.
+fn validate_jwks_uri(uri: &str) -> Result<(), AuthError> {
+    validate_redirect_uri(uri).map_err(|e| AuthError::Invalid(e.to_string().replace("redirect URI", "jwks_uri")))?;
+    if uri.split("://").nth(1).is_some_and(|rest| rest.split('/').next().unwrap_or("").contains('@')) {
+        return Err(AuthError::Invalid(format!("jwks_uri `{uri}` must not carry credentials")));
     }
     Ok(())
 }

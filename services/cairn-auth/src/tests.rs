@@ -638,6 +638,8 @@ async fn consent_can_withhold_scopes_and_refusal_is_recorded() {
     let t = f.auth.token(&code_exchange(&query_param(&url, "code").unwrap(), &v), &Actor::default()).await.unwrap();
     assert_eq!(t["scope"], "patient/Observation.rs", "the token carries exactly what was granted");
     assert!(t.get("id_token").is_none());
+    let nothing = f.auth.decide(&req, &user, &s.cookie, Some(&[]), None, &Actor::default()).await.unwrap_err();
+    assert!(matches!(&nothing, crate::flow::AuthorizeError::Page(m) if m.contains("at least one")), "{nothing:?}");
     let url = f.auth.decide(&req, &user, &s.cookie, None, None, &Actor::default()).await.unwrap();
     assert_eq!(query_param(&url, "error").as_deref(), Some("access_denied"));
     let consents = events_of(&f.log, EventType::AuthConsentRecorded).await;

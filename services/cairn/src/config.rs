@@ -43,6 +43,8 @@ struct FileSettings {
     seal_key_file: Option<PathBuf>,
     token_key_dir: Option<PathBuf>,
     backend_token_lifetime_secs: Option<u64>,
+    access_token_lifetime_secs: Option<u64>,
+    offline_refresh_lifetime_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +69,8 @@ pub struct Settings {
     /// Where this process keeps its token-signing keys.
     pub token_key_dir: PathBuf,
     pub backend_token_lifetime: std::time::Duration,
+    pub access_token_lifetime: std::time::Duration,
+    pub offline_refresh_lifetime: std::time::Duration,
 }
 
 /// What one `cairn serve` process does. Default: everything.
@@ -275,7 +279,18 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
     if !(10..=300).contains(&backend_token_lifetime_secs) {
         bail!("--backend-token-lifetime-secs {backend_token_lifetime_secs}: SMART Backend Services tokens live 10 to 300 seconds");
     }
+    let access_token_lifetime_secs = args.access_token_lifetime_secs.or(file.access_token_lifetime_secs).unwrap_or(900);
+    if !(60..=3600).contains(&access_token_lifetime_secs) {
+        bail!("--access-token-lifetime-secs {access_token_lifetime_secs}: app access tokens live 60 to 3600 seconds");
+    }
+    let offline_refresh_lifetime_secs =
+        args.offline_refresh_lifetime_secs.or(file.offline_refresh_lifetime_secs).unwrap_or(30 * 24 * 3600);
+    if !(3600..=365 * 24 * 3600).contains(&offline_refresh_lifetime_secs) {
+        bail!("--offline-refresh-lifetime-secs {offline_refresh_lifetime_secs}: 1 hour to 1 year");
+    }
     Ok(Settings {
+        access_token_lifetime: std::time::Duration::from_secs(access_token_lifetime_secs),
+        offline_refresh_lifetime: std::time::Duration::from_secs(offline_refresh_lifetime_secs),
         data_dir,
         listen,
         public_url,

@@ -7,6 +7,7 @@ mod bench;
 mod config;
 mod datadir;
 mod demo;
+mod jwks;
 mod keys;
 mod logcmd;
 mod serve;
@@ -322,6 +323,13 @@ pub struct ServeArgs {
     /// [default: 300]
     #[arg(long, env = "CAIRN_BACKEND_TOKEN_LIFETIME_SECS")]
     pub backend_token_lifetime_secs: Option<u64>,
+    /// Lifetime of access (and ID) tokens issued to apps, 60 to 3600 seconds [default: 900]
+    #[arg(long, env = "CAIRN_ACCESS_TOKEN_LIFETIME_SECS")]
+    pub access_token_lifetime_secs: Option<u64>,
+    /// Lifetime of refresh tokens granted with offline_access, in seconds (1 hour to 1 year)
+    /// [default: 2592000, 30 days]
+    #[arg(long, env = "CAIRN_OFFLINE_REFRESH_LIFETIME_SECS")]
+    pub offline_refresh_lifetime_secs: Option<u64>,
     /// Seed demo accounts (a patient, a practitioner, an auditor), a demo SMART app and a demo device
     /// client, and print how to use them
     #[arg(long, env = "CAIRN_DEMO")]

@@ -167,6 +167,8 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
         // The authorization server: its state is rebuilt from the log before anything is served.
         let auth_settings = cairn_auth::AuthSettings {
             backend_token_lifetime: settings.backend_token_lifetime,
+            access_token_lifetime: settings.access_token_lifetime,
+            offline_refresh_lifetime: settings.offline_refresh_lifetime,
             ..cairn_auth::AuthSettings::new(settings.public_url.clone())
         };
         let started = std::time::Instant::now();
@@ -174,6 +176,7 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
             .await
             .map_err(|e| anyhow::anyhow!("authorization server: {e}"))?;
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "authorization state rebuilt from the log");
+        auth.set_jwks_fetcher(Arc::new(crate::jwks::HttpJwksFetcher::new()?));
         admin_task = crate::admin::serve_socket(crate::admin::socket_path(&settings.data_dir), auth.clone()).await?;
         let service = Arc::new(FhirService::new(
             dyn_log,
