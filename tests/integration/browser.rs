@@ -169,6 +169,11 @@ fn a_patient_signs_in_and_consents_in_a_real_browser() {
         browser.find(Locator::Id("username")).await.unwrap().send_keys("pat").await.unwrap();
         browser.find(Locator::Id("password")).await.unwrap().send_keys("a long patient password").await.unwrap();
         browser.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
+        // A click does not wait for the navigation it starts: wait for the consent page.
+        let consent = browser.wait().at_most(Duration::from_secs(30)).for_element(Locator::Css("button[value=approve]")).await;
+        if consent.is_err() {
+            panic!("no consent page after signing in; the browser shows: {}", browser.source().await.unwrap_or_default());
+        }
         assert_eq!(browser.title().await.unwrap(), "Allow access · Cairn");
         let listed = browser.find_all(Locator::Css("input[name=scope]")).await.unwrap().len();
         assert_eq!(listed, 4, "every scope asked for is offered");

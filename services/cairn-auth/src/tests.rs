@@ -671,3 +671,8 @@ async fn sign_in_is_throttled_and_sessions_end_at_logout() {
     assert!(other.auth.logout(&s.cookie, &Actor::default()).await.unwrap());
     assert!(other.auth.session_user(&s.cookie).is_none());
 }
+
+#[test]
+fn sha256_hex_is_lowercase_hex_of_the_digest() {
+    assert_eq!(crate::sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+}
