@@ -824,6 +824,12 @@ async fn follow(server: std::sync::Weak<AuthServer>) {
         while let Some(item) = tail.next().await {
             let Some(s) = server.upgrade() else { return };
             match item {
+                Ok(Tailed::Record(r)) if Event::peek_type(&r.value).is_some_and(|t| !AuthState::cares_about(t)) => {
+                    let mut p = s.projection.write().expect("auth projection");
+                    p.next[r.partition as usize] = r.offset + 1;
+                    drop(p);
+                    s.applied.send_modify(|n| *n += 1);
+                }
                 Ok(Tailed::Record(r)) => {
                     match Event::from_canonical_bytes(&r.value) {
                         Ok(event) => {

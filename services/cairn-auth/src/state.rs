@@ -139,6 +139,13 @@ struct Revocations {
 }
 
 impl AuthState {
+    /// Whether events of this type can change the state (the others, such as introspections and
+    /// refusals, are skipped without being parsed: they are most of the topic under load).
+    pub fn cares_about(t: cairn_events::EventType) -> bool {
+        use cairn_events::EventType as T;
+        !matches!(t, T::AuthTokenIntrospected | T::AuthTokenRefused | T::AuthConsentRecorded)
+    }
+
     /// Applies one event of the `cairn.auth` topic. Events of other kinds are ignored; so is a
     /// published key that cannot be used (logged), rather than stopping the projection.
     pub fn apply(&mut self, event: &Event) {

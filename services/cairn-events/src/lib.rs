@@ -265,6 +265,15 @@ impl Event {
         wire.into_event()
     }
 
+    /// The type of an event in canonical bytes, read without parsing the rest (the type is the
+    /// second field, right after the id). `None` if the bytes do not look canonical: parse them.
+    pub fn peek_type(bytes: &[u8]) -> Option<EventType> {
+        let rest = bytes.strip_prefix(br#"{"id":""#)?;
+        let rest = rest.get(36..)?.strip_prefix(br#"","type":""#)?;
+        let end = rest.iter().take(64).position(|b| *b == b'"')?;
+        std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+    }
+
     /// The full envelope as JSON, chain fields included when known (used by `cairn log tail`).
     pub fn to_json_with_chain(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(WireRef::from(self)).expect("events always serialize");
@@ -398,6 +407,14 @@ mod tests {
         v["type"] = "fhir.resource.deleted".into();
         let err = Event::from_canonical_bytes(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(matches!(err, EventError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn the_type_is_read_without_parsing() {
+        for t in EventType::ALL {
+            assert_eq!(Event::peek_type(&sample_event(t).canonical_bytes()), Some(t));
+        }
+        assert_eq!(Event::peek_type(b"{\"type\":\"auth.logout\"}"), None);
     }
 
     #[test]
