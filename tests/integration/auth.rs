@@ -704,3 +704,65 @@ fn a_backend_client_with_a_jwks_uri() {
     });
     assert!(server.terminate().0.success());
 }
+
+/// Revocation during a steady stream of requests with the token: once `/revoke` has answered, no
+/// request that starts afterwards is admitted; the time to the first refusal is reported.
+fn revocation_under_a_steady_stream(backend: Backend) {
+    let d = Deployment::new(backend);
+    let server = d.start(&[]);
+    let lab = d.admin(&["client", "register", "--name", "Lab", "--kind", "confidential-symmetric", "--scope", "system/Observation.rs"]);
+    let (id, secret) = (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let http = Http::new(&server);
+    rt().block_on(async {
+        let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.rs")];
+        let (_, _, t) = http.form("/token", &grant, Some((&id, &secret))).await;
+        let token = t["access_token"].as_str().unwrap().to_owned();
+        let revoked_at: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>> = Default::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut streams = Vec::new();
+        for _ in 0..4 {
+            let (client, url, token, revoked_at, stop) =
+                (http.client.clone(), format!("{}/fhir/Observation?_count=1", http.base), token.clone(), revoked_at.clone(), stop.clone());
+            streams.push(tokio::spawn(async move {
+                let (mut admitted_after, mut first_refusal) = (0, None::<std::time::Instant>);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let started = std::time::Instant::now();
+                    let revoked_before_start = revoked_at.lock().unwrap().is_some_and(|r| r <= started);
+                    let status = client.get(&url).bearer_auth(&token).send().await.unwrap().status().as_u16();
+                    match status {
+                        200 if revoked_before_start => admitted_after += 1,
+                        200 => {}
+                        401 => {
+                            first_refusal.get_or_insert_with(std::time::Instant::now);
+                        }
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+                (admitted_after, first_refusal)
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let (status, _, _) = http.form("/revoke", &[("token", &token)], Some((&id, &secret))).await;
+        assert_eq!(status, 200);
+        let acknowledged = std::time::Instant::now();
+        *revoked_at.lock().unwrap() = Some(acknowledged);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut first = None::<std::time::Instant>;
+        for s in streams {
+            let (admitted_after, refusal) = s.await.unwrap();
+            assert_eq!(admitted_after, 0, "a request that started after the revocation was acknowledged was admitted");
+            first = match (first, refusal) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        let first = first.expect("the revoked token was never refused");
+        eprintln!(
+            "revocation: first refusal {} us after /revoke answered ({backend:?})",
+            first.saturating_duration_since(acknowledged).as_micros()
+        );
+    });
+}
+
+cairn_tests::on_every_backend!(revocation_under_a_steady_stream);

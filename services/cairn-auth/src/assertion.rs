@@ -44,15 +44,21 @@ type Used = (String, String);
 /// Assertion `jti`s already used, per client, until their `exp`.
 #[derive(Default)]
 pub struct ReplayCache {
-    // The set, and the same entries ordered by expiry so that pruning is cheap.
-    inner: Mutex<(HashSet<Used>, BTreeMap<i64, Vec<Used>>)>,
+    inner: Mutex<Seen>,
+}
+
+/// The used `(client, jti)`s, and the same entries ordered by expiry so that pruning is cheap.
+#[derive(Default)]
+struct Seen {
+    set: HashSet<Used>,
+    by_exp: BTreeMap<i64, Vec<Used>>,
 }
 
 impl ReplayCache {
     /// Records `(client, jti)`; false if it was already there.
     fn first_use(&self, client_id: &str, jti: &str, exp: i64, now: i64) -> bool {
         let mut guard = self.inner.lock().expect("replay cache");
-        let (seen, by_exp) = &mut *guard;
+        let Seen { set: seen, by_exp } = &mut *guard;
         // Forget what has expired (with leeway: an expired assertion is refused anyway).
         let horizon = now - LEEWAY_SECS as i64;
         let stale: Vec<i64> = by_exp.range(..horizon).map(|(k, _)| *k).collect();

@@ -39,6 +39,9 @@ pub struct AuthSettings {
     pub code_lifetime: Duration,
     /// How long to wait for the log when this instance must catch up (startup, an unknown `kid`).
     pub catch_up_timeout: Duration,
+    /// How far this instance's view of `cairn.auth` (revocations, disabled users and clients) may lag
+    /// behind the log before it refuses bearer tokens (503) rather than risk admitting a revoked one.
+    pub feed_lag_bound: Duration,
 }
 
 impl AuthSettings {
@@ -51,6 +54,7 @@ impl AuthSettings {
             session_lifetime: Duration::from_secs(8 * 3600),
             code_lifetime: Duration::from_secs(60),
             catch_up_timeout: Duration::from_secs(30),
+            feed_lag_bound: Duration::from_secs(5),
         }
     }
     pub fn fhir_base(&self) -> String {
@@ -132,7 +136,12 @@ pub struct AuthServer {
     replay: assertion::ReplayCache,
     jwks_fetcher: std::sync::OnceLock<Arc<dyn crate::jwks::JwksFetcher>>,
     jwks_cache: crate::jwks::JwksCache,
+    /// When (ms) this instance last had applied everything the log held at that moment.
+    current_at_ms: std::sync::atomic::AtomicI64,
 }
+
+/// How often the feed's lag behind the log is measured.
+const FEED_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// What an access token is issued for.
 pub(crate) struct Grant<'a> {
@@ -167,9 +176,12 @@ impl AuthServer {
             replay: assertion::ReplayCache::default(),
             jwks_fetcher: std::sync::OnceLock::new(),
             jwks_cache: crate::jwks::JwksCache::default(),
+            current_at_ms: std::sync::atomic::AtomicI64::new(0),
         });
         tokio::spawn(follow(Arc::downgrade(&server)));
         server.catch_up().await?;
+        server.current_at_ms.store(Timestamp::now().as_millis(), std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(watch_feed(Arc::downgrade(&server)));
         let unpublished: Vec<KeyPublished> = {
             let p = server.projection.read().expect("auth projection");
             let ring = server.keys.as_ref().map(|r| r.read().expect("key ring"));
@@ -416,6 +428,9 @@ impl AuthServer {
     /// not seen yet makes it catch up with the log once before refusing: a key is published before
     /// it signs anything, so no token in flight fails for an unknown `kid`.
     pub async fn verify(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenRejection> {
+        if self.feed_lag() > self.settings.feed_lag_bound {
+            return Err(TokenRejection::FeedBehind);
+        }
         match self.verify_now(token) {
             Err(TokenRejection::UnknownKey) => {
                 if self.catch_up().await.is_err() {
@@ -425,6 +440,13 @@ impl AuthServer {
             }
             other => other,
         }
+    }
+
+    /// How long ago this instance last had applied everything the log held (its revocation feed's
+    /// lag). Past `feed_lag_bound` tokens are refused with 503.
+    pub fn feed_lag(&self) -> Duration {
+        let at = self.current_at_ms.load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_millis((Timestamp::now().as_millis() - at).max(0) as u64)
     }
 
     fn verify_now(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenRejection> {
@@ -441,7 +463,13 @@ impl AuthServer {
             return Err(OAuthError::invalid_client("public clients may not introspect tokens"));
         }
         let token = req.require("token")?;
-        let verified = self.verify(token).await.ok();
+        let verified = match self.verify(token).await {
+            Ok(v) => Some(v),
+            Err(TokenRejection::FeedBehind) => {
+                return Err(OAuthError::new("temporarily_unavailable", "this server's revocation feed is behind the log"));
+            }
+            Err(_) => None,
+        };
         let event = TokenIntrospected {
             client_id: caller.id().to_owned(),
             jti: verified.as_ref().map(|v| v.claims.jti.clone()),
@@ -809,6 +837,37 @@ const GRANT_TYPES: &[&str] = &["authorization_code", "refresh_token", "client_cr
 const AUTH_METHODS: &[&str] = &["client_secret_basic", "client_secret_post", "private_key_jwt"];
 /// Public clients (`none`) may use the token endpoint too, with PKCE.
 const TOKEN_AUTH_METHODS: &[&str] = &["client_secret_basic", "client_secret_post", "private_key_jwt", "none"];
+
+/// Measures, for as long as the server lives, whether the state has caught up with the log's end:
+/// reads the end offsets, and if the state has applied them, records the moment they were read.
+async fn watch_feed(server: std::sync::Weak<AuthServer>) {
+    loop {
+        tokio::time::sleep(FEED_CHECK_EVERY).await;
+        let Some(s) = server.upgrade() else { return };
+        let read_at = Timestamp::now().as_millis();
+        let partitions = s.projection.read().expect("auth projection").next.len();
+        let mut ends = Vec::with_capacity(partitions);
+        for p in 0..partitions {
+            match s.log.end_offset(topics::AUTH, p as u32).await {
+                Ok(e) => ends.push(e),
+                Err(_) => break,
+            }
+        }
+        if ends.len() == partitions {
+            let applied = s.projection.read().expect("auth projection").next.clone();
+            if applied.iter().zip(&ends).all(|(a, e)| a >= e) {
+                s.current_at_ms.fetch_max(read_at, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                // Behind now; give the follower one interval to reach what was read.
+                let waited = tokio::time::timeout(FEED_CHECK_EVERY, s.wait_for(&ends)).await;
+                if matches!(waited, Ok(Ok(()))) {
+                    s.current_at_ms.fetch_max(read_at, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        metrics::gauge!("cairn_auth_feed_lag_seconds").set(s.feed_lag().as_secs_f64());
+    }
+}
 
 /// Tails `cairn.auth` and applies every event to the server's state, for as long as the server lives.
 async fn follow(server: std::sync::Weak<AuthServer>) {

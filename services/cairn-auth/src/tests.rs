@@ -676,3 +676,81 @@ async fn sign_in_is_throttled_and_sessions_end_at_logout() {
 fn sha256_hex_is_lowercase_hex_of_the_digest() {
     assert_eq!(crate::sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 }
+
+// ---------------------------------------------------------------- the revocation feed's lag bound
+
+/// A log whose end offsets can be made to run ahead of what can be read: from this process's point
+/// of view its feed has stopped while the log moves on.
+struct LaggingLog {
+    inner: Arc<dyn EventLog>,
+    lag: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl EventLog for LaggingLog {
+    async fn create_topic(&self, topic: &str, partitions: u32) -> cairn_log::Result<()> {
+        self.inner.create_topic(topic, partitions).await
+    }
+    fn topics(&self) -> Vec<cairn_log::TopicInfo> {
+        self.inner.topics()
+    }
+    fn partitions(&self, topic: &str) -> cairn_log::Result<u32> {
+        self.inner.partitions(topic)
+    }
+    async fn append_batch(&self, records: Vec<cairn_log::NewRecord>) -> cairn_log::Result<Vec<cairn_log::Position>> {
+        self.inner.append_batch(records).await
+    }
+    async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> cairn_log::Result<Vec<cairn_log::Record>> {
+        self.inner.read(topic, partition, from, max).await
+    }
+    async fn end_offset(&self, topic: &str, partition: u32) -> cairn_log::Result<u64> {
+        let end = self.inner.end_offset(topic, partition).await?;
+        Ok(end + u64::from(self.lag.load(std::sync::atomic::Ordering::Relaxed)))
+    }
+    fn tail(&self, topic: &str, partition: u32, from: u64) -> futures_util::stream::BoxStream<'static, cairn_log::Result<cairn_log::Tailed>> {
+        self.inner.tail(topic, partition, from)
+    }
+    async fn commit_offset(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> cairn_log::Result<()> {
+        self.inner.commit_offset(group, topic, partition, next_offset).await
+    }
+    async fn committed_offset(&self, group: &str, topic: &str, partition: u32) -> cairn_log::Result<Option<u64>> {
+        self.inner.committed_offset(group, topic, partition).await
+    }
+}
+
+#[tokio::test]
+async fn a_lagging_revocation_feed_fails_closed_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let embedded: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path().join("log"), EmbeddedOptions::default()).unwrap());
+    for t in topics::ALL {
+        embedded.create_topic(t, 2).await.unwrap();
+    }
+    let lagging = Arc::new(LaggingLog { inner: embedded, lag: std::sync::atomic::AtomicBool::new(false) });
+    let settings = AuthSettings { feed_lag_bound: std::time::Duration::from_millis(400), ..AuthSettings::new(ISSUER) };
+    let auth = AuthServer::start(lagging.clone(), Some(&dir.path().join("keys")), settings).await.unwrap();
+    let f = Fixture { _dir: tempfile::tempdir().unwrap(), log: lagging.clone(), auth: auth.clone(), keys_dir: dir.path().join("keys") };
+    let creds = symmetric_client(&f, "system/*.rs").await;
+    let token = token_for(&f, &creds, "system/Observation.rs").await;
+    auth.verify(&token).await.unwrap();
+
+    lagging.lag.store(true, std::sync::atomic::Ordering::Relaxed);
+    let stopped = std::time::Instant::now();
+    let refused_after = loop {
+        match auth.verify(&token).await {
+            Ok(_) => assert!(stopped.elapsed() < std::time::Duration::from_secs(5), "never failed closed"),
+            Err(TokenRejection::FeedBehind) => break stopped.elapsed(),
+            Err(other) => panic!("{other:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert!(refused_after >= std::time::Duration::from_millis(300), "refused before the bound: {refused_after:?}");
+    let ask = FormRequest { params: vec![("token".into(), token.clone())], basic: Some(creds.clone()) };
+    assert_eq!(auth.introspect(&ask, &Actor::default()).await.unwrap_err().error, "temporarily_unavailable");
+
+    lagging.lag.store(false, std::sync::atomic::Ordering::Relaxed);
+    let resumed = std::time::Instant::now();
+    while auth.verify(&token).await.is_err() {
+        assert!(resumed.elapsed() < std::time::Duration::from_secs(5), "never recovered");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

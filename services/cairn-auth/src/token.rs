@@ -87,6 +87,10 @@ pub enum TokenRejection {
     UserDisabled,
     #[error("the token has been revoked")]
     Revoked,
+    /// Not the token's fault: this instance's view of revocations lags too far behind the log to
+    /// judge any token safely (503, not 401).
+    #[error("this server's revocation feed is behind the log; try again shortly")]
+    FeedBehind,
 }
 
 /// Verifies tokens against the keys published in the log, remembering the tokens it has already

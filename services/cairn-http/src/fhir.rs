@@ -96,6 +96,11 @@ async fn context(api: &FhirApi, headers: &HeaderMap, peer: Option<SocketAddr>) -
         (None, false) => return Err(error(503, IssueCode::Transient, "the authorization server is not running")),
     };
     let token = crate::oauth::authenticate_bearer(auth, headers).await.map_err(|failure| {
+        if let crate::oauth::BearerFailure::Rejected(cairn_auth::TokenRejection::FeedBehind) = failure {
+            // Fail closed, and say it is ours: the token may be fine.
+            let why = cairn_auth::TokenRejection::FeedBehind.to_string();
+            return Outcome { error: FhirError::new(503, IssueCode::Transient, why), challenge: None };
+        }
         let (challenge, why) = failure.challenge();
         Outcome { error: FhirError::new(401, IssueCode::Security, why), challenge: Some(challenge) }
     })?;

@@ -390,6 +390,9 @@ async fn logout(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: Header
 async fn userinfo(State(auth): State<Arc<AuthServer>>, headers: HeaderMap) -> Response {
     let token = match authenticate_bearer(&auth, &headers).await {
         Ok(t) => t,
+        Err(crate::oauth::BearerFailure::Rejected(cairn_auth::TokenRejection::FeedBehind)) => {
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
         Err(failure) => return bearer_error(StatusCode::UNAUTHORIZED, &failure.challenge().0),
     };
     match auth.userinfo(&token) {

@@ -45,6 +45,7 @@ struct FileSettings {
     backend_token_lifetime_secs: Option<u64>,
     access_token_lifetime_secs: Option<u64>,
     offline_refresh_lifetime_secs: Option<u64>,
+    revocation_lag_bound_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +72,7 @@ pub struct Settings {
     pub backend_token_lifetime: std::time::Duration,
     pub access_token_lifetime: std::time::Duration,
     pub offline_refresh_lifetime: std::time::Duration,
+    pub revocation_lag_bound: std::time::Duration,
 }
 
 /// What one `cairn serve` process does. Default: everything.
@@ -288,7 +290,12 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
     if !(3600..=365 * 24 * 3600).contains(&offline_refresh_lifetime_secs) {
         bail!("--offline-refresh-lifetime-secs {offline_refresh_lifetime_secs}: 1 hour to 1 year");
     }
+    let revocation_lag_bound_ms = args.revocation_lag_bound_ms.or(file.revocation_lag_bound_ms).unwrap_or(5000);
+    if !(200..=600_000).contains(&revocation_lag_bound_ms) {
+        bail!("--revocation-lag-bound-ms {revocation_lag_bound_ms}: 200 ms to 10 minutes");
+    }
     Ok(Settings {
+        revocation_lag_bound: std::time::Duration::from_millis(revocation_lag_bound_ms),
         access_token_lifetime: std::time::Duration::from_secs(access_token_lifetime_secs),
         offline_refresh_lifetime: std::time::Duration::from_secs(offline_refresh_lifetime_secs),
         data_dir,

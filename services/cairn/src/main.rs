@@ -330,6 +330,10 @@ pub struct ServeArgs {
     /// [default: 2592000, 30 days]
     #[arg(long, env = "CAIRN_OFFLINE_REFRESH_LIFETIME_SECS")]
     pub offline_refresh_lifetime_secs: Option<u64>,
+    /// How far this process's view of revocations may lag behind the log before it refuses bearer
+    /// tokens with 503 (and /readyz says so), in ms [default: 5000]
+    #[arg(long, env = "CAIRN_REVOCATION_LAG_BOUND_MS")]
+    pub revocation_lag_bound_ms: Option<u64>,
     /// Seed demo accounts (a patient, a practitioner, an auditor), a demo SMART app and a demo device
     /// client, and print how to use them
     #[arg(long, env = "CAIRN_DEMO")]

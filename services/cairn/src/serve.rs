@@ -28,6 +28,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 struct RunningPlatform {
     log: OpenLog,
     resources: Progress,
+    auth: Option<Arc<cairn_auth::AuthServer>>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     draining: AtomicBool,
 }
@@ -72,7 +73,21 @@ impl Platform for RunningPlatform {
                 format!("{behind} events behind the log after {} ms", READINESS_LAG_BOUND.as_millis())
             },
         };
-        vec![log, projection, serving]
+        let mut checks = vec![log, projection, serving];
+        if let Some(auth) = &self.auth {
+            let lag = auth.feed_lag();
+            let bound = auth.settings().feed_lag_bound;
+            checks.push(Check {
+                name: "auth-feed".into(),
+                ok: lag <= bound,
+                detail: if lag <= bound {
+                    format!("revocations current within {} ms", lag.as_millis())
+                } else {
+                    format!("{} ms behind the log (bound {} ms): refusing bearer tokens", lag.as_millis(), bound.as_millis())
+                },
+            });
+        }
+        checks
     }
 
     fn render_metrics(&self) -> String {
@@ -169,6 +184,7 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
             backend_token_lifetime: settings.backend_token_lifetime,
             access_token_lifetime: settings.access_token_lifetime,
             offline_refresh_lifetime: settings.offline_refresh_lifetime,
+            feed_lag_bound: settings.revocation_lag_bound,
             ..cairn_auth::AuthSettings::new(settings.public_url.clone())
         };
         let started = std::time::Instant::now();
@@ -204,6 +220,7 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     let platform = Arc::new(RunningPlatform {
         log: open_log.clone(),
         resources: progress,
+        auth: fhir.as_ref().and_then(|f| f.auth.clone()),
         metrics: telemetry.metrics.clone(),
         draining: AtomicBool::new(false),
     });
