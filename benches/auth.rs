@@ -85,5 +85,46 @@ fn verify(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, verify);
+/// Resident memory of this process, in bytes (Linux).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+}
+
+/// The per-request check against a revocation list of one million revoked tokens, and the memory
+/// the list takes (printed once).
+fn revocation_list(c: &mut Criterion) {
+    let (_dir, mut state, tokens) = setup();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let size = if std::env::args().any(|a| a == "--bench") { 1_000_000 } else { 10_000 };
+    let before = rss_bytes();
+    for i in 0..size {
+        state.apply(&Event::new(Payload::from(cairn_events::TokenRevoked {
+            target: cairn_events::RevocationTarget::Token {
+                jti: uuid::Uuid::now_v7().to_string(),
+                expires_at: cairn_events::Timestamp::from_millis((now + 300 + i as i64 % 60) * 1000),
+            },
+            reason: "bench".into(),
+        })));
+    }
+    let after = rss_bytes();
+    eprintln!(
+        "revocation list: {size} revoked tokens take {:.1} MiB ({:.0} bytes each)",
+        (after.saturating_sub(before)) as f64 / (1 << 20) as f64,
+        after.saturating_sub(before) as f64 / size as f64
+    );
+    let cached = Verifier::new(ISSUER, format!("{ISSUER}/fhir"));
+    for t in &tokens {
+        cached.verify(t, &state, now).unwrap();
+    }
+    c.bench_function("access_token/verify_cached_with_1m_revoked", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % tokens.len();
+            cached.verify(&tokens[i], &state, now).unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, verify, revocation_list);
 criterion_main!(benches);
