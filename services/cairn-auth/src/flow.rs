@@ -233,7 +233,16 @@ impl AuthServer {
             return Ok(false);
         };
         let actor = Actor { subject: Some(user_id.clone()), ..actor.clone() };
-        self.append_and_apply(Event::new(Payload::from(Logout { session_id, user_id })).with_actor(actor)).await?;
+        // Signing out ends what the user's sign-ins granted: every token issued to them until now.
+        let cut_off = TokenRevoked {
+            target: RevocationTarget::Subject { subject: user_id.clone(), issued_before: Timestamp::now() },
+            reason: "logout".into(),
+        };
+        self.append_all_and_apply(vec![
+            Event::new(Payload::from(Logout { session_id, user_id })).with_actor(actor.clone()),
+            Event::new(Payload::from(cut_off)).with_actor(actor),
+        ])
+        .await?;
         Ok(true)
     }
 

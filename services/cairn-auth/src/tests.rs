@@ -754,3 +754,28 @@ async fn a_lagging_revocation_feed_fails_closed_and_recovers() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn logout_and_user_disable_end_the_users_live_tokens() {
+    let f = fixture().await;
+    app_and_patient(&f).await;
+    let v = verifier();
+    let code = code_for(&f, &v, "patient/Observation.rs").await;
+    let t = f.auth.token(&code_exchange(&code, &v), &Actor::default()).await.unwrap();
+    let access = t["access_token"].as_str().unwrap().to_owned();
+    f.auth.verify(&access).await.unwrap();
+    let s = f.auth.login("pat", "patient password", &Actor::default()).await.unwrap();
+    assert!(f.auth.logout(&s.cookie, &Actor::default()).await.unwrap());
+    assert_eq!(f.auth.verify(&access).await.unwrap_err(), TokenRejection::Revoked, "logout cuts the user's tokens off");
+
+    let other = fixture().await;
+    app_and_patient(&other).await;
+    let v = verifier();
+    let code = code_for(&other, &v, "patient/Observation.rs").await;
+    let t = other.auth.token(&code_exchange(&code, &v), &Actor::default()).await.unwrap();
+    let access = t["access_token"].as_str().unwrap().to_owned();
+    other.auth.verify(&access).await.unwrap();
+    other.auth.admin(AdminCommand::UserDisable { username: "pat".into() }).await.unwrap();
+    assert_eq!(other.auth.verify(&access).await.unwrap_err(), TokenRejection::UserDisabled);
+    assert!(other.auth.login("pat", "patient password", &Actor::default()).await.is_err(), "a disabled user cannot sign in");
+}
