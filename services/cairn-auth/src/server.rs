@@ -138,6 +138,8 @@ pub struct AuthServer {
     jwks_cache: crate::jwks::JwksCache,
     /// When (ms) this instance last had applied everything the log held at that moment.
     current_at_ms: std::sync::atomic::AtomicI64,
+    /// When the latest catch-up for an unknown `kid` started (they run one at a time).
+    kid_catch_up: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// How often the feed's lag behind the log is measured.
@@ -177,6 +179,7 @@ impl AuthServer {
             jwks_fetcher: std::sync::OnceLock::new(),
             jwks_cache: crate::jwks::JwksCache::default(),
             current_at_ms: std::sync::atomic::AtomicI64::new(0),
+            kid_catch_up: tokio::sync::Mutex::new(None),
         });
         tokio::spawn(follow(Arc::downgrade(&server)));
         server.catch_up().await?;
@@ -433,9 +436,18 @@ impl AuthServer {
         }
         match self.verify_now(token) {
             Err(TokenRejection::UnknownKey) => {
-                if self.catch_up().await.is_err() {
-                    return Err(TokenRejection::UnknownKey);
+                // One catch-up at a time, shared: a catch-up that started after this token arrived
+                // has seen every key published before it, so a flood of tokens with made-up kids
+                // costs one read of the log's end per round, not one per token.
+                let arrived = std::time::Instant::now();
+                let mut last = self.kid_catch_up.lock().await;
+                if last.is_none_or(|started| started < arrived) {
+                    *last = Some(std::time::Instant::now());
+                    if self.catch_up().await.is_err() {
+                        return Err(TokenRejection::UnknownKey);
+                    }
                 }
+                drop(last);
                 self.verify_now(token)
             }
             other => other,

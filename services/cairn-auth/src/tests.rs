@@ -779,3 +779,34 @@ async fn logout_and_user_disable_end_the_users_live_tokens() {
     assert_eq!(other.auth.verify(&access).await.unwrap_err(), TokenRejection::UserDisabled);
     assert!(other.auth.login("pat", "patient password", &Actor::default()).await.is_err(), "a disabled user cannot sign in");
 }
+
+#[tokio::test]
+async fn tokens_with_unknown_kids_share_catch_ups_and_new_keys_still_verify() {
+    let f = fixture().await;
+    let creds = symmetric_client(&f, "system/*.rs").await;
+    let token = token_for(&f, &creds, "system/Observation.rs").await;
+    let claims: AccessClaims = jsonwebtoken::dangerous::insecure_decode(&token).unwrap().claims;
+    let ring = crate::keys::KeyRing::load_or_create(&f.keys_dir).unwrap();
+    let key = ring.newest(cairn_events::KeyPurpose::AccessToken).clone();
+    let forged: Vec<String> = (0..50)
+        .map(|i| {
+            let mut h = Header::new(Algorithm::ES256);
+            h.typ = Some("at+jwt".into());
+            h.kid = Some(format!("made-up-{i}"));
+            jsonwebtoken::encode(&h, &claims, &key.encoding).unwrap()
+        })
+        .collect();
+    let checks = forged.iter().map(|t| f.auth.verify(t));
+    for r in futures_util::future::join_all(checks).await {
+        assert_eq!(r.unwrap_err(), TokenRejection::UnknownKey);
+    }
+    // Meanwhile another instance publishes its key and signs: still accepted here at once.
+    let other_keys = tempfile::tempdir().unwrap();
+    let second = AuthServer::start(f.log.clone(), Some(other_keys.path()), AuthSettings::new(ISSUER)).await.unwrap();
+    let req = FormRequest {
+        params: vec![("grant_type".into(), "client_credentials".into()), ("scope".into(), "system/Observation.rs".into())],
+        basic: Some(creds.clone()),
+    };
+    let from_second = second.token(&req, &Actor::default()).await.unwrap()["access_token"].as_str().unwrap().to_owned();
+    f.auth.verify(&from_second).await.unwrap();
+}
