@@ -58,7 +58,12 @@ impl Http {
         Http { client: reqwest::Client::new(), base: server.base_url.clone() }
     }
 
-    async fn form(&self, path: &str, form: &[(&str, &str)], basic: Option<(&str, &str)>) -> (u16, reqwest::header::HeaderMap, Value) {
+    async fn form(
+        &self,
+        path: &str,
+        form: &[(&str, &str)],
+        basic: Option<(&str, &str)>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
         let body: String = form_body(form);
         let mut req = self
             .client
@@ -74,7 +79,13 @@ impl Http {
         (status, headers, resp.json().await.unwrap_or(Value::Null))
     }
 
-    async fn fhir(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<&Value>) -> (u16, reqwest::header::HeaderMap, Value) {
+    async fn fhir(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
         let mut req = self.client.request(method, format!("{}/fhir{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -97,10 +108,7 @@ impl Http {
 }
 
 fn form_body(form: &[(&str, &str)]) -> String {
-    form.iter()
-        .map(|(k, v)| format!("{}={}", k, percent_encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
+    form.iter().map(|(k, v)| format!("{}={}", k, percent_encode(v))).collect::<Vec<_>>().join("&")
 }
 
 fn percent_encode(s: &str) -> String {
@@ -138,12 +146,32 @@ fn backend_services(backend: Backend) {
     let jwks_file = d.data_dir().join("gateway.jwks.json");
     std::fs::write(&jwks_file, key.jwks.to_string()).unwrap();
     let gw = d.admin(&[
-        "client", "register", "--name", "Glucose gateway", "--kind", "confidential-asymmetric", "--client-id", "gateway-7",
-        "--scope", "system/Observation.crs system/Device.rs", "--jwks-file", jwks_file.to_str().unwrap(),
+        "client",
+        "register",
+        "--name",
+        "Glucose gateway",
+        "--kind",
+        "confidential-asymmetric",
+        "--client-id",
+        "gateway-7",
+        "--scope",
+        "system/Observation.crs system/Device.rs",
+        "--jwks-file",
+        jwks_file.to_str().unwrap(),
     ]);
     assert_eq!(gw["client_id"], "gateway-7");
-    let rs = d.admin(&["client", "register", "--name", "Resource server", "--kind", "confidential-symmetric", "--scope", "system/*.rs"]);
-    let (rs_id, rs_secret) = (rs["client_id"].as_str().unwrap().to_owned(), rs["client_secret"].as_str().unwrap().to_owned());
+    let rs = d.admin(&[
+        "client",
+        "register",
+        "--name",
+        "Resource server",
+        "--kind",
+        "confidential-symmetric",
+        "--scope",
+        "system/*.rs",
+    ]);
+    let (rs_id, rs_secret) =
+        (rs["client_id"].as_str().unwrap().to_owned(), rs["client_secret"].as_str().unwrap().to_owned());
 
     rt().block_on(async {
         // Discovery: the documents agree with each other and with where we are.
@@ -201,12 +229,14 @@ fn backend_services(backend: Backend) {
         assert_eq!((status, err["error"].as_str()), (400, Some("unsupported_grant_type")));
 
         // The token at work: create and read; delete is not in its scopes.
-        let (status, _, created) = http.fhir(reqwest::Method::POST, "/Observation", Some(&access), Some(&reading("p-1"))).await;
+        let (status, _, created) =
+            http.fhir(reqwest::Method::POST, "/Observation", Some(&access), Some(&reading("p-1"))).await;
         assert_eq!(status, 201, "{created}");
         let id = created["id"].as_str().unwrap().to_owned();
         let (status, _, _) = http.fhir(reqwest::Method::GET, &format!("/Observation/{id}"), Some(&access), None).await;
         assert_eq!(status, 200);
-        let (status, headers, body) = http.fhir(reqwest::Method::DELETE, &format!("/Observation/{id}"), Some(&access), None).await;
+        let (status, headers, body) =
+            http.fhir(reqwest::Method::DELETE, &format!("/Observation/{id}"), Some(&access), None).await;
         assert_eq!(status, 403, "{body}");
         assert!(header(&headers, "www-authenticate").contains("error=\"insufficient_scope\""));
         let (status, _, _) = http.fhir(reqwest::Method::GET, "/Patient?name=x", Some(&access), None).await;
@@ -228,7 +258,8 @@ fn backend_services(backend: Backend) {
         ];
         let (status, _, _) = http.form("/revoke", &revoke, None).await;
         assert_eq!(status, 200);
-        let (status, headers, _) = http.fhir(reqwest::Method::GET, &format!("/Observation/{id}"), Some(&access), None).await;
+        let (status, headers, _) =
+            http.fhir(reqwest::Method::GET, &format!("/Observation/{id}"), Some(&access), None).await;
         assert_eq!(status, 401);
         assert!(header(&headers, "www-authenticate").contains("revoked"));
         let (_, _, info) = http.form("/introspect", &[("token", &access)], Some((&rs_id, &rs_secret))).await;
@@ -240,7 +271,14 @@ fn backend_services(backend: Backend) {
     // Every step is an event; no secret, token or assertion is anywhere in the log or the server log.
     let (status, events, err) = d.cairn(&["log", "tail", "--topic", "cairn.auth"]);
     assert!(status.success(), "{err}");
-    for t in ["auth.key.published", "auth.client.registered", "auth.token.issued", "auth.token.refused", "auth.token.introspected", "auth.token.revoked"] {
+    for t in [
+        "auth.key.published",
+        "auth.client.registered",
+        "auth.token.issued",
+        "auth.token.refused",
+        "auth.token.introspected",
+        "auth.token.revoked",
+    ] {
         assert!(events.contains(&format!("\"type\":\"{t}\"")), "no {t} event in the log");
     }
     for (what, text) in [("the log", &events), ("the server's output", &stderr)] {
@@ -266,10 +304,21 @@ fn administration(backend: Backend) {
     let users = d.admin(&["user", "list"]);
     assert_eq!(users[0]["username"], "alice");
     assert_eq!(users[0]["fhir_user"], "Patient/p-1");
-    let (status, _, err) = d.cairn_with_stdin(&["admin", "user", "add", "--username", "alice", "--password-stdin"], "another password\n");
+    let (status, _, err) =
+        d.cairn_with_stdin(&["admin", "user", "add", "--username", "alice", "--password-stdin"], "another password\n");
     assert!(!status.success() && err.contains("already exists"), "{err}");
-    let lab = d.admin(&["client", "register", "--name", "Lab", "--kind", "confidential-symmetric", "--scope", "system/Observation.rs"]);
-    let (id, secret) = (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let lab = d.admin(&[
+        "client",
+        "register",
+        "--name",
+        "Lab",
+        "--kind",
+        "confidential-symmetric",
+        "--scope",
+        "system/Observation.rs",
+    ]);
+    let (id, secret) =
+        (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
     let http = Http::new(&server);
     rt().block_on(async {
         let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.rs")];
@@ -309,9 +358,26 @@ fn a_token_issued_by_one_api_process_is_honoured_and_revoked_at_another() {
     let other_keys = tempfile::tempdir().unwrap();
     // Behind one load balancer every instance has the same public URL: the issuer and audience.
     let a = d.start(&["--public-url", "https://cairn.test"]);
-    let b = d.start(&["--public-url", "https://cairn.test", "--roles", "fhir", "--token-key-dir", other_keys.path().to_str().unwrap()]);
-    let lab = d.admin(&["client", "register", "--name", "Lab", "--kind", "confidential-symmetric", "--scope", "system/Observation.crs"]);
-    let (id, secret) = (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let b = d.start(&[
+        "--public-url",
+        "https://cairn.test",
+        "--roles",
+        "fhir",
+        "--token-key-dir",
+        other_keys.path().to_str().unwrap(),
+    ]);
+    let lab = d.admin(&[
+        "client",
+        "register",
+        "--name",
+        "Lab",
+        "--kind",
+        "confidential-symmetric",
+        "--scope",
+        "system/Observation.crs",
+    ]);
+    let (id, secret) =
+        (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
     let (http_a, http_b) = (Http::new(&a), Http::new(&b));
     rt().block_on(async {
         let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.crs")];
@@ -327,10 +393,14 @@ fn a_token_issued_by_one_api_process_is_honoured_and_revoked_at_another() {
         };
         let kid_b = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
         let (_, _, jwks_a) = http_a.get_json("/jwks").await;
-        let (status, _, body) = http_a.fhir(reqwest::Method::POST, "/Observation", Some(&token), Some(&reading("p-9"))).await;
+        let (status, _, body) =
+            http_a.fhir(reqwest::Method::POST, "/Observation", Some(&token), Some(&reading("p-9"))).await;
         assert_eq!(status, 201, "A refused B's token: {body}");
         let (_, _, jwks_a_after) = http_a.get_json("/jwks").await;
-        assert!(jwks_a_after["keys"].as_array().unwrap().iter().any(|k| k["kid"] == kid_b.as_str()), "{jwks_a} {jwks_a_after}");
+        assert!(
+            jwks_a_after["keys"].as_array().unwrap().iter().any(|k| k["kid"] == kid_b.as_str()),
+            "{jwks_a} {jwks_a_after}"
+        );
         // Revocations through A's revocation endpoint; B stops accepting each token. Repeated to give a
         // distribution of the propagation time (from A's answer to B's first refusal; B is polled every
         // 2 ms with a token it has already verified and cached).
@@ -344,12 +414,17 @@ fn a_token_issued_by_one_api_process_is_honoured_and_revoked_at_another() {
                     t["access_token"].as_str().unwrap().to_owned()
                 }
             };
-            assert_eq!(http_b.fhir(reqwest::Method::GET, "/Observation?patient=p-9", Some(&token), None).await.0, 200, "round {round}");
+            assert_eq!(
+                http_b.fhir(reqwest::Method::GET, "/Observation?patient=p-9", Some(&token), None).await.0,
+                200,
+                "round {round}"
+            );
             let (status, _, _) = http_a.form("/revoke", &[("token", &token)], Some((&id, &secret))).await;
             assert_eq!(status, 200);
             let revoked_at = std::time::Instant::now();
             loop {
-                let (status, _, _) = http_b.fhir(reqwest::Method::GET, "/Observation?patient=p-9", Some(&token), None).await;
+                let (status, _, _) =
+                    http_b.fhir(reqwest::Method::GET, "/Observation?patient=p-9", Some(&token), None).await;
                 if status == 401 {
                     break;
                 }
@@ -360,7 +435,8 @@ fn a_token_issued_by_one_api_process_is_honoured_and_revoked_at_another() {
             propagation.push(revoked_at.elapsed());
         }
         propagation.sort();
-        let pct = |p: f64| propagation[((propagation.len() as f64 * p).ceil() as usize).clamp(1, propagation.len()) - 1];
+        let pct =
+            |p: f64| propagation[((propagation.len() as f64 * p).ceil() as usize).clamp(1, propagation.len()) - 1];
         eprintln!(
             "revocation through A enforced at B: p50 {} ms, p99 {} ms, max {} ms over {} revocations",
             pct(0.5).as_millis(),
@@ -417,10 +493,29 @@ fn smart_standalone_launch_with_an_independent_relying_party() {
     let base = server.base_url.clone();
     let redirect = "http://127.0.0.1:9/callback";
     d.admin(&[
-        "client", "register", "--name", "Glucose <b>diary</b>", "--kind", "public", "--client-id", "diary", "--redirect-uri", redirect,
-        "--scope", "launch/patient openid fhirUser offline_access patient/Observation.crs patient/Patient.r",
+        "client",
+        "register",
+        "--name",
+        "Glucose <b>diary</b>",
+        "--kind",
+        "public",
+        "--client-id",
+        "diary",
+        "--redirect-uri",
+        redirect,
+        "--scope",
+        "launch/patient openid fhirUser offline_access patient/Observation.crs patient/Patient.r",
     ]);
-    let feeder = d.admin(&["client", "register", "--name", "Feeder", "--kind", "confidential-symmetric", "--scope", "system/*.cruds"]);
+    let feeder = d.admin(&[
+        "client",
+        "register",
+        "--name",
+        "Feeder",
+        "--kind",
+        "confidential-symmetric",
+        "--scope",
+        "system/*.cruds",
+    ]);
     let (status, out, err) = d.cairn_with_stdin(
         &["admin", "user", "add", "--username", "pat", "--password-stdin", "--fhir-user", "Patient/p-1"],
         "a long patient password\n",
@@ -431,22 +526,30 @@ fn smart_standalone_launch_with_an_independent_relying_party() {
         // Readings of two patients, written by a backend.
         let grant = [("grant_type", "client_credentials"), ("scope", "system/*.cruds")];
         let (_, _, t) = http
-            .form("/token", &grant, Some((feeder["client_id"].as_str().unwrap(), feeder["client_secret"].as_str().unwrap())))
+            .form(
+                "/token",
+                &grant,
+                Some((feeder["client_id"].as_str().unwrap(), feeder["client_secret"].as_str().unwrap())),
+            )
             .await;
         let system = t["access_token"].as_str().unwrap().to_owned();
         let mut ids = Vec::new();
         for p in ["p-1", "p-2"] {
-            let (status, _, created) = http.fhir(reqwest::Method::POST, "/Observation", Some(&system), Some(&reading(p))).await;
+            let (status, _, created) =
+                http.fhir(reqwest::Method::POST, "/Observation", Some(&system), Some(&reading(p))).await;
             assert_eq!(status, 201);
             ids.push(created["id"].as_str().unwrap().to_owned());
         }
 
         // The relying party.
-        let meta = CoreProviderMetadata::discover_async(IssuerUrl::new(base.clone()).unwrap(), &rp_http).await.expect("discovery");
+        let meta = CoreProviderMetadata::discover_async(IssuerUrl::new(base.clone()).unwrap(), &rp_http)
+            .await
+            .expect("discovery");
         let client = CoreClient::from_provider_metadata(meta, ClientId::new("diary".into()), None)
             .set_redirect_uri(RedirectUrl::new(redirect.into()).unwrap());
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-        let mut request = client.authorize_url(CoreAuthenticationFlow::AuthorizationCode, CsrfToken::new_random, Nonce::new_random);
+        let mut request =
+            client.authorize_url(CoreAuthenticationFlow::AuthorizationCode, CsrfToken::new_random, Nonce::new_random);
         for s in ["launch/patient", "fhirUser", "offline_access", "patient/Observation.crs", "patient/Patient.r"] {
             request = request.add_scope(Scope::new(s.into()));
         }
@@ -454,15 +557,23 @@ fn smart_standalone_launch_with_an_independent_relying_party() {
             request.add_extra_param("aud", format!("{base}/fhir")).set_pkce_challenge(challenge).url();
 
         // The browser.
-        let browser = reqwest::Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let browser =
+            reqwest::Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build().unwrap();
         let resp = browser.get(auth_url.as_str()).send().await.unwrap();
         assert_eq!(resp.status(), 200);
         let page = resp.text().await.unwrap();
-        assert!(page.contains("Glucose &lt;b&gt;diary&lt;/b&gt;") && !page.contains("<b>diary</b>"), "the client's name is escaped");
+        assert!(
+            page.contains("Glucose &lt;b&gt;diary&lt;/b&gt;") && !page.contains("<b>diary</b>"),
+            "the client's name is escaped"
+        );
         // Without the CSRF token the sign-in is refused (and recorded).
         let resp = browser
             .post(format!("{base}/login"))
-            .form(&[("username", "pat"), ("password", "a long patient password"), ("authorize", &hidden(&page, "authorize"))])
+            .form(&[
+                ("username", "pat"),
+                ("password", "a long patient password"),
+                ("authorize", &hidden(&page, "authorize")),
+            ])
             .send()
             .await
             .unwrap();
@@ -479,8 +590,14 @@ fn smart_standalone_launch_with_an_independent_relying_party() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 303);
-        let cookies: Vec<String> = resp.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
-        assert!(cookies.iter().any(|c| c.starts_with("cairn_session=") && c.contains("HttpOnly") && c.contains("SameSite=Lax")), "{cookies:?}");
+        let cookies: Vec<String> =
+            resp.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
+        assert!(
+            cookies
+                .iter()
+                .any(|c| c.starts_with("cairn_session=") && c.contains("HttpOnly") && c.contains("SameSite=Lax")),
+            "{cookies:?}"
+        );
         let resp = browser.get(format!("{base}{}", location(&resp))).send().await.unwrap();
         let consent = resp.text().await.unwrap();
         assert!(consent.contains("Allow access?") && consent.contains("patient/Observation.crs"), "{consent}");
@@ -513,46 +630,80 @@ fn smart_standalone_launch_with_an_independent_relying_party() {
         let claims = id_token.claims(&client.id_token_verifier(), &nonce).expect("a valid ID token");
         let user_id = claims.subject().to_string();
         let scopes: Vec<String> = token.scopes().unwrap().iter().map(|s| s.to_string()).collect();
-        assert!(!scopes.contains(&"offline_access".to_owned()) && token.refresh_token().is_none(), "offline access was withheld");
+        assert!(
+            !scopes.contains(&"offline_access".to_owned()) && token.refresh_token().is_none(),
+            "offline access was withheld"
+        );
         let access = token.access_token().secret().clone();
-        let info: openidconnect::core::CoreUserInfoClaims =
-            client.user_info(token.access_token().clone(), None).unwrap().request_async(&rp_http).await.expect("userinfo");
+        let info: openidconnect::core::CoreUserInfoClaims = client
+            .user_info(token.access_token().clone(), None)
+            .unwrap()
+            .request_async(&rp_http)
+            .await
+            .expect("userinfo");
         assert_eq!(info.subject().as_str(), user_id);
 
         // The SMART context in the raw token response, and the token at the FHIR API.
         let (status, _, introspected) = http
-            .form("/introspect", &[("token", &access)], Some((feeder["client_id"].as_str().unwrap(), feeder["client_secret"].as_str().unwrap())))
+            .form(
+                "/introspect",
+                &[("token", &access)],
+                Some((feeder["client_id"].as_str().unwrap(), feeder["client_secret"].as_str().unwrap())),
+            )
             .await;
         assert_eq!((status, introspected["patient"].as_str()), (200, Some("p-1")));
-        let (status, _, _) = http.fhir(reqwest::Method::GET, &format!("/Observation/{}", ids[0]), Some(&access), None).await;
+        let (status, _, _) =
+            http.fhir(reqwest::Method::GET, &format!("/Observation/{}", ids[0]), Some(&access), None).await;
         assert_eq!(status, 200, "the patient's own reading");
-        let (status, _, body) = http.fhir(reqwest::Method::GET, &format!("/Observation/{}", ids[1]), Some(&access), None).await;
+        let (status, _, body) =
+            http.fhir(reqwest::Method::GET, &format!("/Observation/{}", ids[1]), Some(&access), None).await;
         assert_eq!(status, 404, "another patient's reading is not revealed: {body}");
-        let (status, _, missing) = http.fhir(reqwest::Method::GET, "/Observation/does-not-exist", Some(&access), None).await;
-        assert_eq!((status, missing["issue"][0]["code"].clone()), (404, body["issue"][0]["code"].clone()), "indistinguishable from absent");
+        let (status, _, missing) =
+            http.fhir(reqwest::Method::GET, "/Observation/does-not-exist", Some(&access), None).await;
+        assert_eq!(
+            (status, missing["issue"][0]["code"].clone()),
+            (404, body["issue"][0]["code"].clone()),
+            "indistinguishable from absent"
+        );
         let (status, _, bundle) = http.fhir(reqwest::Method::GET, "/Observation", Some(&access), None).await;
         assert_eq!((status, bundle["total"].as_u64()), (200, Some(1)), "search sees only the compartment: {bundle}");
-        let (status, _, bundle) = http.fhir(reqwest::Method::GET, "/Observation?patient=p-2", Some(&access), None).await;
+        let (status, _, bundle) =
+            http.fhir(reqwest::Method::GET, "/Observation?patient=p-2", Some(&access), None).await;
         assert_eq!((status, bundle["total"].as_u64()), (200, Some(0)));
-        let (status, _, _) = http.fhir(reqwest::Method::POST, "/Observation", Some(&access), Some(&reading("p-2"))).await;
+        let (status, _, _) =
+            http.fhir(reqwest::Method::POST, "/Observation", Some(&access), Some(&reading("p-2"))).await;
         assert_eq!(status, 403, "writing into another patient's record");
-        let (status, _, _) = http.fhir(reqwest::Method::POST, "/Observation", Some(&access), Some(&reading("p-1"))).await;
+        let (status, _, _) =
+            http.fhir(reqwest::Method::POST, "/Observation", Some(&access), Some(&reading("p-1"))).await;
         assert_eq!(status, 201, "writing into one's own record");
         let (status, _, _) = http.fhir(reqwest::Method::GET, "/Patient/p-2", Some(&access), None).await;
         assert_eq!(status, 404);
 
         // The code cannot be used twice; doing so revokes the tokens it gave.
         let (status, _, err) = http
-            .form("/token", &[("grant_type", "authorization_code"), ("code", &code), ("redirect_uri", redirect), ("client_id", "diary"), ("code_verifier", &"x".repeat(43))], None)
+            .form(
+                "/token",
+                &[
+                    ("grant_type", "authorization_code"),
+                    ("code", &code),
+                    ("redirect_uri", redirect),
+                    ("client_id", "diary"),
+                    ("code_verifier", &"x".repeat(43)),
+                ],
+                None,
+            )
             .await;
         assert_eq!((status, err["error"].as_str()), (400, Some("invalid_grant")));
-        let (status, _, _) = http.fhir(reqwest::Method::GET, &format!("/Observation/{}", ids[0]), Some(&access), None).await;
+        let (status, _, _) =
+            http.fhir(reqwest::Method::GET, &format!("/Observation/{}", ids[0]), Some(&access), None).await;
         assert_eq!(status, 401, "reuse of the code revoked its tokens");
     });
     let (status, stderr) = server.terminate();
     assert!(status.success(), "{stderr}");
     let (_, events, _) = d.cairn(&["log", "tail", "--topic", "cairn.auth"]);
-    for t in ["auth.login.failed", "auth.login.succeeded", "auth.consent.recorded", "auth.code.issued", "auth.code.redeemed"] {
+    for t in
+        ["auth.login.failed", "auth.login.succeeded", "auth.consent.recorded", "auth.code.issued", "auth.code.redeemed"]
+    {
         assert!(events.contains(&format!("\"type\":\"{t}\"")), "no {t} event");
     }
     assert!(events.contains("csrf_mismatch") && events.contains("code_reuse"));
@@ -646,10 +797,16 @@ fn demo_mode_seeds_working_accounts_once() {
     let http = Http::new(&server);
     rt().block_on(async {
         let secret = creds["device_client"]["client_secret"].as_str().unwrap();
-        let (status, _, token) =
-            http.form("/token", &[("grant_type", "client_credentials"), ("scope", "system/Patient.rs")], Some(("demo-device", secret))).await;
+        let (status, _, token) = http
+            .form(
+                "/token",
+                &[("grant_type", "client_credentials"), ("scope", "system/Patient.rs")],
+                Some(("demo-device", secret)),
+            )
+            .await;
         assert_eq!(status, 200, "{token}");
-        let (status, _, patient) = http.fhir(reqwest::Method::GET, "/Patient/demo-patient", token["access_token"].as_str(), None).await;
+        let (status, _, patient) =
+            http.fhir(reqwest::Method::GET, "/Patient/demo-patient", token["access_token"].as_str(), None).await;
         assert_eq!((status, patient["name"][0]["family"].as_str()), (200, Some("Demo")));
     });
     assert!(server.terminate().0.success());
@@ -733,8 +890,18 @@ fn a_backend_client_with_a_jwks_uri() {
 fn revocation_under_a_steady_stream(backend: Backend) {
     let d = Deployment::new(backend);
     let server = d.start(&[]);
-    let lab = d.admin(&["client", "register", "--name", "Lab", "--kind", "confidential-symmetric", "--scope", "system/Observation.rs"]);
-    let (id, secret) = (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let lab = d.admin(&[
+        "client",
+        "register",
+        "--name",
+        "Lab",
+        "--kind",
+        "confidential-symmetric",
+        "--scope",
+        "system/Observation.rs",
+    ]);
+    let (id, secret) =
+        (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
     let http = Http::new(&server);
     rt().block_on(async {
         let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.rs")];
@@ -744,8 +911,13 @@ fn revocation_under_a_steady_stream(backend: Backend) {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut streams = Vec::new();
         for _ in 0..4 {
-            let (client, url, token, revoked_at, stop) =
-                (http.client.clone(), format!("{}/fhir/Observation?_count=1", http.base), token.clone(), revoked_at.clone(), stop.clone());
+            let (client, url, token, revoked_at, stop) = (
+                http.client.clone(),
+                format!("{}/fhir/Observation?_count=1", http.base),
+                token.clone(),
+                revoked_at.clone(),
+                stop.clone(),
+            );
             streams.push(tokio::spawn(async move {
                 let (mut admitted_after, mut first_refusal) = (0, None::<std::time::Instant>);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -797,8 +969,18 @@ fn a_restarted_server_enforces_revocations_made_while_it_was_down() {
     let d = Deployment::new(Backend::Embedded);
     // The issuer must not change with the port a restart happens to get.
     let server = d.start(&["--public-url", "http://cairn.test"]);
-    let lab = d.admin(&["client", "register", "--name", "Lab", "--kind", "confidential-symmetric", "--scope", "system/Observation.rs"]);
-    let (id, secret) = (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let lab = d.admin(&[
+        "client",
+        "register",
+        "--name",
+        "Lab",
+        "--kind",
+        "confidential-symmetric",
+        "--scope",
+        "system/Observation.rs",
+    ]);
+    let (id, secret) =
+        (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
     let http = Http::new(&server);
     let (doomed, spared) = rt().block_on(async {
         let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.rs")];

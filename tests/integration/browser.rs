@@ -31,8 +31,9 @@ fn free_port() -> u16 {
 }
 
 async fn start_chromedriver() -> Chromedriver {
-    let path = std::env::var("CAIRN_CHROMEDRIVER")
-        .expect("CAIRN_CHROMEDRIVER is not set: run the tests with infra/test, which installs Chromium and chromedriver");
+    let path = std::env::var("CAIRN_CHROMEDRIVER").expect(
+        "CAIRN_CHROMEDRIVER is not set: run the tests with infra/test, which installs Chromium and chromedriver",
+    );
     let port = free_port();
     let child = Command::new(&path)
         .arg(format!("--port={port}"))
@@ -67,7 +68,10 @@ async fn callback_listener() -> (u16, tokio::sync::oneshot::Receiver<String>) {
             let head = String::from_utf8_lossy(&buf[..n]).into_owned();
             let target = head.split_whitespace().nth(1).unwrap_or_default().to_owned();
             let body = "<!doctype html><title>App</title><p>Back in the app.</p>";
-            let reply = format!("HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
             let _ = stream.write_all(reply.as_bytes()).await;
             if target.starts_with("/callback")
                 && let Some(tx) = tx.take()
@@ -80,7 +84,11 @@ async fn callback_listener() -> (u16, tokio::sync::oneshot::Receiver<String>) {
 }
 
 fn param(target: &str, name: &str) -> Option<String> {
-    reqwest::Url::parse(&format!("http://x{target}")).ok()?.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+    reqwest::Url::parse(&format!("http://x{target}"))
+        .ok()?
+        .query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 #[test]

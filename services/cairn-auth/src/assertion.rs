@@ -86,7 +86,8 @@ pub fn verify(
     replay: &ReplayCache,
     now: i64,
 ) -> Result<(), OAuthError> {
-    let header = jsonwebtoken::decode_header(assertion).map_err(|_| OAuthError::invalid_client("client_assertion is not a JWT"))?;
+    let header = jsonwebtoken::decode_header(assertion)
+        .map_err(|_| OAuthError::invalid_client("client_assertion is not a JWT"))?;
     if !matches!(header.alg, Algorithm::RS384 | Algorithm::ES384) {
         return Err(OAuthError::invalid_client("client_assertion must be signed with RS384 or ES384"));
     }
@@ -94,12 +95,10 @@ pub fn verify(
         return Err(OAuthError::invalid_client("client_assertion jku is not accepted; register the key set instead"));
     }
     let kid = header.kid.ok_or_else(|| OAuthError::invalid_client("client_assertion has no kid"))?;
-    let jwk_value = jwks["keys"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|k| k["kid"].as_str() == Some(&kid))
-        .ok_or_else(|| OAuthError::invalid_client(format!("client_assertion kid `{kid}` is not one of the client's keys")))?;
+    let jwk_value =
+        jwks["keys"].as_array().into_iter().flatten().find(|k| k["kid"].as_str() == Some(&kid)).ok_or_else(|| {
+            OAuthError::invalid_client(format!("client_assertion kid `{kid}` is not one of the client's keys"))
+        })?;
     let jwk: Jwk = serde_json::from_value(jwk_value.clone())
         .map_err(|_| OAuthError::invalid_client(format!("the client's key `{kid}` is not a usable JWK")))?;
     if let Some(alg) = jwk_value["alg"].as_str()
@@ -107,7 +106,8 @@ pub fn verify(
     {
         return Err(OAuthError::invalid_client(format!("client key `{kid}` is for {alg}, not {:?}", header.alg)));
     }
-    let key = DecodingKey::from_jwk(&jwk).map_err(|_| OAuthError::invalid_client(format!("the client's key `{kid}` is not usable")))?;
+    let key = DecodingKey::from_jwk(&jwk)
+        .map_err(|_| OAuthError::invalid_client(format!("the client's key `{kid}` is not usable")))?;
     let mut validation = Validation::new(header.alg);
     validation.leeway = LEEWAY_SECS;
     validation.set_issuer(&[client_id]);
@@ -120,8 +120,12 @@ pub fn verify(
             OAuthError::invalid_client(match e.kind() {
                 ErrorKind::InvalidSignature => "client_assertion signature does not verify".to_owned(),
                 ErrorKind::ExpiredSignature => "client_assertion has expired".to_owned(),
-                ErrorKind::InvalidAudience => format!("client_assertion aud must be the token endpoint {token_endpoint}"),
-                ErrorKind::InvalidIssuer | ErrorKind::InvalidSubject => "client_assertion iss and sub must both be the client_id".to_owned(),
+                ErrorKind::InvalidAudience => {
+                    format!("client_assertion aud must be the token endpoint {token_endpoint}")
+                }
+                ErrorKind::InvalidIssuer | ErrorKind::InvalidSubject => {
+                    "client_assertion iss and sub must both be the client_id".to_owned()
+                }
                 ErrorKind::MissingRequiredClaim(c) => format!("client_assertion lacks the {c} claim"),
                 ErrorKind::Json(_) => "client_assertion lacks jti or has a malformed claim".to_owned(),
                 _ => "client_assertion is malformed".to_owned(),

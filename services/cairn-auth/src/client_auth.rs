@@ -77,9 +77,13 @@ pub fn authenticate(
         client
     } else if let Some(jwt) = assertion {
         if assertion_type != Some(assertion::ASSERTION_TYPE) {
-            return Err(OAuthError::invalid_request(format!("client_assertion_type must be {}", assertion::ASSERTION_TYPE)));
+            return Err(OAuthError::invalid_request(format!(
+                "client_assertion_type must be {}",
+                assertion::ASSERTION_TYPE
+            )));
         }
-        let id = assertion::claimed_client(jwt).ok_or_else(|| OAuthError::invalid_client("client_assertion has no iss"))?;
+        let id =
+            assertion::claimed_client(jwt).ok_or_else(|| OAuthError::invalid_client("client_assertion has no iss"))?;
         if form_client_id.is_some_and(|f| f != id) {
             return Err(OAuthError::invalid_client("client_id does not match the assertion's iss"));
         }
@@ -87,12 +91,10 @@ pub fn authenticate(
         if client.kind() != ClientKind::ConfidentialAsymmetric {
             return Err(OAuthError::invalid_client("this client does not authenticate with private_key_jwt"));
         }
-        let jwks = client
-            .registration
-            .jwks
-            .as_ref()
-            .or(fetched_jwks)
-            .ok_or_else(|| OAuthError::invalid_client("the client's key set could not be fetched from its jwks_uri"))?;
+        let jwks =
+            client.registration.jwks.as_ref().or(fetched_jwks).ok_or_else(|| {
+                OAuthError::invalid_client("the client's key set could not be fetched from its jwks_uri")
+            })?;
         assertion::verify(jwt, &id, jwks, token_endpoint, replay, now)?;
         client
     } else {

@@ -36,7 +36,9 @@ pub struct AuthorizeRequest {
 impl AuthorizeRequest {
     /// Whether granting these scopes needs a patient in context.
     pub fn needs_patient(&self, scopes: &ScopeSet) -> bool {
-        scopes.iter().any(|s| matches!(s, Scope::LaunchPatient) || matches!(s, Scope::Resource(r) if r.context == Context::Patient))
+        scopes.iter().any(|s| {
+            matches!(s, Scope::LaunchPatient) || matches!(s, Scope::Resource(r) if r.context == Context::Patient)
+        })
     }
 }
 
@@ -114,16 +116,31 @@ impl AuthServer {
         let get = |name: &str| req.get(name).map_err(|e| fail("invalid_request", &e.description));
         match get("response_type")? {
             Some("code") => {}
-            Some(other) => return Err(fail("unsupported_response_type", &format!("response_type `{other}` is not supported; use code"))),
+            Some(other) => {
+                return Err(fail(
+                    "unsupported_response_type",
+                    &format!("response_type `{other}` is not supported; use code"),
+                ));
+            }
             None => return Err(fail("invalid_request", "response_type is required")),
         }
         match get("code_challenge_method")? {
             Some("S256") => {}
-            Some(m) => return Err(fail("invalid_request", &format!("code_challenge_method `{m}` is not accepted; use S256"))),
-            None => return Err(fail("invalid_request", "PKCE is required: code_challenge with code_challenge_method=S256")),
+            Some(m) => {
+                return Err(fail("invalid_request", &format!("code_challenge_method `{m}` is not accepted; use S256")));
+            }
+            None => {
+                return Err(fail(
+                    "invalid_request",
+                    "PKCE is required: code_challenge with code_challenge_method=S256",
+                ));
+            }
         }
-        let code_challenge = get("code_challenge")?.ok_or_else(|| fail("invalid_request", "code_challenge is required"))?;
-        if code_challenge.len() != 43 || !code_challenge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        let code_challenge =
+            get("code_challenge")?.ok_or_else(|| fail("invalid_request", "code_challenge is required"))?;
+        if code_challenge.len() != 43
+            || !code_challenge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Err(fail("invalid_request", "code_challenge must be a base64url SHA-256 (43 characters)"));
         }
         let aud = match (get("aud")?, get("resource")?) {
@@ -131,16 +148,20 @@ impl AuthServer {
             (None, None) => return Err(fail("invalid_request", "aud is required: the FHIR base URL the token is for")),
         };
         if aud.trim_end_matches('/') != self.settings.fhir_base() {
-            return Err(fail("invalid_request", &format!("aud must be this server's FHIR base URL {}", self.settings.fhir_base())));
+            return Err(fail(
+                "invalid_request",
+                &format!("aud must be this server's FHIR base URL {}", self.settings.fhir_base()),
+            ));
         }
         if get("request")?.is_some() || get("request_uri")?.is_some() {
             return Err(fail("request_not_supported", "request objects are not supported"));
         }
-        let requested = ScopeSet::parse(get("scope")?.unwrap_or("")).map_err(|e| fail("invalid_scope", &e.to_string()))?;
+        let requested =
+            ScopeSet::parse(get("scope")?.unwrap_or("")).map_err(|e| fail("invalid_scope", &e.to_string()))?;
         // An app signing a user in gets patient/ and user/ scopes; system/ scopes are for backends.
-        let scopes = requested
-            .narrowed_to(&client.allowed)
-            .filtered(|s| !matches!(s, Scope::Resource(r) if r.context == Context::System) && !matches!(s, Scope::Launch));
+        let scopes = requested.narrowed_to(&client.allowed).filtered(|s| {
+            !matches!(s, Scope::Resource(r) if r.context == Context::System) && !matches!(s, Scope::Launch)
+        });
         if scopes.is_empty() {
             return Err(fail("invalid_scope", "none of the requested scopes is allowed for this app"));
         }
@@ -177,7 +198,8 @@ impl AuthServer {
             return Err(LoginRefusal(format!("Too many failed sign-ins. Try again in {minutes} minute(s).")));
         }
         let user = self.read_state(|s| s.user_by_name(username).cloned());
-        let hash = user.as_ref().map(|u| u.account.password_hash.clone()).unwrap_or_else(|| password::decoy_hash().to_owned());
+        let hash =
+            user.as_ref().map(|u| u.account.password_hash.clone()).unwrap_or_else(|| password::decoy_hash().to_owned());
         let given = password_given.to_owned();
         // Argon2 takes tens of milliseconds of CPU: off the async workers.
         let matches = tokio::task::spawn_blocking(move || password::verify(&given, &hash)).await.unwrap_or(false);
@@ -204,13 +226,22 @@ impl AuthServer {
             authenticator: None,
             session_id: sha256_hex(cookie.as_bytes()),
         };
-        let actor = Actor { subject: Some(user.account.user_id.clone()), fhir_user: user.account.fhir_user.clone(), ..actor.clone() };
+        let actor = Actor {
+            subject: Some(user.account.user_id.clone()),
+            fhir_user: user.account.fhir_user.clone(),
+            ..actor.clone()
+        };
         self.append_and_apply(Event::new(Payload::from(event)).with_actor(actor)).await.map_err(|_| unavailable())?;
         Ok(SignedIn { cookie, user_id: user.account.user_id })
     }
 
     /// Records a sign-in refused before the password was looked at (a missing or wrong CSRF token).
-    pub async fn login_refused(&self, username: Option<&str>, reason: LoginFailure, actor: &Actor) -> Result<(), AuthError> {
+    pub async fn login_refused(
+        &self,
+        username: Option<&str>,
+        reason: LoginFailure,
+        actor: &Actor,
+    ) -> Result<(), AuthError> {
         let e = LoginFailed { username: username.map(|u| u.chars().take(64).collect()), reason, authenticator: None };
         self.append(Event::new(Payload::from(e)).with_actor(actor.clone())).await.map(|_| ())
     }
@@ -229,7 +260,8 @@ impl AuthServer {
     /// Ends the session of `cookie`, if any.
     pub async fn logout(&self, cookie: &str, actor: &Actor) -> Result<bool, AuthError> {
         let session_id = sha256_hex(cookie.as_bytes());
-        let Some(user_id) = self.read_state(|s| s.session(&session_id).filter(|x| !x.ended).map(|x| x.user_id.clone())) else {
+        let Some(user_id) = self.read_state(|s| s.session(&session_id).filter(|x| !x.ended).map(|x| x.user_id.clone()))
+        else {
             return Ok(false);
         };
         let actor = Actor { subject: Some(user_id.clone()), ..actor.clone() };
@@ -293,7 +325,9 @@ impl AuthServer {
             let own = user.account.fhir_user.as_deref().and_then(|f| f.strip_prefix("Patient/"));
             match (own, patient.map(str::trim).filter(|p| !p.is_empty())) {
                 (Some(own), _) => Some(own.to_owned()),
-                (None, Some(p)) if p.len() <= 64 && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') => {
+                (None, Some(p))
+                    if p.len() <= 64 && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') =>
+                {
                     Some(p.to_owned())
                 }
                 (None, Some(_)) => return Err(AuthorizeError::Page("that is not a valid patient id".into())),
@@ -304,6 +338,7 @@ impl AuthServer {
         };
         let code = random_token(32);
         let now = Timestamp::now();
+        let session_id = sha256_hex(cookie.as_bytes());
         let consent = ConsentRecorded {
             user_id: user.account.user_id.clone(),
             client_id: req.client_id.clone(),
@@ -322,8 +357,10 @@ impl AuthServer {
             nonce: req.nonce.clone(),
             patient,
             fhir_user: user.account.fhir_user.clone(),
-            session_id: sha256_hex(cookie.as_bytes()),
-            auth_time: self.read_state(|s| s.session(&sha256_hex(cookie.as_bytes())).map(|x| Timestamp::from_millis(x.started_ms))).unwrap_or(now),
+            auth_time: self
+                .read_state(|s| s.session(&session_id).map(|x| Timestamp::from_millis(x.started_ms)))
+                .unwrap_or(now),
+            session_id,
             expires_at: Timestamp::from_millis(now.as_millis() + self.settings.code_lifetime.as_millis() as i64),
         };
         self.append_all_and_apply(vec![
@@ -346,13 +383,10 @@ impl AuthServer {
         let client = self.authenticate(req).await?;
         let code = req.require("code")?;
         let code_hash = sha256_hex(code.as_bytes());
-        let mut found = self.read_state(|s| s.code(&code_hash).cloned());
-        if found.is_none() {
-            // Issued a moment ago by another instance: catch up once.
-            self.catch_up().await?;
-            found = self.read_state(|s| s.code(&code_hash).cloned());
-        }
-        let found = found.ok_or_else(|| OAuthError::invalid_grant("unknown or expired authorization code"))?;
+        let found = self
+            .find_or_catch_up(|s| s.code(&code_hash).cloned())
+            .await?
+            .ok_or_else(|| OAuthError::invalid_grant("unknown or expired authorization code"))?;
         let issued = &found.issued;
         if issued.client_id != client.id() {
             return Err(OAuthError::invalid_grant("the code was issued to another client"));
@@ -367,13 +401,18 @@ impl AuthServer {
         if req.require("redirect_uri")? != issued.redirect_uri {
             return Err(OAuthError::invalid_grant("redirect_uri differs from the authorization request's"));
         }
-        let verifier = req.get("code_verifier")?.ok_or_else(|| OAuthError::invalid_grant("code_verifier is required (PKCE)"))?;
+        let verifier =
+            req.get("code_verifier")?.ok_or_else(|| OAuthError::invalid_grant("code_verifier is required (PKCE)"))?;
         if !valid_verifier(verifier) || s256(verifier) != issued.code_challenge {
-            return Err(OAuthError::invalid_grant("PKCE verification failed: code_verifier does not match code_challenge"));
+            return Err(OAuthError::invalid_grant(
+                "PKCE verification failed: code_verifier does not match code_challenge",
+            ));
         }
         let family = uuid::Uuid::now_v7().to_string();
-        let redeemed = CodeRedeemed { code_hash: code_hash.clone(), client_id: client.id().to_owned(), family_id: family.clone() };
-        let actor = Actor { client_id: Some(client.id().to_owned()), subject: Some(issued.user_id.clone()), ..actor.clone() };
+        let redeemed =
+            CodeRedeemed { code_hash: code_hash.clone(), client_id: client.id().to_owned(), family_id: family.clone() };
+        let actor =
+            Actor { client_id: Some(client.id().to_owned()), subject: Some(issued.user_id.clone()), ..actor.clone() };
         self.append_and_apply(Event::new(Payload::from(redeemed)).with_actor(actor.clone())).await?;
         let first = self.read_state(|s| s.code(&code_hash).and_then(|c| c.first_redemption.clone()));
         if first.as_deref() != Some(family.as_str()) {
@@ -384,27 +423,35 @@ impl AuthServer {
             return Err(OAuthError::invalid_grant("the code was already used; the tokens issued from it are revoked"));
         }
         let scopes = ScopeSet::parse(&issued.scope).map_err(|e| OAuthError::new("server_error", e.to_string()))?;
-        self.issue_user_tokens(&client.registration.client_id, &issued.user_id, &scopes, &family, None, "authorization_code", issued.nonce.as_deref(), &actor)
-            .await
+        self.issue_user_tokens(
+            &client.registration.client_id,
+            &issued.user_id,
+            &scopes,
+            &family,
+            None,
+            "authorization_code",
+            issued.nonce.as_deref(),
+            &actor,
+        )
+        .await
     }
 
     pub(crate) async fn refresh_token(&self, req: &FormRequest, actor: &Actor) -> Result<Value, OAuthError> {
         let client = self.authenticate(req).await?;
         let presented = req.require("refresh_token")?;
         let jti = sha256_hex(presented.as_bytes());
-        let mut found = self.read_state(|s| s.refresh_token(&jti).cloned());
-        if found.is_none() {
-            self.catch_up().await?;
-            found = self.read_state(|s| s.refresh_token(&jti).cloned());
-        }
-        let token = found.ok_or_else(|| OAuthError::invalid_grant("unknown refresh token"))?;
+        let token = self
+            .find_or_catch_up(|s| s.refresh_token(&jti).cloned())
+            .await?
+            .ok_or_else(|| OAuthError::invalid_grant("unknown refresh token"))?;
         if token.client_id != client.id() {
             return Err(OAuthError::invalid_grant("the refresh token was issued to another client"));
         }
         if self.read_state(|s| s.is_family_revoked(&token.family_id)) {
             return Err(OAuthError::invalid_grant("the refresh token has been revoked"));
         }
-        let actor = Actor { client_id: Some(client.id().to_owned()), subject: Some(token.user_id.clone()), ..actor.clone() };
+        let actor =
+            Actor { client_id: Some(client.id().to_owned()), subject: Some(token.user_id.clone()), ..actor.clone() };
         if token.rotated_to.is_some() {
             // RFC 9700 4.14.2: a used refresh token presented again means it leaked. Kill the family.
             self.revoke_family(&token.family_id, "refresh_token_reuse", &actor).await?;
@@ -428,7 +475,16 @@ impl AuthServer {
             }
         };
         let answer = self
-            .issue_user_tokens(client.id(), &token.user_id, &scopes, &token.family_id, Some(&jti), "refresh_token", None, &actor)
+            .issue_user_tokens(
+                client.id(),
+                &token.user_id,
+                &scopes,
+                &token.family_id,
+                Some(&jti),
+                "refresh_token",
+                None,
+                &actor,
+            )
             .await?;
         // Two rotations of the same token at once: only the first stands.
         let winner = self.read_state(|s| s.refresh_token(&jti).and_then(|t| t.rotated_to.clone()));
@@ -440,8 +496,24 @@ impl AuthServer {
         Ok(answer)
     }
 
+    /// Looks something up in the state; if it is not there it may have been recorded a moment ago
+    /// by another instance, so catch up with the log once and look again.
+    async fn find_or_catch_up<T>(
+        &self,
+        find: impl Fn(&crate::state::AuthState) -> Option<T>,
+    ) -> Result<Option<T>, AuthError> {
+        if let Some(found) = self.read_state(&find) {
+            return Ok(Some(found));
+        }
+        self.catch_up().await?;
+        Ok(self.read_state(&find))
+    }
+
     pub(crate) async fn revoke_family(&self, family_id: &str, reason: &str, actor: &Actor) -> Result<(), AuthError> {
-        let e = TokenRevoked { target: RevocationTarget::Family { family_id: family_id.to_owned() }, reason: reason.to_owned() };
+        let e = TokenRevoked {
+            target: RevocationTarget::Family { family_id: family_id.to_owned() },
+            reason: reason.to_owned(),
+        };
         self.append_and_apply(Event::new(Payload::from(e)).with_actor(actor.clone())).await
     }
 
@@ -464,7 +536,11 @@ impl AuthServer {
             .ok_or_else(|| OAuthError::invalid_grant("the grant behind this token is unknown"))?;
         let fhir_user = context.fhir_user.clone().filter(|_| scopes.contains(&Scope::FhirUser));
         let lifetime = self.settings.access_token_lifetime.as_secs() as i64;
-        let patient = context.patient.clone().filter(|_| scopes.iter().any(|s| matches!(s, Scope::LaunchPatient) || matches!(s, Scope::Resource(r) if r.context == Context::Patient)));
+        let patient = context.patient.clone().filter(|_| {
+            scopes.iter().any(|s| {
+                matches!(s, Scope::LaunchPatient) || matches!(s, Scope::Resource(r) if r.context == Context::Patient)
+            })
+        });
         let (access, access_event) = self.issue_access_token(&Grant {
             client_id,
             subject: user_id,
@@ -522,7 +598,8 @@ impl AuthServer {
         let offline = scopes.contains(&Scope::OfflineAccess);
         if offline || scopes.contains(&Scope::OnlineAccess) {
             let refresh = random_token(32);
-            let lifetime = if offline { self.settings.offline_refresh_lifetime } else { self.settings.session_lifetime };
+            let lifetime =
+                if offline { self.settings.offline_refresh_lifetime } else { self.settings.session_lifetime };
             events.push(
                 Event::new(Payload::from(TokenIssued {
                     jti: sha256_hex(refresh.as_bytes()),

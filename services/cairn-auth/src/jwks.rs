@@ -39,7 +39,8 @@ impl JwksCache {
             let sets = self.sets.lock().expect("jwks cache");
             if let Some(c) = sets.get(uri) {
                 let fresh = c.fetched.elapsed() < c.ttl;
-                let has_kid = kid.is_none_or(|k| c.set["keys"].as_array().is_some_and(|ks| ks.iter().any(|j| j["kid"] == k)));
+                let has_kid =
+                    kid.is_none_or(|k| c.set["keys"].as_array().is_some_and(|ks| ks.iter().any(|j| j["kid"] == k)));
                 if fresh && (has_kid || c.fetched.elapsed() < REFETCH_AFTER) {
                     return Ok(c.set.clone());
                 }
@@ -50,7 +51,10 @@ impl JwksCache {
             return Err(format!("{uri} did not return a JWK Set"));
         }
         let ttl = max_age.unwrap_or(DEFAULT_TTL).clamp(MIN_TTL, MAX_TTL);
-        self.sets.lock().expect("jwks cache").insert(uri.to_owned(), Cached { set: set.clone(), fetched: Instant::now(), ttl });
+        self.sets
+            .lock()
+            .expect("jwks cache")
+            .insert(uri.to_owned(), Cached { set: set.clone(), fetched: Instant::now(), ttl });
         Ok(set)
     }
 }

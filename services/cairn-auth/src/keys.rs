@@ -172,10 +172,12 @@ impl KeyRing {
                 p if p == file_prefix(KeyPurpose::IdToken) => KeyPurpose::IdToken,
                 _ => continue,
             };
-            let created_ms: i64 = created.parse().map_err(|_| AuthError::Internal(format!("{}: bad key file name", path.display())))?;
+            let created_ms: i64 =
+                created.parse().map_err(|_| AuthError::Internal(format!("{}: bad key file name", path.display())))?;
             check_private(&path)?;
             let text = std::fs::read_to_string(&path).map_err(io)?;
-            let der = pem_decode(&text).ok_or_else(|| AuthError::Internal(format!("{}: not a PEM key", path.display())))?;
+            let der =
+                pem_decode(&text).ok_or_else(|| AuthError::Internal(format!("{}: not a PEM key", path.display())))?;
             ring.keys.push(std::sync::Arc::new(SigningKey::from_pkcs8(purpose, &der, created_ms)?));
         }
         for purpose in [KeyPurpose::AccessToken, KeyPurpose::IdToken] {
@@ -198,7 +200,9 @@ impl KeyRing {
     /// Creates a new key of `purpose` on disk without making it the signing key yet.
     pub fn generate(&self, purpose: KeyPurpose) -> Result<std::sync::Arc<SigningKey>, AuthError> {
         let der = SigningKey::generate(purpose)?;
-        let created_ms = cairn_events::Timestamp::now().as_millis().max(self.keys.iter().map(|k| k.created_ms + 1).max().unwrap_or(0));
+        let created_ms = cairn_events::Timestamp::now()
+            .as_millis()
+            .max(self.keys.iter().map(|k| k.created_ms + 1).max().unwrap_or(0));
         let path = self.dir.join(format!("{}-{created_ms}.pem", file_prefix(purpose)));
         write_private(&path, pem_encode("PRIVATE KEY", &der).as_bytes())?;
         Ok(std::sync::Arc::new(SigningKey::from_pkcs8(purpose, &der, created_ms)?))
@@ -237,7 +241,10 @@ fn restrict(_: &Path, _: u32) -> std::io::Result<()> {
 #[cfg(unix)]
 fn check_private(path: &Path) -> Result<(), AuthError> {
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).map_err(|e| AuthError::Internal(format!("{}: {e}", path.display())))?.permissions().mode();
+    let mode = std::fs::metadata(path)
+        .map_err(|e| AuthError::Internal(format!("{}: {e}", path.display())))?
+        .permissions()
+        .mode();
     if mode & 0o077 != 0 {
         return Err(AuthError::Internal(format!(
             "{}: a signing key must be readable by its owner only (mode is {:o}); run chmod 600",

@@ -74,9 +74,10 @@ impl OAuthError {
 impl From<AuthError> for OAuthError {
     fn from(e: AuthError) -> OAuthError {
         match e {
-            AuthError::Unavailable(_) => {
-                OAuthError::new("temporarily_unavailable", "the audit log cannot record this request; try again shortly")
-            }
+            AuthError::Unavailable(_) => OAuthError::new(
+                "temporarily_unavailable",
+                "the audit log cannot record this request; try again shortly",
+            ),
             AuthError::Invalid(d) => OAuthError::invalid_request(d),
             AuthError::Internal(d) => {
                 tracing::error!(error = %d, "authorization server error");

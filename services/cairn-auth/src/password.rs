@@ -1,7 +1,7 @@
 //! Passwords: Argon2id (RFC 9106) with the crate's defaults (19 MiB, 2 passes), PHC strings.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
 /// Hashes a password for storage. Refuses passwords too short to be worth hashing.
 pub fn hash(password: &str) -> Result<String, crate::AuthError> {

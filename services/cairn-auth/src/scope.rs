@@ -78,7 +78,9 @@ impl Permissions {
         match s {
             "read" => return Some(Permissions(Permission::Read.bit() | Permission::Search.bit())),
             "write" => {
-                return Some(Permissions(Permission::Create.bit() | Permission::Update.bit() | Permission::Delete.bit()));
+                return Some(Permissions(
+                    Permission::Create.bit() | Permission::Update.bit() | Permission::Delete.bit(),
+                ));
             }
             "*" => return Some(Permissions::ALL),
             "" => return None,
@@ -171,7 +173,10 @@ impl Scope {
                 let (rtype, perms) = rest.split_once('.').ok_or_else(bad)?;
                 let resource_type = match rtype {
                     "*" => None,
-                    t if !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric()) && t.starts_with(|c: char| c.is_ascii_uppercase()) => {
+                    t if !t.is_empty()
+                        && t.chars().all(|c| c.is_ascii_alphanumeric())
+                        && t.starts_with(|c: char| c.is_ascii_uppercase()) =>
+                    {
                         Some(t.to_owned())
                     }
                     _ => return Err(bad()),
@@ -193,7 +198,13 @@ impl fmt::Display for Scope {
             Scope::OfflineAccess => f.write_str("offline_access"),
             Scope::OnlineAccess => f.write_str("online_access"),
             Scope::Resource(r) => {
-                write!(f, "{}/{}.{}", r.context.as_str(), r.resource_type.as_deref().unwrap_or("*"), r.permissions.letters())?;
+                write!(
+                    f,
+                    "{}/{}.{}",
+                    r.context.as_str(),
+                    r.resource_type.as_deref().unwrap_or("*"),
+                    r.permissions.letters()
+                )?;
                 if let Some(q) = &r.query {
                     write!(f, "?{q}")?;
                 }
@@ -210,14 +221,25 @@ pub struct ScopeSet(Vec<Scope>);
 impl ScopeSet {
     /// Parses a space-separated scope string; any unknown scope is an error (RFC 6749 `invalid_scope`).
     pub fn parse(s: &str) -> Result<ScopeSet, ScopeError> {
-        let mut out: Vec<Scope> = Vec::new();
-        for part in s.split(' ').filter(|p| !p.is_empty()) {
-            let scope = Scope::parse(part)?;
+        let scopes = s.split(' ').filter(|p| !p.is_empty()).map(Scope::parse).collect::<Result<Vec<_>, _>>()?;
+        Ok(ScopeSet::deduplicated(scopes))
+    }
+
+    /// Like [`ScopeSet::parse`], but drops scopes it does not know instead of failing (for stored
+    /// registrations written by another version).
+    pub fn parse_known(s: &str) -> ScopeSet {
+        ScopeSet::deduplicated(s.split(' ').filter_map(|p| Scope::parse(p).ok()).collect())
+    }
+
+    /// In the order given, each scope once.
+    fn deduplicated(scopes: Vec<Scope>) -> ScopeSet {
+        let mut out: Vec<Scope> = Vec::with_capacity(scopes.len());
+        for scope in scopes {
             if !out.contains(&scope) {
                 out.push(scope);
             }
         }
-        Ok(ScopeSet(out))
+        ScopeSet(out)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Scope> {
@@ -260,7 +282,11 @@ impl ScopeSet {
     }
 
     /// The resource scopes that grant `permission` on `resource_type`.
-    pub fn granting<'a>(&'a self, permission: Permission, resource_type: &'a str) -> impl Iterator<Item = &'a ResourceScope> {
+    pub fn granting<'a>(
+        &'a self,
+        permission: Permission,
+        resource_type: &'a str,
+    ) -> impl Iterator<Item = &'a ResourceScope> {
         self.resource_scopes().filter(move |r| r.permissions.contains(permission) && r.covers_type(resource_type))
     }
 }
@@ -292,7 +318,8 @@ mod tests {
     fn v2_letters_must_be_in_cruds_order() {
         assert_eq!(rs("patient/Observation.rs").permissions, Permissions(2 | 16));
         assert_eq!(rs("system/*.cruds").permissions, Permissions::ALL);
-        for bad in ["patient/Observation.sr", "patient/Observation.rr", "patient/Observation.x", "patient/Observation."] {
+        for bad in ["patient/Observation.sr", "patient/Observation.rr", "patient/Observation.x", "patient/Observation."]
+        {
             assert!(Scope::parse(bad).is_err(), "{bad}");
         }
     }
@@ -306,11 +333,17 @@ mod tests {
 
     #[test]
     fn queries_and_contexts() {
-        let r = rs("patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory");
+        let r =
+            rs("patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory");
         assert_eq!(r.context, Context::Patient);
-        assert_eq!(r.query.as_deref(), Some("category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory"));
+        assert_eq!(
+            r.query.as_deref(),
+            Some("category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory")
+        );
         assert_eq!(Scope::parse(&Scope::Resource(r.clone()).to_string()).unwrap(), Scope::Resource(r));
-        for bad in ["device/Observation.rs", "patient/observation.rs", "patient/Observation.rs?", "Observation.rs", "admin"] {
+        for bad in
+            ["device/Observation.rs", "patient/observation.rs", "patient/Observation.rs?", "Observation.rs", "admin"]
+        {
             assert!(Scope::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Scope::parse("launch/patient").unwrap(), Scope::LaunchPatient);
@@ -319,7 +352,8 @@ mod tests {
     #[test]
     fn narrowing_keeps_only_what_is_allowed() {
         let allowed = ScopeSet::parse("system/Observation.cru system/Device.rs").unwrap();
-        let asked = ScopeSet::parse("system/Observation.cr system/Observation.d system/Device.rs system/Patient.r").unwrap();
+        let asked =
+            ScopeSet::parse("system/Observation.cr system/Observation.d system/Device.rs system/Patient.r").unwrap();
         assert_eq!(asked.narrowed_to(&allowed).to_string(), "system/Observation.cr system/Device.rs");
         // A wildcard allows every type; a query-constrained allowance does not allow the unconstrained scope.
         let wide = ScopeSet::parse("system/*.rs").unwrap();

@@ -12,7 +12,8 @@ use crate::token::{self, AccessClaims, TokenRejection, VerifiedToken, Verifier};
 use crate::{AuthError, OAuthError, assertion, now_secs, password, random_token, sha256_hex};
 use cairn_events::{
     Actor, ClientDisabled, ClientKind, ClientRegistered, Event, KeyPublished, KeyPurpose, Payload, RevocationTarget,
-    Timestamp, TokenIntrospected, TokenIssued, TokenKind, TokenRefused, TokenRevoked, UserCreated, UserDisabled, topics,
+    Timestamp, TokenIntrospected, TokenIssued, TokenKind, TokenRefused, TokenRevoked, UserCreated, UserDisabled,
+    topics,
 };
 use cairn_log::{EventLog, NewRecord, Tailed};
 use futures_util::StreamExt;
@@ -222,7 +223,9 @@ impl AuthServer {
             let end = loop {
                 match self.log.end_offset(topics::AUTH, p as u32).await {
                     Ok(end) => break end,
-                    Err(e) if tokio::time::Instant::now() >= deadline => return Err(AuthError::Unavailable(e.to_string())),
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        return Err(AuthError::Unavailable(e.to_string()));
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "reading the auth topic's end offset; retrying");
                         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -245,7 +248,9 @@ impl AuthServer {
                 }
             }
             if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-                return Err(AuthError::Unavailable("the authorization state did not catch up with the log in time".into()));
+                return Err(AuthError::Unavailable(
+                    "the authorization state did not catch up with the log in time".into(),
+                ));
             }
         }
     }
@@ -311,7 +316,10 @@ impl AuthServer {
             "client_credentials" => self.client_credentials(req, actor).await,
             "authorization_code" => self.authorization_code(req, actor).await,
             "refresh_token" => self.refresh_token(req, actor).await,
-            "password" | "implicit" => Err(OAuthError::new("unsupported_grant_type", format!("the {grant_type} grant is not offered (RFC 9700)"))),
+            "password" | "implicit" => Err(OAuthError::new(
+                "unsupported_grant_type",
+                format!("the {grant_type} grant is not offered (RFC 9700)"),
+            )),
             other => Err(OAuthError::new("unsupported_grant_type", format!("grant_type `{other}` is not supported"))),
         }
     }
@@ -319,7 +327,9 @@ impl AuthServer {
     pub(crate) async fn authenticate(&self, req: &FormRequest) -> Result<Client, OAuthError> {
         let token_endpoint = self.settings.token_endpoint();
         let fetched = self.fetch_client_keys(req).await?;
-        self.read_state(|s| client_auth::authenticate(s, req, &token_endpoint, &self.replay, now_secs(), fetched.as_ref()))
+        self.read_state(|s| {
+            client_auth::authenticate(s, req, &token_endpoint, &self.replay, now_secs(), fetched.as_ref())
+        })
     }
 
     /// For an assertion from a client that registered a `jwks_uri`: its key set, fetched (or cached).
@@ -372,8 +382,11 @@ impl AuthServer {
             fhir_user: None,
             family: None,
         })?;
-        self.append(Event::new(Payload::from(issued)).with_actor(Actor { client_id: Some(client.id().to_owned()), ..actor.clone() }))
-            .await?;
+        self.append(
+            Event::new(Payload::from(issued))
+                .with_actor(Actor { client_id: Some(client.id().to_owned()), ..actor.clone() }),
+        )
+        .await?;
         Ok(json!({
             "access_token": token,
             "token_type": "Bearer",
@@ -478,7 +491,10 @@ impl AuthServer {
         let verified = match self.verify(token).await {
             Ok(v) => Some(v),
             Err(TokenRejection::FeedBehind) => {
-                return Err(OAuthError::new("temporarily_unavailable", "this server's revocation feed is behind the log"));
+                return Err(OAuthError::new(
+                    "temporarily_unavailable",
+                    "this server's revocation feed is behind the log",
+                ));
             }
             Err(_) => None,
         };
@@ -487,8 +503,11 @@ impl AuthServer {
             jti: verified.as_ref().map(|v| v.claims.jti.clone()),
             active: verified.is_some(),
         };
-        self.append(Event::new(Payload::from(event)).with_actor(Actor { client_id: Some(caller.id().to_owned()), ..actor.clone() }))
-            .await?;
+        self.append(
+            Event::new(Payload::from(event))
+                .with_actor(Actor { client_id: Some(caller.id().to_owned()), ..actor.clone() }),
+        )
+        .await?;
         let Some(v) = verified else { return Ok(json!({"active": false})) };
         let c = &v.claims;
         let mut out = json!({
@@ -520,18 +539,27 @@ impl AuthServer {
         if let Some(hint) = req.get("token_type_hint")?
             && !matches!(hint, "access_token" | "refresh_token")
         {
-            return Err(OAuthError::new("unsupported_token_type", format!("token_type_hint `{hint}` is not supported")));
+            return Err(OAuthError::new(
+                "unsupported_token_type",
+                format!("token_type_hint `{hint}` is not supported"),
+            ));
         }
         let Ok(v) = self.verify(token).await else { return Ok(()) };
         if v.claims.client_id != caller.id() {
             return Err(OAuthError::new("unauthorized_client", "a client may revoke only its own tokens"));
         }
         let revoked = TokenRevoked {
-            target: RevocationTarget::Token { jti: v.claims.jti.clone(), expires_at: Timestamp::from_millis(v.claims.exp * 1000) },
+            target: RevocationTarget::Token {
+                jti: v.claims.jti.clone(),
+                expires_at: Timestamp::from_millis(v.claims.exp * 1000),
+            },
             reason: "revocation_endpoint".into(),
         };
-        self.append_and_apply(Event::new(Payload::from(revoked)).with_actor(Actor { client_id: Some(caller.id().to_owned()), ..actor.clone() }))
-            .await?;
+        self.append_and_apply(
+            Event::new(Payload::from(revoked))
+                .with_actor(Actor { client_id: Some(caller.id().to_owned()), ..actor.clone() }),
+        )
+        .await?;
         Ok(())
     }
 
@@ -540,7 +568,9 @@ impl AuthServer {
     /// The public keys every token may be verified with (`/jwks`): every key published in the log.
     pub fn jwks(&self) -> Value {
         let now = Timestamp::now().as_millis();
-        self.read_state(|s| json!({"keys": s.keys().iter().filter(|k| k.is_live(now)).map(|k| k.jwk.clone()).collect::<Vec<_>>()}))
+        self.read_state(
+            |s| json!({"keys": s.keys().iter().filter(|k| k.is_live(now)).map(|k| k.jwk.clone()).collect::<Vec<_>>()}),
+        )
     }
 
     /// RFC 8414 / OpenID Connect Discovery metadata: only what this server really does.
@@ -743,9 +773,13 @@ impl AuthServer {
     /// `cairn admin registration-token`. Returns the registration (201) or an RFC 7591 error.
     pub async fn register(&self, bearer: Option<&str>, metadata: &Value, actor: &Actor) -> Result<Value, OAuthError> {
         let now = Timestamp::now().as_millis();
-        let authorized = bearer.is_some_and(|t| self.read_state(|s| s.registration_token_valid(&sha256_hex(t.as_bytes()), now)));
+        let authorized =
+            bearer.is_some_and(|t| self.read_state(|s| s.registration_token_valid(&sha256_hex(t.as_bytes()), now)));
         if !authorized {
-            let mut e = OAuthError::new("invalid_token", "registration needs a valid initial access token (cairn admin registration-token)");
+            let mut e = OAuthError::new(
+                "invalid_token",
+                "registration needs a valid initial access token (cairn admin registration-token)",
+            );
             e.status = 401;
             return Err(e);
         }
@@ -771,17 +805,29 @@ impl AuthServer {
         };
         if let Some(grants) = metadata.get("grant_types") {
             let ok = grants.as_array().is_some_and(|a| {
-                a.iter().all(|g| matches!(g.as_str(), Some("authorization_code" | "refresh_token" | "client_credentials")))
+                a.iter()
+                    .all(|g| matches!(g.as_str(), Some("authorization_code" | "refresh_token" | "client_credentials")))
             });
             if !ok {
-                return Err(meta_err("grant_types may hold authorization_code, refresh_token and client_credentials".into()));
+                return Err(meta_err(
+                    "grant_types may hold authorization_code, refresh_token and client_credentials".into(),
+                ));
             }
         }
         let name = text("client_name").ok_or_else(|| meta_err("client_name is required".into()))?;
-        let scope = text("scope").ok_or_else(|| meta_err("scope is required: the scopes the client may be granted".into()))?;
-        let (registration, secret) =
-            new_client(name, kind, None, redirect_uris, scope, metadata.get("jwks").cloned(), text("jwks_uri"), "dynamic")
-                .map_err(|e| meta_err(e.to_string()))?;
+        let scope =
+            text("scope").ok_or_else(|| meta_err("scope is required: the scopes the client may be granted".into()))?;
+        let (registration, secret) = new_client(
+            name,
+            kind,
+            None,
+            redirect_uris,
+            scope,
+            metadata.get("jwks").cloned(),
+            text("jwks_uri"),
+            "dynamic",
+        )
+        .map_err(|e| meta_err(e.to_string()))?;
         let mut out = json!({
             "client_id": registration.client_id,
             "client_id_issued_at": now / 1000,
@@ -808,7 +854,10 @@ impl AuthServer {
     /// before it signs anything; other instances learn it from the log, and one that meets its `kid`
     /// first catches up with the log before judging the token.
     async fn rotate_keys(&self) -> Result<Value, AuthError> {
-        let ring = self.keys.as_ref().ok_or_else(|| AuthError::Invalid("keys rotate needs a running server (its signing keys)".into()))?;
+        let ring = self
+            .keys
+            .as_ref()
+            .ok_or_else(|| AuthError::Invalid("keys rotate needs a running server (its signing keys)".into()))?;
         let mut rotated = Vec::new();
         for purpose in [KeyPurpose::AccessToken, KeyPurpose::IdToken] {
             let (old, new) = {
@@ -841,9 +890,22 @@ impl AuthServer {
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 const SCOPES_SUPPORTED: &[&str] = &[
-    "openid", "fhirUser", "launch/patient", "offline_access", "online_access",
-    "patient/*.cruds", "patient/*.rs", "patient/Observation.rs", "patient/Observation.crus", "patient/Patient.rs",
-    "user/*.cruds", "user/*.rs", "user/Observation.rs", "system/*.cruds", "system/*.rs", "system/Observation.crs",
+    "openid",
+    "fhirUser",
+    "launch/patient",
+    "offline_access",
+    "online_access",
+    "patient/*.cruds",
+    "patient/*.rs",
+    "patient/Observation.rs",
+    "patient/Observation.crus",
+    "patient/Patient.rs",
+    "user/*.cruds",
+    "user/*.rs",
+    "user/Observation.rs",
+    "system/*.cruds",
+    "system/*.rs",
+    "system/Observation.crs",
 ];
 const GRANT_TYPES: &[&str] = &["authorization_code", "refresh_token", "client_credentials"];
 const AUTH_METHODS: &[&str] = &["client_secret_basic", "client_secret_post", "private_key_jwt"];
@@ -951,7 +1013,10 @@ fn new_client(
         return Err(invalid("a client needs a name".into()));
     }
     let client_id = client_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    if client_id.is_empty() || client_id.len() > 128 || !client_id.chars().all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c)) {
+    if client_id.is_empty()
+        || client_id.len() > 128
+        || !client_id.chars().all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c))
+    {
         return Err(invalid(format!("client id `{client_id}`: use 1-128 letters, digits, '-', '.', '_' or '~'")));
     }
     let scopes = ScopeSet::parse(&scope).map_err(|e| invalid(e.to_string()))?;
@@ -1017,15 +1082,21 @@ fn validate_redirect_uri(uri: &str) -> Result<(), AuthError> {
 
 /// A client's key set must be public keys we can use for RS384 or ES384, each with a `kid`.
 fn validate_client_jwks(set: &Value) -> Result<(), AuthError> {
-    let keys = set["keys"].as_array().filter(|k| !k.is_empty()).ok_or_else(|| AuthError::Invalid("the JWK Set has no keys".into()))?;
+    let keys = set["keys"]
+        .as_array()
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| AuthError::Invalid("the JWK Set has no keys".into()))?;
     for k in keys {
         let kid = k["kid"].as_str().ok_or_else(|| AuthError::Invalid("every key in the JWK Set needs a kid".into()))?;
         if k.get("d").is_some() || k.get("p").is_some() {
-            return Err(AuthError::Invalid(format!("key `{kid}` contains private key material; register the public key only")));
+            return Err(AuthError::Invalid(format!(
+                "key `{kid}` contains private key material; register the public key only"
+            )));
         }
-        let jwk: jsonwebtoken::jwk::Jwk =
-            serde_json::from_value(k.clone()).map_err(|e| AuthError::Invalid(format!("key `{kid}` is not a valid JWK: {e}")))?;
-        jsonwebtoken::DecodingKey::from_jwk(&jwk).map_err(|e| AuthError::Invalid(format!("key `{kid}` is not usable: {e}")))?;
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(k.clone())
+            .map_err(|e| AuthError::Invalid(format!("key `{kid}` is not a valid JWK: {e}")))?;
+        jsonwebtoken::DecodingKey::from_jwk(&jwk)
+            .map_err(|e| AuthError::Invalid(format!("key `{kid}` is not usable: {e}")))?;
     }
     Ok(())
 }
@@ -1054,5 +1125,9 @@ fn validate_fhir_user(f: &str) -> Result<(), AuthError> {
             && id.len() <= 64
             && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
     });
-    if ok { Ok(()) } else { Err(AuthError::Invalid(format!("fhir user `{f}`: expected e.g. Patient/123 or Practitioner/7"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(AuthError::Invalid(format!("fhir user `{f}`: expected e.g. Patient/123 or Practitioner/7")))
+    }
 }

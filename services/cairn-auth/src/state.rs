@@ -151,15 +151,7 @@ impl AuthState {
     pub fn apply(&mut self, event: &Event) {
         match &event.payload {
             Payload::ClientRegistered(r) => {
-                let allowed = r
-                    .scope
-                    .split(' ')
-                    .filter(|s| !s.is_empty())
-                    .filter_map(|s| crate::scope::Scope::parse(s).ok())
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                let allowed = ScopeSet::parse(&allowed).unwrap_or_default();
+                let allowed = ScopeSet::parse_known(&r.scope);
                 self.clients.insert(r.client_id.clone(), Client { registration: r.clone(), allowed, disabled: false });
             }
             Payload::ClientDisabled(d) => {

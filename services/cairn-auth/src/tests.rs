@@ -27,7 +27,8 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path().join("log"), EmbeddedOptions::default()).unwrap());
+    let log: Arc<dyn EventLog> =
+        Arc::new(EmbeddedLog::open(dir.path().join("log"), EmbeddedOptions::default()).unwrap());
     for t in topics::ALL {
         log.create_topic(t, 4).await.unwrap();
     }
@@ -157,8 +158,10 @@ async fn backend_services_grant_with_es384_and_rs384_assertions() {
     assert_eq!(issued.len(), 2, "every grant is an event");
     // The published key is in the JWKS and in the log.
     let kid = jsonwebtoken::decode_header(
-        f.auth.token(&backend_request(&assertion(&es, good_claims(&client)), "system/Observation.r"), &Actor::default()).await.unwrap()
-            ["access_token"]
+        f.auth
+            .token(&backend_request(&assertion(&es, good_claims(&client)), "system/Observation.r"), &Actor::default())
+            .await
+            .unwrap()["access_token"]
             .as_str()
             .unwrap(),
     )
@@ -176,10 +179,25 @@ async fn every_assertion_rule_is_enforced_and_every_refusal_recorded() {
     let client = register_gateway(&f, &[&es]).await;
     let stranger = es384_key("es-1"); // same kid, different key
     let cases: Vec<(&str, String)> = vec![
-        ("wrong aud", assertion(&es, json!({"iss": client, "sub": client, "aud": "https://elsewhere/token", "exp": now() + 60, "jti": "a1"}))),
-        ("expired", assertion(&es, json!({"iss": client, "sub": client, "aud": TOKEN_URL, "exp": now() - 120, "jti": "a2"}))),
-        ("exp too far", assertion(&es, json!({"iss": client, "sub": client, "aud": TOKEN_URL, "exp": now() + 600, "jti": "a3"}))),
-        ("sub differs", assertion(&es, json!({"iss": client, "sub": "other", "aud": TOKEN_URL, "exp": now() + 60, "jti": "a4"}))),
+        (
+            "wrong aud",
+            assertion(
+                &es,
+                json!({"iss": client, "sub": client, "aud": "https://elsewhere/token", "exp": now() + 60, "jti": "a1"}),
+            ),
+        ),
+        (
+            "expired",
+            assertion(&es, json!({"iss": client, "sub": client, "aud": TOKEN_URL, "exp": now() - 120, "jti": "a2"})),
+        ),
+        (
+            "exp too far",
+            assertion(&es, json!({"iss": client, "sub": client, "aud": TOKEN_URL, "exp": now() + 600, "jti": "a3"})),
+        ),
+        (
+            "sub differs",
+            assertion(&es, json!({"iss": client, "sub": "other", "aud": TOKEN_URL, "exp": now() + 60, "jti": "a4"})),
+        ),
         ("no jti", assertion(&es, json!({"iss": client, "sub": client, "aud": TOKEN_URL, "exp": now() + 60}))),
         ("unknown kid", assertion(&es384_key("nope"), good_claims(&client))),
         ("bad signature", assertion(&stranger, good_claims(&client))),
@@ -191,13 +209,23 @@ async fn every_assertion_rule_is_enforced_and_every_refusal_recorded() {
         ("HS256 with the public key", {
             let mut h = Header::new(Algorithm::HS256);
             h.kid = Some("es-1".into());
-            jsonwebtoken::encode(&h, &good_claims(&client), &EncodingKey::from_secret(es.public.to_string().as_bytes()).unwrap()).unwrap()
+            jsonwebtoken::encode(
+                &h,
+                &good_claims(&client),
+                &EncodingKey::from_secret(es.public.to_string().as_bytes()).unwrap(),
+            )
+            .unwrap()
         }),
         ("ES256 not allowed", {
             let pair = EcdsaKeyPair::generate(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
             let mut h = Header::new(Algorithm::ES256);
             h.kid = Some("es-1".into());
-            jsonwebtoken::encode(&h, &good_claims(&client), &EncodingKey::from_ec_der(pair.to_pkcs8v1().unwrap().as_ref())).unwrap()
+            jsonwebtoken::encode(
+                &h,
+                &good_claims(&client),
+                &EncodingKey::from_ec_der(pair.to_pkcs8v1().unwrap().as_ref()),
+            )
+            .unwrap()
         }),
     ];
     for (name, jwt) in &cases {
@@ -211,9 +239,17 @@ async fn every_assertion_rule_is_enforced_and_every_refusal_recorded() {
     let err = f.auth.token(&backend_request(&once, "system/Observation.r"), &Actor::default()).await.unwrap_err();
     assert!(err.description.contains("already used"), "{err:?}");
     // Scope rules.
-    let err = f.auth.token(&backend_request(&assertion(&es, good_claims(&client)), "patient/Observation.r"), &Actor::default()).await.unwrap_err();
+    let err = f
+        .auth
+        .token(&backend_request(&assertion(&es, good_claims(&client)), "patient/Observation.r"), &Actor::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.error, "invalid_scope");
-    let err = f.auth.token(&backend_request(&assertion(&es, good_claims(&client)), "system/Patient.r"), &Actor::default()).await.unwrap_err();
+    let err = f
+        .auth
+        .token(&backend_request(&assertion(&es, good_claims(&client)), "system/Patient.r"), &Actor::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.error, "invalid_scope");
     // No password or implicit grant.
     let req = FormRequest { params: vec![("grant_type".into(), "password".into())], basic: None };
@@ -243,15 +279,22 @@ async fn symmetric_clients_use_basic_or_post_and_bad_secrets_are_refused() {
         })
         .await
         .unwrap();
-    let (id, secret) = (out["client_id"].as_str().unwrap().to_owned(), out["client_secret"].as_str().unwrap().to_owned());
+    let (id, secret) =
+        (out["client_id"].as_str().unwrap().to_owned(), out["client_secret"].as_str().unwrap().to_owned());
     let grant = |basic: Option<(String, String)>, extra: Vec<(String, String)>| {
-        let mut params = vec![("grant_type".to_owned(), "client_credentials".to_owned()), ("scope".to_owned(), "system/Observation.rs".to_owned())];
+        let mut params = vec![
+            ("grant_type".to_owned(), "client_credentials".to_owned()),
+            ("scope".to_owned(), "system/Observation.rs".to_owned()),
+        ];
         params.extend(extra);
         FormRequest { params, basic }
     };
     f.auth.token(&grant(Some((id.clone(), secret.clone())), vec![]), &Actor::default()).await.unwrap();
     f.auth
-        .token(&grant(None, vec![("client_id".into(), id.clone()), ("client_secret".into(), secret.clone())]), &Actor::default())
+        .token(
+            &grant(None, vec![("client_id".into(), id.clone()), ("client_secret".into(), secret.clone())]),
+            &Actor::default(),
+        )
         .await
         .unwrap();
     let err = f.auth.token(&grant(Some((id.clone(), "wrong".into())), vec![]), &Actor::default()).await.unwrap_err();
@@ -259,14 +302,20 @@ async fn symmetric_clients_use_basic_or_post_and_bad_secrets_are_refused() {
     // Two methods at once is a malformed request.
     let err = f
         .auth
-        .token(&grant(Some((id.clone(), secret.clone())), vec![("client_secret".into(), secret.clone())]), &Actor::default())
+        .token(
+            &grant(Some((id.clone(), secret.clone())), vec![("client_secret".into(), secret.clone())]),
+            &Actor::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.error, "invalid_request");
     // A repeated parameter too.
     let err = f
         .auth
-        .token(&grant(Some((id.clone(), secret.clone())), vec![("scope".into(), "system/Observation.r".into())]), &Actor::default())
+        .token(
+            &grant(Some((id.clone(), secret.clone())), vec![("scope".into(), "system/Observation.r".into())]),
+            &Actor::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.error, "invalid_request");
@@ -275,7 +324,10 @@ async fn symmetric_clients_use_basic_or_post_and_bad_secrets_are_refused() {
     f.auth.admin(AdminCommand::ClientDisable { client_id: id.clone() }).await.unwrap();
     let err = f.auth.token(&grant(Some((id.clone(), secret.clone())), vec![]), &Actor::default()).await.unwrap_err();
     assert_eq!(err.error, "invalid_client");
-    assert_eq!(f.auth.verify(live["access_token"].as_str().unwrap()).await.unwrap_err(), TokenRejection::ClientDisabled);
+    assert_eq!(
+        f.auth.verify(live["access_token"].as_str().unwrap()).await.unwrap_err(),
+        TokenRejection::ClientDisabled
+    );
 }
 
 async fn symmetric_client(f: &Fixture, scope: &str) -> (String, String) {
@@ -339,7 +391,9 @@ async fn access_token_rules_at_the_resource_server() {
     let mut hs = Header::new(Algorithm::HS256);
     hs.typ = Some("at+jwt".into());
     hs.kid = Some(key.kid.clone());
-    let hs_token = jsonwebtoken::encode(&hs, &claims, &EncodingKey::from_secret(key.public_jwk.to_string().as_bytes()).unwrap()).unwrap();
+    let hs_token =
+        jsonwebtoken::encode(&hs, &claims, &EncodingKey::from_secret(key.public_jwk.to_string().as_bytes()).unwrap())
+            .unwrap();
     assert_eq!(f.auth.verify(&hs_token).await.unwrap_err(), TokenRejection::Algorithm);
     let mut unknown = Header::new(Algorithm::ES256);
     unknown.typ = Some("at+jwt".into());
@@ -383,9 +437,20 @@ async fn a_restarted_server_rebuilds_its_state_from_the_log() {
     let creds = symmetric_client(&f, "system/*.rs").await;
     let token = token_for(&f, &creds, "system/Observation.rs").await;
     let revoked = token_for(&f, &creds, "system/Observation.rs").await;
-    f.auth.revoke(&FormRequest { params: vec![("token".into(), revoked.clone())], basic: Some(creds.clone()) }, &Actor::default()).await.unwrap();
     f.auth
-        .admin(AdminCommand::UserAdd { username: "alice".into(), password: "correct horse".into(), fhir_user: Some("Patient/p1".into()), roles: vec![] })
+        .revoke(
+            &FormRequest { params: vec![("token".into(), revoked.clone())], basic: Some(creds.clone()) },
+            &Actor::default(),
+        )
+        .await
+        .unwrap();
+    f.auth
+        .admin(AdminCommand::UserAdd {
+            username: "alice".into(),
+            password: "correct horse".into(),
+            fhir_user: Some("Patient/p1".into()),
+            roles: vec![],
+        })
         .await
         .unwrap();
     let published = events_of(&f.log, EventType::AuthKeyPublished).await.len();
@@ -393,13 +458,20 @@ async fn a_restarted_server_rebuilds_its_state_from_the_log() {
     again.verify(&token).await.unwrap();
     assert_eq!(again.verify(&revoked).await.unwrap_err(), TokenRejection::Revoked);
     assert_eq!(again.admin(AdminCommand::UserList).await.unwrap()[0]["username"], "alice");
-    assert_eq!(events_of(&f.log, EventType::AuthKeyPublished).await.len(), published, "known keys are not published twice");
+    assert_eq!(
+        events_of(&f.log, EventType::AuthKeyPublished).await.len(),
+        published,
+        "known keys are not published twice"
+    );
     // A second instance with its own keys: its tokens verify at the first once the log has them.
     let other_keys = tempfile::tempdir().unwrap();
     let second = AuthServer::start(f.log.clone(), Some(other_keys.path()), AuthSettings::new(ISSUER)).await.unwrap();
     let from_second = {
         let req = FormRequest {
-            params: vec![("grant_type".into(), "client_credentials".into()), ("scope".into(), "system/Observation.rs".into())],
+            params: vec![
+                ("grant_type".into(), "client_credentials".into()),
+                ("scope".into(), "system/Observation.rs".into()),
+            ],
             basic: Some(creds.clone()),
         };
         second.token(&req, &Actor::default()).await.unwrap()["access_token"].as_str().unwrap().to_owned()
@@ -426,14 +498,24 @@ async fn admin_commands_validate_their_input() {
         (reg(ClientKind::ConfidentialSymmetric, "patient/Observation.xx", vec![], None), "scope"),
         (reg(ClientKind::ConfidentialAsymmetric, "system/*.rs", vec![], None), "JWK Set"),
         (
-            reg(ClientKind::ConfidentialAsymmetric, "system/*.rs", vec![], Some(json!({"keys": [{"kty": "EC", "kid": "k", "crv": "P-384", "x": "a", "y": "b", "d": "secret"}]}))),
+            reg(
+                ClientKind::ConfidentialAsymmetric,
+                "system/*.rs",
+                vec![],
+                Some(json!({"keys": [{"kty": "EC", "kid": "k", "crv": "P-384", "x": "a", "y": "b", "d": "secret"}]})),
+            ),
             "private key",
         ),
     ] {
         let err = f.auth.admin(cmd).await.unwrap_err().to_string();
         assert!(err.contains(expect), "{err} should mention {expect}");
     }
-    let user = |name: &str, pw: &str| AdminCommand::UserAdd { username: name.into(), password: pw.into(), fhir_user: None, roles: vec![] };
+    let user = |name: &str, pw: &str| AdminCommand::UserAdd {
+        username: name.into(),
+        password: pw.into(),
+        fhir_user: None,
+        roles: vec![],
+    };
     f.auth.admin(user("bob", "long enough pw")).await.unwrap();
     assert!(f.auth.admin(user("bob", "long enough pw")).await.unwrap_err().to_string().contains("already exists"));
     assert!(f.auth.admin(user("carol", "short")).await.unwrap_err().to_string().contains("8 characters"));
@@ -555,7 +637,11 @@ async fn standalone_launch_gives_patient_context_id_token_and_refresh() {
     // Refresh rotates; the old refresh token presented again revokes the whole family.
     let r1 = t["refresh_token"].as_str().unwrap().to_owned();
     let refresh = |r: &str| FormRequest {
-        params: vec![("grant_type".into(), "refresh_token".into()), ("refresh_token".into(), r.into()), ("client_id".into(), "growth-chart".into())],
+        params: vec![
+            ("grant_type".into(), "refresh_token".into()),
+            ("refresh_token".into(), r.into()),
+            ("client_id".into(), "growth-chart".into()),
+        ],
         basic: None,
     };
     let t2 = f.auth.token(&refresh(&r1), &Actor::default()).await.unwrap();
@@ -572,10 +658,18 @@ async fn standalone_launch_gives_patient_context_id_token_and_refresh() {
         ],
         basic: None,
     };
-    assert_eq!(f.auth.token(&narrower, &Actor::default()).await.unwrap_err().error, "invalid_scope", "a refresh cannot widen");
+    assert_eq!(
+        f.auth.token(&narrower, &Actor::default()).await.unwrap_err().error,
+        "invalid_scope",
+        "a refresh cannot widen"
+    );
     let err = f.auth.token(&refresh(&r1), &Actor::default()).await.unwrap_err();
     assert_eq!(err.error, "invalid_grant");
-    assert_eq!(f.auth.verify(&a2).await.unwrap_err(), TokenRejection::Revoked, "reuse revokes the family's access tokens");
+    assert_eq!(
+        f.auth.verify(&a2).await.unwrap_err(),
+        TokenRejection::Revoked,
+        "reuse revokes the family's access tokens"
+    );
     assert_eq!(f.auth.token(&refresh(&r2), &Actor::default()).await.unwrap_err().error, "invalid_grant");
     let revoked = events_of(&f.log, EventType::AuthTokenRevoked).await;
     assert!(revoked.iter().any(|e| String::from_utf8(e.canonical_bytes()).unwrap().contains("refresh_token_reuse")));
@@ -610,13 +704,20 @@ async fn every_code_rule_is_enforced() {
     let mut p = authorize_params(&c, "patient/Observation.rs");
     p.retain(|(k, _)| k != "code_challenge_method");
     let err = f.auth.authorize_request(&p).unwrap_err();
-    assert!(matches!(&err, crate::flow::AuthorizeError::Redirect(u) if u.contains("error=invalid_request") && u.contains("state=st-1")), "{err:?}");
+    assert!(
+        matches!(&err, crate::flow::AuthorizeError::Redirect(u) if u.contains("error=invalid_request") && u.contains("state=st-1")),
+        "{err:?}"
+    );
     let mut p = authorize_params(&c, "patient/Observation.rs");
     p.iter_mut().find(|(k, _)| k == "code_challenge_method").unwrap().1 = "plain".into();
-    assert!(matches!(f.auth.authorize_request(&p).unwrap_err(), crate::flow::AuthorizeError::Redirect(u) if u.contains("S256")));
+    assert!(
+        matches!(f.auth.authorize_request(&p).unwrap_err(), crate::flow::AuthorizeError::Redirect(u) if u.contains("S256"))
+    );
     let mut p = authorize_params(&c, "patient/Observation.rs");
     p.iter_mut().find(|(k, _)| k == "aud").unwrap().1 = "https://elsewhere/fhir".into();
-    assert!(matches!(f.auth.authorize_request(&p).unwrap_err(), crate::flow::AuthorizeError::Redirect(u) if u.contains("aud")));
+    assert!(
+        matches!(f.auth.authorize_request(&p).unwrap_err(), crate::flow::AuthorizeError::Redirect(u) if u.contains("aud"))
+    );
     // An unregistered redirect URI is never redirected to.
     let mut p = authorize_params(&c, "patient/Observation.rs");
     p.iter_mut().find(|(k, _)| k == "redirect_uri").unwrap().1 = "https://evil.example/cb".into();
@@ -624,7 +725,9 @@ async fn every_code_rule_is_enforced() {
     // Implicit flow is not offered.
     let mut p = authorize_params(&c, "patient/Observation.rs");
     p.iter_mut().find(|(k, _)| k == "response_type").unwrap().1 = "token".into();
-    assert!(matches!(f.auth.authorize_request(&p).unwrap_err(), crate::flow::AuthorizeError::Redirect(u) if u.contains("unsupported_response_type")));
+    assert!(
+        matches!(f.auth.authorize_request(&p).unwrap_err(), crate::flow::AuthorizeError::Redirect(u) if u.contains("unsupported_response_type"))
+    );
 }
 
 #[tokio::test]
@@ -632,9 +735,16 @@ async fn consent_can_withhold_scopes_and_refusal_is_recorded() {
     let f = fixture().await;
     let (_, user) = app_and_patient(&f).await;
     let v = verifier();
-    let req = f.auth.authorize_request(&authorize_params(&challenge(&v), "openid patient/Observation.rs patient/Patient.r")).unwrap();
+    let req = f
+        .auth
+        .authorize_request(&authorize_params(&challenge(&v), "openid patient/Observation.rs patient/Patient.r"))
+        .unwrap();
     let s = f.auth.login("pat", "patient password", &Actor::default()).await.unwrap();
-    let url = f.auth.decide(&req, &user, &s.cookie, Some(&["patient/Observation.rs".to_owned()]), None, &Actor::default()).await.unwrap();
+    let url = f
+        .auth
+        .decide(&req, &user, &s.cookie, Some(&["patient/Observation.rs".to_owned()]), None, &Actor::default())
+        .await
+        .unwrap();
     let t = f.auth.token(&code_exchange(&query_param(&url, "code").unwrap(), &v), &Actor::default()).await.unwrap();
     assert_eq!(t["scope"], "patient/Observation.rs", "the token carries exactly what was granted");
     assert!(t.get("id_token").is_none());
@@ -659,7 +769,10 @@ async fn sign_in_is_throttled_and_sessions_end_at_logout() {
     let locked = f.auth.login("pat", "patient password", &from).await.err().unwrap();
     assert!(locked.0.starts_with("Too many"), "{locked:?}");
     // An unknown user reads the same as a wrong password.
-    assert_eq!(f.auth.login("nobody", "whatever", &Actor::default()).await.err().unwrap().0, "Wrong username or password.");
+    assert_eq!(
+        f.auth.login("nobody", "whatever", &Actor::default()).await.err().unwrap().0,
+        "Wrong username or password."
+    );
     let failed = events_of(&f.log, EventType::AuthLoginFailed).await;
     assert!(failed.iter().any(|e| String::from_utf8(e.canonical_bytes()).unwrap().contains("throttled")));
     assert!(failed.iter().all(|e| !String::from_utf8(e.canonical_bytes()).unwrap().contains("wrong password")));
@@ -700,14 +813,25 @@ impl EventLog for LaggingLog {
     async fn append_batch(&self, records: Vec<cairn_log::NewRecord>) -> cairn_log::Result<Vec<cairn_log::Position>> {
         self.inner.append_batch(records).await
     }
-    async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> cairn_log::Result<Vec<cairn_log::Record>> {
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> cairn_log::Result<Vec<cairn_log::Record>> {
         self.inner.read(topic, partition, from, max).await
     }
     async fn end_offset(&self, topic: &str, partition: u32) -> cairn_log::Result<u64> {
         let end = self.inner.end_offset(topic, partition).await?;
         Ok(end + u64::from(self.lag.load(std::sync::atomic::Ordering::Relaxed)))
     }
-    fn tail(&self, topic: &str, partition: u32, from: u64) -> futures_util::stream::BoxStream<'static, cairn_log::Result<cairn_log::Tailed>> {
+    fn tail(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+    ) -> futures_util::stream::BoxStream<'static, cairn_log::Result<cairn_log::Tailed>> {
         self.inner.tail(topic, partition, from)
     }
     async fn commit_offset(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> cairn_log::Result<()> {
@@ -721,14 +845,20 @@ impl EventLog for LaggingLog {
 #[tokio::test]
 async fn a_lagging_revocation_feed_fails_closed_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let embedded: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path().join("log"), EmbeddedOptions::default()).unwrap());
+    let embedded: Arc<dyn EventLog> =
+        Arc::new(EmbeddedLog::open(dir.path().join("log"), EmbeddedOptions::default()).unwrap());
     for t in topics::ALL {
         embedded.create_topic(t, 2).await.unwrap();
     }
     let lagging = Arc::new(LaggingLog { inner: embedded, lag: std::sync::atomic::AtomicBool::new(false) });
     let settings = AuthSettings { feed_lag_bound: std::time::Duration::from_millis(400), ..AuthSettings::new(ISSUER) };
     let auth = AuthServer::start(lagging.clone(), Some(&dir.path().join("keys")), settings).await.unwrap();
-    let f = Fixture { _dir: tempfile::tempdir().unwrap(), log: lagging.clone(), auth: auth.clone(), keys_dir: dir.path().join("keys") };
+    let f = Fixture {
+        _dir: tempfile::tempdir().unwrap(),
+        log: lagging.clone(),
+        auth: auth.clone(),
+        keys_dir: dir.path().join("keys"),
+    };
     let creds = symmetric_client(&f, "system/*.rs").await;
     let token = token_for(&f, &creds, "system/Observation.rs").await;
     auth.verify(&token).await.unwrap();
@@ -777,7 +907,10 @@ async fn logout_and_user_disable_end_the_users_live_tokens() {
     other.auth.verify(&access).await.unwrap();
     other.auth.admin(AdminCommand::UserDisable { username: "pat".into() }).await.unwrap();
     assert_eq!(other.auth.verify(&access).await.unwrap_err(), TokenRejection::UserDisabled);
-    assert!(other.auth.login("pat", "patient password", &Actor::default()).await.is_err(), "a disabled user cannot sign in");
+    assert!(
+        other.auth.login("pat", "patient password", &Actor::default()).await.is_err(),
+        "a disabled user cannot sign in"
+    );
 }
 
 #[tokio::test]
@@ -804,7 +937,10 @@ async fn tokens_with_unknown_kids_share_catch_ups_and_new_keys_still_verify() {
     let other_keys = tempfile::tempdir().unwrap();
     let second = AuthServer::start(f.log.clone(), Some(other_keys.path()), AuthSettings::new(ISSUER)).await.unwrap();
     let req = FormRequest {
-        params: vec![("grant_type".into(), "client_credentials".into()), ("scope".into(), "system/Observation.rs".into())],
+        params: vec![
+            ("grant_type".into(), "client_credentials".into()),
+            ("scope".into(), "system/Observation.rs".into()),
+        ],
         basic: Some(creds.clone()),
     };
     let from_second = second.token(&req, &Actor::default()).await.unwrap()["access_token"].as_str().unwrap().to_owned();

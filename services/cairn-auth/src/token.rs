@@ -47,7 +47,8 @@ pub fn sign(claims: &AccessClaims, key: &SigningKey) -> Result<String, crate::Au
     let mut header = Header::new(key.algorithm);
     header.typ = Some(ACCESS_TOKEN_TYP.into());
     header.kid = Some(key.kid.clone());
-    jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|e| crate::AuthError::Internal(format!("signing failed: {e}")))
+    jsonwebtoken::encode(&header, claims, &key.encoding)
+        .map_err(|e| crate::AuthError::Internal(format!("signing failed: {e}")))
 }
 
 /// A token that passed every check, as the FHIR API sees it.

@@ -52,7 +52,8 @@ pub struct Outcome {
 
 impl From<FhirError> for Outcome {
     fn from(error: FhirError) -> Self {
-        let insufficient = error.status == 403 && error.issues.iter().any(|i| i.diagnostics.starts_with("insufficient_scope"));
+        // Only the scope check (cairn-service's access.rs) answers 403 `forbidden`.
+        let insufficient = error.status == 403 && error.issues.iter().any(|i| i.code == IssueCode::Forbidden);
         let challenge = insufficient.then(|| "Bearer realm=\"cairn\", error=\"insufficient_scope\"".to_owned());
         Outcome { error, challenge }
     }

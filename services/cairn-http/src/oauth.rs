@@ -1,5 +1,5 @@
 //! The authorization server's HTTP surface: discovery documents, JWKS, and the token,
-//! introspection and revocation endpoints (thin handlers over `cairn_auth::AuthServer`), plus the
+//! introspection, revocation, registration and userinfo endpoints (thin handlers over `cairn_auth::AuthServer`), plus the
 //! bearer-token check the FHIR API runs on every request.
 
 use axum::body::Bytes;
@@ -28,6 +28,7 @@ pub fn routes(auth: Arc<AuthServer>) -> Router {
         .route("/introspect", post(introspect))
         .route("/revoke", post(revoke))
         .route("/register", post(register))
+        .route("/userinfo", get(userinfo).post(userinfo))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
         .with_state(auth)
 }
@@ -83,7 +84,10 @@ impl IntoResponse for OAuthFailure {
 pub fn request_actor(headers: &HeaderMap, peer: Option<std::net::SocketAddr>) -> Actor {
     Actor {
         source_address: peer.map(|p| p.ip().to_string()),
-        user_agent: headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(256).collect()),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect()),
         ..Actor::default()
     }
 }
@@ -108,11 +112,19 @@ fn form_request(headers: &HeaderMap, body: &[u8]) -> Result<FormRequest, OAuthFa
             let text = String::from_utf8(decoded).map_err(|_| malformed())?;
             let (id, secret) = text.split_once(':').ok_or_else(malformed)?;
             // RFC 6749 2.3.1: both parts are form-encoded before base64.
-            let decode = |s: &str| form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
+            let decode =
+                |s: &str| form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
             Some((decode(id).ok_or_else(malformed)?, decode(secret).ok_or_else(malformed)?))
         }
     };
     Ok(FormRequest { params, basic })
+}
+
+/// A form endpoint's answer: 200 with the JSON, never cached, or the RFC 6749 error.
+fn answer(req: &FormRequest, result: Result<Value, OAuthError>) -> Result<Response, OAuthFailure> {
+    result
+        .map(|v| no_store(StatusCode::OK, v))
+        .map_err(|error| OAuthFailure { error, basic_attempted: req.basic.is_some() })
 }
 
 async fn token(
@@ -122,9 +134,7 @@ async fn token(
     body: Bytes,
 ) -> Result<Response, OAuthFailure> {
     let req = form_request(&headers, &body)?;
-    let basic_attempted = req.basic.is_some();
-    let answer = auth.token(&req, &request_actor(&headers, peer.0)).await;
-    answer.map(|v| no_store(StatusCode::OK, v)).map_err(|error| OAuthFailure { error, basic_attempted })
+    answer(&req, auth.token(&req, &request_actor(&headers, peer.0)).await)
 }
 
 async fn introspect(
@@ -134,9 +144,7 @@ async fn introspect(
     body: Bytes,
 ) -> Result<Response, OAuthFailure> {
     let req = form_request(&headers, &body)?;
-    let basic_attempted = req.basic.is_some();
-    let answer = auth.introspect(&req, &request_actor(&headers, peer.0)).await;
-    answer.map(|v| no_store(StatusCode::OK, v)).map_err(|error| OAuthFailure { error, basic_attempted })
+    answer(&req, auth.introspect(&req, &request_actor(&headers, peer.0)).await)
 }
 
 async fn revoke(
@@ -146,13 +154,16 @@ async fn revoke(
     body: Bytes,
 ) -> Result<Response, OAuthFailure> {
     let req = form_request(&headers, &body)?;
-    let basic_attempted = req.basic.is_some();
-    let answer = auth.revoke(&req, &request_actor(&headers, peer.0)).await;
-    answer.map(|()| no_store(StatusCode::OK, json!({}))).map_err(|error| OAuthFailure { error, basic_attempted })
+    answer(&req, auth.revoke(&req, &request_actor(&headers, peer.0)).await.map(|()| json!({})))
 }
 
 /// `POST /register` (RFC 7591): JSON in, JSON out, 201 on success.
-async fn register(State(auth): State<Arc<AuthServer>>, peer: crate::fhir::Peer, headers: HeaderMap, body: Bytes) -> Response {
+async fn register(
+    State(auth): State<Arc<AuthServer>>,
+    peer: crate::fhir::Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -169,6 +180,35 @@ async fn register(State(auth): State<Arc<AuthServer>>, peer: crate::fhir::Peer, 
         Ok(v) => no_store(StatusCode::CREATED, v),
         Err(error) => OAuthFailure { error, basic_attempted: false }.into_response(),
     }
+}
+
+async fn userinfo(State(auth): State<Arc<AuthServer>>, headers: HeaderMap) -> Response {
+    let token = match authenticate_bearer(&auth, &headers).await {
+        Ok(t) => t,
+        Err(BearerFailure::Rejected(cairn_auth::TokenRejection::FeedBehind)) => {
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        Err(failure) => return bearer_error(StatusCode::UNAUTHORIZED, &failure.challenge().0),
+    };
+    match auth.userinfo(&token) {
+        Ok(v) => {
+            let mut r = axum::Json(v).into_response();
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(_) => bearer_error(
+            StatusCode::FORBIDDEN,
+            "Bearer realm=\"cairn\", error=\"insufficient_scope\", scope=\"openid\"",
+        ),
+    }
+}
+
+fn bearer_error(status: StatusCode, challenge: &str) -> Response {
+    let mut r = status.into_response();
+    if let Ok(v) = HeaderValue::from_str(challenge) {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    r
 }
 
 /// Why a FHIR request was not authenticated, as RFC 6750 wants it said.

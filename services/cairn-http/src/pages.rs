@@ -4,7 +4,7 @@
 //! behind https, Secure. The decisions are `cairn_auth`'s; this module only renders and parses.
 
 use crate::fhir::Peer;
-use crate::oauth::{authenticate_bearer, request_actor};
+use crate::oauth::request_actor;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
@@ -27,7 +27,6 @@ pub fn routes(auth: Arc<AuthServer>) -> Router {
         .route("/login", axum::routing::post(login))
         .route("/consent", axum::routing::post(consent))
         .route("/logout", get(logout_page).post(logout))
-        .route("/userinfo", get(userinfo).post(userinfo))
         .route("/smart-style.json", get(smart_style))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(auth)
@@ -90,7 +89,9 @@ footer{{color:#59636e;font-size:.8rem;margin-top:1.5rem}}
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"),
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'",
+        ),
     );
     for c in cookies {
         if let Ok(v) = HeaderValue::from_str(c) {
@@ -161,6 +162,15 @@ fn encode_params(params: &[(String, String)]) -> String {
     form_urlencoded::Serializer::new(String::new()).extend_pairs(params).finish()
 }
 
+/// What to answer when an authorization request cannot go on: an error page when the client or its
+/// redirect URI is not trusted, else a redirect to the client with the error.
+fn refusal(e: AuthorizeError) -> Response {
+    match e {
+        AuthorizeError::Page(m) => error_page(StatusCode::BAD_REQUEST, &m),
+        AuthorizeError::Redirect(url) => see_other(&url, &[]),
+    }
+}
+
 async fn authorize(
     State(auth): State<Arc<AuthServer>>,
     method: Method,
@@ -168,11 +178,11 @@ async fn authorize(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    let params = if method == Method::POST { Form::parse(&body).0 } else { Form::parse(query.unwrap_or_default().as_bytes()).0 };
+    let params =
+        if method == Method::POST { Form::parse(&body).0 } else { Form::parse(query.unwrap_or_default().as_bytes()).0 };
     let req = match auth.authorize_request(&params) {
         Ok(r) => r,
-        Err(AuthorizeError::Page(m)) => return error_page(StatusCode::BAD_REQUEST, &m),
-        Err(AuthorizeError::Redirect(url)) => return see_other(&url, &[]),
+        Err(e) => return refusal(e),
     };
     match cookie(&headers, SESSION_COOKIE).and_then(|c| auth.session_user(&c)) {
         Some(user) => consent_page(&auth, &headers, &req, &user, None),
@@ -190,7 +200,9 @@ fn login_page(
 ) -> Response {
     let (csrf, cookies) = csrf_token(auth, headers);
     let who = match req {
-        Some(r) => format!("<p class=\"sub\"><strong>{}</strong> asks to use your Cairn account.</p>", esc(&r.client_name)),
+        Some(r) => {
+            format!("<p class=\"sub\"><strong>{}</strong> asks to use your Cairn account.</p>", esc(&r.client_name))
+        }
         None => "<p class=\"sub\">Sign in to your Cairn account.</p>".to_owned(),
     };
     let error = error.map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", esc(e))).unwrap_or_default();
@@ -301,17 +313,29 @@ async fn login(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: HeaderM
     } else {
         match auth.authorize_request(&params) {
             Ok(r) => Some(r),
-            Err(AuthorizeError::Page(m)) => return error_page(StatusCode::BAD_REQUEST, &m),
-            Err(AuthorizeError::Redirect(url)) => return see_other(&url, &[]),
+            Err(e) => return refusal(e),
         }
     };
     let username = form.one("username").unwrap_or("").trim().to_owned();
     if !csrf_ok(&headers, &form) {
-        let recorded = auth.login_refused(Some(&username).filter(|u| !u.is_empty()).map(|u| u.as_str()), LoginFailure::CsrfMismatch, &actor).await;
+        let recorded = auth
+            .login_refused(
+                Some(&username).filter(|u| !u.is_empty()).map(|u| u.as_str()),
+                LoginFailure::CsrfMismatch,
+                &actor,
+            )
+            .await;
         if recorded.is_err() {
             return error_page(StatusCode::SERVICE_UNAVAILABLE, "sign-in is unavailable right now; try again shortly");
         }
-        return login_page(&auth, &headers, req.as_ref(), &username, Some("Your sign-in form expired. Please try again."), StatusCode::FORBIDDEN);
+        return login_page(
+            &auth,
+            &headers,
+            req.as_ref(),
+            &username,
+            Some("Your sign-in form expired. Please try again."),
+            StatusCode::FORBIDDEN,
+        );
     }
     match auth.login(&username, form.one("password").unwrap_or(""), &actor).await {
         Ok(signed_in) => {
@@ -323,11 +347,17 @@ async fn login(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: HeaderM
             );
             match req {
                 Some(r) => see_other(&format!("/authorize?{}", encode_params(&r.params)), &[set]),
-                None => html(StatusCode::OK, "Signed in", "<h1>Signed in</h1><p>You are signed in to Cairn.</p>", &[set]),
+                None => {
+                    html(StatusCode::OK, "Signed in", "<h1>Signed in</h1><p>You are signed in to Cairn.</p>", &[set])
+                }
             }
         }
         Err(refusal) => {
-            let status = if refusal.0.starts_with("Too many") { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::UNAUTHORIZED };
+            let status = if refusal.0.starts_with("Too many") {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
             login_page(&auth, &headers, req.as_ref(), &username, Some(&refusal.0), status)
         }
     }
@@ -338,8 +368,7 @@ async fn consent(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: Heade
     let actor = request_actor(&headers, peer.0);
     let req = match auth.authorize_request(&form.authorize_params()) {
         Ok(r) => r,
-        Err(AuthorizeError::Page(m)) => return error_page(StatusCode::BAD_REQUEST, &m),
-        Err(AuthorizeError::Redirect(url)) => return see_other(&url, &[]),
+        Err(e) => return refusal(e),
     };
     let session = cookie(&headers, SESSION_COOKIE);
     let Some((cookie_value, user)) = session.and_then(|c| auth.session_user(&c).map(|u| (c, u))) else {
@@ -347,7 +376,10 @@ async fn consent(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: Heade
     };
     if !csrf_ok(&headers, &form) {
         if auth.login_refused(Some(&user.account.username), LoginFailure::CsrfMismatch, &actor).await.is_err() {
-            return error_page(StatusCode::SERVICE_UNAVAILABLE, "the audit log cannot record this right now; try again shortly");
+            return error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit log cannot record this right now; try again shortly",
+            );
         }
         return consent_page(&auth, &headers, &req, &user, Some("The form expired. Please decide again."));
     }
@@ -381,36 +413,13 @@ async fn logout(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: Header
     if let Some(c) = cookie(&headers, SESSION_COOKIE)
         && auth.logout(&c, &request_actor(&headers, peer.0)).await.is_err()
     {
-        return error_page(StatusCode::SERVICE_UNAVAILABLE, "the audit log cannot record this right now; try again shortly");
+        return error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit log cannot record this right now; try again shortly",
+        );
     }
     let clear = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}", secure(&auth));
     html(StatusCode::OK, "Signed out", "<h1>Signed out</h1><p>You are signed out of Cairn.</p>", &[clear])
-}
-
-async fn userinfo(State(auth): State<Arc<AuthServer>>, headers: HeaderMap) -> Response {
-    let token = match authenticate_bearer(&auth, &headers).await {
-        Ok(t) => t,
-        Err(crate::oauth::BearerFailure::Rejected(cairn_auth::TokenRejection::FeedBehind)) => {
-            return StatusCode::SERVICE_UNAVAILABLE.into_response();
-        }
-        Err(failure) => return bearer_error(StatusCode::UNAUTHORIZED, &failure.challenge().0),
-    };
-    match auth.userinfo(&token) {
-        Ok(v) => {
-            let mut r = axum::Json(v).into_response();
-            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
-        }
-        Err(_) => bearer_error(StatusCode::FORBIDDEN, "Bearer realm=\"cairn\", error=\"insufficient_scope\", scope=\"openid\""),
-    }
-}
-
-fn bearer_error(status: StatusCode, challenge: &str) -> Response {
-    let mut r = status.into_response();
-    if let Ok(v) = HeaderValue::from_str(challenge) {
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-    }
-    r
 }
 
 async fn smart_style(State(auth): State<Arc<AuthServer>>) -> Response {
@@ -425,12 +434,21 @@ mod tests {
 
     #[test]
     fn escaping_covers_markup_and_quotes() {
-        assert_eq!(esc(r#"<script>alert("x")</script> & 'y'"#), "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;");
+        assert_eq!(
+            esc(r#"<script>alert("x")</script> & 'y'"#),
+            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
+        );
     }
 
     #[test]
     fn scopes_read_as_sentences() {
-        assert_eq!(describe(&Scope::parse("patient/Observation.rs").unwrap()), "Read, search Observation records of the patient in context");
-        assert_eq!(describe(&Scope::parse("user/*.cruds").unwrap()), "Create, read, update, delete, search all records you have access to");
+        assert_eq!(
+            describe(&Scope::parse("patient/Observation.rs").unwrap()),
+            "Read, search Observation records of the patient in context"
+        );
+        assert_eq!(
+            describe(&Scope::parse("user/*.cruds").unwrap()),
+            "Create, read, update, delete, search all records you have access to"
+        );
     }
 }

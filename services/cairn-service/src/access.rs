@@ -33,30 +33,31 @@ struct Rule {
     query: Option<SearchQuery>,
 }
 
-/// The decision for one permission on one type: the resources it admits.
+/// The decision for one permission on one type: the resources it admits (any rule admits; no rules
+/// at all means everything is admitted).
 #[derive(Debug, Clone)]
 pub struct Permit {
-    /// Empty when everything is admitted.
     rules: Vec<Rule>,
-    unrestricted: bool,
 }
 
 impl Permit {
     pub fn all() -> Permit {
-        Permit { rules: Vec::new(), unrestricted: true }
+        Permit { rules: Vec::new() }
     }
 
     /// Whether a resource (its type, its patient compartment, its content) is admitted.
     pub fn admits(&self, resource_type: &str, patient: Option<&str>, resource: Option<&Value>) -> bool {
-        self.unrestricted
+        self.is_unrestricted()
             || self.rules.iter().any(|r| {
                 r.compartment.as_deref().is_none_or(|c| patient == Some(c))
-                    && r.query.as_ref().is_none_or(|q| resource.is_some_and(|v| q.resource_type == resource_type && search::matches(v, q)))
+                    && r.query.as_ref().is_none_or(|q| {
+                        resource.is_some_and(|v| q.resource_type == resource_type && search::matches(v, q))
+                    })
             })
     }
 
     pub fn admits_version(&self, v: &ResourceVersion) -> bool {
-        if self.unrestricted {
+        if self.is_unrestricted() {
             return true;
         }
         let needs_content = self.rules.iter().any(|r| r.query.is_some());
@@ -72,7 +73,7 @@ impl Permit {
     }
 
     pub fn is_unrestricted(&self) -> bool {
-        self.unrestricted
+        self.rules.is_empty()
     }
 }
 
@@ -111,7 +112,7 @@ impl Access {
                 format!("insufficient_scope: the token does not allow `{}` on {resource_type}", permission.letter()),
             ));
         }
-        Ok(Permit { rules, unrestricted: false })
+        Ok(Permit { rules })
     }
 }
 
@@ -126,7 +127,11 @@ impl FhirError {
 
     /// Refused because of the caller's token, not the resource.
     pub(crate) fn outside_compartment(what: &str) -> FhirError {
-        FhirError::new(403, IssueCode::Forbidden, format!("insufficient_scope: {what} is outside what the token allows"))
+        FhirError::new(
+            403,
+            IssueCode::Forbidden,
+            format!("insufficient_scope: {what} is outside what the token allows"),
+        )
     }
 }
 
@@ -149,7 +154,10 @@ mod tests {
         assert_eq!(p.sole_compartment(), Some("Patient/p1"));
         assert_eq!(a.permit(Permission::Create, "Observation").unwrap_err().status, 403);
         // Without a patient in context a patient scope grants nothing.
-        assert_eq!(smart("patient/Observation.rs", None).permit(Permission::Read, "Observation").unwrap_err().status, 403);
+        assert_eq!(
+            smart("patient/Observation.rs", None).permit(Permission::Read, "Observation").unwrap_err().status,
+            403
+        );
     }
 
     #[test]
@@ -163,7 +171,10 @@ mod tests {
 
     #[test]
     fn query_constrained_scopes_admit_matching_resources_only() {
-        let a = smart("user/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|vital-signs", None);
+        let a = smart(
+            "user/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|vital-signs",
+            None,
+        );
         let p = a.permit(Permission::Read, "Observation").unwrap();
         let vital = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
             "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}]});

@@ -331,7 +331,11 @@ impl FhirService {
         let permit = ctx.access.permit(Permission::Create, resource_type)?;
         let mut resource = self.parse_body(resource_type, body)?;
         let new_id = new_resource_id();
-        if !permit.admits(resource_type, index::patient_of(resource_type, &new_id, &resource).as_deref(), Some(&resource)) {
+        if !permit.admits(
+            resource_type,
+            index::patient_of(resource_type, &new_id, &resource).as_deref(),
+            Some(&resource),
+        ) {
             return Err(FhirError::outside_compartment("the resource"));
         }
         let _guard;

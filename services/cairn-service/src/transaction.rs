@@ -7,7 +7,10 @@
 //! but still appends its plain creates in one group so a gateway uploading 100 readings pays for one
 //! durable append, not a hundred.
 
-use crate::{FhirError, FhirResult, FhirService, Permission, RequestContext, Versioned, WriteOutcome, new_resource_id, parse_etag};
+use crate::{
+    FhirError, FhirResult, FhirService, Permission, RequestContext, Versioned, WriteOutcome, new_resource_id,
+    parse_etag,
+};
 use cairn_events::{Event, ResourceDeleted, Timestamp};
 use cairn_fhir::outcome::{IssueCode, operation_outcome};
 use cairn_fhir::{index, resource, search};

@@ -57,7 +57,8 @@ fn to_command(cli: Cli) -> anyhow::Result<(CommonArgs, AdminCommand)> {
         Cli::Client(ClientCommand::Register(a)) => {
             let jwks = match &a.jwks_file {
                 Some(path) => {
-                    let text = std::fs::read_to_string(path).with_context(|| format!("--jwks-file {}", path.display()))?;
+                    let text =
+                        std::fs::read_to_string(path).with_context(|| format!("--jwks-file {}", path.display()))?;
                     let v: Value = serde_json::from_str(&text)
                         .with_context(|| format!("--jwks-file {}: not JSON", path.display()))?;
                     Some(v)
@@ -81,15 +82,14 @@ fn to_command(cli: Cli) -> anyhow::Result<(CommonArgs, AdminCommand)> {
         Cli::Client(ClientCommand::List(a)) => (a.common, AdminCommand::ClientList),
         Cli::User(UserCommand::Add(a)) => {
             if !a.password_stdin {
-                bail!("give the password on standard input with --password-stdin (never as an argument: it would show in the process list)");
+                bail!(
+                    "give the password on standard input with --password-stdin (never as an argument: it would show in the process list)"
+                );
             }
             let mut password = String::new();
             std::io::stdin().lock().read_line(&mut password).context("reading the password from standard input")?;
             let password = password.trim_end_matches(['\n', '\r']).to_owned();
-            (
-                a.common,
-                AdminCommand::UserAdd { username: a.username, password, fhir_user: a.fhir_user, roles: a.role },
-            )
+            (a.common, AdminCommand::UserAdd { username: a.username, password, fhir_user: a.fhir_user, roles: a.role })
         }
         Cli::User(UserCommand::Disable(a)) => (a.common, AdminCommand::UserDisable { username: a.username }),
         Cli::User(UserCommand::List(a)) => (a.common, AdminCommand::UserList),
@@ -113,7 +113,9 @@ fn send_to_server(socket: &Path, command: &AdminCommand) -> anyhow::Result<Optio
     line.push(b'\n');
     stream.write_all(&line).with_context(|| format!("admin socket {}", socket.display()))?;
     let mut reply = String::new();
-    std::io::BufReader::new(stream).read_line(&mut reply).with_context(|| format!("admin socket {}", socket.display()))?;
+    std::io::BufReader::new(stream)
+        .read_line(&mut reply)
+        .with_context(|| format!("admin socket {}", socket.display()))?;
     Ok(Some(parse_reply(&reply)?))
 }
 
@@ -170,7 +172,8 @@ pub async fn serve_socket(path: PathBuf, auth: Arc<AuthServer>) -> anyhow::Resul
         }
         std::fs::remove_file(&path).with_context(|| format!("cannot remove the stale {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener =
+        tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
     set_mode(&path, 0o600)?;
     Ok(Some(tokio::spawn(async move {
         loop {
@@ -200,5 +203,6 @@ pub async fn serve_socket(path: PathBuf, auth: Arc<AuthServer>) -> anyhow::Resul
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
 }

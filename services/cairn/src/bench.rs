@@ -56,14 +56,18 @@ fn form(pairs: &[(&str, &str)]) -> String {
 async fn auth_plan(client: &reqwest::Client, args: &BenchArgs, base: &str) -> anyhow::Result<AuthPlan> {
     let server = base.trim_end_matches("/fhir").to_owned();
     let Some(reg_token) = &args.registration_token else {
-        bail!("--workload {:?} registers its own client: give --registration-token (cairn admin registration-token)", args.workload);
+        bail!(
+            "--workload {:?} registers its own client: give --registration-token (cairn admin registration-token)",
+            args.workload
+        );
     };
     let scope = "system/Observation.crs";
     let (metadata, key) = match args.workload {
         Workload::Grant => {
             use aws_lc_rs::signature::{ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
             use base64::Engine;
-            let pair = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING).map_err(|_| anyhow::anyhow!("key generation"))?;
+            let pair = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING)
+                .map_err(|_| anyhow::anyhow!("key generation"))?;
             let point = pair.public_key().as_ref().to_vec();
             let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
             let jwk = serde_json::json!({"kty": "EC", "crv": "P-384", "kid": "bench-1", "alg": "ES384", "x": b64(&point[1..49]), "y": b64(&point[49..97])});
@@ -191,7 +195,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.connections).build().context("HTTP client")?;
     let totals = Arc::new(Totals { ok: AtomicU64::new(0), errors: AtomicU64::new(0), resources: AtomicU64::new(0) });
     let plan = match args.workload {
-        Workload::Grant | Workload::GrantSecret | Workload::Introspect => Some(Arc::new(runtime.block_on(auth_plan(&client, &args, &base))?)),
+        Workload::Grant | Workload::GrantSecret | Workload::Introspect => {
+            Some(Arc::new(runtime.block_on(auth_plan(&client, &args, &base))?))
+        }
         _ => None,
     };
     let started = Instant::now();

@@ -277,9 +277,12 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
         .clone()
         .or(file.token_key_dir.clone())
         .unwrap_or_else(|| data_dir.join("keys").join("tokens"));
-    let backend_token_lifetime_secs = args.backend_token_lifetime_secs.or(file.backend_token_lifetime_secs).unwrap_or(300);
+    let backend_token_lifetime_secs =
+        args.backend_token_lifetime_secs.or(file.backend_token_lifetime_secs).unwrap_or(300);
     if !(10..=300).contains(&backend_token_lifetime_secs) {
-        bail!("--backend-token-lifetime-secs {backend_token_lifetime_secs}: SMART Backend Services tokens live 10 to 300 seconds");
+        bail!(
+            "--backend-token-lifetime-secs {backend_token_lifetime_secs}: SMART Backend Services tokens live 10 to 300 seconds"
+        );
     }
     let access_token_lifetime_secs = args.access_token_lifetime_secs.or(file.access_token_lifetime_secs).unwrap_or(900);
     if !(60..=3600).contains(&access_token_lifetime_secs) {

@@ -59,7 +59,8 @@ pub async fn seed(data_dir: &Path, public_url: &str, auth: &AuthServer, fhir: &F
             .map_err(|e| anyhow::anyhow!("demo device client: {e}"))?;
         let patient = json!({"resourceType": "Patient", "id": "demo-patient", "active": true,
             "name": [{"family": "Demo", "given": ["Pat"]}], "birthDate": "1980-04-02"});
-        let ctx = RequestContext { actor: Default::default(), request_id: "demo-seed".into(), access: Access::Unrestricted };
+        let ctx =
+            RequestContext { actor: Default::default(), request_id: "demo-seed".into(), access: Access::Unrestricted };
         fhir.update(&ctx, "Patient", "demo-patient", patient.to_string().as_bytes(), None)
             .await
             .map_err(|e| anyhow::anyhow!("demo patient: {:?}", e.issues))?;
@@ -73,7 +74,11 @@ pub async fn seed(data_dir: &Path, public_url: &str, auth: &AuthServer, fhir: &F
     };
     let mut text = format!("\ncairn: demo accounts (also in {}):\n", file.display());
     for u in credentials["users"].as_array().into_iter().flatten() {
-        text.push_str(&format!("  user {:<18} password {}\n", u["username"].as_str().unwrap_or(""), u["password"].as_str().unwrap_or("")));
+        text.push_str(&format!(
+            "  user {:<18} password {}\n",
+            u["username"].as_str().unwrap_or(""),
+            u["password"].as_str().unwrap_or("")
+        ));
     }
     let secret = credentials["device_client"]["client_secret"].as_str().unwrap_or("");
     text.push_str(&format!(

@@ -83,7 +83,11 @@ impl Platform for RunningPlatform {
                 detail: if lag <= bound {
                     format!("revocations current within {} ms", lag.as_millis())
                 } else {
-                    format!("{} ms behind the log (bound {} ms): refusing bearer tokens", lag.as_millis(), bound.as_millis())
+                    format!(
+                        "{} ms behind the log (bound {} ms): refusing bearer tokens",
+                        lag.as_millis(),
+                        bound.as_millis()
+                    )
                 },
             });
         }
