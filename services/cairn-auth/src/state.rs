@@ -96,6 +96,8 @@ pub struct Family {
     pub patient: Option<String>,
     pub fhir_user: Option<String>,
     pub auth_time_ms: i64,
+    /// When the last token issued in the family expires (ms); after that the family is forgotten.
+    pub expires_ms: i64,
 }
 
 /// A refresh token (by its hash, which is its `jti`).
@@ -123,19 +125,23 @@ pub const THROTTLE_WINDOW_MS: i64 = 15 * 60 * 1000;
 pub const MAX_FAILURES_PER_USER: usize = 5;
 /// Failures per source address within the window before the address is locked out.
 pub const MAX_FAILURES_PER_ADDRESS: usize = 20;
+/// How long a family is remembered after its code was redeemed if no token is issued in it.
+const FAMILY_GRACE_MS: i64 = 10 * 60 * 1000;
 
 /// What `auth.token.revoked` events have killed. A revoked `jti` is remembered only until the
 /// token's own expiry, so the list stays bounded.
 #[derive(Default)]
 struct Revocations {
     jtis: HashMap<String, i64>,
-    families: std::collections::HashSet<String>,
+    /// Revoked families and when their last token expires (ms); forgotten after that.
+    families: HashMap<String, i64>,
     /// Tokens issued (iat, seconds) before this time are dead.
     subjects: HashMap<String, i64>,
     clients: HashMap<String, i64>,
     kids: std::collections::HashSet<String>,
     /// Expired `jti`s are pruned when the list has grown this much since the last pruning.
     prune_at: usize,
+    families_prune_at: usize,
 }
 
 impl AuthState {
@@ -232,14 +238,19 @@ impl AuthState {
                             patient: c.patient.clone(),
                             fhir_user: c.fhir_user.clone(),
                             auth_time_ms: c.auth_time.as_millis(),
+                            // Its first tokens follow at once and move this on.
+                            expires_ms: event.occurred_at.as_millis() + FAMILY_GRACE_MS,
                         },
                     );
+                    self.prune_families(event.occurred_at.as_millis());
                 }
             }
             Payload::TokenIssued(t) if t.kind == TokenKind::Registration => {
                 self.registration_tokens.insert(t.jti.clone(), t.expires_at.as_millis());
             }
+            Payload::TokenIssued(t) if t.kind == TokenKind::Access => self.extend_family(t),
             Payload::TokenIssued(t) if t.kind == TokenKind::Refresh => {
+                self.extend_family(t);
                 let now = event.occurred_at.as_millis();
                 if self.refresh.len() >= 1024 {
                     self.refresh.retain(|_, r| r.expires_ms >= now);
@@ -263,6 +274,27 @@ impl AuthState {
         }
     }
 
+    /// A token issued in a family keeps the family (and its revocation) remembered until it expires.
+    fn extend_family(&mut self, t: &cairn_events::TokenIssued) {
+        if let Some(f) = t.family_id.as_ref().and_then(|f| self.families.get_mut(f)) {
+            f.expires_ms = f.expires_ms.max(t.expires_at.as_millis());
+        }
+    }
+
+    /// Forgets families (and revoked families) whose every token has expired, once their number has
+    /// doubled since the last pruning. Time comes from the event, so a replay prunes exactly as the
+    /// live run did.
+    fn prune_families(&mut self, now_ms: i64) {
+        let r = &mut self.revoked;
+        if self.families.len() + r.families.len() < r.families_prune_at {
+            return;
+        }
+        let alive = |expires_ms: i64| expires_ms + crate::token::LEEWAY_SECS as i64 * 1000 >= now_ms;
+        self.families.retain(|_, f| alive(f.expires_ms));
+        r.families.retain(|_, expires_ms| alive(*expires_ms));
+        r.families_prune_at = ((self.families.len() + r.families.len()) * 2).max(1024);
+    }
+
     fn revoke(&mut self, target: &RevocationTarget, now: i64) {
         let r = &mut self.revoked;
         match target {
@@ -275,7 +307,10 @@ impl AuthState {
                 }
             }
             RevocationTarget::Family { family_id } => {
-                r.families.insert(family_id.clone());
+                // A family never seen here (its redemption predates a pruning) is kept for the
+                // longest any of its tokens could live.
+                let expires_ms = self.families.get(family_id).map_or(i64::MAX, |f| f.expires_ms);
+                r.families.insert(family_id.clone(), expires_ms);
             }
             RevocationTarget::Subject { subject, issued_before } => {
                 let t = r.subjects.entry(subject.clone()).or_default();
@@ -296,7 +331,7 @@ impl AuthState {
     pub fn is_revoked(&self, claims: &crate::token::AccessClaims, kid: &str) -> bool {
         let r = &self.revoked;
         r.jtis.contains_key(&claims.jti)
-            || claims.fam.as_ref().is_some_and(|f| r.families.contains(f))
+            || claims.fam.as_ref().is_some_and(|f| r.families.contains_key(f))
             || r.subjects.get(&claims.sub).is_some_and(|t| claims.iat < *t)
             || r.clients.get(&claims.client_id).is_some_and(|t| claims.iat < *t)
             || r.kids.contains(kid)
@@ -323,8 +358,14 @@ impl AuthState {
         self.refresh.get(jti)
     }
 
+    /// Families and revoked families remembered: (known, revoked). For tests of the pruning.
+    #[cfg(test)]
+    pub(crate) fn remembered_families(&self) -> (usize, usize) {
+        (self.families.len(), self.revoked.families.len())
+    }
+
     pub fn is_family_revoked(&self, family_id: &str) -> bool {
-        self.revoked.families.contains(family_id)
+        self.revoked.families.contains_key(family_id)
     }
 
     /// Until when (ms) sign-ins for this username or from this address are refused, if they are.

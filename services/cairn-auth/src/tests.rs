@@ -946,3 +946,79 @@ async fn tokens_with_unknown_kids_share_catch_ups_and_new_keys_still_verify() {
     let from_second = second.token(&req, &Actor::default()).await.unwrap()["access_token"].as_str().unwrap().to_owned();
     f.auth.verify(&from_second).await.unwrap();
 }
+
+/// Revoked families are remembered while any of their tokens can live, and forgotten after, so the
+/// list stays bounded; a replay prunes the same way (time comes from the events).
+#[test]
+fn revoked_families_are_forgotten_once_their_tokens_have_expired() {
+    use cairn_events::{CodeIssued, CodeRedeemed, RevocationTarget, Timestamp, TokenIssued, TokenKind, TokenRevoked};
+    let at = |ms: i64| Timestamp::from_millis(ms);
+    let event = |payload: cairn_events::Payload, ms: i64| {
+        let mut e = Event::new(payload);
+        e.occurred_at = at(ms);
+        e
+    };
+    let mut state = crate::state::AuthState::default();
+    let mut start_family = |state: &mut crate::state::AuthState, family: &str, t0: i64, token_life_ms: i64| {
+        let code = CodeIssued {
+            code_hash: format!("code-{family}"),
+            client_id: "app".into(),
+            user_id: "u-1".into(),
+            redirect_uri: "https://app.example/cb".into(),
+            scope: "patient/Observation.rs offline_access".into(),
+            code_challenge: "c".into(),
+            nonce: None,
+            patient: Some("p-1".into()),
+            fhir_user: None,
+            session_id: "s".into(),
+            auth_time: at(t0),
+            expires_at: at(t0 + 60_000),
+        };
+        state.apply(&event(code.into(), t0));
+        let redeemed =
+            CodeRedeemed { code_hash: format!("code-{family}"), client_id: "app".into(), family_id: family.into() };
+        state.apply(&event(redeemed.into(), t0));
+        let issued = TokenIssued {
+            jti: format!("refresh-{family}"),
+            kind: TokenKind::Refresh,
+            grant_type: "authorization_code".into(),
+            client_id: "app".into(),
+            subject: Some("u-1".into()),
+            scope: "patient/Observation.rs offline_access".into(),
+            audience: "https://cairn.test/fhir".into(),
+            issued_at: at(t0),
+            expires_at: at(t0 + token_life_ms),
+            family_id: Some(family.into()),
+            kid: None,
+            rotated_from: None,
+        };
+        state.apply(&event(issued.into(), t0));
+    };
+    let day = 86_400_000;
+    let t0 = 1_795_000_000_000;
+    start_family(&mut state, "short", t0, 900_000);
+    start_family(&mut state, "offline", t0, 30 * day);
+    for f in ["short", "offline"] {
+        let revoked = TokenRevoked {
+            target: RevocationTarget::Family { family_id: f.into() },
+            reason: "refresh_token_reuse".into(),
+        };
+        state.apply(&event(revoked.into(), t0 + 1000));
+    }
+    assert!(state.is_family_revoked("short") && state.is_family_revoked("offline"));
+    // A day later, many new families: the short-lived revoked family is forgotten, the one whose
+    // refresh token still lives is not.
+    for i in 0..2000 {
+        start_family(&mut state, &format!("f-{i}"), t0 + day + i, 900_000);
+    }
+    assert!(!state.is_family_revoked("short"), "a family whose tokens all expired is still remembered");
+    assert!(state.is_family_revoked("offline"), "a family with a live refresh token was forgotten");
+    // A month later every one of them is gone.
+    for i in 0..4000 {
+        start_family(&mut state, &format!("g-{i}"), t0 + 31 * day + i, 900_000);
+    }
+    assert!(!state.is_family_revoked("offline"));
+    let (known, revoked) = state.remembered_families();
+    assert_eq!(revoked, 0);
+    assert!(known <= 4000, "{known} families remembered; the 2,000 of a month ago should be gone");
+}
