@@ -959,7 +959,7 @@ fn revoked_families_are_forgotten_once_their_tokens_have_expired() {
         e
     };
     let mut state = crate::state::AuthState::default();
-    let mut start_family = |state: &mut crate::state::AuthState, family: &str, t0: i64, token_life_ms: i64| {
+    let start_family = |state: &mut crate::state::AuthState, family: &str, t0: i64, token_life_ms: i64| {
         let code = CodeIssued {
             code_hash: format!("code-{family}"),
             client_id: "app".into(),
