@@ -26,6 +26,12 @@ pub enum Workload {
     GrantSecret,
     /// POST /introspect of a live token, authenticated with client_secret_basic.
     Introspect,
+    /// Revocation propagation, one revocation at a time: a token is granted and used at
+    /// `--check-url` (so that instance has verified and cached it), revoked at `--base-url`'s
+    /// /revoke, then used at `--check-url` back to back until refused. Prints the distribution of the
+    /// time from /revoke's answer (and from its sending) to the first refusal, and how many requests
+    /// were admitted after the answer.
+    Revocation,
 }
 
 /// Form requests the auth workloads send, prepared before the run.
@@ -112,7 +118,7 @@ async fn auth_plan(client: &reqwest::Client, args: &BenchArgs, base: &str) -> an
             }
             AuthPlan { url: token_url, basic: None, bodies, next: AtomicU64::new(0) }
         }
-        Workload::GrantSecret => AuthPlan {
+        Workload::GrantSecret | Workload::Revocation => AuthPlan {
             url: token_url,
             basic: Some((id, secret.unwrap_or_default())),
             bodies: vec![form(&[("grant_type", "client_credentials"), ("scope", scope)])],
@@ -194,6 +200,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.connections).build().context("HTTP client")?;
     let totals = Arc::new(Totals { ok: AtomicU64::new(0), errors: AtomicU64::new(0), resources: AtomicU64::new(0) });
+    if args.workload == Workload::Revocation {
+        let plan = runtime.block_on(auth_plan(&client, &args, &base))?;
+        return runtime.block_on(revocation(&client, &args, &base, &plan, duration));
+    }
     let plan = match args.workload {
         Workload::Grant | Workload::GrantSecret | Workload::Introspect => {
             Some(Arc::new(runtime.block_on(auth_plan(&client, &args, &base))?))
@@ -243,6 +253,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                             );
                             (client.get(url), 0)
                         }
+                        Workload::Revocation => unreachable!("run apart"),
                         Workload::Grant | Workload::GrantSecret | Workload::Introspect => {
                             let plan = plan.as_ref().expect("prepared");
                             let Some(body) = plan.body() else {
@@ -301,12 +312,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let elapsed = started.elapsed().as_secs_f64();
     let mut lat: Vec<u32> = latencies.into_iter().flatten().collect();
     lat.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1] as f64 / 1000.0
-    };
     let ok = totals.ok.load(Ordering::Relaxed);
     let errors = totals.errors.load(Ordering::Relaxed);
     let resources = totals.resources.load(Ordering::Relaxed);
@@ -315,12 +320,103 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if resources > 0 {
         println!("resources written: {resources}; {:.0} resources/s", resources as f64 / elapsed);
     }
-    println!(
-        "latency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
-        pct(0.50),
-        pct(0.95),
-        pct(0.99),
-        lat.last().map(|&m| m as f64 / 1000.0).unwrap_or(0.0)
-    );
+    println!("latency ms: {}", distribution(&lat));
     Ok(if errors == 0 && ok > 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+/// The `p`-quantile of sorted microsecond samples, in milliseconds.
+fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    sorted_us[((sorted_us.len() as f64 * p).ceil() as usize).clamp(1, sorted_us.len()) - 1] as f64 / 1000.0
+}
+
+fn distribution(sorted_us: &[u32]) -> String {
+    format!(
+        "p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
+        percentile_ms(sorted_us, 0.50),
+        percentile_ms(sorted_us, 0.95),
+        percentile_ms(sorted_us, 0.99),
+        percentile_ms(sorted_us, 1.0)
+    )
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u32::MAX as u128) as u32
+}
+
+/// The revocation workload (see [`Workload::Revocation`]).
+async fn revocation(
+    client: &reqwest::Client,
+    args: &BenchArgs,
+    base: &str,
+    plan: &AuthPlan,
+    duration: Duration,
+) -> anyhow::Result<ExitCode> {
+    let check = args.check_url.as_deref().unwrap_or(base).trim_end_matches('/').to_owned();
+    let server = base.trim_end_matches("/fhir").to_owned();
+    let (id, secret) = plan.basic.clone().context("the revocation workload authenticates with a client secret")?;
+    let probe = format!("{check}/Observation?_count=1");
+    let give_up = Duration::from_secs(30);
+    let (mut from_answer, mut from_sending) = (Vec::new(), Vec::new());
+    let (mut admitted_after_answer, mut probes) = (0u64, 0u64);
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        let body = plan.body().context("no grant request")?;
+        let resp = client
+            .post(&plan.url)
+            .basic_auth(&id, Some(&secret))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await?;
+        let grant: serde_json::Value = resp.json().await?;
+        let token = grant["access_token"].as_str().with_context(|| format!("no token granted: {grant}"))?.to_owned();
+        // Until the checking instance knows the client and has verified the token once.
+        let known_by = Instant::now() + give_up;
+        loop {
+            let status = client.get(&probe).bearer_auth(&token).send().await?.status();
+            if status.is_success() {
+                break;
+            }
+            if Instant::now() > known_by {
+                bail!("{check} never accepted a fresh token (last answer HTTP {status})");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sent = Instant::now();
+        let resp = client
+            .post(format!("{server}/revoke"))
+            .basic_auth(&id, Some(&secret))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form(&[("token", &token)]))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("POST {server}/revoke: HTTP {}", resp.status());
+        }
+        let answered = Instant::now();
+        loop {
+            probes += 1;
+            let status = client.get(&probe).bearer_auth(&token).send().await?.status().as_u16();
+            match status {
+                401 => break,
+                200 => admitted_after_answer += 1,
+                other => bail!("GET {probe}: HTTP {other} while waiting for the revocation"),
+            }
+            if answered.elapsed() > give_up {
+                bail!("{check} still accepted a token {} s after its revocation", give_up.as_secs());
+            }
+        }
+        from_answer.push(micros(answered.elapsed()));
+        from_sending.push(micros(sent.elapsed()));
+    }
+    from_answer.sort_unstable();
+    from_sending.sort_unstable();
+    println!("workload Revocation: revoked at {server}, enforced at {check}: {} revocations", from_answer.len());
+    println!("first refusal after /revoke answered, ms: {}", distribution(&from_answer));
+    println!("first refusal after /revoke was sent, ms: {}", distribution(&from_sending));
+    println!("requests admitted after /revoke answered: {admitted_after_answer} of {probes}");
+    Ok(if from_answer.is_empty() { ExitCode::from(3) } else { ExitCode::SUCCESS })
 }

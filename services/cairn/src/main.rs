@@ -217,6 +217,10 @@ pub struct BenchArgs {
     /// Client assertions to sign before a grant run (one per request)
     #[arg(long, default_value_t = 100_000)]
     pub assertions: usize,
+    /// The revocation workload: the FHIR base URL of the instance that must enforce revocations
+    /// made at --base-url (another API process behind the same log); defaults to --base-url
+    #[arg(long)]
+    pub check_url: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
