@@ -920,13 +920,19 @@ async fn watch_feed(server: std::sync::Weak<AuthServer>) {
         let Some(s) = server.upgrade() else { return };
         let read_at = Timestamp::now().as_millis();
         let partitions = s.projection.read().expect("auth projection").next.len();
-        let mut ends = Vec::with_capacity(partitions);
-        for p in 0..partitions {
-            match s.log.end_offset(topics::AUTH, p as u32).await {
-                Ok(e) => ends.push(e),
-                Err(_) => break,
+        // A stalled log must not stall this loop (the lag gauge would freeze): a read of the ends
+        // that takes longer than an interval counts as not current.
+        let read_ends = async {
+            let mut ends = Vec::with_capacity(partitions);
+            for p in 0..partitions {
+                match s.log.end_offset(topics::AUTH, p as u32).await {
+                    Ok(e) => ends.push(e),
+                    Err(_) => break,
+                }
             }
-        }
+            ends
+        };
+        let ends = tokio::time::timeout(FEED_CHECK_EVERY, read_ends).await.unwrap_or_default();
         if ends.len() == partitions {
             let applied = s.projection.read().expect("auth projection").next.clone();
             if applied.iter().zip(&ends).all(|(a, e)| a >= e) {

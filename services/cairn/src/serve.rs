@@ -58,19 +58,34 @@ impl Platform for RunningPlatform {
             ok: !draining,
             detail: if draining { "shutting down".into() } else { "accepting requests".into() },
         };
-        let mut ends = Vec::new();
-        for p in 0..log_handle.partitions(cairn_events::topics::FHIR).unwrap_or(0) {
-            ends.push(log_handle.end_offset(cairn_events::topics::FHIR, p).await.unwrap_or(0));
-        }
-        let caught_up = self.resources.wait_for(&ends, READINESS_LAG_BOUND).await;
-        let behind: u64 = ends.iter().zip(self.resources.snapshot()).map(|(e, h)| e.saturating_sub(h)).sum();
-        let projection = Check {
-            name: "projection:resources".into(),
-            ok: caught_up,
-            detail: if caught_up {
-                "caught up with the log".into()
-            } else {
-                format!("{behind} events behind the log after {} ms", READINESS_LAG_BOUND.as_millis())
+        // A stalled broker must not stall the probe: the log's end is read with the same bound.
+        let read_ends = async {
+            let mut ends = Vec::new();
+            for p in 0..log_handle.partitions(cairn_events::topics::FHIR).unwrap_or(0) {
+                ends.push(log_handle.end_offset(cairn_events::topics::FHIR, p).await.unwrap_or(0));
+            }
+            ends
+        };
+        let started = std::time::Instant::now();
+        let projection = match tokio::time::timeout(READINESS_LAG_BOUND, read_ends).await {
+            Ok(ends) => {
+                let left = READINESS_LAG_BOUND.saturating_sub(started.elapsed());
+                let caught_up = self.resources.wait_for(&ends, left).await;
+                let behind: u64 = ends.iter().zip(self.resources.snapshot()).map(|(e, h)| e.saturating_sub(h)).sum();
+                Check {
+                    name: "projection:resources".into(),
+                    ok: caught_up,
+                    detail: if caught_up {
+                        "caught up with the log".into()
+                    } else {
+                        format!("{behind} events behind the log after {} ms", READINESS_LAG_BOUND.as_millis())
+                    },
+                }
+            }
+            Err(_) => Check {
+                name: "projection:resources".into(),
+                ok: false,
+                detail: format!("the log did not tell its end within {} ms", READINESS_LAG_BOUND.as_millis()),
             },
         };
         let mut checks = vec![log, projection, serving];
