@@ -52,10 +52,11 @@ pub enum EventType {
     FhirResourceDeleted,
     FhirAccessRead,
     FhirAccessSearch,
+    FhirRequestRefused,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 20] = [
+    pub const ALL: [EventType; 21] = [
         EventType::AuthLoginSucceeded,
         EventType::AuthLoginFailed,
         EventType::AuthTokenIssued,
@@ -76,6 +77,7 @@ impl EventType {
         EventType::FhirResourceDeleted,
         EventType::FhirAccessRead,
         EventType::FhirAccessSearch,
+        EventType::FhirRequestRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -100,6 +102,7 @@ impl EventType {
             EventType::FhirResourceDeleted => "fhir.resource.deleted",
             EventType::FhirAccessRead => "fhir.access.read",
             EventType::FhirAccessSearch => "fhir.access.search",
+            EventType::FhirRequestRefused => "fhir.request.refused",
         }
     }
 }
@@ -515,7 +518,7 @@ mod schema_tests {
 pub mod topics {
     /// FHIR writes: `fhir.resource.*`.
     pub const FHIR: &str = "cairn.fhir";
-    /// FHIR reads and searches: `fhir.access.*`.
+    /// FHIR reads and searches (`fhir.access.*`) and refused FHIR requests (`fhir.request.refused`).
     pub const ACCESS: &str = "cairn.access";
     /// Authentication and tokens: `auth.*`.
     pub const AUTH: &str = "cairn.auth";
@@ -529,7 +532,7 @@ impl Event {
             EventType::FhirResourceCreated | EventType::FhirResourceUpdated | EventType::FhirResourceDeleted => {
                 topics::FHIR
             }
-            EventType::FhirAccessRead | EventType::FhirAccessSearch => topics::ACCESS,
+            EventType::FhirAccessRead | EventType::FhirAccessSearch | EventType::FhirRequestRefused => topics::ACCESS,
             EventType::AuthLoginSucceeded
             | EventType::AuthLoginFailed
             | EventType::AuthTokenIssued
@@ -556,7 +559,7 @@ impl Event {
         match &self.payload {
             Payload::ResourceCreated(w) | Payload::ResourceUpdated(w) => format!("{}/{}", w.resource_type, w.id),
             Payload::ResourceDeleted(d) => format!("{}/{}", d.resource_type, d.id),
-            Payload::AccessRead(_) | Payload::AccessSearch(_) => {
+            Payload::AccessRead(_) | Payload::AccessSearch(_) | Payload::RequestRefused(_) => {
                 self.patient.clone().or_else(|| self.actor.subject.clone()).unwrap_or_else(|| self.id.to_string())
             }
             Payload::TokenIssued(t) => t.subject.clone().unwrap_or_else(|| t.client_id.clone()),

@@ -26,6 +26,7 @@ pub enum Payload {
     ResourceDeleted(ResourceDeleted),
     AccessRead(AccessRead),
     AccessSearch(AccessSearch),
+    RequestRefused(RequestRefused),
 }
 
 impl Payload {
@@ -51,6 +52,7 @@ impl Payload {
             Payload::ResourceDeleted(_) => EventType::FhirResourceDeleted,
             Payload::AccessRead(_) => EventType::FhirAccessRead,
             Payload::AccessSearch(_) => EventType::FhirAccessSearch,
+            Payload::RequestRefused(_) => EventType::FhirRequestRefused,
         }
     }
 
@@ -76,6 +78,7 @@ impl Payload {
             EventType::FhirResourceDeleted => Payload::ResourceDeleted(serde_json::from_str(json)?),
             EventType::FhirAccessRead => Payload::AccessRead(serde_json::from_str(json)?),
             EventType::FhirAccessSearch => Payload::AccessSearch(serde_json::from_str(json)?),
+            EventType::FhirRequestRefused => Payload::RequestRefused(serde_json::from_str(json)?),
         })
     }
 }
@@ -105,6 +108,7 @@ impl Serialize for PayloadRef<'_> {
             Payload::ResourceDeleted(p) => p.serialize(s),
             Payload::AccessRead(p) => p.serialize(s),
             Payload::AccessSearch(p) => p.serialize(s),
+            Payload::RequestRefused(p) => p.serialize(s),
         }
     }
 }
@@ -135,6 +139,7 @@ into_payload!(
     ResourceDeleted => ResourceDeleted,
     AccessRead => AccessRead,
     AccessSearch => AccessSearch,
+    RequestRefused => RequestRefused,
 );
 
 /// Who vouched for a user that signed in through an upstream OpenID provider.
@@ -488,6 +493,10 @@ pub struct VersionedRef {
     pub resource_type: String,
     pub id: String,
     pub version_id: u64,
+    /// The patient compartment of that version (`Patient/<id>`), when it has one: the audit trail
+    /// records one AuditEvent per patient whose data left the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
 }
 
 /// `fhir.access.read`: read, vread or instance history, including refusals.
@@ -520,6 +529,27 @@ pub struct AccessSearch {
     pub returned: Vec<VersionedRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<u64>,
+}
+
+/// `fhir.request.refused`: a FHIR request refused before or instead of its interaction (a write
+/// that failed validation, a precondition or a scope check; a bearer token refused with 401).
+/// Refused reads and searches are recorded by their own `fhir.access.*` events instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestRefused {
+    /// The FHIR restful interaction attempted (`create`, `update`, `delete`, `transaction`, `batch`,
+    /// `read`, `search-type`, ...), as far as the request showed it.
+    pub interaction: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The HTTP status the client received.
+    pub status: u16,
+    /// The OperationOutcome issue code, or the RFC 6750 error for a refused bearer token.
+    pub code: String,
+    /// Why, in words (the text the client got).
+    pub reason: String,
 }
 
 /// A realistic example event of each type, for tests, schema checks and benchmarks. The exhaustive
@@ -682,7 +712,12 @@ pub fn sample_event(t: EventType) -> Event {
             resource_type: "Observation".into(),
             id: "obs-1".into(),
             status: 200,
-            returned: vec![VersionedRef { resource_type: "Observation".into(), id: "obs-1".into(), version_id: 2 }],
+            returned: vec![VersionedRef {
+                resource_type: "Observation".into(),
+                id: "obs-1".into(),
+                version_id: 2,
+                patient: Some("Patient/p-1".into()),
+            }],
         }
         .into(),
         EventType::FhirAccessSearch => AccessSearch {
@@ -690,8 +725,22 @@ pub fn sample_event(t: EventType) -> Event {
             resource_type: Some("Observation".into()),
             query: "patient=p-1&code=http://loinc.org|2339-0".into(),
             status: 200,
-            returned: vec![VersionedRef { resource_type: "Observation".into(), id: "obs-1".into(), version_id: 2 }],
+            returned: vec![VersionedRef {
+                resource_type: "Observation".into(),
+                id: "obs-1".into(),
+                version_id: 2,
+                patient: Some("Patient/p-1".into()),
+            }],
             total: Some(1),
+        }
+        .into(),
+        EventType::FhirRequestRefused => RequestRefused {
+            interaction: "update".into(),
+            resource_type: Some("Observation".into()),
+            id: Some("obs-1".into()),
+            status: 412,
+            code: "conflict".into(),
+            reason: "If-Match W/\"1\" does not match the current version 2".into(),
         }
         .into(),
     };
