@@ -18,8 +18,22 @@ pub const RESOURCE_TYPES: [&str; 3] = ["Observation", "Patient", "Device"];
 /// hostile document from exhausting the stack or the CPU.
 pub const MAX_DEPTH: usize = 32;
 
+/// The audit trail's types: read and searched through the API, written only by the server's audit
+/// projection from the log.
+pub const READ_ONLY_TYPES: [&str; 2] = ["AuditEvent", "Provenance"];
+
+/// Whether clients may write resources of this type.
 pub fn is_supported_type(t: &str) -> bool {
     RESOURCE_TYPES.contains(&t)
+}
+
+/// Whether the type can be read and searched (the writable types and the audit trail's).
+pub fn is_readable_type(t: &str) -> bool {
+    is_supported_type(t) || is_read_only_type(t)
+}
+
+pub fn is_read_only_type(t: &str) -> bool {
+    READ_ONLY_TYPES.contains(&t)
 }
 
 /// Parses a request body as a FHIR JSON resource of `expected_type`, or explains every problem.

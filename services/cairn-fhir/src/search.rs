@@ -1,4 +1,5 @@
-//! FHIR R4 search for the resources Cairn owns (Observation, Patient, Device): parsing a query
+//! FHIR R4 search for the resources Cairn holds (Observation, Patient, Device, and the audit trail's
+//! AuditEvent and Provenance): parsing a query
 //! string into a [`SearchQuery`] and deciding whether a resource matches it.
 //!
 //! Everything here is a pure function over `serde_json::Value` so that the HTTP layer, the read
@@ -33,7 +34,7 @@ pub const MAX_COUNT: usize = 1000;
 
 /// The resource types this module can search; any other type is refused by [`parse_query`] rather
 /// than silently matching nothing.
-pub const SEARCHABLE_TYPES: [&str; 3] = ["Observation", "Patient", "Device"];
+pub const SEARCHABLE_TYPES: [&str; 5] = ["Observation", "Patient", "Device", "AuditEvent", "Provenance"];
 
 /// The FHIR search parameter types Cairn implements (a subset of R4's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,6 +44,7 @@ pub enum ParamKind {
     Date,
     Quantity,
     String,
+    Uri,
 }
 
 impl ParamKind {
@@ -54,6 +56,7 @@ impl ParamKind {
             ParamKind::Date => "date",
             ParamKind::Quantity => "quantity",
             ParamKind::String => "string",
+            ParamKind::Uri => "uri",
         }
     }
 
@@ -63,7 +66,7 @@ impl ParamKind {
         match self {
             ParamKind::Token => &["not"],
             ParamKind::String => &["exact"],
-            ParamKind::Reference | ParamKind::Date | ParamKind::Quantity => &[],
+            ParamKind::Reference | ParamKind::Date | ParamKind::Quantity | ParamKind::Uri => &[],
         }
     }
 }
@@ -114,12 +117,54 @@ const DEVICE_PARAMS: &[ParamDef] = &[
     def("status", ParamKind::Token),
 ];
 
+/// All 18 R4 AuditEvent search parameters (plus `_id`, `_lastUpdated`).
+const AUDIT_EVENT_PARAMS: &[ParamDef] = &[
+    def("_id", ParamKind::Token),
+    def("_lastUpdated", ParamKind::Date),
+    def("action", ParamKind::Token),
+    def("address", ParamKind::String),
+    def("agent", ParamKind::Reference),
+    def("agent-name", ParamKind::String),
+    def("agent-role", ParamKind::Token),
+    def("altid", ParamKind::Token),
+    def("date", ParamKind::Date),
+    def("entity", ParamKind::Reference),
+    def("entity-name", ParamKind::String),
+    def("entity-role", ParamKind::Token),
+    def("entity-type", ParamKind::Token),
+    def("outcome", ParamKind::Token),
+    def("patient", ParamKind::Reference),
+    def("policy", ParamKind::Uri),
+    def("site", ParamKind::Token),
+    def("source", ParamKind::Reference),
+    def("subtype", ParamKind::Token),
+    def("type", ParamKind::Token),
+];
+
+/// All 10 R4 Provenance search parameters (plus `_id`, `_lastUpdated`).
+const PROVENANCE_PARAMS: &[ParamDef] = &[
+    def("_id", ParamKind::Token),
+    def("_lastUpdated", ParamKind::Date),
+    def("agent", ParamKind::Reference),
+    def("agent-role", ParamKind::Token),
+    def("agent-type", ParamKind::Token),
+    def("entity", ParamKind::Reference),
+    def("location", ParamKind::Reference),
+    def("patient", ParamKind::Reference),
+    def("recorded", ParamKind::Date),
+    def("signature-type", ParamKind::Token),
+    def("target", ParamKind::Reference),
+    def("when", ParamKind::Date),
+];
+
 /// The search parameters of a resource type (empty for types Cairn cannot search).
 pub fn search_params(resource_type: &str) -> &'static [ParamDef] {
     match resource_type {
         "Observation" => OBSERVATION_PARAMS,
         "Patient" => PATIENT_PARAMS,
         "Device" => DEVICE_PARAMS,
+        "AuditEvent" => AUDIT_EVENT_PARAMS,
+        "Provenance" => PROVENANCE_PARAMS,
         _ => &[],
     }
 }
@@ -140,7 +185,7 @@ pub struct SearchQuery {
     pub count: usize,
     /// `_offset`: where the page starts; paging links carry it forward.
     pub offset: usize,
-    /// `_sort`: only `date` (Observation) and `_lastUpdated`, because those are the only orders
+    /// `_sort`: only `date` (Observation, AuditEvent) and `_lastUpdated`, because those are the only orders
     /// the stores can produce cheaply.
     pub sort: Vec<SortKey>,
     /// `_summary=count`.
@@ -220,6 +265,8 @@ pub enum SearchValue {
         code: Option<String>,
     },
     String(String),
+    /// A `uri` parameter's value, compared exactly.
+    Uri(String),
 }
 
 /// FHIR search comparison prefixes (R4 3.1.1.4.1).

@@ -18,6 +18,8 @@ use serde_json::Value;
 const OBSERVATION_STATUS: &str = "http://hl7.org/fhir/observation-status";
 const DEVICE_STATUS: &str = "http://hl7.org/fhir/device-status";
 const ADMINISTRATIVE_GENDER: &str = "http://hl7.org/fhir/administrative-gender";
+const AUDIT_EVENT_ACTION: &str = "http://hl7.org/fhir/audit-event-action";
+const AUDIT_EVENT_OUTCOME: &str = "http://hl7.org/fhir/audit-event-outcome";
 
 fn str_at<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
     value.get(key)?.as_str()
@@ -88,9 +90,39 @@ fn token_targets<'a>(resource_type: &str, name: &str, resource: &'a Value) -> Ve
             }
         }
         ("Observation", "category") => array(resource, "category").for_each(|c| push_codings(c, &mut out)),
+        ("AuditEvent", "action") => code(Some(AUDIT_EVENT_ACTION), "action"),
+        ("AuditEvent", "outcome") => code(Some(AUDIT_EVENT_OUTCOME), "outcome"),
+        ("AuditEvent", "type") => out.extend(resource.get("type").map(coding)),
+        ("AuditEvent", "subtype") => out.extend(array(resource, "subtype").map(coding)),
+        ("AuditEvent", "site") => {
+            out.extend(resource.get("source").and_then(|s| str_at(s, "site")).map(|v| (None, Some(v))))
+        }
+        ("AuditEvent", "altid") => {
+            out.extend(array(resource, "agent").filter_map(|a| str_at(a, "altId")).map(|v| (None, Some(v))))
+        }
+        ("AuditEvent", "agent-role") | ("Provenance", "agent-role") => {
+            array(resource, "agent").flat_map(|a| array(a, "role")).for_each(|c| push_codings(c, &mut out))
+        }
+        ("AuditEvent", "entity-role") => {
+            out.extend(array(resource, "entity").filter_map(|e| e.get("role")).map(coding))
+        }
+        ("AuditEvent", "entity-type") => {
+            out.extend(array(resource, "entity").filter_map(|e| e.get("type")).map(coding))
+        }
+        ("Provenance", "agent-type") => {
+            array(resource, "agent").filter_map(|a| a.get("type")).for_each(|c| push_codings(c, &mut out))
+        }
+        ("Provenance", "signature-type") => {
+            out.extend(array(resource, "signature").flat_map(|s| array(s, "type")).map(coding))
+        }
         _ => {}
     }
     out
+}
+
+/// A Coding's (system, code).
+fn coding(c: &Value) -> Coding<'_> {
+    (str_at(c, "system"), str_at(c, "code"))
 }
 
 /// `system: Some("")` is the parser's encoding of `|code`: the coding must have no system.
@@ -108,6 +140,25 @@ fn token_matches(system: Option<&str>, code: Option<&str>, (target_system, targe
 }
 
 fn reference_targets<'a>(resource_type: &str, name: &str, resource: &'a Value) -> Vec<(Option<&'a str>, &'a str)> {
+    let targets = |refs: Vec<&'a Value>| refs.into_iter().filter_map(reference_target).collect::<Vec<_>>();
+    let patients =
+        |refs: Vec<(Option<&'a str>, &'a str)>| refs.into_iter().filter(|(t, _)| *t == Some("Patient")).collect();
+    let agents = || array(resource, "agent").filter_map(|a| a.get("who")).collect::<Vec<_>>();
+    let entities = || array(resource, "entity").filter_map(|e| e.get("what")).collect::<Vec<_>>();
+    match (resource_type, name) {
+        ("AuditEvent" | "Provenance", "agent") => return targets(agents()),
+        ("AuditEvent" | "Provenance", "entity") => return targets(entities()),
+        // R4: an agent or an entity that is a Patient.
+        ("AuditEvent", "patient") => return patients(targets(agents().into_iter().chain(entities()).collect())),
+        ("AuditEvent", "source") => {
+            return targets(resource.get("source").and_then(|s| s.get("observer")).into_iter().collect());
+        }
+        ("Provenance", "target") => return targets(array(resource, "target").collect()),
+        // R4: a target that is a Patient.
+        ("Provenance", "patient") => return patients(targets(array(resource, "target").collect())),
+        ("Provenance", "location") => return targets(resource.get("location").into_iter().collect()),
+        _ => {}
+    }
     let element = match (resource_type, name) {
         ("Observation", "patient" | "subject") => "subject",
         ("Observation", "device") => "device",
@@ -153,6 +204,16 @@ fn date_targets(resource_type: &str, name: &str, resource: &Value) -> Option<Dat
         (_, "_lastUpdated") => last_updated(resource),
         ("Observation", "date") => effective_range(resource),
         ("Patient", "birthdate") => date_range(str_at(resource, "birthDate")?),
+        ("AuditEvent", "date") | ("Provenance", "recorded") => date_range(str_at(resource, "recorded")?),
+        ("Provenance", "when") => match str_at(resource, "occurredDateTime") {
+            Some(t) => date_range(t),
+            None => {
+                let period = resource.get("occurredPeriod")?;
+                let low = period.get("start").and_then(Value::as_str).and_then(date_range).map_or(NEG_INF, |r| r.low);
+                let high = period.get("end").and_then(Value::as_str).and_then(date_range).map_or(POS_INF, |r| r.high);
+                (low < high).then_some(DateRange { low, high })
+            }
+        },
         _ => None,
     }
 }
@@ -172,8 +233,17 @@ fn quantity_target<'a>(
 }
 
 fn string_targets<'a>(resource_type: &str, name: &str, resource: &'a Value) -> Vec<&'a str> {
-    if resource_type != "Patient" {
-        return Vec::new();
+    match (resource_type, name) {
+        ("AuditEvent", "address") => {
+            return array(resource, "agent")
+                .filter_map(|a| a.get("network"))
+                .filter_map(|n| str_at(n, "address"))
+                .collect();
+        }
+        ("AuditEvent", "agent-name") => return array(resource, "agent").filter_map(|a| str_at(a, "name")).collect(),
+        ("AuditEvent", "entity-name") => return array(resource, "entity").filter_map(|e| str_at(e, "name")).collect(),
+        ("Patient", _) => {}
+        _ => return Vec::new(),
     }
     let mut out = Vec::new();
     for human_name in array(resource, "name") {
@@ -253,6 +323,15 @@ pub fn matches_param_at(resource: &Value, param: &SearchParam, now: DateTime<Utc
                 _ => false,
             })
         }
+        ParamKind::Uri => {
+            let targets: Vec<&str> = match (resource_type, name) {
+                ("AuditEvent", "policy") => {
+                    array(resource, "agent").flat_map(|a| array(a, "policy")).filter_map(Value::as_str).collect()
+                }
+                _ => Vec::new(),
+            };
+            param.values.iter().any(|v| matches!(v, SearchValue::Uri(u) if targets.contains(&u.as_str())))
+        }
         ParamKind::String => {
             let exact = modifier == Some("exact");
             let targets = string_targets(resource_type, name, resource);
@@ -287,6 +366,9 @@ pub fn matches_at(resource: &Value, query: &SearchQuery, now: DateTime<Utc>) -> 
 pub fn sort_value(resource: &Value, param: &str) -> Option<DateTime<Utc>> {
     let low = match param {
         "date" if str_at(resource, "resourceType") == Some("Observation") => effective_range(resource)?.low,
+        "date" if str_at(resource, "resourceType") == Some("AuditEvent") => {
+            date_range(str_at(resource, "recorded")?)?.low
+        }
         "_lastUpdated" => last_updated(resource)?.low,
         _ => return None,
     };
@@ -843,6 +925,119 @@ mod tests {
             "a b",
         ] {
             assert_eq!(reference_parts(bad), None, "{bad}");
+        }
+    }
+
+    fn audit_event() -> Value {
+        json!({
+            "resourceType": "AuditEvent",
+            "id": "ae-1",
+            "meta": {"versionId": "1", "lastUpdated": "2026-11-28T08:30:00.123Z"},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest"},
+            "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "read"}],
+            "action": "R",
+            "recorded": "2026-11-28T08:30:00.123Z",
+            "outcome": "0",
+            "agent": [
+                {"type": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110152"}]},
+                 "who": {"identifier": {"system": "urn:cairn:oauth-client", "value": "gw"}}, "requestor": false,
+                 "network": {"address": "192.0.2.10", "type": "2"}},
+                {"role": [{"coding": [{"system": "urn:test:role", "code": "nurse"}]}],
+                 "who": {"reference": "Practitioner/pr-1"}, "altId": "user-7", "name": "Alice Nurse", "requestor": true,
+                 "policy": ["urn:ietf:params:oauth:jti:abc"]}
+            ],
+            "source": {"site": "cairn", "observer": {"reference": "Device/server-1"}},
+            "entity": [
+                {"what": {"reference": "Observation/o-1/_history/2"},
+                 "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+                 "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4"}, "name": "glucose"},
+                {"what": {"reference": "Patient/p-1"},
+                 "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
+                 "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}}
+            ]
+        })
+    }
+
+    fn hits(resource: &Value, resource_type: &str, query: &str) -> bool {
+        let (q, _) = parse_query(resource_type, query, false).unwrap_or_else(|e| panic!("{query}: {e}"));
+        matches_at(resource, &q, now())
+    }
+
+    #[test]
+    fn every_audit_event_parameter_finds_its_element() {
+        let a = audit_event();
+        for (query, expected) in [
+            ("action=R", true),
+            ("action=C", false),
+            ("address=192.0.2", true),
+            ("address=198.51", false),
+            ("agent=Practitioner/pr-1", true),
+            ("agent=Practitioner/pr-2", false),
+            ("agent-name=alice", true),
+            ("agent-role=urn:test:role|nurse", true),
+            ("agent-role=doctor", false),
+            ("altid=user-7", true),
+            ("date=2026-11-28", true),
+            ("date=ge2026-11-29", false),
+            ("entity=Observation/o-1", true),
+            ("entity=Patient/p-1", true),
+            ("entity-name=gluc", true),
+            ("entity-role=http://terminology.hl7.org/CodeSystem/object-role|1", true),
+            ("entity-type=http://terminology.hl7.org/CodeSystem/audit-entity-type|2", true),
+            ("entity-type=3", false),
+            ("outcome=0", true),
+            ("outcome=4,8", false),
+            ("patient=Patient/p-1", true),
+            ("patient=p-1", true),
+            ("patient=p-2", false),
+            ("policy=urn:ietf:params:oauth:jti:abc", true),
+            ("policy=urn:ietf:params:oauth:jti:ab", false),
+            ("site=cairn", true),
+            ("source=Device/server-1", true),
+            ("subtype=http://hl7.org/fhir/restful-interaction|read", true),
+            ("subtype=create", false),
+            ("type=rest", true),
+            ("type=http://dicom.nema.org/resources/ontology/DCM|110114", false),
+            ("_id=ae-1", true),
+        ] {
+            assert_eq!(hits(&a, "AuditEvent", query), expected, "{query}");
+        }
+    }
+
+    #[test]
+    fn every_provenance_parameter_finds_its_element() {
+        let p = json!({
+            "resourceType": "Provenance",
+            "id": "pv-1",
+            "target": [{"reference": "Observation/o-1/_history/2"}, {"reference": "Patient/p-1"}],
+            "recorded": "2026-11-28T08:30:00.123Z",
+            "occurredPeriod": {"start": "2026-11-28T08:00:00Z", "end": "2026-11-28T09:00:00Z"},
+            "location": {"reference": "Location/ward-3"},
+            "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author"}]},
+                       "role": [{"coding": [{"system": "urn:test:role", "code": "nurse"}]}],
+                       "who": {"reference": "Device/meter-7"}}],
+            "entity": [{"role": "revision", "what": {"reference": "Observation/o-1/_history/1"}}],
+            "signature": [{"type": [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1"}]}]
+        });
+        for (query, expected) in [
+            ("agent=Device/meter-7", true),
+            ("agent=Device/meter-8", false),
+            ("agent-role=nurse", true),
+            ("agent-type=author", true),
+            ("agent-type=performer", false),
+            ("entity=Observation/o-1", true),
+            ("location=Location/ward-3", true),
+            ("patient=Patient/p-1", true),
+            ("patient=Patient/p-2", false),
+            ("recorded=2026-11-28", true),
+            ("recorded=lt2026-11-28", false),
+            ("signature-type=1.2.840.10065.1.12.1.1", true),
+            ("target=Observation/o-1", true),
+            ("target=Observation/o-2", false),
+            ("when=ge2026-11-28T08:30:00Z", true),
+            ("when=gt2026-11-28T10:00:00Z", false),
+        ] {
+            assert_eq!(hits(&p, "Provenance", query), expected, "{query}");
         }
     }
 }

@@ -164,6 +164,7 @@ fn parse_values(name: &str, kind: ParamKind, value: &str) -> Result<Vec<SearchVa
                 ParamKind::Date => parse_date(item),
                 ParamKind::Quantity => parse_quantity(item),
                 ParamKind::String => Ok(SearchValue::String(unescape(item))),
+                ParamKind::Uri => Ok(SearchValue::Uri(unescape(item))),
             };
             parsed.map_err(|reason| invalid(name, item, reason))
         })
@@ -320,9 +321,10 @@ fn parse_sort(resource_type: &str, value: &str) -> Result<Vec<SortKey>, SearchEr
             Some(param) => (param, true),
             None => (item, false),
         };
-        let sortable = param == "_lastUpdated" || (param == "date" && resource_type == "Observation");
+        let has_date = matches!(resource_type, "Observation" | "AuditEvent");
+        let sortable = param == "_lastUpdated" || (param == "date" && has_date);
         if !sortable {
-            let allowed = if resource_type == "Observation" { "date and _lastUpdated" } else { "_lastUpdated" };
+            let allowed = if has_date { "date and _lastUpdated" } else { "_lastUpdated" };
             let what = if item.is_empty() { "an empty sort key".to_string() } else { format!("`{item}`") };
             return Err(invalid("_sort", value, format!("cannot sort {resource_type} by {what}; only by {allowed}")));
         }
@@ -366,7 +368,7 @@ fn format_value(value: &SearchValue) -> String {
                 format!("{}{number}|{}|{}", prefix(p), part(system), part(code))
             }
         }
-        SearchValue::String(s) => escape(s),
+        SearchValue::String(s) | SearchValue::Uri(s) => escape(s),
     }
 }
 
