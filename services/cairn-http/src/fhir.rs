@@ -86,9 +86,51 @@ fn error(status: u16, code: IssueCode, diagnostics: impl Into<String>) -> Outcom
     Outcome::from(FhirError::new(status, code, diagnostics))
 }
 
+/// What a request set out to do, as far as its method and path tell: named in the record of a
+/// refusal that happens before the service sees the request.
+struct Target<'a> {
+    interaction: &'static str,
+    resource_type: Option<&'a str>,
+    id: Option<&'a str>,
+}
+
+impl<'a> Target<'a> {
+    fn new(interaction: &'static str, resource_type: Option<&'a str>, id: Option<&'a str>) -> Self {
+        Target { interaction, resource_type, id }
+    }
+}
+
+/// Records a refusal made here (a bad token, an unacceptable format or body) and returns it; a 503
+/// instead if the log cannot take the record.
+async fn refused(api: &FhirApi, ctx: &RequestContext, target: &Target<'_>, outcome: Outcome) -> Outcome {
+    match api.service.record_refusal(ctx, target.interaction, target.resource_type, target.id, &outcome.error).await {
+        Ok(()) => outcome,
+        Err(e) => Outcome::from(e),
+    }
+}
+
+/// [`refused`] for the error of `result`, if it is one.
+async fn checked<T>(
+    api: &FhirApi,
+    ctx: &RequestContext,
+    target: &Target<'_>,
+    result: Result<T, Outcome>,
+) -> Result<T, Outcome> {
+    match result {
+        Ok(v) => Ok(v),
+        Err(o) => Err(refused(api, ctx, target, o).await),
+    }
+}
+
 /// The acting party, from the bearer token (RFC 6750), or anonymous and unrestricted under
-/// `--insecure-no-auth`.
-async fn context(api: &FhirApi, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<RequestContext, Outcome> {
+/// `--insecure-no-auth`. A refused token is recorded (with the caller's address and user agent)
+/// before the 401 is answered.
+async fn context(
+    api: &FhirApi,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+    target: &Target<'_>,
+) -> Result<RequestContext, Outcome> {
     let request_id = headers.get(crate::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let mut actor = crate::oauth::request_actor(headers, peer);
     let auth = match (&api.auth, api.allow_anonymous) {
@@ -96,15 +138,24 @@ async fn context(api: &FhirApi, headers: &HeaderMap, peer: Option<SocketAddr>) -
         (Some(auth), false) => auth,
         (None, false) => return Err(error(503, IssueCode::Transient, "the authorization server is not running")),
     };
-    let token = crate::oauth::authenticate_bearer(auth, headers).await.map_err(|failure| {
-        if let crate::oauth::BearerFailure::Rejected(cairn_auth::TokenRejection::FeedBehind) = failure {
+    let token = match crate::oauth::authenticate_bearer(auth, headers).await {
+        Ok(token) => token,
+        Err(crate::oauth::BearerFailure::Rejected(cairn_auth::TokenRejection::FeedBehind)) => {
             // Fail closed, and say it is ours: the token may be fine.
             let why = cairn_auth::TokenRejection::FeedBehind.to_string();
-            return Outcome { error: FhirError::new(503, IssueCode::Transient, why), challenge: None };
+            return Err(Outcome { error: FhirError::new(503, IssueCode::Transient, why), challenge: None });
         }
-        let (challenge, why) = failure.challenge();
-        Outcome { error: FhirError::new(401, IssueCode::Security, why), challenge: Some(challenge) }
-    })?;
+        Err(failure) => {
+            let (challenge, why) = failure.challenge();
+            let outcome = Outcome { error: FhirError::new(401, IssueCode::Security, why), challenge: Some(challenge) };
+            let anonymous = RequestContext {
+                actor,
+                request_id,
+                access: Access::Smart { scopes: Default::default(), patient: None },
+            };
+            return Err(refused(api, &anonymous, target, outcome).await);
+        }
+    };
     let claims = &token.claims;
     actor.subject = Some(claims.sub.clone());
     actor.client_id = Some(claims.client_id.clone());
@@ -227,10 +278,11 @@ async fn create(
     RawQuery(q): RawQuery,
     request: Request,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0).await?;
-    negotiate(&headers, q.as_deref().unwrap_or(""))?;
-    check_content_type(&headers)?;
-    let body = body_bytes(&api, request.into_body()).await?;
+    let target = Target::new("create", Some(&rtype), None);
+    let ctx = context(&api, &headers, peer.0, &target).await?;
+    let acceptable = negotiate(&headers, q.as_deref().unwrap_or("")).and_then(|()| check_content_type(&headers));
+    checked(&api, &ctx, &target, acceptable).await?;
+    let body = checked(&api, &ctx, &target, body_bytes(&api, request.into_body()).await).await?;
     let if_none_exist = headers.get("if-none-exist").and_then(|v| v.to_str().ok());
     let outcome = api.service.create(&ctx, &rtype, &body, if_none_exist).await?;
     Ok(write_response(&api, &headers, &rtype, outcome))
@@ -243,13 +295,15 @@ async fn bundle(
     RawQuery(q): RawQuery,
     request: Request,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0).await?;
-    negotiate(&headers, q.as_deref().unwrap_or(""))?;
-    check_content_type(&headers)?;
+    let target = Target::new("batch", None, None);
+    let ctx = context(&api, &headers, peer.0, &target).await?;
+    let acceptable = negotiate(&headers, q.as_deref().unwrap_or("")).and_then(|()| check_content_type(&headers));
+    checked(&api, &ctx, &target, acceptable).await?;
     let limit = api.service.settings().max_bundle_bytes;
     let body = axum::body::to_bytes(request.into_body(), limit)
         .await
-        .map_err(|_| error(413, IssueCode::TooLong, format!("the Bundle exceeds the {limit}-byte limit")))?;
+        .map_err(|_| error(413, IssueCode::TooLong, format!("the Bundle exceeds the {limit}-byte limit")));
+    let body = checked(&api, &ctx, &target, body).await?;
     let response = api.service.bundle(&ctx, &body).await?;
     Ok(fhir_json(StatusCode::OK, &response))
 }
@@ -262,10 +316,11 @@ async fn update(
     RawQuery(q): RawQuery,
     request: Request,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0).await?;
-    negotiate(&headers, q.as_deref().unwrap_or(""))?;
-    check_content_type(&headers)?;
-    let body = body_bytes(&api, request.into_body()).await?;
+    let target = Target::new("update", Some(&rtype), Some(&id));
+    let ctx = context(&api, &headers, peer.0, &target).await?;
+    let acceptable = negotiate(&headers, q.as_deref().unwrap_or("")).and_then(|()| check_content_type(&headers));
+    checked(&api, &ctx, &target, acceptable).await?;
+    let body = checked(&api, &ctx, &target, body_bytes(&api, request.into_body()).await).await?;
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
     let outcome = api.service.update(&ctx, &rtype, &id, &body, if_match).await?;
     Ok(write_response(&api, &headers, &rtype, outcome))
@@ -285,7 +340,7 @@ async fn delete(
     peer: Peer,
     headers: HeaderMap,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0).await?;
+    let ctx = context(&api, &headers, peer.0, &Target::new("delete", Some(&rtype), Some(&id))).await?;
     let deleted = api.service.delete(&ctx, &rtype, &id).await?;
     let mut r = StatusCode::NO_CONTENT.into_response();
     if let Some(v) = deleted
@@ -303,8 +358,9 @@ async fn read(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0).await?;
-    negotiate(&headers, q.as_deref().unwrap_or(""))?;
+    let target = Target::new("read", Some(&rtype), Some(&id));
+    let ctx = context(&api, &headers, peer.0, &target).await?;
+    checked(&api, &ctx, &target, negotiate(&headers, q.as_deref().unwrap_or(""))).await?;
     let v = api.service.read(&ctx, &rtype, &id).await?;
     Ok(resource_response(StatusCode::OK, &v, &api.service.settings().base_url, &rtype, None, false))
 }
@@ -316,8 +372,9 @@ async fn vread(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0).await?;
-    negotiate(&headers, q.as_deref().unwrap_or(""))?;
+    let target = Target::new("vread", Some(&rtype), Some(&id));
+    let ctx = context(&api, &headers, peer.0, &target).await?;
+    checked(&api, &ctx, &target, negotiate(&headers, q.as_deref().unwrap_or(""))).await?;
     let v = api.service.vread(&ctx, &rtype, &id, &vid).await?;
     Ok(resource_response(StatusCode::OK, &v, &api.service.settings().base_url, &rtype, None, false))
 }
@@ -329,9 +386,10 @@ async fn search(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0).await?;
+    let target = Target::new("search-type", Some(&rtype), None);
+    let ctx = context(&api, &headers, peer.0, &target).await?;
     let q = q.unwrap_or_default();
-    negotiate(&headers, &q)?;
+    checked(&api, &ctx, &target, negotiate(&headers, &q)).await?;
     let bundle = api.service.search(&ctx, &rtype, &q, lenient(&headers)).await?;
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
@@ -373,9 +431,15 @@ async fn history(
     headers: HeaderMap,
     q: Option<String>,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0).await?;
+    let interaction = match (&rtype, &id) {
+        (Some(_), Some(_)) => "history-instance",
+        (Some(_), None) => "history-type",
+        _ => "history-system",
+    };
+    let target = Target::new(interaction, rtype.as_deref(), id.as_deref());
+    let ctx = context(&api, &headers, peer.0, &target).await?;
     let q = q.unwrap_or_default();
-    negotiate(&headers, &q)?;
+    checked(&api, &ctx, &target, negotiate(&headers, &q)).await?;
     let bundle = api.service.history(&ctx, rtype.as_deref(), id.as_deref(), &q).await?;
     Ok(fhir_json(StatusCode::OK, &bundle))
 }

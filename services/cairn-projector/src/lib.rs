@@ -1,11 +1,63 @@
 //! Projectors: turn the log into the stores the API reads.
 //!
-//! Each projector is a pure function from an event to store changes ([`resources::project`]) plus a
-//! runner ([`ResourceProjector`]) that tails every partition of its topic, applies what is available
-//! in one store transaction together with the new checkpoints, and publishes how far it got, so that
-//! readers can wait for their own writes (read-your-writes).
+//! Each projection ([`Projection`]) is a pure function from an event to stored versions
+//! ([`resources::project`] for the FHIR resources, [`audit`] for AuditEvent and Provenance) plus
+//! a runner ([`Projector`]) that tails every partition of its topic, applies what is available in one
+//! store transaction together with the new checkpoints, and publishes how far it got, so that readers
+//! can wait for their own writes (read-your-writes).
 
+pub mod audit;
 pub mod resources;
+
+use cairn_events::topics;
+use cairn_store::ResourceVersion;
+
+/// One projection: the topic it reads, the key its checkpoints are stored under (one per topic and
+/// projection, so several projections of one topic share a store), the Kafka consumer group its
+/// processes share partitions in, and the function from an event to versions.
+pub struct Projection {
+    pub name: &'static str,
+    pub topic: &'static str,
+    pub checkpoint_key: &'static str,
+    pub group: &'static str,
+    pub project: fn(cairn_events::Event) -> Vec<ResourceVersion>,
+}
+
+/// The FHIR resources (Observation, Patient, Device) from their write events.
+pub const RESOURCES: Projection = Projection {
+    name: "resources",
+    topic: topics::FHIR,
+    // Named before there were other projections; kept so existing stores resume where they were.
+    checkpoint_key: topics::FHIR,
+    group: "cairn-projector-resources",
+    project: |e| resources::project(e).into_iter().collect(),
+};
+
+/// The audit trail: AuditEvents for every write, access, refusal and authentication decision, and
+/// a Provenance for every write; one projection per topic.
+pub const AUDIT: [Projection; 3] = [
+    Projection {
+        name: "audit-writes",
+        topic: topics::FHIR,
+        checkpoint_key: "audit/cairn.fhir",
+        group: "cairn-projector-audit-fhir",
+        project: audit::project,
+    },
+    Projection {
+        name: "audit-access",
+        topic: topics::ACCESS,
+        checkpoint_key: "audit/cairn.access",
+        group: "cairn-projector-audit-access",
+        project: audit::project,
+    },
+    Projection {
+        name: "audit-auth",
+        topic: topics::AUTH,
+        checkpoint_key: "audit/cairn.auth",
+        group: "cairn-projector-audit-auth",
+        project: audit::project,
+    },
+];
 
 use cairn_log::{EventLog, Record, Tailed};
 use cairn_store::{Checkpoint, ResourceStore};
@@ -38,13 +90,13 @@ impl Progress {
     }
 }
 
-/// Runs the resource projector over `topic` until the log closes. Commits are made durable at most
-/// every `durable_every`; in between they are atomic and visible, and a crash replays from the last
+/// Runs one [`Projection`] until the log closes. Commits are made durable at most every
+/// `durable_every`; in between they are atomic and visible, and a crash replays from the last
 /// durable checkpoint.
-pub struct ResourceProjector {
+pub struct Projector {
     log: Arc<dyn EventLog>,
     store: Arc<dyn ResourceStore>,
-    topic: String,
+    projection: &'static Projection,
     progress: watch::Sender<Vec<u64>>,
     durable_every: Duration,
 }
@@ -56,40 +108,33 @@ pub fn describe_metrics() {
         metrics::Unit::Seconds,
         "Time from an event's append (the log's timestamp) to the start of its projection"
     );
-    let _ = metrics::histogram!("cairn_projection_lag_seconds", "projection" => "resources");
+    for p in std::iter::once(&RESOURCES).chain(&AUDIT) {
+        let _ = metrics::histogram!("cairn_projection_lag_seconds", "projection" => p.name);
+    }
 }
 
-/// How [`ResourceProjector::follow`] ended.
+/// How [`Projector::follow`] ended.
 enum Follow {
     Reassigned,
     Ended,
 }
 
-/// The consumer group in which resource projector processes share the FHIR topic's partitions.
-pub const RESOURCE_PROJECTOR_GROUP: &str = "cairn-projector-resources";
-
 /// Records taken into one store transaction at most.
 const BATCH_RECORDS: usize = 2048;
 
-impl ResourceProjector {
+impl Projector {
     pub async fn new(
         log: Arc<dyn EventLog>,
         store: Arc<dyn ResourceStore>,
-        topic: &str,
+        projection: &'static Projection,
     ) -> Result<(Self, Progress), ProjectorError> {
-        let partitions = log.partitions(topic)?;
+        let partitions = log.partitions(projection.topic)?;
         let mut start = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {
-            start.push(store.checkpoint(topic, p).await?.unwrap_or(0));
+            start.push(store.checkpoint(projection.checkpoint_key, p).await?.unwrap_or(0));
         }
         let (tx, rx) = watch::channel(start);
-        let projector = ResourceProjector {
-            log,
-            store,
-            topic: topic.to_owned(),
-            progress: tx,
-            durable_every: Duration::from_secs(1),
-        };
+        let projector = Projector { log, store, projection, progress: tx, durable_every: Duration::from_secs(1) };
         Ok((projector, Progress { rx }))
     }
 
@@ -100,7 +145,7 @@ impl ResourceProjector {
         for p in 0..partitions {
             loop {
                 let from = self.progress.borrow()[p as usize];
-                let records = self.log.read(&self.topic, p, from, BATCH_RECORDS).await?;
+                let records = self.log.read(self.projection.topic, p, from, BATCH_RECORDS).await?;
                 if records.is_empty() {
                     break;
                 }
@@ -121,7 +166,8 @@ impl ResourceProjector {
     /// partition taken over from a dead process resumes where that process's last write left it
     /// (re-applying a little is harmless: applying is idempotent).
     pub async fn run(self) -> Result<(), ProjectorError> {
-        let mut assignments = self.log.assignments(RESOURCE_PROJECTOR_GROUP, &self.topic);
+        let (name, topic) = (self.projection.name, self.projection.topic);
+        let mut assignments = self.log.assignments(self.projection.group, topic);
         let Some(first) = assignments.next().await else { return Ok(()) };
         let mut assigned = first?;
         let mut last_durable = Instant::now();
@@ -130,7 +176,7 @@ impl ResourceProjector {
             match self.follow(&mut assignments, &mut assigned, &mut last_durable).await {
                 Ok(Follow::Reassigned) => {
                     failures = 0;
-                    tracing::info!(topic = %self.topic, partitions = ?assigned, "resource projector: assignment changed");
+                    tracing::info!(projection = name, topic, partitions = ?assigned, "projector: assignment changed");
                 }
                 Ok(Follow::Ended) => return Ok(()),
                 // A store or log that fails (a database node restarting, a broker away) must not stop
@@ -139,7 +185,7 @@ impl ResourceProjector {
                 Err(e) => {
                     failures += 1;
                     let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
-                    tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "resource projector: failed; retrying");
+                    tracing::error!(projection = name, error = %e, retry_in_ms = wait.as_millis() as u64, "projector: failed; retrying");
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -157,13 +203,13 @@ impl ResourceProjector {
         let mut next = self.progress.borrow().clone();
         let mut from = Vec::with_capacity(assigned.len());
         for &p in assigned.iter() {
-            let stored = self.store.checkpoint(&self.topic, p).await?.unwrap_or(0);
+            let stored = self.store.checkpoint(self.projection.checkpoint_key, p).await?.unwrap_or(0);
             let slot = &mut next[p as usize];
             *slot = (*slot).max(stored);
             from.push((p, *slot));
         }
         self.progress.send_replace(next);
-        let mut merged = self.log.tail_partitions(&self.topic, &from);
+        let mut merged = self.log.tail_partitions(self.projection.topic, &from);
         loop {
             let first = tokio::select! {
                 change = assignments.next() => match change {
@@ -217,7 +263,7 @@ impl ResourceProjector {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        let lag = metrics::histogram!("cairn_projection_lag_seconds", "projection" => "resources");
+        let lag = metrics::histogram!("cairn_projection_lag_seconds", "projection" => self.projection.name);
         for r in records {
             lag.record((now_ms - r.timestamp_ms).max(0) as f64 / 1000.0);
         }
@@ -225,11 +271,11 @@ impl ResourceProjector {
         let mut next = self.progress.borrow().clone();
         for r in records {
             match cairn_events::Event::from_canonical_bytes(&r.value) {
-                Ok(event) => versions.extend(resources::project(event)),
+                Ok(event) => versions.extend((self.projection.project)(event)),
                 // A record this build cannot read is skipped loudly, never silently: the checkpoint
                 // still advances so one bad record cannot stall every reader.
                 Err(e) => {
-                    tracing::error!(topic = %r.topic, partition = r.partition, offset = r.offset, error = %e, "unreadable event skipped by the resource projector")
+                    tracing::error!(projection = self.projection.name, topic = %r.topic, partition = r.partition, offset = r.offset, error = %e, "unreadable event skipped by the projector")
                 }
             }
             let slot = &mut next[r.partition as usize];
@@ -246,7 +292,11 @@ impl ResourceProjector {
             .iter()
             .enumerate()
             .filter(|&(p, &o)| o != before[p])
-            .map(|(p, &o)| Checkpoint { topic: self.topic.clone(), partition: p as u32, next_offset: o })
+            .map(|(p, &o)| Checkpoint {
+                topic: self.projection.checkpoint_key.to_owned(),
+                partition: p as u32,
+                next_offset: o,
+            })
             .collect();
         self.store.apply(&versions, &checkpoints, durable).await?;
         self.progress.send_replace(next);
@@ -260,14 +310,14 @@ impl ResourceProjector {
 /// read-your-writes.
 pub fn follow_checkpoints(
     store: Arc<dyn ResourceStore>,
-    topic: &str,
+    projection: &'static Projection,
     partitions: u32,
     local: Option<Progress>,
     every: Duration,
 ) -> Progress {
     let (tx, rx) =
         watch::channel(local.as_ref().map(Progress::snapshot).unwrap_or_else(|| vec![0; partitions as usize]));
-    let topic = topic.to_owned();
+    let topic = projection.checkpoint_key;
     tokio::spawn(async move {
         let mut local_rx = local.map(|l| l.rx);
         let mut stored = vec![0u64; partitions as usize];
@@ -275,7 +325,7 @@ pub fn follow_checkpoints(
         loop {
             if poll_store {
                 for p in 0..partitions {
-                    match store.checkpoint(&topic, p).await {
+                    match store.checkpoint(topic, p).await {
                         Ok(Some(o)) => stored[p as usize] = o,
                         Ok(None) => {}
                         Err(e) => tracing::warn!(error = %e, "reading projector checkpoints"),

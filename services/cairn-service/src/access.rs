@@ -85,7 +85,13 @@ impl Access {
             Access::Smart { scopes, patient } => (scopes, patient),
         };
         let mut rules = Vec::new();
+        let audit_type = cairn_fhir::resource::is_read_only_type(resource_type);
         for scope in scopes.granting(permission, resource_type) {
+            // The audit trail is granted by name (`user/AuditEvent.rs`), not by a wildcard an app
+            // asked for to read clinical data; within a patient's own compartment a wildcard will do.
+            if audit_type && scope.resource_type.is_none() && scope.context != Context::Patient {
+                continue;
+            }
             let compartment = match scope.context {
                 Context::Patient => match patient {
                     Some(p) => Some(format!("Patient/{p}")),

@@ -112,7 +112,12 @@ pub fn searchset(
 
 /// What a response disclosed: type, id and version of a stored resource.
 pub fn version_ref(v: &ResourceVersion) -> VersionedRef {
-    VersionedRef { resource_type: v.resource_type.clone(), id: v.id.clone(), version_id: v.version_id }
+    VersionedRef {
+        resource_type: v.resource_type.clone(),
+        id: v.id.clone(),
+        version_id: v.version_id,
+        patient: v.patient.clone(),
+    }
 }
 
 /// The same query with `_offset` replaced.

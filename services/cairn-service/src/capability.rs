@@ -2,13 +2,16 @@
 //! from the one table the parser uses (`cairn_fhir::search::search_params`), so the statement cannot
 //! drift from what search accepts.
 
-use cairn_fhir::resource::RESOURCE_TYPES;
+use cairn_fhir::resource::{READ_ONLY_TYPES, RESOURCE_TYPES};
 use cairn_fhir::search;
 use serde_json::{Value, json};
 
+/// The search parameters of a type, from the table the parser uses.
+fn search_params(resource_type: &str) -> Vec<Value> {
+    search::search_params(resource_type).iter().map(|p| json!({"name": p.name, "type": p.kind.as_str()})).collect()
+}
+
 fn resource(resource_type: &str) -> Value {
-    let params: Vec<Value> =
-        search::search_params(resource_type).iter().map(|p| json!({"name": p.name, "type": p.kind.as_str()})).collect();
     json!({
         "type": resource_type,
         "interaction": [
@@ -21,7 +24,21 @@ fn resource(resource_type: &str) -> Value {
         "conditionalCreate": true,
         "conditionalUpdate": false,
         "conditionalDelete": "not-supported",
-        "searchParam": params,
+        "searchParam": search_params(resource_type),
+    })
+}
+
+/// AuditEvent and Provenance: read and searched, written only by the server.
+fn read_only_resource(resource_type: &str) -> Value {
+    json!({
+        "type": resource_type,
+        "documentation": "Written by the server's audit projection from the event log; read-only (writes answer 405). Needs a scope naming the type (user/AuditEvent.rs); a patient-context token reads its own compartment's records.",
+        "interaction": [
+            {"code": "read"}, {"code": "vread"}, {"code": "history-instance"}, {"code": "history-type"}, {"code": "search-type"}
+        ],
+        "versioning": "versioned",
+        "readHistory": true,
+        "searchParam": search_params(resource_type),
     })
 }
 
@@ -37,8 +54,8 @@ pub fn capability_statement(base_url: &str, software_version: &str) -> Value {
         "format": ["application/fhir+json", "application/json"],
         "rest": [{
             "mode": "server",
-            "documentation": "Every write is an event in a durable, hash-chained log before it is acknowledged; reads see every acknowledged write. Search result parameters: _count (default 50, max 1000), _offset, _sort (date, -date, _lastUpdated, -_lastUpdated), _summary=count, _total=accurate, _elements. Prefer: handling=lenient ignores unknown search parameters.",
-            "resource": RESOURCE_TYPES.iter().map(|t| resource(t)).collect::<Vec<_>>(),
+            "documentation": "Every write is an event in a durable, hash-chained log before it is acknowledged; reads see every acknowledged write. Search result parameters: _count (default 50, max 1000), _offset, _sort (date, -date on Observation and AuditEvent; _lastUpdated, -_lastUpdated), _summary=count, _total=accurate, _elements. Prefer: handling=lenient ignores unknown search parameters. System-level _history leaves out AuditEvent and Provenance (see their type-level history).",
+            "resource": RESOURCE_TYPES.iter().map(|t| resource(t)).chain(READ_ONLY_TYPES.iter().map(|t| read_only_resource(t))).collect::<Vec<_>>(),
             "interaction": [{"code": "history-system"}],
         }],
     })

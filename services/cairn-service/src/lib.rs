@@ -163,6 +163,8 @@ pub struct FhirService {
     log: Arc<dyn EventLog>,
     store: Arc<dyn ResourceStore>,
     progress: Progress,
+    /// The audit projections' progress, per topic they read.
+    audit_progress: Vec<(&'static str, Progress)>,
     settings: Settings,
     locks: Vec<tokio::sync::Mutex<()>>,
 }
@@ -173,9 +175,17 @@ impl FhirService {
             log,
             store,
             progress,
+            audit_progress: Vec::new(),
             settings,
             locks: (0..LOCK_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
+    }
+
+    /// What reads of AuditEvent and Provenance wait on (read-your-writes for the audit trail).
+    /// Without it they answer from the store as it is.
+    pub fn with_audit_progress(mut self, progress: Vec<(&'static str, Progress)>) -> Self {
+        self.audit_progress = progress;
+        self
     }
 
     pub fn settings(&self) -> &Settings {
@@ -236,8 +246,21 @@ impl FhirService {
         self.write_lock([self.shard_of(key)]).await
     }
 
+    /// A type clients may write.
     fn check_type(resource_type: &str) -> FhirResult<()> {
-        if resource::is_supported_type(resource_type) {
+        if resource::is_read_only_type(resource_type) {
+            return Err(FhirError::new(
+                405,
+                IssueCode::NotSupported,
+                format!("{resource_type} is read-only: the server writes the audit trail from its log"),
+            ));
+        }
+        Self::check_readable_type(resource_type)
+    }
+
+    /// A type clients may read and search: the writable ones and the audit trail's.
+    fn check_readable_type(resource_type: &str) -> FhirResult<()> {
+        if resource::is_readable_type(resource_type) {
             Ok(())
         } else {
             Err(FhirError::new(
@@ -289,6 +312,28 @@ impl FhirService {
         }
     }
 
+    /// Like [`Self::caught_up`] for reads of `resource_type`: the audit trail's types wait for the
+    /// audit projections to reach the end of every topic they read (as it was when this was called).
+    async fn caught_up_for(&self, resource_type: &str, key: Option<&str>) -> FhirResult<()> {
+        if !resource::is_read_only_type(resource_type) {
+            return self.caught_up(key).await;
+        }
+        for (topic, progress) in &self.audit_progress {
+            let partitions = self.log.partitions(topic).map_err(|e| FhirError::unavailable(e.to_string()))?;
+            let mut targets = Vec::with_capacity(partitions as usize);
+            for p in 0..partitions {
+                targets.push(self.log.end_offset(topic, p).await.map_err(|e| FhirError::unavailable(e.to_string()))?);
+            }
+            if !progress.wait_for(&targets, self.settings.read_wait).await {
+                return Err(FhirError::unavailable(format!(
+                    "the audit trail is more than {} ms behind the log; try again shortly",
+                    self.settings.read_wait.as_millis()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn append(&self, event: Event) -> FhirResult<()> {
         let record = NewRecord::new(event.topic(), event.partition_key(), event.canonical_bytes());
         self.log.append(record).await.map_err(|e| {
@@ -319,8 +364,62 @@ impl FhirService {
         e
     }
 
-    /// create, and conditional create when `if_none_exist` holds a search query.
+    /// Records a refused request (`fhir.request.refused`) before the refusal is answered. Only
+    /// refusals (4xx) are recorded this way: a 5xx means the server could not act (often because the
+    /// log is down), and nothing was disclosed or changed. If the log cannot take the record, the
+    /// refusal becomes a 503: no answer leaves unaudited.
+    pub async fn record_refusal(
+        &self,
+        ctx: &RequestContext,
+        interaction: &str,
+        resource_type: Option<&str>,
+        id: Option<&str>,
+        error: &FhirError,
+    ) -> FhirResult<()> {
+        let status = error.audit_status();
+        if !(400..500).contains(&status) {
+            return Ok(());
+        }
+        let payload = cairn_events::RequestRefused {
+            interaction: interaction.to_owned(),
+            resource_type: resource_type.map(str::to_owned),
+            id: id.map(|i| i.chars().take(200).collect()),
+            status,
+            code: error.issues.first().map(|i| i.code.as_str().to_owned()).unwrap_or_else(|| "exception".into()),
+            reason: error.issues.iter().map(|i| i.diagnostics.as_str()).collect::<Vec<_>>().join("; "),
+        };
+        self.append_access(ctx, payload.into(), None).await
+    }
+
+    /// Passes `result` through, recording it first if it is a refusal.
+    async fn audited<T>(
+        &self,
+        ctx: &RequestContext,
+        interaction: &str,
+        resource_type: Option<&str>,
+        id: Option<&str>,
+        result: FhirResult<T>,
+    ) -> FhirResult<T> {
+        if let Err(e) = &result {
+            self.record_refusal(ctx, interaction, resource_type, id, e).await?;
+        }
+        result
+    }
+
+    /// create, and conditional create when `if_none_exist` holds a search query. A refusal is
+    /// recorded before it is answered.
     pub async fn create(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &str,
+        body: &[u8],
+        if_none_exist: Option<&str>,
+    ) -> FhirResult<WriteOutcome> {
+        let result = self.create_unaudited(ctx, resource_type, body, if_none_exist).await;
+        self.audited(ctx, "create", Some(resource_type), None, result).await
+    }
+
+    async fn create_unaudited(
         &self,
         ctx: &RequestContext,
         resource_type: &str,
@@ -395,6 +494,18 @@ impl FhirService {
         body: &[u8],
         if_match: Option<&str>,
     ) -> FhirResult<WriteOutcome> {
+        let result = self.update_unaudited(ctx, resource_type, id, body, if_match).await;
+        self.audited(ctx, "update", Some(resource_type), Some(id), result).await
+    }
+
+    async fn update_unaudited(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &str,
+        id: &str,
+        body: &[u8],
+        if_match: Option<&str>,
+    ) -> FhirResult<WriteOutcome> {
         Self::check_type(resource_type)?;
         Self::check_id(id)?;
         let permit = ctx.access.permit(Permission::Update, resource_type)?;
@@ -461,6 +572,11 @@ impl FhirService {
     /// delete: a new version marked deleted; history keeps the rest. Deleting what is absent or
     /// already deleted succeeds without writing.
     pub async fn delete(&self, ctx: &RequestContext, resource_type: &str, id: &str) -> FhirResult<Option<u64>> {
+        let result = self.delete_unaudited(ctx, resource_type, id).await;
+        self.audited(ctx, "delete", Some(resource_type), Some(id), result).await
+    }
+
+    async fn delete_unaudited(&self, ctx: &RequestContext, resource_type: &str, id: &str) -> FhirResult<Option<u64>> {
         Self::check_type(resource_type)?;
         Self::check_id(id)?;
         let permit = ctx.access.permit(Permission::Delete, resource_type)?;
@@ -514,10 +630,10 @@ impl FhirService {
         id: &str,
         version_id: Option<u64>,
     ) -> FhirResult<ResourceVersion> {
-        Self::check_type(resource_type)?;
+        Self::check_readable_type(resource_type)?;
         Self::check_id(id)?;
         let permit = ctx.access.permit(Permission::Read, resource_type)?;
-        self.caught_up(Some(&format!("{resource_type}/{id}"))).await?;
+        self.caught_up_for(resource_type, Some(&format!("{resource_type}/{id}"))).await?;
         let found = match version_id {
             None => self.store.current(resource_type, id).await,
             Some(v) => self.store.version(resource_type, id, v).await,
@@ -602,7 +718,7 @@ impl FhirService {
             _ => true,
         };
         let result = match (patient.as_deref(), index::date_bounds(query)) {
-            (Some(p), Some((from, to))) if resource_type == "Observation" => {
+            (Some(p), Some((from, to))) if matches!(resource_type, "Observation" | "AuditEvent") => {
                 self.store.scan_patient_dates(resource_type, p, from, to, &mut filter).await
             }
             (p, _) => self.store.scan_current(resource_type, p, &mut filter).await,
@@ -645,13 +761,13 @@ impl FhirService {
         lenient: bool,
         patient: &mut Option<String>,
     ) -> FhirResult<(Value, Vec<VersionedRef>)> {
-        Self::check_type(resource_type)?;
+        Self::check_readable_type(resource_type)?;
         let permit = ctx.access.permit(Permission::Search, resource_type)?;
         let (mut query, ignored) = search::parse_query(resource_type, raw_query, lenient)
             .map_err(|e| FhirError::new(400, IssueCode::Invalid, e.to_string()))?;
         // A token confined to one patient's compartment searches through that patient's index.
         if let Some(compartment) = permit.sole_compartment()
-            && resource_type == "Observation"
+            && matches!(resource_type, "Observation" | "AuditEvent")
             && single_patient(resource_type, &query).is_none()
         {
             let (with_patient, _) = search::parse_query(resource_type, &format!("patient={compartment}"), false)
@@ -659,7 +775,7 @@ impl FhirService {
             query.params.extend(with_patient.params);
         }
         *patient = single_patient(resource_type, &query);
-        self.caught_up(None).await?;
+        self.caught_up_for(resource_type, None).await?;
         if query.summary_count && query.params.is_empty() && permit.is_unrestricted() {
             // A plain count needs no resource read.
             let total =
@@ -757,7 +873,7 @@ impl FhirService {
         raw_query: &str,
     ) -> FhirResult<(Value, Vec<ResourceVersion>)> {
         if let Some(t) = resource_type {
-            Self::check_type(t)?;
+            Self::check_readable_type(t)?;
         }
         // Instance history is a read; type and system history are searches. A version is shown
         // only if the token admits it (system history: per type).
@@ -778,7 +894,7 @@ impl FhirService {
         let versions = match (resource_type, id) {
             (Some(t), Some(id)) => {
                 Self::check_id(id)?;
-                self.caught_up(Some(&format!("{t}/{id}"))).await?;
+                self.caught_up_for(t, Some(&format!("{t}/{id}"))).await?;
                 let all = self.store.history(t, id).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
                 if all.is_empty() {
                     return Err(FhirError::new(404, IssueCode::NotFound, format!("{t}/{id} does not exist")));
@@ -798,7 +914,10 @@ impl FhirService {
                     .collect::<Vec<_>>()
             }
             _ => {
-                self.caught_up(None).await?;
+                match resource_type {
+                    Some(t) => self.caught_up_for(t, None).await?,
+                    None => self.caught_up(None).await?,
+                }
                 let (from, to) = params.window();
                 match params.at {
                     // A token that sees only part of the data reads further and filters.

@@ -169,7 +169,15 @@ fn error_entry(e: &FhirError) -> Value {
 
 impl FhirService {
     /// POST of a Bundle to the base: `batch` or `transaction`.
+    /// A batch or transaction Bundle. A refused Bundle is recorded before it is answered; so is each
+    /// refused entry of a batch.
     pub async fn bundle(&self, ctx: &RequestContext, body: &[u8]) -> FhirResult<Value> {
+        let mut kind = "batch";
+        let result = self.bundle_unaudited(ctx, body, &mut kind).await;
+        self.audited(ctx, kind, None, None, result).await
+    }
+
+    async fn bundle_unaudited(&self, ctx: &RequestContext, body: &[u8], kind: &mut &'static str) -> FhirResult<Value> {
         if body.len() > self.settings.max_bundle_bytes {
             return Err(FhirError::new(
                 413,
@@ -180,6 +188,9 @@ impl FhirService {
         let bundle = resource::parse_json(body).map_err(FhirError::invalid)?;
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
             return Err(FhirError::new(400, IssueCode::Invalid, "POST to the base takes a Bundle"));
+        }
+        if bundle.get("type").and_then(Value::as_str) == Some("transaction") {
+            *kind = "transaction";
         }
         let entries = parse_entries(&bundle)?;
         match bundle.get("type").and_then(Value::as_str) {
@@ -427,6 +438,10 @@ impl FhirService {
                                 Err(FhirError::outside_compartment("the resource"))
                             }
                         });
+                    let checked = match checked {
+                        Err(err) => self.audited(ctx, "create", Some(&t), None, Err(err)).await,
+                        ok => ok,
+                    };
                     match checked {
                         Ok(()) => {
                             let mut r = r;
@@ -461,7 +476,10 @@ impl FhirService {
                     .search(ctx, &t, q.as_deref().unwrap_or(""), false)
                     .await
                     .map(|b| json!({"resource": b, "response": {"status": "200 OK"}})),
-                _ => Err(entry_error(i, format!("request.url `{}` does not fit the method", e.url))),
+                _ => {
+                    let err = entry_error(i, format!("request.url `{}` does not fit the method", e.url));
+                    self.audited(ctx, "batch", None, None, Err(err)).await
+                }
             };
             responses[i] = Some(result.unwrap_or_else(|err| error_entry(&err)));
         }

@@ -50,9 +50,19 @@ impl ResourceVersion {
     }
 }
 
-/// Whether a resource key `Type/id` names a resource of `resource_type` (`None`: any type).
+/// The audit trail's types. They are left out of the system-wide change list (system `_history`):
+/// every request adds to them, so they would bury the resources clients wrote; their own type-level
+/// history has them.
+pub const AUDIT_TYPES: [&str; 2] = ["AuditEvent", "Provenance"];
+
+/// Whether a resource key `Type/id` names a resource of `resource_type` (`None`: any type but the
+/// audit trail's).
 pub fn key_has_type(key: &str, resource_type: Option<&str>) -> bool {
-    resource_type.is_none_or(|t| key.strip_prefix(t).is_some_and(|rest| rest.starts_with('/')))
+    let is = |t: &str| key.strip_prefix(t).is_some_and(|rest| rest.starts_with('/'));
+    match resource_type {
+        Some(t) => is(t),
+        None => !AUDIT_TYPES.iter().any(|t| is(t)),
+    }
 }
 
 /// A projector's position in one partition: the next offset it will apply.

@@ -8,7 +8,7 @@ use crate::telemetry::{self, Telemetry};
 use anyhow::Context;
 use cairn_http::{Check, Platform};
 use cairn_log::embedded::EmbeddedOptions;
-use cairn_projector::{Progress, ResourceProjector};
+use cairn_projector::{AUDIT, Progress, Projection, Projector, RESOURCES};
 use cairn_service::FhirService;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -161,41 +161,13 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     }
     let store = backends::open_store(&settings.backends, &data, settings.store_cache_bytes).await?;
     let dyn_log = log.clone();
-    let topic = cairn_events::topics::FHIR;
-    let mut projector_task = None;
-    let local = if settings.roles.projector {
-        let (projector, progress) = ResourceProjector::new(dyn_log.clone(), store.clone(), topic).await?;
-        if let OpenLog::Embedded(_) = open_log {
-            // The only projector of this log: catch up before serving, so the first reads are not
-            // held back by a long replay. (On Kafka the consumer group decides who projects what.)
-            let started = std::time::Instant::now();
-            projector.catch_up().await.map_err(|e| anyhow::anyhow!("resource projection: {e}"))?;
-            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "resource projection caught up");
-        }
-        projector_task = Some(tokio::spawn(async move {
-            if let Err(e) = projector.run().await {
-                tracing::error!(error = %e, "resource projector stopped");
-            }
-        }));
-        Some(progress)
-    } else {
-        None
-    };
-    let progress = match (&settings.backends.store, local) {
-        // One process owns the embedded store: its own projector's progress is the truth.
-        (config::StoreBackend::Embedded, Some(local)) => local,
-        (config::StoreBackend::Embedded, None) => {
-            anyhow::bail!("--roles without projector needs a store shared with a projector process (--store scylla)")
-        }
-        // A shared store: other processes may project too; follow the checkpoints they all write.
-        (config::StoreBackend::Scylla(_), local) => cairn_projector::follow_checkpoints(
-            store.clone(),
-            topic,
-            dyn_log.partitions(topic)?,
-            local,
-            CHECKPOINT_POLL,
-        ),
-    };
+    let mut projector_tasks = Vec::new();
+    let progress = start_projection(&RESOURCES, &settings, &open_log, &store, &mut projector_tasks).await?;
+    let mut audit_progress = Vec::new();
+    for projection in &AUDIT {
+        let progress = start_projection(projection, &settings, &open_log, &store, &mut projector_tasks).await?;
+        audit_progress.push((projection.topic, progress));
+    }
     let mut admin_task = None;
     let fhir = if settings.roles.fhir {
         // The authorization server: its state is rebuilt from the log before anything is served.
@@ -213,17 +185,20 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "authorization state rebuilt from the log");
         auth.set_jwks_fetcher(Arc::new(crate::jwks::HttpJwksFetcher::new()?));
         admin_task = crate::admin::serve_socket(crate::admin::socket_path(&settings.data_dir), auth.clone()).await?;
-        let service = Arc::new(FhirService::new(
-            dyn_log,
-            store,
-            progress.clone(),
-            cairn_service::Settings {
-                base_url: format!("{}/fhir", settings.public_url),
-                read_wait: settings.read_wait,
-                max_resource_bytes: settings.max_resource_bytes,
-                max_bundle_bytes: settings.max_bundle_bytes,
-            },
-        ));
+        let service = Arc::new(
+            FhirService::new(
+                dyn_log,
+                store,
+                progress.clone(),
+                cairn_service::Settings {
+                    base_url: format!("{}/fhir", settings.public_url),
+                    read_wait: settings.read_wait,
+                    max_resource_bytes: settings.max_resource_bytes,
+                    max_bundle_bytes: settings.max_bundle_bytes,
+                },
+            )
+            .with_audit_progress(audit_progress),
+        );
         if settings.demo {
             crate::demo::seed(&settings.data_dir, &settings.public_url, &auth, &service).await?;
         }
@@ -263,7 +238,7 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     .context("HTTP server")?;
     // Every acknowledged append is already durable; close lets queued appends finish.
     let owns_socket = admin_task.is_some();
-    for task in [projector_task, sealer_task, admin_task].into_iter().flatten() {
+    for task in projector_tasks.into_iter().chain(sealer_task).chain(admin_task) {
         task.abort();
     }
     if owns_socket {
@@ -272,6 +247,56 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     open_log.close();
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Runs `projection` in this process when it has the projector role, and returns what readers wait
+/// on for read-your-writes: this process's progress, or on a shared store the checkpoints every
+/// projector process writes. On the embedded log the projection catches up before serving, so the
+/// first reads are not held back by a long replay (on Kafka the consumer group decides who projects
+/// what).
+async fn start_projection(
+    projection: &'static Projection,
+    settings: &Settings,
+    open_log: &OpenLog,
+    store: &Arc<dyn cairn_store::ResourceStore>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<Progress> {
+    let log = open_log.as_dyn();
+    let local = if settings.roles.projector {
+        let (projector, progress) = Projector::new(log.clone(), store.clone(), projection).await?;
+        if let OpenLog::Embedded(_) = open_log {
+            let started = std::time::Instant::now();
+            projector.catch_up().await.map_err(|e| anyhow::anyhow!("{} projection: {e}", projection.name))?;
+            tracing::info!(
+                projection = projection.name,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "projection caught up"
+            );
+        }
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = projector.run().await {
+                tracing::error!(projection = projection.name, error = %e, "projector stopped");
+            }
+        }));
+        Some(progress)
+    } else {
+        None
+    };
+    Ok(match (&settings.backends.store, local) {
+        // One process owns the embedded store: its own projector's progress is the truth.
+        (config::StoreBackend::Embedded, Some(local)) => local,
+        (config::StoreBackend::Embedded, None) => {
+            anyhow::bail!("--roles without projector needs a store shared with a projector process (--store scylla)")
+        }
+        // A shared store: other processes may project too; follow the checkpoints they all write.
+        (config::StoreBackend::Scylla(_), local) => cairn_projector::follow_checkpoints(
+            store.clone(),
+            projection,
+            log.partitions(projection.topic)?,
+            local,
+            CHECKPOINT_POLL,
+        ),
+    })
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,499 @@
+//! The audit trail over HTTP, from a realistic run: a device gateway writes and reads two patients'
+//! data (with some mistakes and one forged token), then an auditor reads the trail back through the
+//! FHIR API. Every AuditEvent and Provenance must satisfy the R4 rules (checked here, independently
+//! of the code that builds them), and the records must say who did what to whose data.
+
+use cairn_tests::{Backend, Deployment, Server};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn new(server: &Server) -> Api {
+        Api { http: reqwest::Client::new(), base: server.base_url.clone() }
+    }
+
+    async fn token(&self, id: &str, secret: &str, scope: &str) -> String {
+        let body = format!("grant_type=client_credentials&scope={}", scope.replace(' ', "%20").replace('/', "%2F"));
+        let resp = self
+            .http
+            .post(format!("{}/token", self.base))
+            .basic_auth(id, Some(secret))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let t: Value = resp.json().await.unwrap();
+        t["access_token"].as_str().unwrap_or_else(|| panic!("no token: {t}")).to_owned()
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}/fhir{path}", self.base)).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.header("content-type", "application/fhir+json").body(serde_json::to_vec(b).unwrap());
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Every entry of a search, following `next` links.
+    async fn search_all(&self, path: &str, token: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut url = format!("{}/fhir{path}", self.base);
+        loop {
+            let resp = self.http.get(&url).bearer_auth(token).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let bundle: Value = resp.json().await.unwrap();
+            assert_eq!(status, 200, "{url}: {bundle}");
+            out.extend(bundle["entry"].as_array().into_iter().flatten().map(|e| e["resource"].clone()));
+            match bundle["link"].as_array().into_iter().flatten().find(|l| l["relation"] == "next") {
+                Some(next) => url = next["url"].as_str().unwrap().to_owned(),
+                None => return out,
+            }
+        }
+    }
+}
+
+fn observation(patient: &str, value: u32, identifier: &str) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
+        "subject": {"reference": patient},
+        "identifier": [{"system": "urn:test:reading", "value": identifier}],
+        "effectiveDateTime": "2026-11-28T08:30:00Z",
+        "valueQuantity": {"value": value, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+    })
+}
+
+// ------------------------------------------------------------------ R4 rules, checked independently
+
+fn is_instant(s: &str) -> bool {
+    chrono::DateTime::parse_from_rfc3339(s).is_ok() && s.len() >= 20 && s.contains('T')
+}
+
+fn is_reference(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    let ty = |t: &str| t.starts_with(|c: char| c.is_ascii_uppercase()) && t.chars().all(|c| c.is_ascii_alphanumeric());
+    let id =
+        |i: &str| (1..=64).contains(&i.len()) && i.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    match parts.as_slice() {
+        [t, i] => ty(t) && id(i),
+        [t, i, "_history", v] => ty(t) && id(i) && v.parse::<u64>().is_ok_and(|v| v > 0),
+        _ => false,
+    }
+}
+
+fn check_reference(r: &Value, at: &str, problems: &mut Vec<String>) {
+    let Some(o) = r.as_object() else { return problems.push(format!("{at}: not a Reference")) };
+    if !(o.contains_key("reference") || o.contains_key("identifier") || o.contains_key("display")) {
+        problems.push(format!("{at}: a Reference needs reference, identifier or display"));
+    }
+    if let Some(reference) = o.get("reference") {
+        if !reference.as_str().is_some_and(is_reference) {
+            problems.push(format!("{at}.reference {reference} is not Type/id[/_history/n]"));
+        }
+    }
+}
+
+fn check_coding(c: &Value, at: &str, problems: &mut Vec<String>) {
+    if !(c["system"].is_string() && c["code"].is_string()) {
+        problems.push(format!("{at}: a Coding needs system and code: {c}"));
+    }
+}
+
+const RESTFUL: [&str; 17] = [
+    "read",
+    "vread",
+    "update",
+    "patch",
+    "delete",
+    "history",
+    "history-instance",
+    "history-type",
+    "history-system",
+    "create",
+    "search",
+    "search-type",
+    "search-system",
+    "capabilities",
+    "transaction",
+    "batch",
+    "operation",
+];
+
+/// The R4 AuditEvent rules and value sets (aud-1; required elements and their types).
+fn audit_event_problems(a: &Value) -> Vec<String> {
+    let mut p = Vec::new();
+    let id = a["id"].as_str().unwrap_or("?").to_owned();
+    let at = |e: &str| format!("AuditEvent/{id}.{e}");
+    let ty = &a["type"];
+    check_coding(ty, &at("type"), &mut p);
+    let type_code = (ty["system"].as_str().unwrap_or(""), ty["code"].as_str().unwrap_or(""));
+    let allowed_subtypes: &[(&str, &str)] = match type_code {
+        ("http://terminology.hl7.org/CodeSystem/audit-event-type", "rest") => &[],
+        ("http://dicom.nema.org/resources/ontology/DCM", "110114") => &[
+            ("http://dicom.nema.org/resources/ontology/DCM", "110122"),
+            ("http://dicom.nema.org/resources/ontology/DCM", "110123"),
+            ("urn:ihe:event-type-code", "ITI-71"),
+        ],
+        ("http://dicom.nema.org/resources/ontology/DCM", "110113") => {
+            &[("http://dicom.nema.org/resources/ontology/DCM", "110137")]
+        }
+        other => {
+            p.push(format!("{}: type {other:?} is not one Cairn should produce", at("type")));
+            &[]
+        }
+    };
+    for (i, s) in a["subtype"].as_array().into_iter().flatten().enumerate() {
+        check_coding(s, &at(&format!("subtype[{i}]")), &mut p);
+        let code = (s["system"].as_str().unwrap_or(""), s["code"].as_str().unwrap_or(""));
+        let ok = if type_code.1 == "rest" {
+            code.0 == "http://hl7.org/fhir/restful-interaction" && RESTFUL.contains(&code.1)
+        } else {
+            allowed_subtypes.contains(&code)
+        };
+        if !ok {
+            p.push(format!("{}: {code:?} outside the value set for type {type_code:?}", at("subtype")));
+        }
+    }
+    if !a["action"].as_str().is_some_and(|x| ["C", "R", "U", "D", "E"].contains(&x)) {
+        p.push(format!("{}: {}", at("action"), a["action"]));
+    }
+    if !a["recorded"].as_str().is_some_and(is_instant) {
+        p.push(format!("{}: recorded must be an instant: {}", at("recorded"), a["recorded"]));
+    }
+    if !a["outcome"].as_str().is_some_and(|x| ["0", "4", "8", "12"].contains(&x)) {
+        p.push(format!("{}: {}", at("outcome"), a["outcome"]));
+    }
+    let agents = a["agent"].as_array().cloned().unwrap_or_default();
+    if agents.is_empty() {
+        p.push(format!("{}: at least one agent", at("agent")));
+    }
+    for (i, ag) in agents.iter().enumerate() {
+        let here = at(&format!("agent[{i}]"));
+        if !ag["requestor"].is_boolean() {
+            p.push(format!("{here}.requestor is required"));
+        }
+        if let Some(who) = ag.get("who") {
+            check_reference(who, &format!("{here}.who"), &mut p);
+        }
+        for c in ag["type"]["coding"].as_array().into_iter().flatten() {
+            check_coding(c, &format!("{here}.type"), &mut p);
+        }
+        if let Some(n) = ag.get("network")
+            && !n["type"].as_str().is_some_and(|t| ["1", "2", "3", "4", "5"].contains(&t))
+        {
+            p.push(format!("{here}.network.type {}", n["type"]));
+        }
+        for policy in ag["policy"].as_array().into_iter().flatten() {
+            if !policy.as_str().is_some_and(|u| u.contains(':')) {
+                p.push(format!("{here}.policy must be a uri: {policy}"));
+            }
+        }
+    }
+    if agents.iter().filter(|a| a["requestor"] == true).count() != 1 {
+        p.push(format!("{}: exactly one requestor expected", at("agent")));
+    }
+    match a["source"].get("observer") {
+        Some(o) => check_reference(o, &at("source.observer"), &mut p),
+        None => p.push(format!("{}: required", at("source.observer"))),
+    }
+    for (i, e) in a["entity"].as_array().into_iter().flatten().enumerate() {
+        let here = at(&format!("entity[{i}]"));
+        if e.get("query").is_some() && e.get("name").is_some() {
+            p.push(format!("{here}: sev-1, name and query both present"));
+        }
+        if let Some(q) = e.get("query") {
+            use base64::Engine;
+            if !q.as_str().is_some_and(|q| base64::engine::general_purpose::STANDARD.decode(q).is_ok()) {
+                p.push(format!("{here}.query is not base64Binary"));
+            }
+        }
+        if let Some(w) = e.get("what") {
+            check_reference(w, &format!("{here}.what"), &mut p);
+        }
+        for k in ["type", "role"] {
+            if let Some(c) = e.get(k) {
+                check_coding(c, &format!("{here}.{k}"), &mut p);
+            }
+        }
+    }
+    p
+}
+
+/// The R4 Provenance rules: target (version-specific here), recorded, agents with who, activity,
+/// entities with role and what.
+fn provenance_problems(v: &Value) -> Vec<String> {
+    let mut p = Vec::new();
+    let id = v["id"].as_str().unwrap_or("?").to_owned();
+    let at = |e: &str| format!("Provenance/{id}.{e}");
+    let targets = v["target"].as_array().cloned().unwrap_or_default();
+    if targets.is_empty() {
+        p.push(format!("{}: at least one target", at("target")));
+    }
+    for t in &targets {
+        check_reference(t, &at("target"), &mut p);
+        if !t["reference"].as_str().is_some_and(|r| r.contains("/_history/")) {
+            p.push(format!("{}: not version-specific: {t}", at("target")));
+        }
+    }
+    if !v["recorded"].as_str().is_some_and(is_instant) {
+        p.push(format!("{}: {}", at("recorded"), v["recorded"]));
+    }
+    let agents = v["agent"].as_array().cloned().unwrap_or_default();
+    if agents.is_empty() {
+        p.push(format!("{}: at least one agent", at("agent")));
+    }
+    for (i, ag) in agents.iter().enumerate() {
+        match ag.get("who") {
+            Some(w) => check_reference(w, &at(&format!("agent[{i}].who")), &mut p),
+            None => p.push(format!("{}: who is required", at(&format!("agent[{i}]")))),
+        }
+    }
+    let activity = &v["activity"]["coding"][0];
+    if activity["system"] != "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+        || !activity["code"].as_str().is_some_and(|c| ["CREATE", "UPDATE", "DELETE"].contains(&c))
+    {
+        p.push(format!("{}: {}", at("activity"), v["activity"]));
+    }
+    for e in v["entity"].as_array().into_iter().flatten() {
+        if !e["role"]
+            .as_str()
+            .is_some_and(|r| ["derivation", "revision", "quotation", "source", "removal"].contains(&r))
+        {
+            p.push(format!("{}: role {}", at("entity"), e["role"]));
+        }
+        check_reference(&e["what"], &at("entity.what"), &mut p);
+    }
+    p
+}
+
+fn entity_refs(a: &Value) -> BTreeSet<String> {
+    a["entity"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["what"]["reference"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn transaction_id(a: &Value) -> Option<String> {
+    a["entity"]
+        .as_array()?
+        .iter()
+        .find(|e| e["type"]["code"] == "XrequestId")
+        .and_then(|e| e["what"]["identifier"]["value"].as_str().map(str::to_owned))
+}
+
+fn client(d: &Deployment, name: &str, scope: &str) -> (String, String) {
+    let c = d.admin(&["client", "register", "--name", name, "--kind", "confidential-symmetric", "--scope", scope]);
+    (c["client_id"].as_str().unwrap().to_owned(), c["client_secret"].as_str().unwrap().to_owned())
+}
+
+fn the_audit_trail_of_a_realistic_run(backend: Backend) {
+    let d = Deployment::new(backend);
+    let server = d.start(&[]);
+    let gateway = client(&d, "Gateway", "system/Observation.cruds system/Patient.cru");
+    let auditor = client(&d, "Compliance", "system/AuditEvent.rs system/Provenance.rs");
+    let api = Api::new(&server);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        use reqwest::Method;
+        let gw = api.token(&gateway.0, &gateway.1, "system/Observation.cruds system/Patient.cru").await;
+        let jti =
+            jsonwebtoken::dangerous::insecure_decode::<Value>(&gw).unwrap().claims["jti"].as_str().unwrap().to_owned();
+        let mut observations: BTreeMap<String, String> = BTreeMap::new(); // id -> patient
+        for p in ["p1", "p2"] {
+            let (s, _) = api
+                .call(
+                    Method::PUT,
+                    &format!("/Patient/{p}"),
+                    &gw,
+                    Some(&json!({"resourceType": "Patient", "id": p})),
+                    &[],
+                )
+                .await;
+            assert!(s == 201 || s == 200, "{s}");
+            for i in 0..3 {
+                let (s, o) = api
+                    .call(
+                        Method::POST,
+                        "/Observation",
+                        &gw,
+                        Some(&observation(&format!("Patient/{p}"), 90 + i, &format!("{p}-{i}"))),
+                        &[],
+                    )
+                    .await;
+                assert_eq!(s, 201, "{o}");
+                observations.insert(o["id"].as_str().unwrap().to_owned(), format!("Patient/{p}"));
+            }
+        }
+        let (first, _) = observations.iter().next().map(|(a, b)| (a.clone(), b.clone())).unwrap();
+        // An update, a read, a delete, and two searches (one patient; both patients, with a request id).
+        let mut changed = observation("Patient/p1", 150, "p1-0");
+        changed["id"] = json!(first);
+        assert_eq!(api.call(Method::PUT, &format!("/Observation/{first}"), &gw, Some(&changed), &[]).await.0, 200);
+        assert_eq!(api.call(Method::GET, &format!("/Observation/{first}"), &gw, None, &[]).await.0, 200);
+        let last = observations.keys().last().unwrap().clone();
+        assert_eq!(api.call(Method::DELETE, &format!("/Observation/{last}"), &gw, None, &[]).await.0, 204);
+        assert_eq!(api.call(Method::GET, "/Observation?patient=Patient/p1", &gw, None, &[]).await.0, 200);
+        let (s, both) = api
+            .call(
+                Method::GET,
+                "/Observation?code=http://loinc.org|2339-0",
+                &gw,
+                None,
+                &[("x-request-id", "search-both-patients")],
+            )
+            .await;
+        assert_eq!(s, 200, "{both}");
+        // Mistakes, each refused and each to be found in the trail.
+        let (s, _) = api
+            .call(
+                Method::PUT,
+                &format!("/Observation/{first}"),
+                &gw,
+                Some(&changed),
+                &[("if-match", "W/\"1\""), ("x-request-id", "stale-if-match")],
+            )
+            .await;
+        assert_eq!(s, 412);
+        let (s, _) = api
+            .call(
+                Method::POST,
+                "/Observation",
+                &gw,
+                Some(&json!({"resourceType": "Observation"})),
+                &[("x-request-id", "invalid-body")],
+            )
+            .await;
+        assert_eq!(s, 400);
+        let (s, _) =
+            api.call(Method::GET, "/Observation", "not-a-token", None, &[("x-request-id", "forged-token")]).await;
+        assert_eq!(s, 401);
+        let (s, _) = api.call(Method::GET, "/AuditEvent", &gw, None, &[("x-request-id", "gateway-snoops")]).await;
+        assert_eq!(s, 403, "the gateway's wildcard-free scopes do not reach the audit trail");
+        let au = api.token(&auditor.0, &auditor.1, "system/AuditEvent.rs system/Provenance.rs").await;
+        let (s, _) = api
+            .call(
+                Method::POST,
+                "/AuditEvent",
+                &au,
+                Some(&json!({"resourceType": "AuditEvent"})),
+                &[("x-request-id", "write-audit")],
+            )
+            .await;
+        assert_eq!(s, 405, "the trail is read-only");
+
+        // The auditor reads the whole trail back.
+        let all = api.search_all("/AuditEvent?_count=200", &au).await;
+        let problems: Vec<String> = all.iter().flat_map(audit_event_problems).collect();
+        assert!(problems.is_empty(), "{} AuditEvents, problems:\n{}", all.len(), problems.join("\n"));
+        let provenances = api.search_all("/Provenance?_count=200", &au).await;
+        let problems: Vec<String> = provenances.iter().flat_map(provenance_problems).collect();
+        assert!(problems.is_empty(), "{} Provenances, problems:\n{}", provenances.len(), problems.join("\n"));
+        // 2 Patients + 6 Observations + 1 update + 1 delete.
+        assert_eq!(provenances.len(), 10, "one Provenance per write");
+        eprintln!("audit trail of the run: {} AuditEvents, {} Provenances, all valid", all.len(), provenances.len());
+
+        // Every write, read and search is there, by the gateway's token.
+        let by_token: Vec<&Value> = all
+            .iter()
+            .filter(|a| a["outcome"] == "0")
+            .filter(|a| {
+                a["agent"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|ag| ag["policy"][0] == format!("urn:ietf:params:oauth:jti:{jti}"))
+            })
+            .collect();
+        let subtypes: BTreeMap<String, usize> = by_token.iter().fold(BTreeMap::new(), |mut m, a| {
+            *m.entry(a["subtype"][0]["code"].as_str().unwrap().to_owned()).or_default() += 1;
+            m
+        });
+        // 2 Patients (created by PUT) and 6 Observations; one update.
+        assert_eq!(subtypes.get("create"), Some(&8), "{subtypes:?}");
+        assert_eq!(subtypes.get("update"), Some(&1), "{subtypes:?}");
+        assert!(subtypes.get("search-type").is_some_and(|n| *n >= 3), "{subtypes:?}");
+        assert_eq!(subtypes.get("delete"), Some(&1), "{subtypes:?}");
+        assert!(subtypes.get("read").is_some_and(|n| *n >= 1), "{subtypes:?}");
+        // The search that returned both patients' data: one AuditEvent per patient, each with its
+        // patient's versions only.
+        let both: Vec<&Value> =
+            all.iter().filter(|a| transaction_id(a).as_deref() == Some("search-both-patients")).collect();
+        assert_eq!(both.len(), 2, "{both:?}");
+        for a in &both {
+            let refs = entity_refs(a);
+            let patient = refs.iter().find(|r| r.starts_with("Patient/")).expect("a patient entity").clone();
+            for r in refs.iter().filter(|r| r.starts_with("Observation/")) {
+                let id = r.split('/').nth(1).unwrap();
+                assert_eq!(observations[id], patient, "{r} filed under {patient}");
+            }
+            assert!(a["entity"].as_array().unwrap().iter().any(|e| e["role"]["code"] == "24"), "the query entity");
+        }
+        // Each refusal, with a failure outcome.
+        for (request, subtype, status) in [
+            ("stale-if-match", "update", "412"),
+            ("invalid-body", "create", "400"),
+            ("forged-token", "search-type", "401"),
+            ("gateway-snoops", "search-type", "403"),
+            ("write-audit", "create", "405"),
+        ] {
+            let found: Vec<&Value> = all.iter().filter(|a| transaction_id(a).as_deref() == Some(request)).collect();
+            assert_eq!(found.len(), 1, "{request}: {found:?}");
+            let a = found[0];
+            assert_eq!(a["outcome"], "4", "{request}: {a}");
+            assert_eq!(a["subtype"][0]["code"], subtype, "{request}: {a}");
+            assert!(a["outcomeDesc"].as_str().unwrap_or_default().contains(status), "{request}: {a}");
+        }
+        // The token grants are there in the ITI-71 shape, and the forged token's caller address.
+        let grants = api.search_all("/AuditEvent?subtype=urn:ihe:event-type-code|ITI-71&outcome=0", &au).await;
+        assert!(grants.len() >= 2, "{grants:?}");
+
+        // The compliance officer's question: who accessed p1's data today, newest first.
+        let p1 = api.search_all("/AuditEvent?patient=Patient/p1&date=ge2026-01-01&_sort=-date&_count=5", &au).await;
+        assert!(p1.len() >= 5, "{}", p1.len());
+        assert!(p1.iter().all(|a| entity_refs(a).contains("Patient/p1")));
+        let dates: Vec<&str> = p1.iter().map(|a| a["recorded"].as_str().unwrap()).collect();
+        assert!(dates.windows(2).all(|w| w[0] >= w[1]), "newest first: {dates:?}");
+        // Who changed this Observation, version by version.
+        let changes = api.search_all(&format!("/Provenance?target=Observation/{first}"), &au).await;
+        let activities: BTreeSet<&str> =
+            changes.iter().map(|p| p["activity"]["coding"][0]["code"].as_str().unwrap()).collect();
+        assert_eq!(activities, BTreeSet::from(["CREATE", "UPDATE"]));
+        assert!(changes.iter().all(|p| p["agent"][0]["who"]["identifier"]["value"] == gateway.0.as_str()));
+        // Reading the trail is itself in the trail.
+        let (_, page) = api.call(Method::GET, "/AuditEvent?subtype=search-type&_count=1000", &au, None, &[]).await;
+        assert!(
+            page["entry"].as_array().unwrap().iter().any(|e| e["resource"]["entity"][0]["query"].as_str().is_some_and(
+                |q| String::from_utf8(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, q).unwrap())
+                    .unwrap()
+                    .starts_with("AuditEvent?")
+            )),
+            "the auditor's own searches are audited"
+        );
+        // Unknown search parameters on the trail are refused like anywhere else.
+        assert_eq!(api.call(Method::GET, "/AuditEvent?bogus=1", &au, None, &[]).await.0, 400);
+    });
+    assert!(server.terminate().0.success());
+}
+
+cairn_tests::on_every_backend!(the_audit_trail_of_a_realistic_run);
