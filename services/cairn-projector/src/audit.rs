@@ -7,9 +7,9 @@ use cairn_audit::AuditRecord;
 use cairn_events::Event;
 use cairn_store::ResourceVersion;
 
-pub fn project(event: Event) -> Vec<ResourceVersion> {
-    let mut records = cairn_audit::audit_events(&event);
-    records.extend(cairn_audit::provenance(&event));
+pub fn project(event: &Event) -> Vec<ResourceVersion> {
+    let mut records = cairn_audit::audit_events(event);
+    records.extend(cairn_audit::provenance(event));
     records.into_iter().map(version).collect()
 }
 

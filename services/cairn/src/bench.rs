@@ -18,6 +18,9 @@ pub enum Workload {
     Batch,
     /// GET Observation?patient=..&code=..&date=ge..&date=le..
     Search,
+    /// GET AuditEvent?patient=..&date=ge..&date=le.. over the last day: the compliance officer's
+    /// "who accessed this patient's data" (run a create workload first so there is a trail).
+    AuditSearch,
     /// POST /token: client_credentials with private_key_jwt (ES384), as SMART Backend Services do.
     /// Registers its own client at /register (needs --registration-token); assertions are signed
     /// before the clock starts, so the figure is the server's.
@@ -252,6 +255,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                                 month + 1
                             );
                             (client.get(url), 0)
+                        }
+                        Workload::AuditSearch => {
+                            let patient = g.next() % patients;
+                            let now = chrono::Utc::now();
+                            let from = (now - chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%SZ");
+                            let to = now.format("%Y-%m-%dT%H:%M:%SZ");
+                            (client.get(format!("{base}/AuditEvent?patient=Patient/bench-{patient}&date=ge{from}&date=le{to}")), 0)
                         }
                         Workload::Revocation => unreachable!("run apart"),
                         Workload::Grant | Workload::GrantSecret | Workload::Introspect => {

@@ -40,6 +40,9 @@ const CHECKPOINT_POLL: Duration = Duration::from_millis(10);
 /// A projection counts as caught up if it reaches the log's current end within this bound.
 const READINESS_LAG_BOUND: Duration = Duration::from_secs(1);
 
+/// How long a clean stop waits for this process's projections to reach the log's end.
+const FINISH_PROJECTIONS: Duration = Duration::from_secs(10);
+
 #[async_trait::async_trait]
 impl Platform for RunningPlatform {
     async fn readiness(&self) -> Vec<Check> {
@@ -163,11 +166,14 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     let dyn_log = log.clone();
     let mut projector_tasks = Vec::new();
     let progress = start_projection(&RESOURCES, &settings, &open_log, &store, &mut projector_tasks).await?;
-    let mut audit_progress = Vec::new();
+    // The audit trail of writes is projected with the resources (one transaction); the rest by AUDIT.
+    let mut audit_progress = vec![(RESOURCES.topic, progress.clone())];
     for projection in &AUDIT {
         let progress = start_projection(projection, &settings, &open_log, &store, &mut projector_tasks).await?;
         audit_progress.push((projection.topic, progress));
     }
+    // What a clean stop lets this process's projectors finish (every topic they read).
+    let finishing = if settings.roles.projector { audit_progress.clone() } else { Vec::new() };
     let mut admin_task = None;
     let fhir = if settings.roles.fhir {
         // The authorization server: its state is rebuilt from the log before anything is served.
@@ -236,6 +242,9 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     })
     .await
     .context("HTTP server")?;
+    // Projections are derived and a later start catches up anyway, but a clean stop leaves them
+    // caught up with the log (bounded), so `cairn store digest` after a stop describes the whole log.
+    finish_projections(&log, &finishing).await;
     // Every acknowledged append is already durable; close lets queued appends finish.
     let owns_socket = admin_task.is_some();
     for task in projector_tasks.into_iter().chain(sealer_task).chain(admin_task) {
@@ -297,6 +306,21 @@ async fn start_projection(
             CHECKPOINT_POLL,
         ),
     })
+}
+
+/// Waits (at most `FINISH_PROJECTIONS`) until each projection has applied the log as it is now.
+async fn finish_projections(log: &Arc<dyn cairn_log::EventLog>, projections: &[(&'static str, Progress)]) {
+    let deadline = std::time::Instant::now() + FINISH_PROJECTIONS;
+    for (topic, progress) in projections {
+        let mut ends = Vec::new();
+        for p in 0..log.partitions(topic).unwrap_or(0) {
+            ends.push(log.end_offset(topic, p).await.unwrap_or(0));
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if !progress.wait_for(&ends, left).await {
+            tracing::warn!(topic, "stopping with the projection behind the log; the next start catches up");
+        }
+    }
 }
 
 async fn shutdown_signal() {
