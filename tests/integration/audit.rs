@@ -105,10 +105,10 @@ fn check_reference(r: &Value, at: &str, problems: &mut Vec<String>) {
     if !(o.contains_key("reference") || o.contains_key("identifier") || o.contains_key("display")) {
         problems.push(format!("{at}: a Reference needs reference, identifier or display"));
     }
-    if let Some(reference) = o.get("reference") {
-        if !reference.as_str().is_some_and(is_reference) {
-            problems.push(format!("{at}.reference {reference} is not Type/id[/_history/n]"));
-        }
+    if let Some(reference) = o.get("reference")
+        && !reference.as_str().is_some_and(is_reference)
+    {
+        problems.push(format!("{at}.reference {reference} is not Type/id[/_history/n]"));
     }
 }
 
@@ -222,7 +222,7 @@ fn audit_event_problems(a: &Value) -> Vec<String> {
         }
         if let Some(q) = e.get("query") {
             use base64::Engine;
-            if !q.as_str().is_some_and(|q| base64::engine::general_purpose::STANDARD.decode(q).is_ok()) {
+            if q.as_str().is_none_or(|q| base64::engine::general_purpose::STANDARD.decode(q).is_err()) {
                 p.push(format!("{here}.query is not base64Binary"));
             }
         }

@@ -223,3 +223,46 @@ fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
     assert_eq!(request_line, "POST /v1/traces HTTP/1.1");
     assert!(body_len > 0, "the export carries spans");
 }
+
+/// The embedded server signs its chain heads (seals in `cairn.chain`, about once a second) with the
+/// installation's Ed25519 key; `log verify` checks every seal against the recomputed chains, and with
+/// `--seal-public-key` that each seal is signed by that key.
+#[test]
+fn embedded_log_heads_are_signed_and_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let s = Server::start(tmp.path(), &["--insecure-no-auth"]);
+    let base = s.base_url.clone();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = reqwest::Client::new();
+        for i in 0..10 {
+            let reading = serde_json::json!({"resourceType": "Observation", "status": "final", "code": {"text": "glucose"},
+                "subject": {"reference": format!("Patient/p{}", i % 3)}});
+            let r = client
+                .post(format!("{base}/fhir/Observation"))
+                .header("content-type", "application/fhir+json")
+                .json(&reading)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 201);
+        }
+        tokio::time::sleep(cairn_log::seal::SEAL_EVERY * 3).await;
+    });
+    assert!(s.terminate().0.success());
+    let public = tmp.path().join("keys/seal-ed25519.key.pub");
+    let (status, out, err) =
+        run_cairn(&["log", "verify", "--data-dir", dir, "--seal-public-key", public.to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+    let sealed = out.lines().find(|l| l.contains("partitions match")).unwrap_or_else(|| panic!("{out}"));
+    assert!(!sealed.contains("match 0 seals") && sealed.contains("(0 not sealed yet"), "{sealed}");
+    assert!(!out.contains("warning"), "{out}");
+    let stranger = cairn_log::seal::SealSigner::generate().public_key_hex();
+    let (status, out, _) = run_cairn(&["log", "verify", "--data-dir", dir, "--seal-public-key", &stranger]);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("not signed by a trusted key"), "{out}");
+    let (status, out, _) = run_cairn(&["log", "verify", "--data-dir", dir, "--json"]);
+    assert!(status.success());
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(json["seals"]["seals_checked"].as_u64().is_some_and(|n| n > 0), "{json}");
+}

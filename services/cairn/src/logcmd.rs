@@ -4,7 +4,9 @@ use crate::datadir::DataDir;
 use crate::{TailArgs, VerifyArgs, config, telemetry};
 use anyhow::Context;
 use cairn_events::Event;
+use cairn_log::EventLog;
 use cairn_log::embedded::EmbeddedOptions;
+use serde_json::Value;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -78,7 +80,11 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     telemetry::init_cli();
     let backends = config::backends(&args.common)?;
     if let crate::config::LogBackend::Kafka(_) = backends.log {
-        return verify_sealed(args, backends);
+        let (ok, report) = verify_sealed(&args, &backends)?;
+        if args.json {
+            print_json_report(&report, ok)?;
+        }
+        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) });
     }
     let data = DataDir::open_existing(&config::data_dir(&args.common)?)?;
     let started = Instant::now();
@@ -93,9 +99,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         eprintln!();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    if args.json {
-        print_json_report(&report, report.ok())?;
-    } else {
+    if !args.json {
         for p in &report.partitions {
             println!("{}/{}: {} events, head {}", p.topic, p.partition, p.records, p.head_hash);
         }
@@ -108,21 +112,39 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                  never acknowledged (the next `cairn serve` moves it to quarantine/); otherwise the log was damaged."
             );
         }
-        if report.ok() {
-            println!(
-                "ok: {} events in {} partitions verified ({} bytes, {:.0} events/s)",
-                report.records,
-                report.partitions.len(),
-                report.bytes,
-                report.records as f64 / elapsed.max(1e-9)
-            );
-        }
     }
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    // The frames and their chains are sound; the seals (signed checkpoints, when the server made any)
+    // say whether these are the chains the server signed.
+    let (seals_ok, seals) =
+        if report.ok() && has_seals(&data)? { verify_sealed(&args, &backends)? } else { (true, Value::Null) };
+    if args.json {
+        let mut json = serde_json::to_value(&report)?;
+        json["seals"] = seals;
+        print_json_report(&json, report.ok() && seals_ok)?;
+    } else if report.ok() && seals_ok {
+        println!(
+            "ok: {} events in {} partitions verified ({} bytes, {:.0} events/s)",
+            report.records,
+            report.partitions.len(),
+            report.bytes,
+            report.records as f64 / elapsed.max(1e-9)
+        );
+    }
+    Ok(if report.ok() && seals_ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 
-/// `log verify` on Kafka: recompute every partition's chain and check it against the seals.
-fn verify_sealed(args: VerifyArgs, backends: crate::config::Backends) -> anyhow::Result<ExitCode> {
+/// Whether the embedded log holds a seal topic (a log written before seals existed has none).
+fn has_seals(data: &DataDir) -> anyhow::Result<bool> {
+    let log = cairn_log::embedded::EmbeddedLog::open(
+        data.log_dir(),
+        EmbeddedOptions { read_only: true, ..Default::default() },
+    )?;
+    Ok(log.partitions(cairn_log::seal::SEAL_TOPIC).is_ok())
+}
+
+/// Recomputes every partition's chain and checks it against the seals (signed checkpoints), printing
+/// a line per partition unless `--json`; returns the verdict and the report as JSON.
+fn verify_sealed(args: &VerifyArgs, backends: &crate::config::Backends) -> anyhow::Result<(bool, Value)> {
     let data = DataDir::open_existing(&config::data_dir(&args.common)?)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let started = Instant::now();
@@ -130,10 +152,9 @@ fn verify_sealed(args: VerifyArgs, backends: crate::config::Backends) -> anyhow:
     let trusted: Vec<_> =
         args.seal_public_key.iter().map(|k| crate::keys::read_public_key(k)).collect::<anyhow::Result<_>>()?;
     let report = rt.block_on(async {
-        let log =
-            crate::backends::open_log(&backends, &data, EmbeddedOptions { read_only: true, ..Default::default() })
-                .await?
-                .as_dyn();
+        let log = crate::backends::open_log(backends, &data, EmbeddedOptions { read_only: true, ..Default::default() })
+            .await?
+            .as_dyn();
         let report = cairn_log::seal::verify_sealed(log.as_ref(), &trusted, |done| {
             if show_progress && done % 10_000 == 0 {
                 eprint!("\rverifying: {done} events");
@@ -146,9 +167,7 @@ fn verify_sealed(args: VerifyArgs, backends: crate::config::Backends) -> anyhow:
         eprintln!();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    if args.json {
-        print_json_report(&report, report.ok())?;
-    } else {
+    if !args.json {
         for p in &report.partitions {
             println!(
                 "{}/{}: {} events, {} seals checked, {} after the last seal, head {}",
@@ -175,7 +194,7 @@ fn verify_sealed(args: VerifyArgs, backends: crate::config::Backends) -> anyhow:
             );
         }
     }
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok((report.ok(), serde_json::to_value(&report)?))
 }
 
 /// A verify report as one JSON object with its verdict in `ok`.

@@ -311,7 +311,7 @@ pub struct ServeArgs {
     /// How long a read waits for the store to reach the log before answering 503, in ms [default: 5000]
     #[arg(long, env = "CAIRN_READ_WAIT_MS")]
     pub read_wait_ms: Option<u64>,
-    /// The Ed25519 key the log sealer signs seals with (on Kafka), created on first start if absent
+    /// The Ed25519 key the log sealer signs seals (signed chain heads) with, created on first start if absent
     /// [default: <data dir>/keys/seal-ed25519.key]
     #[arg(long, env = "CAIRN_SEAL_KEY_FILE")]
     pub seal_key_file: Option<PathBuf>,
@@ -381,7 +381,7 @@ pub struct VerifyArgs {
     /// Print the report as one JSON object instead of text
     #[arg(long)]
     pub json: bool,
-    /// On Kafka: a public key (64 hex digits, or a file holding them, such as the server's
+    /// A public key (64 hex digits, or a file holding them, such as the server's
     /// keys/seal-ed25519.key.pub) whose signature every seal must carry; repeat for several sealers.
     /// Get it from the server's start-up log and keep a copy away from the log's machines.
     #[arg(long)]

@@ -142,25 +142,26 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
             log.create_topic(topic, settings.partitions).await?;
         }
     }
+    // Signed checkpoints ("seals", cairn_log::seal): each partition's chain head, signed with this
+    // installation's Ed25519 key and appended to `cairn.chain` about once a second, so `cairn log
+    // verify --seal-public-key` can prove the log unaltered. On Kafka the sealer also computes the
+    // chain (Kafka cannot chain at append); on the embedded log the chain is made at append and the
+    // seals anchor it. It runs with the projector role.
     let mut sealer_task = None;
-    if let OpenLog::Kafka(_) = open_log {
-        // Kafka cannot chain at append: the sealer anchors each partition's chain in seal records
-        // (cairn_log::seal), checked by `cairn log verify`. It runs with the projector role.
-        if log.partitions(cairn_log::seal::SEAL_TOPIC).is_err() {
-            log.create_topic(cairn_log::seal::SEAL_TOPIC, 1).await?;
-        }
-        if settings.roles.projector {
-            let topics = cairn_events::topics::ALL.iter().map(|t| t.to_string()).collect();
-            let log = log.clone();
-            let signer = Arc::new(crate::keys::load_or_create_seal_key(&settings.seal_key_file)?);
-            // Not a secret: verifiers need it (`cairn log verify --seal-public-key`).
-            tracing::info!(public_key = %signer.public_key_hex(), "log sealer signs seals with this key");
-            sealer_task = Some(tokio::spawn(async move {
-                if let Err(e) = cairn_log::seal::run_sealer(log, topics, Some(signer)).await {
-                    tracing::error!(error = %e, "log sealer stopped");
-                }
-            }));
-        }
+    if log.partitions(cairn_log::seal::SEAL_TOPIC).is_err() {
+        log.create_topic(cairn_log::seal::SEAL_TOPIC, 1).await?;
+    }
+    if settings.roles.projector {
+        let topics = cairn_events::topics::ALL.iter().map(|t| t.to_string()).collect();
+        let log = log.clone();
+        let signer = Arc::new(crate::keys::load_or_create_seal_key(&settings.seal_key_file)?);
+        // Not a secret: verifiers need it (`cairn log verify --seal-public-key`).
+        tracing::info!(public_key = %signer.public_key_hex(), "log sealer signs seals with this key");
+        sealer_task = Some(tokio::spawn(async move {
+            if let Err(e) = cairn_log::seal::run_sealer(log, topics, Some(signer)).await {
+                tracing::error!(error = %e, "log sealer stopped");
+            }
+        }));
     }
     let store = backends::open_store(&settings.backends, &data, settings.store_cache_bytes).await?;
     let dyn_log = log.clone();
