@@ -492,6 +492,63 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
         );
         // Unknown search parameters on the trail are refused like anywhere else.
         assert_eq!(api.call(Method::GET, "/AuditEvent?bogus=1", &au, None, &[]).await.0, 400);
+
+        // Compliance reports: the accounting of access to p1's data, as JSON and as CSV.
+        let window = "from=2026-01-01&to=2100-01-01";
+        let (s, report) = api
+            .call(Method::GET, &format!("/AuditEvent/$report?kind=patient-access&patient=p1&{window}"), &au, None, &[])
+            .await;
+        assert_eq!(s, 200, "{report}");
+        let columns: Vec<&str> = report["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+        let rows = report["rows"].as_array().unwrap();
+        assert!(rows.len() >= 5, "{report}");
+        let col = |name: &str| columns.iter().position(|c| *c == name).unwrap();
+        assert!(rows.iter().all(|r| r[col("patient")].as_str().unwrap().contains("Patient/p1")), "{report}");
+        assert!(rows.iter().any(|r| r[col("client")] == gateway.0.as_str() && r[col("interaction")] == "read"));
+        assert!(rows.iter().any(|r| r[col("interaction")] == "search-type"
+            && r[col("resources")].as_str().unwrap().contains("Observation/")));
+        let recorded: Vec<&str> = rows.iter().map(|r| r[col("recorded")].as_str().unwrap()).collect();
+        assert!(recorded.windows(2).all(|w| w[0] <= w[1]), "oldest first");
+        let csv = api
+            .http
+            .get(format!(
+                "{}/fhir/AuditEvent/$report?kind=patient-access&patient=Patient/p1&{window}&_format=csv",
+                api.base
+            ))
+            .bearer_auth(&au)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(csv.status(), 200);
+        assert!(csv.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+        let csv = csv.text().await.unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], columns.join(","));
+        // The JSON report disclosed p1's trail, so it is in the accounting now: one row more.
+        assert_eq!(lines.len(), 1 + rows.len() + 1, "{csv}");
+        assert!(lines.last().unwrap().contains(",operation,"), "{csv}");
+        // Security alerts: the two client registrations.
+        let (s, alerts) =
+            api.call(Method::GET, &format!("/AuditEvent/$report?kind=security-alerts&{window}"), &au, None, &[]).await;
+        assert_eq!(s, 200, "{alerts}");
+        let about: Vec<String> =
+            alerts["rows"].as_array().unwrap().iter().map(|r| r[3].as_str().unwrap().to_owned()).collect();
+        assert!(about.contains(&format!("urn:cairn:oauth-client|{}", gateway.0)), "{alerts}");
+        // Without the auditor's scope, or with a bad request: refused, and the refusal recorded.
+        assert_eq!(
+            api.call(Method::GET, &format!("/AuditEvent/$report?kind=security-alerts&{window}"), &gw, None, &[])
+                .await
+                .0,
+            403
+        );
+        let (s, bad) = api
+            .call(Method::GET, "/AuditEvent/$report?kind=gossip&from=2026-01-01&to=2027-01-01", &au, None, &[])
+            .await;
+        assert_eq!(s, 400, "{bad}");
+        assert!(bad["issue"][0]["diagnostics"].as_str().unwrap().contains("patient-access"), "{bad}");
+        // The reports are in the trail too.
+        let runs = api.search_all("/AuditEvent?subtype=operation", &au).await;
+        assert!(runs.len() >= 4, "{}", runs.len());
     });
     assert!(server.terminate().0.success());
 }

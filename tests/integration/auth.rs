@@ -697,6 +697,38 @@ fn smart_standalone_launch_with_an_independent_relying_party() {
         let (status, _, _) =
             http.fhir(reqwest::Method::GET, &format!("/Observation/{}", ids[0]), Some(&access), None).await;
         assert_eq!(status, 401, "reuse of the code revoked its tokens");
+        // The compliance officer's failed-login report counts the refused sign-in (CSRF) per
+        // username and per address.
+        let auditor = d.admin(&[
+            "client",
+            "register",
+            "--name",
+            "Compliance",
+            "--kind",
+            "confidential-symmetric",
+            "--scope",
+            "system/AuditEvent.rs",
+        ]);
+        let (id, secret) = (auditor["client_id"].as_str().unwrap(), auditor["client_secret"].as_str().unwrap());
+        let grant = [("grant_type", "client_credentials"), ("scope", "system/AuditEvent.rs")];
+        let (_, _, t) = http.form("/token", &grant, Some((id, secret))).await;
+        let token = t["access_token"].as_str().unwrap();
+        let (status, _, report) = http
+            .fhir(
+                reqwest::Method::GET,
+                "/AuditEvent/$report?kind=failed-logins&from=2026-01-01&to=2100-01-01",
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{report}");
+        let rows = report["rows"].as_array().unwrap();
+        assert!(
+            rows.iter()
+                .any(|r| r[0] == "username" && r[1] == "pat" && r[2].as_str().unwrap().parse::<u32>().unwrap() >= 1),
+            "{report}"
+        );
+        assert!(rows.iter().any(|r| r[0] == "address" && r[1] == "127.0.0.1"), "{report}");
     });
     let (status, stderr) = server.terminate();
     assert!(status.success(), "{stderr}");

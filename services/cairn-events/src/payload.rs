@@ -518,7 +518,8 @@ pub struct AccessRead {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessSearch {
-    /// `search-type`, `search-system`, `history-type`, `history-system`.
+    /// `search-type`, `search-system`, `history-type`, `history-system`, or `operation` (a report over
+    /// the audit trail).
     pub interaction: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_type: Option<String>,

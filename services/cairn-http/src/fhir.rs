@@ -33,6 +33,7 @@ pub fn routes(api: FhirApi) -> Router {
         .route("/fhir", axum::routing::post(bundle))
         .route("/fhir/metadata", get(metadata))
         .route("/fhir/_history", get(history_system))
+        .route("/fhir/AuditEvent/$report", get(audit_report))
         .route("/fhir/{rtype}", get(search).post(create))
         .route("/fhir/{rtype}/_history", get(history_type))
         .route("/fhir/{rtype}/{id}", get(read).put(update).delete(delete))
@@ -442,6 +443,51 @@ async fn history(
     checked(&api, &ctx, &target, negotiate(&headers, &q)).await?;
     let bundle = api.service.history(&ctx, rtype.as_deref(), id.as_deref(), &q).await?;
     Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// `GET /fhir/AuditEvent/$report?kind=...&from=...&to=...[&patient=...|&user=...][&_format=csv]`:
+/// a compliance report (cairn-service `reports.rs`) as JSON, or as CSV with `_format=csv` or
+/// `Accept: text/csv`.
+async fn audit_report(
+    State(api): State<FhirApi>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Outcome> {
+    let target = Target::new("operation", Some("AuditEvent"), None);
+    let ctx = context(&api, &headers, peer.0, &target).await?;
+    let q = q.unwrap_or_default();
+    let params: std::collections::HashMap<String, String> = form_urlencoded::parse(q.as_bytes()).into_owned().collect();
+    let csv = params.get("_format").is_some_and(|f| f == "csv" || f == "text/csv")
+        || headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/csv"));
+    let parsed = (|| {
+        let kind = cairn_service::ReportKind::parse(
+            params.get("kind").map(String::as_str).unwrap_or_default(),
+            params.get("patient").map(String::as_str),
+            params.get("user").map(String::as_str),
+        )?;
+        let window = |name: &str| {
+            params.get(name).cloned().ok_or_else(|| {
+                FhirError::new(400, IssueCode::Required, format!("`{name}` is required (a FHIR date or instant)"))
+            })
+        };
+        Ok::<_, FhirError>((kind, window("from")?, window("to")?))
+    })()
+    .map_err(Outcome::from);
+    let (kind, from, to) = checked(&api, &ctx, &target, parsed).await?;
+    let report = api.service.audit_report(&ctx, &kind, &from, &to).await?;
+    let mut r = if csv {
+        let mut r = (StatusCode::OK, report.to_csv()).into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
+        r
+    } else {
+        let mut r = (StatusCode::OK, serde_json::to_vec(&report).expect("reports serialize")).into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
+    };
+    // Reports name patients and users: never cached.
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
 }
 
 async fn unknown_route(request: Request) -> Outcome {

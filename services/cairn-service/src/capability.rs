@@ -32,7 +32,11 @@ fn resource(resource_type: &str) -> Value {
 fn read_only_resource(resource_type: &str) -> Value {
     json!({
         "type": resource_type,
-        "documentation": "Written by the server's audit projection from the event log; read-only (writes answer 405). Needs a scope naming the type (user/AuditEvent.rs); a patient-context token reads its own compartment's records.",
+        "documentation": if resource_type == "AuditEvent" {
+            "Written by the server's audit projection from the event log; read-only (writes answer 405). Needs a scope naming the type (user/AuditEvent.rs); a patient-context token reads its own compartment's records. Compliance reports: GET AuditEvent/$report?kind=patient-access|user-activity|failed-logins|security-alerts&from=&to=[&patient=|&user=][&_format=csv]."
+        } else {
+            "Written by the server's audit projection from the event log; read-only (writes answer 405). Needs a scope naming the type (user/Provenance.rs); a patient-context token reads its own compartment's records."
+        },
         "interaction": [
             {"code": "read"}, {"code": "vread"}, {"code": "history-instance"}, {"code": "history-type"}, {"code": "search-type"}
         ],

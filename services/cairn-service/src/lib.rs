@@ -9,11 +9,13 @@
 mod access;
 mod bundle;
 mod capability;
+mod reports;
 mod transaction;
 
 pub use access::{Access, Permit};
 pub use cairn_auth::scope::Permission;
 pub use capability::capability_statement;
+pub use reports::{Report, ReportKind};
 
 use cairn_events::{
     AccessRead, AccessSearch, Actor, Event, ResourceDeleted, ResourceWritten, Timestamp, VersionedRef, topics,
