@@ -390,6 +390,34 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
         assert_eq!(s, 401);
         let (s, _) = api.call(Method::GET, "/AuditEvent", &gw, None, &[("x-request-id", "gateway-snoops")]).await;
         assert_eq!(s, 403, "the gateway's wildcard-free scopes do not reach the audit trail");
+        // The gateway says which meter took the readings (X-Provenance), on a single create and on a
+        // batch: every resource written gets it, not only the first entry.
+        let meter = json!({"resourceType": "Provenance",
+            "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author"}]},
+                       "who": {"reference": "Device/meter-7"}}],
+            "entity": [{"role": "source", "what": {"identifier": {"system": "urn:test:upload", "value": "u-1"}}}]});
+        let meter_header = meter.to_string();
+        let (s, single) = api
+            .call(Method::POST, "/Observation", &gw, Some(&observation("Patient/p2", 111, "p2-x")), &[("x-provenance", &meter_header)])
+            .await;
+        assert_eq!(s, 201, "{single}");
+        let mut from_meter = vec![single["id"].as_str().unwrap().to_owned()];
+        let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": observation("Patient/p2", 112, "p2-y"), "request": {"method": "POST", "url": "Observation"}},
+            {"resource": observation("Patient/p2", 113, "p2-z"), "request": {"method": "POST", "url": "Observation"}}]});
+        let (s, answer) = api.call(Method::POST, "", &gw, Some(&batch), &[("x-provenance", &meter_header)]).await;
+        assert_eq!(s, 200, "{answer}");
+        for e in answer["entry"].as_array().unwrap() {
+            let location = e["response"]["location"].as_str().unwrap();
+            from_meter.push(location.split('/').nth_back(2).unwrap().to_owned());
+        }
+        let mut bad = meter.clone();
+        bad["target"] = json!([{"reference": "Observation/x"}]);
+        let (s, refusal) = api
+            .call(Method::POST, "/Observation", &gw, Some(&observation("Patient/p2", 114, "p2-w")), &[("x-provenance", &bad.to_string()), ("x-request-id", "bad-provenance")])
+            .await;
+        assert_eq!(s, 400, "{refusal}");
+        assert!(refusal.to_string().contains("target"), "{refusal}");
         let au = api.token(&auditor.0, &auditor.1, "system/AuditEvent.rs system/Provenance.rs").await;
         let (s, _) = api
             .call(
@@ -409,8 +437,17 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
         let provenances = api.search_all("/Provenance?_count=200", &au).await;
         let problems: Vec<String> = provenances.iter().flat_map(provenance_problems).collect();
         assert!(problems.is_empty(), "{} Provenances, problems:\n{}", provenances.len(), problems.join("\n"));
-        // 2 Patients + 6 Observations + 1 update + 1 delete.
-        assert_eq!(provenances.len(), 10, "one Provenance per write");
+        // 2 Patients + 6 Observations + 1 update + 1 delete + 3 readings from the meter.
+        assert_eq!(provenances.len(), 13, "one Provenance per write");
+        for id in &from_meter {
+            let p = provenances
+                .iter()
+                .find(|p| p["target"][0]["reference"].as_str().unwrap().starts_with(&format!("Observation/{id}/")))
+                .unwrap_or_else(|| panic!("no Provenance for {id}"));
+            assert_eq!(p["agent"][0]["who"]["identifier"]["value"], gateway.0.as_str(), "the token's agent comes first: {p}");
+            assert!(p["agent"].as_array().unwrap().iter().any(|a| a["who"]["reference"] == "Device/meter-7"), "{p}");
+            assert_eq!(p["entity"][0]["role"], "source", "{p}");
+        }
         eprintln!("audit trail of the run: {} AuditEvents, {} Provenances, all valid", all.len(), provenances.len());
 
         // Every write, read and search is there, by the gateway's token.
@@ -429,8 +466,8 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
             *m.entry(a["subtype"][0]["code"].as_str().unwrap().to_owned()).or_default() += 1;
             m
         });
-        // 2 Patients (created by PUT) and 6 Observations; one update.
-        assert_eq!(subtypes.get("create"), Some(&8), "{subtypes:?}");
+        // 2 Patients (created by PUT), 6 Observations and 3 from the meter; one update.
+        assert_eq!(subtypes.get("create"), Some(&11), "{subtypes:?}");
         assert_eq!(subtypes.get("update"), Some(&1), "{subtypes:?}");
         assert!(subtypes.get("search-type").is_some_and(|n| *n >= 3), "{subtypes:?}");
         assert_eq!(subtypes.get("delete"), Some(&1), "{subtypes:?}");
@@ -456,6 +493,7 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
             ("forged-token", "search-type", "401"),
             ("gateway-snoops", "search-type", "403"),
             ("write-audit", "create", "405"),
+            ("bad-provenance", "create", "400"),
         ] {
             let found: Vec<&Value> = all.iter().filter(|a| transaction_id(a).as_deref() == Some(request)).collect();
             assert_eq!(found.len(), 1, "{request}: {found:?}");

@@ -8,10 +8,10 @@ use serde_json::{Value, json};
 
 /// The Provenance of a `fhir.resource.*` event; `None` for every other event.
 pub fn provenance(event: &Event) -> Option<AuditRecord> {
-    let (resource_type, id, version, activity) = match &event.payload {
-        Payload::ResourceCreated(w) => (&w.resource_type, &w.id, w.version_id, ("CREATE", "create")),
-        Payload::ResourceUpdated(w) => (&w.resource_type, &w.id, w.version_id, ("UPDATE", "revise")),
-        Payload::ResourceDeleted(d) => (&d.resource_type, &d.id, d.version_id, ("DELETE", "delete")),
+    let (resource_type, id, version, activity, sent) = match &event.payload {
+        Payload::ResourceCreated(w) => (&w.resource_type, &w.id, w.version_id, ("CREATE", "create"), &w.provenance),
+        Payload::ResourceUpdated(w) => (&w.resource_type, &w.id, w.version_id, ("UPDATE", "revise"), &w.provenance),
+        Payload::ResourceDeleted(d) => (&d.resource_type, &d.id, d.version_id, ("DELETE", "delete"), &d.provenance),
         _ => return None,
     };
     let actor = &event.actor;
@@ -44,10 +44,33 @@ pub fn provenance(event: &Event) -> Option<AuditRecord> {
             "what": {"reference": format!("{resource_type}/{id}/_history/{}", version - 1)},
         }]);
     }
+    if let Some(sent) = sent.as_deref().and_then(|t| serde_json::from_str::<Value>(t).ok()) {
+        merge_sent(&mut body, &sent);
+    }
     let mut record = crate::record("Provenance", event.id.to_string(), body, event.patient.clone(), event);
     // `meta.source` names the request that made the write (the X-Request-Id of the server's logs).
     if let Some(r) = &event.request_id {
         record.resource["meta"]["source"] = Value::String(format!("urn:cairn:request:{r}"));
     }
     Some(record)
+}
+
+/// Merges what the client said in `X-Provenance` (checked by the API): its agents after the ones the
+/// token names (which stay first: the server vouches for them), its entities after the replaced
+/// version, and its reason, policy, location and time of the activity. Target, recorded and activity
+/// are the server's.
+fn merge_sent(body: &mut Value, sent: &Value) {
+    for key in ["agent", "entity"] {
+        if let Some(extra) = sent.get(key).and_then(Value::as_array) {
+            let list = body.as_object_mut().expect("an object").entry(key).or_insert_with(|| Value::Array(Vec::new()));
+            if let Some(list) = list.as_array_mut() {
+                list.extend(extra.iter().cloned());
+            }
+        }
+    }
+    for key in ["reason", "policy", "location", "occurredDateTime", "occurredPeriod"] {
+        if let Some(v) = sent.get(key) {
+            body[key] = v.clone();
+        }
+    }
 }

@@ -450,6 +450,10 @@ pub struct ResourceWritten {
     pub id: String,
     pub version_id: u64,
     pub resource: Box<serde_json::value::RawValue>,
+    /// The Provenance the client sent in `X-Provenance` (JSON text, as checked by the API), merged
+    /// into the Provenance the audit trail records for this write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<String>,
 }
 
 impl ResourceWritten {
@@ -459,7 +463,14 @@ impl ResourceWritten {
             id: id.to_owned(),
             version_id,
             resource: serde_json::value::to_raw_value(resource).expect("JSON values serialize"),
+            provenance: None,
         }
+    }
+
+    /// With the client's `X-Provenance` (JSON text).
+    pub fn with_provenance(mut self, provenance: Option<String>) -> ResourceWritten {
+        self.provenance = provenance;
+        self
     }
 
     /// The resource as a JSON value.
@@ -474,6 +485,7 @@ impl PartialEq for ResourceWritten {
             && self.id == other.id
             && self.version_id == other.version_id
             && self.resource.get() == other.resource.get()
+            && self.provenance == other.provenance
     }
 }
 
@@ -484,6 +496,9 @@ pub struct ResourceDeleted {
     pub resource_type: String,
     pub id: String,
     pub version_id: u64,
+    /// As in [`ResourceWritten::provenance`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<String>,
 }
 
 /// A resource at one version: what a read or search disclosed.
@@ -698,7 +713,10 @@ pub fn sample_event(t: EventType) -> Event {
                     "subject": {"reference": "Patient/p-1"},
                     "valueQuantity": {"value": 104, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
                 }),
-            );
+            )
+            .with_provenance(Some(
+                r#"{"resourceType":"Provenance","agent":[{"type":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/provenance-participant-type","code":"author"}]},"who":{"reference":"Device/meter-7"}}]}"#.into(),
+            ));
             if t == EventType::FhirResourceCreated {
                 Payload::ResourceCreated(written)
             } else {
@@ -706,7 +724,13 @@ pub fn sample_event(t: EventType) -> Event {
             }
         }
         EventType::FhirResourceDeleted => {
-            ResourceDeleted { resource_type: "Observation".into(), id: "obs-1".into(), version_id: 3 }.into()
+            ResourceDeleted {
+                resource_type: "Observation".into(),
+                id: "obs-1".into(),
+                version_id: 3,
+                provenance: Some(r#"{"resourceType":"Provenance","reason":[{"text":"entered in error"}]}"#.into()),
+            }
+            .into()
         }
         EventType::FhirAccessRead => AccessRead {
             interaction: "read".into(),

@@ -36,6 +36,70 @@ pub fn is_read_only_type(t: &str) -> bool {
     READ_ONLY_TYPES.contains(&t)
 }
 
+/// Largest `X-Provenance` header accepted.
+pub const MAX_X_PROVENANCE_BYTES: usize = 16 * 1024;
+
+/// Checks the Provenance a client sends in `X-Provenance` with a write: a Provenance without
+/// `target` and `recorded` (the server sets both), whose agents name who they are and whose
+/// entities have a role and a `what`. Returns it as compact JSON text.
+pub fn parse_x_provenance(text: &str) -> Result<String, Vec<Issue>> {
+    let at = |e: &str| format!("X-Provenance.{e}");
+    if text.len() > MAX_X_PROVENANCE_BYTES {
+        return Err(vec![Issue::error(
+            IssueCode::TooLong,
+            format!("X-Provenance is {} bytes; the limit is {MAX_X_PROVENANCE_BYTES}", text.len()),
+        )]);
+    }
+    let value = parse_json(text.as_bytes())?;
+    let mut issues = Vec::new();
+    let Some(obj) = value.as_object() else {
+        return Err(vec![Issue::error(IssueCode::Structure, "X-Provenance must be a JSON object (a Provenance)")]);
+    };
+    if obj.get("resourceType").and_then(Value::as_str) != Some("Provenance") {
+        issues.push(
+            Issue::error(IssueCode::Invalid, "X-Provenance must be a Provenance resource").at(at("resourceType")),
+        );
+    }
+    for set_by_server in ["target", "recorded"] {
+        if obj.contains_key(set_by_server) {
+            issues.push(
+                Issue::error(
+                    IssueCode::Invalid,
+                    format!(
+                        "X-Provenance must not carry `{set_by_server}`: the server sets it for each resource written"
+                    ),
+                )
+                .at(at(set_by_server)),
+            );
+        }
+    }
+    let named = |who: &Value| {
+        who.as_object().is_some_and(|w| ["reference", "identifier", "display"].iter().any(|k| w.contains_key(*k)))
+    };
+    for (i, agent) in obj.get("agent").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        if !agent.get("who").is_some_and(named) {
+            issues.push(
+                Issue::error(IssueCode::Required, "an agent needs `who` (a reference, identifier or display)")
+                    .at(at(&format!("agent[{i}].who"))),
+            );
+        }
+    }
+    const ROLES: [&str; 5] = ["derivation", "revision", "quotation", "source", "removal"];
+    for (i, entity) in obj.get("entity").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        if !entity.get("role").and_then(Value::as_str).is_some_and(|r| ROLES.contains(&r)) {
+            issues.push(
+                Issue::error(IssueCode::Value, format!("an entity's role is one of {}", ROLES.join(", ")))
+                    .at(at(&format!("entity[{i}].role"))),
+            );
+        }
+        if !entity.get("what").is_some_and(named) {
+            issues
+                .push(Issue::error(IssueCode::Required, "an entity needs `what`").at(at(&format!("entity[{i}].what"))));
+        }
+    }
+    if issues.is_empty() { Ok(serde_json::to_string(&value).expect("JSON values serialize")) } else { Err(issues) }
+}
+
 /// Parses a request body as a FHIR JSON resource of `expected_type`, or explains every problem.
 pub fn parse(body: &[u8], expected_type: &str) -> Result<Value, Vec<Issue>> {
     let value = parse_json(body)?;
@@ -868,5 +932,30 @@ mod properties {
                 Err(issues) => prop_assert!(!issues.is_empty()),
             }
         }
+    }
+
+    #[test]
+    fn x_provenance_is_checked_before_anything_is_written() {
+        let ok = r#"{"resourceType":"Provenance","agent":[{"who":{"reference":"Device/m-1"}}],"entity":[{"role":"source","what":{"display":"upload 7"}}]}"#;
+        assert!(parse_x_provenance(ok).is_ok());
+        let problems = |t: &str| {
+            parse_x_provenance(t).unwrap_err().iter().map(|i| i.diagnostics.clone()).collect::<Vec<_>>().join(" | ")
+        };
+        assert!(problems("[]").contains("JSON object"));
+        assert!(problems("{").contains("malformed JSON"));
+        assert!(problems(r#"{"resourceType":"Observation"}"#).contains("Provenance resource"));
+        assert!(
+            problems(r#"{"resourceType":"Provenance","target":[],"recorded":"2026-01-01T00:00:00Z"}"#)
+                .contains("`recorded`")
+        );
+        assert!(problems(r#"{"resourceType":"Provenance","agent":[{"type":{}}]}"#).contains("needs `who`"));
+        assert!(
+            problems(r#"{"resourceType":"Provenance","entity":[{"role":"inspiration","what":{"display":"x"}}]}"#)
+                .contains("role")
+        );
+        assert!(
+            problems(&format!(r#"{{"resourceType":"Provenance","text":"{}"}}"#, "x".repeat(MAX_X_PROVENANCE_BYTES)))
+                .contains("limit")
+        );
     }
 }

@@ -135,7 +135,7 @@ async fn context(
     let request_id = headers.get(crate::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let mut actor = crate::oauth::request_actor(headers, peer);
     let auth = match (&api.auth, api.allow_anonymous) {
-        (_, true) => return Ok(RequestContext { actor, request_id, access: Access::Unrestricted }),
+        (_, true) => return Ok(RequestContext { actor, request_id, access: Access::Unrestricted, provenance: None }),
         (Some(auth), false) => auth,
         (None, false) => return Err(error(503, IssueCode::Transient, "the authorization server is not running")),
     };
@@ -153,6 +153,7 @@ async fn context(
                 actor,
                 request_id,
                 access: Access::Smart { scopes: Default::default(), patient: None },
+                provenance: None,
             };
             return Err(refused(api, &anonymous, target, outcome).await);
         }
@@ -163,7 +164,14 @@ async fn context(
     actor.jti = Some(claims.jti.clone());
     actor.fhir_user = claims.fhir_user.clone();
     let access = Access::Smart { scopes: token.scopes.clone(), patient: claims.patient.clone() };
-    Ok(RequestContext { actor, request_id, access })
+    Ok(RequestContext { actor, request_id, access, provenance: None })
+}
+
+/// The `X-Provenance` header of a write, checked (cairn-fhir `parse_x_provenance`).
+fn x_provenance(headers: &HeaderMap) -> Result<Option<String>, Outcome> {
+    let Some(value) = headers.get("x-provenance") else { return Ok(None) };
+    let text = value.to_str().map_err(|_| error(400, IssueCode::Structure, "X-Provenance is not valid UTF-8 JSON"))?;
+    cairn_fhir::resource::parse_x_provenance(text).map(Some).map_err(|issues| Outcome::from(FhirError::invalid(issues)))
 }
 
 /// JSON only: `_format` and `Accept` must allow it.
@@ -280,7 +288,8 @@ async fn create(
     request: Request,
 ) -> Result<Response, Outcome> {
     let target = Target::new("create", Some(&rtype), None);
-    let ctx = context(&api, &headers, peer.0, &target).await?;
+    let mut ctx = context(&api, &headers, peer.0, &target).await?;
+    ctx.provenance = checked(&api, &ctx, &target, x_provenance(&headers)).await?;
     let acceptable = negotiate(&headers, q.as_deref().unwrap_or("")).and_then(|()| check_content_type(&headers));
     checked(&api, &ctx, &target, acceptable).await?;
     let body = checked(&api, &ctx, &target, body_bytes(&api, request.into_body()).await).await?;
@@ -297,7 +306,8 @@ async fn bundle(
     request: Request,
 ) -> Result<Response, Outcome> {
     let target = Target::new("batch", None, None);
-    let ctx = context(&api, &headers, peer.0, &target).await?;
+    let mut ctx = context(&api, &headers, peer.0, &target).await?;
+    ctx.provenance = checked(&api, &ctx, &target, x_provenance(&headers)).await?;
     let acceptable = negotiate(&headers, q.as_deref().unwrap_or("")).and_then(|()| check_content_type(&headers));
     checked(&api, &ctx, &target, acceptable).await?;
     let limit = api.service.settings().max_bundle_bytes;
@@ -318,7 +328,8 @@ async fn update(
     request: Request,
 ) -> Result<Response, Outcome> {
     let target = Target::new("update", Some(&rtype), Some(&id));
-    let ctx = context(&api, &headers, peer.0, &target).await?;
+    let mut ctx = context(&api, &headers, peer.0, &target).await?;
+    ctx.provenance = checked(&api, &ctx, &target, x_provenance(&headers)).await?;
     let acceptable = negotiate(&headers, q.as_deref().unwrap_or("")).and_then(|()| check_content_type(&headers));
     checked(&api, &ctx, &target, acceptable).await?;
     let body = checked(&api, &ctx, &target, body_bytes(&api, request.into_body()).await).await?;
@@ -341,7 +352,9 @@ async fn delete(
     peer: Peer,
     headers: HeaderMap,
 ) -> Result<Response, Outcome> {
-    let ctx = context(&api, &headers, peer.0, &Target::new("delete", Some(&rtype), Some(&id))).await?;
+    let target = Target::new("delete", Some(&rtype), Some(&id));
+    let mut ctx = context(&api, &headers, peer.0, &target).await?;
+    ctx.provenance = checked(&api, &ctx, &target, x_provenance(&headers)).await?;
     let deleted = api.service.delete(&ctx, &rtype, &id).await?;
     let mut r = StatusCode::NO_CONTENT.into_response();
     if let Some(v) = deleted

@@ -36,6 +36,9 @@ pub struct RequestContext {
     pub actor: Actor,
     pub request_id: String,
     pub access: Access,
+    /// The Provenance the client sent with a write (`X-Provenance`, JSON text checked by the edge),
+    /// recorded with every resource the request writes, each entry of a Bundle included.
+    pub provenance: Option<String>,
 }
 
 /// A FHIR error: the HTTP status and the issues for its OperationOutcome.
@@ -51,7 +54,8 @@ impl FhirError {
     pub fn new(status: u16, code: IssueCode, diagnostics: impl Into<String>) -> FhirError {
         FhirError { status, issues: vec![Issue::error(code, diagnostics)], concealed: false }
     }
-    fn invalid(issues: Vec<Issue>) -> FhirError {
+    /// 400 with every issue found.
+    pub fn invalid(issues: Vec<Issue>) -> FhirError {
         FhirError { status: 400, issues, concealed: false }
     }
     /// The status the audit trail records: the truth, even when the client is told less.
@@ -353,7 +357,8 @@ impl FhirService {
         resource: &Value,
         created: bool,
     ) -> Event {
-        let written = ResourceWritten::new(resource_type, id, version_id, resource);
+        let written =
+            ResourceWritten::new(resource_type, id, version_id, resource).with_provenance(ctx.provenance.clone());
         let payload = if created {
             cairn_events::Payload::ResourceCreated(written)
         } else {
@@ -593,10 +598,14 @@ impl FhirService {
         }
         let Some(current) = current.filter(|c| !c.deleted) else { return Ok(None) };
         let version_id = current.version_id + 1;
-        let mut e =
-            Event::new(ResourceDeleted { resource_type: resource_type.to_owned(), id: id.to_owned(), version_id })
-                .with_actor(ctx.actor.clone())
-                .with_request_id(ctx.request_id.clone());
+        let mut e = Event::new(ResourceDeleted {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            version_id,
+            provenance: ctx.provenance.clone(),
+        })
+        .with_actor(ctx.actor.clone())
+        .with_request_id(ctx.request_id.clone());
         if let Some(p) = current.patient {
             e = e.with_patient(p);
         }

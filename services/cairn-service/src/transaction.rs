@@ -392,6 +392,7 @@ impl FhirService {
                             resource_type: t.clone(),
                             id: id.clone(),
                             version_id: c.version_id + 1,
+                            provenance: ctx.provenance.clone(),
                         })
                         .with_actor(ctx.actor.clone())
                         .with_request_id(ctx.request_id.clone());

@@ -59,8 +59,12 @@ pub async fn seed(data_dir: &Path, public_url: &str, auth: &AuthServer, fhir: &F
             .map_err(|e| anyhow::anyhow!("demo device client: {e}"))?;
         let patient = json!({"resourceType": "Patient", "id": "demo-patient", "active": true,
             "name": [{"family": "Demo", "given": ["Pat"]}], "birthDate": "1980-04-02"});
-        let ctx =
-            RequestContext { actor: Default::default(), request_id: "demo-seed".into(), access: Access::Unrestricted };
+        let ctx = RequestContext {
+            actor: Default::default(),
+            request_id: "demo-seed".into(),
+            access: Access::Unrestricted,
+            provenance: None,
+        };
         fhir.update(&ctx, "Patient", "demo-patient", patient.to_string().as_bytes(), None)
             .await
             .map_err(|e| anyhow::anyhow!("demo patient: {:?}", e.issues))?;
