@@ -225,6 +225,9 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
         metrics: telemetry.metrics.clone(),
         draining: AtomicBool::new(false),
     });
+    // The signal handlers are in place before the server says it is listening: a SIGTERM sent right
+    // after that line must stop it cleanly, not kill it with the default disposition.
+    let shutdown = shutdown_signal()?;
     tracing::info!(
         listen = %bound,
         public_url = %settings.public_url,
@@ -237,7 +240,7 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     println!("cairn: listening on http://{bound} (public URL {})", settings.public_url);
     let drain = platform.clone();
     cairn_http::serve(listener, platform, fhir, async move {
-        shutdown_signal().await;
+        shutdown.await;
         drain.draining.store(true, Ordering::Relaxed);
         tracing::info!("shutting down: finishing in-flight requests");
     })
@@ -324,12 +327,15 @@ async fn finish_projections(log: &Arc<dyn cairn_log::EventLog>, projections: &[(
     }
 }
 
-async fn shutdown_signal() {
+/// Registers the SIGTERM and SIGINT handlers now; the returned future completes at the first signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
