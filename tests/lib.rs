@@ -292,6 +292,14 @@ impl Deployment {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("cairn admin {args:?} printed no JSON ({e}): {out}"))
     }
 
+    /// Registers a confidential client with a secret (`cairn admin client register`); its id and secret.
+    pub fn register_client(&self, name: &str, scope: &str) -> (String, String) {
+        let c =
+            self.admin(&["client", "register", "--name", name, "--kind", "confidential-symmetric", "--scope", scope]);
+        let field = |k: &str| c[k].as_str().unwrap_or_else(|| panic!("no {k} in {c}")).to_owned();
+        (field("client_id"), field("client_secret"))
+    }
+
     fn with_deployment_args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
         let mut all: Vec<&str> = args.to_vec();
         all.push("--data-dir");

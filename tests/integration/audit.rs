@@ -302,16 +302,11 @@ fn transaction_id(a: &Value) -> Option<String> {
         .and_then(|e| e["what"]["identifier"]["value"].as_str().map(str::to_owned))
 }
 
-fn client(d: &Deployment, name: &str, scope: &str) -> (String, String) {
-    let c = d.admin(&["client", "register", "--name", name, "--kind", "confidential-symmetric", "--scope", scope]);
-    (c["client_id"].as_str().unwrap().to_owned(), c["client_secret"].as_str().unwrap().to_owned())
-}
-
 fn the_audit_trail_of_a_realistic_run(backend: Backend) {
     let d = Deployment::new(backend);
     let server = d.start(&[]);
-    let gateway = client(&d, "Gateway", "system/Observation.cruds system/Patient.cru");
-    let auditor = client(&d, "Compliance", "system/AuditEvent.rs system/Provenance.rs");
+    let gateway = d.register_client("Gateway", "system/Observation.cruds system/Patient.cru");
+    let auditor = d.register_client("Compliance", "system/AuditEvent.rs system/Provenance.rs");
     let api = Api::new(&server);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {

@@ -160,18 +160,7 @@ fn backend_services(backend: Backend) {
         jwks_file.to_str().unwrap(),
     ]);
     assert_eq!(gw["client_id"], "gateway-7");
-    let rs = d.admin(&[
-        "client",
-        "register",
-        "--name",
-        "Resource server",
-        "--kind",
-        "confidential-symmetric",
-        "--scope",
-        "system/*.rs",
-    ]);
-    let (rs_id, rs_secret) =
-        (rs["client_id"].as_str().unwrap().to_owned(), rs["client_secret"].as_str().unwrap().to_owned());
+    let (rs_id, rs_secret) = d.register_client("Resource server", "system/*.rs");
 
     rt().block_on(async {
         // Discovery: the documents agree with each other and with where we are.
@@ -307,18 +296,7 @@ fn administration(backend: Backend) {
     let (status, _, err) =
         d.cairn_with_stdin(&["admin", "user", "add", "--username", "alice", "--password-stdin"], "another password\n");
     assert!(!status.success() && err.contains("already exists"), "{err}");
-    let lab = d.admin(&[
-        "client",
-        "register",
-        "--name",
-        "Lab",
-        "--kind",
-        "confidential-symmetric",
-        "--scope",
-        "system/Observation.rs",
-    ]);
-    let (id, secret) =
-        (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let (id, secret) = d.register_client("Lab", "system/Observation.rs");
     let http = Http::new(&server);
     rt().block_on(async {
         let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.rs")];
@@ -366,18 +344,7 @@ fn a_token_issued_by_one_api_process_is_honoured_and_revoked_at_another() {
         "--token-key-dir",
         other_keys.path().to_str().unwrap(),
     ]);
-    let lab = d.admin(&[
-        "client",
-        "register",
-        "--name",
-        "Lab",
-        "--kind",
-        "confidential-symmetric",
-        "--scope",
-        "system/Observation.crs",
-    ]);
-    let (id, secret) =
-        (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let (id, secret) = d.register_client("Lab", "system/Observation.crs");
     let (http_a, http_b) = (Http::new(&a), Http::new(&b));
     rt().block_on(async {
         let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.crs")];
@@ -506,16 +473,7 @@ fn smart_standalone_launch_with_an_independent_relying_party() {
         "--scope",
         "launch/patient openid fhirUser offline_access patient/Observation.crs patient/Patient.r",
     ]);
-    let feeder = d.admin(&[
-        "client",
-        "register",
-        "--name",
-        "Feeder",
-        "--kind",
-        "confidential-symmetric",
-        "--scope",
-        "system/*.cruds",
-    ]);
+    let (feeder_id, feeder_secret) = d.register_client("Feeder", "system/*.cruds");
     let (status, out, err) = d.cairn_with_stdin(
         &["admin", "user", "add", "--username", "pat", "--password-stdin", "--fhir-user", "Patient/p-1"],
         "a long patient password\n",
@@ -525,13 +483,7 @@ fn smart_standalone_launch_with_an_independent_relying_party() {
     rt().block_on(async {
         // Readings of two patients, written by a backend.
         let grant = [("grant_type", "client_credentials"), ("scope", "system/*.cruds")];
-        let (_, _, t) = http
-            .form(
-                "/token",
-                &grant,
-                Some((feeder["client_id"].as_str().unwrap(), feeder["client_secret"].as_str().unwrap())),
-            )
-            .await;
+        let (_, _, t) = http.form("/token", &grant, Some((&feeder_id, &feeder_secret))).await;
         let system = t["access_token"].as_str().unwrap().to_owned();
         let mut ids = Vec::new();
         for p in ["p-1", "p-2"] {
@@ -644,13 +596,8 @@ fn smart_standalone_launch_with_an_independent_relying_party() {
         assert_eq!(info.subject().as_str(), user_id);
 
         // The SMART context in the raw token response, and the token at the FHIR API.
-        let (status, _, introspected) = http
-            .form(
-                "/introspect",
-                &[("token", &access)],
-                Some((feeder["client_id"].as_str().unwrap(), feeder["client_secret"].as_str().unwrap())),
-            )
-            .await;
+        let (status, _, introspected) =
+            http.form("/introspect", &[("token", &access)], Some((&feeder_id, &feeder_secret))).await;
         assert_eq!((status, introspected["patient"].as_str()), (200, Some("p-1")));
         let (status, _, _) =
             http.fhir(reqwest::Method::GET, &format!("/Observation/{}", ids[0]), Some(&access), None).await;
@@ -699,17 +646,8 @@ fn smart_standalone_launch_with_an_independent_relying_party() {
         assert_eq!(status, 401, "reuse of the code revoked its tokens");
         // The compliance officer's failed-login report counts the refused sign-in (CSRF) per
         // username and per address.
-        let auditor = d.admin(&[
-            "client",
-            "register",
-            "--name",
-            "Compliance",
-            "--kind",
-            "confidential-symmetric",
-            "--scope",
-            "system/AuditEvent.rs",
-        ]);
-        let (id, secret) = (auditor["client_id"].as_str().unwrap(), auditor["client_secret"].as_str().unwrap());
+        let (auditor_id, auditor_secret) = d.register_client("Compliance", "system/AuditEvent.rs");
+        let (id, secret) = (auditor_id.as_str(), auditor_secret.as_str());
         let grant = [("grant_type", "client_credentials"), ("scope", "system/AuditEvent.rs")];
         let (_, _, t) = http.form("/token", &grant, Some((id, secret))).await;
         let token = t["access_token"].as_str().unwrap();
@@ -922,18 +860,7 @@ fn a_backend_client_with_a_jwks_uri() {
 fn revocation_under_a_steady_stream(backend: Backend) {
     let d = Deployment::new(backend);
     let server = d.start(&[]);
-    let lab = d.admin(&[
-        "client",
-        "register",
-        "--name",
-        "Lab",
-        "--kind",
-        "confidential-symmetric",
-        "--scope",
-        "system/Observation.rs",
-    ]);
-    let (id, secret) =
-        (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let (id, secret) = d.register_client("Lab", "system/Observation.rs");
     let http = Http::new(&server);
     rt().block_on(async {
         let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.rs")];
@@ -1000,18 +927,7 @@ fn a_restarted_server_enforces_revocations_made_while_it_was_down(backend: Backe
     let d = Deployment::new(backend);
     // The issuer must not change with the port a restart happens to get.
     let server = d.start(&["--public-url", "http://cairn.test"]);
-    let lab = d.admin(&[
-        "client",
-        "register",
-        "--name",
-        "Lab",
-        "--kind",
-        "confidential-symmetric",
-        "--scope",
-        "system/Observation.rs",
-    ]);
-    let (id, secret) =
-        (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let (id, secret) = d.register_client("Lab", "system/Observation.rs");
     let http = Http::new(&server);
     let (doomed, spared) = rt().block_on(async {
         let grant = [("grant_type", "client_credentials"), ("scope", "system/Observation.rs")];
@@ -1069,18 +985,7 @@ fn a_stalled_revocation_feed_fails_closed_and_recovers() {
     let _alone = cairn_tests::exclusive_servers();
     let d = Deployment::unguarded(Backend::KafkaCassandra);
     let server = d.start(&["--revocation-lag-bound-ms", "2000"]);
-    let lab = d.admin(&[
-        "client",
-        "register",
-        "--name",
-        "Lab",
-        "--kind",
-        "confidential-symmetric",
-        "--scope",
-        "system/Observation.rs",
-    ]);
-    let (id, secret) =
-        (lab["client_id"].as_str().unwrap().to_owned(), lab["client_secret"].as_str().unwrap().to_owned());
+    let (id, secret) = d.register_client("Lab", "system/Observation.rs");
     let http = Http {
         client: reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build().unwrap(),
         base: server.base_url.clone(),

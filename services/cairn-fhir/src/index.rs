@@ -104,6 +104,13 @@ pub const SHORT_EFFECTIVE_MS: i64 = 24 * 60 * 60 * 1000;
 /// The bucket of Observations whose effective range is long, open or unknown.
 pub const LONG_EFFECTIVE: i64 = i64::MIN;
 
+/// Whether a type's resources carry a date-index key, so that one patient's resources in a time window
+/// can be read directly: Observations (by `effective[x]`, [`date_key`]) and AuditEvents (by
+/// `recorded`, set by the audit projection).
+pub fn has_patient_date_index(resource_type: &str) -> bool {
+    matches!(resource_type, "Observation" | "AuditEvent")
+}
+
 /// The date-index key of a resource: for an Observation, the start of a short `effective[x]` in
 /// epoch milliseconds, or [`LONG_EFFECTIVE`]; `None` for resources not in the date index.
 pub fn date_key(resource_type: &str, resource: &Value) -> Option<i64> {

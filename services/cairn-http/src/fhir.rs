@@ -167,6 +167,18 @@ async fn context(
     Ok(RequestContext { actor, request_id, access, provenance: None })
 }
 
+/// [`context`] for a write: with the client's `X-Provenance`, checked (a bad one is a recorded 400).
+async fn write_context(
+    api: &FhirApi,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+    target: &Target<'_>,
+) -> Result<RequestContext, Outcome> {
+    let mut ctx = context(api, headers, peer, target).await?;
+    ctx.provenance = checked(api, &ctx, target, x_provenance(headers)).await?;
+    Ok(ctx)
+}
+
 /// The `X-Provenance` header of a write, checked (cairn-fhir `parse_x_provenance`).
 fn x_provenance(headers: &HeaderMap) -> Result<Option<String>, Outcome> {
     let Some(value) = headers.get("x-provenance") else { return Ok(None) };
@@ -288,8 +300,7 @@ async fn create(
     request: Request,
 ) -> Result<Response, Outcome> {
     let target = Target::new("create", Some(&rtype), None);
-    let mut ctx = context(&api, &headers, peer.0, &target).await?;
-    ctx.provenance = checked(&api, &ctx, &target, x_provenance(&headers)).await?;
+    let ctx = write_context(&api, &headers, peer.0, &target).await?;
     let acceptable = negotiate(&headers, q.as_deref().unwrap_or("")).and_then(|()| check_content_type(&headers));
     checked(&api, &ctx, &target, acceptable).await?;
     let body = checked(&api, &ctx, &target, body_bytes(&api, request.into_body()).await).await?;
@@ -306,8 +317,7 @@ async fn bundle(
     request: Request,
 ) -> Result<Response, Outcome> {
     let target = Target::new("batch", None, None);
-    let mut ctx = context(&api, &headers, peer.0, &target).await?;
-    ctx.provenance = checked(&api, &ctx, &target, x_provenance(&headers)).await?;
+    let ctx = write_context(&api, &headers, peer.0, &target).await?;
     let acceptable = negotiate(&headers, q.as_deref().unwrap_or("")).and_then(|()| check_content_type(&headers));
     checked(&api, &ctx, &target, acceptable).await?;
     let limit = api.service.settings().max_bundle_bytes;
@@ -328,8 +338,7 @@ async fn update(
     request: Request,
 ) -> Result<Response, Outcome> {
     let target = Target::new("update", Some(&rtype), Some(&id));
-    let mut ctx = context(&api, &headers, peer.0, &target).await?;
-    ctx.provenance = checked(&api, &ctx, &target, x_provenance(&headers)).await?;
+    let ctx = write_context(&api, &headers, peer.0, &target).await?;
     let acceptable = negotiate(&headers, q.as_deref().unwrap_or("")).and_then(|()| check_content_type(&headers));
     checked(&api, &ctx, &target, acceptable).await?;
     let body = checked(&api, &ctx, &target, body_bytes(&api, request.into_body()).await).await?;
@@ -353,8 +362,7 @@ async fn delete(
     headers: HeaderMap,
 ) -> Result<Response, Outcome> {
     let target = Target::new("delete", Some(&rtype), Some(&id));
-    let mut ctx = context(&api, &headers, peer.0, &target).await?;
-    ctx.provenance = checked(&api, &ctx, &target, x_provenance(&headers)).await?;
+    let ctx = write_context(&api, &headers, peer.0, &target).await?;
     let deleted = api.service.delete(&ctx, &rtype, &id).await?;
     let mut r = StatusCode::NO_CONTENT.into_response();
     if let Some(v) = deleted

@@ -296,19 +296,25 @@ impl FhirService {
         resource::parse(body, resource_type).map_err(FhirError::invalid)
     }
 
-    /// Waits until the projection has applied everything the log held when this was called: in every
-    /// partition, or in the one partition of `key`.
-    async fn caught_up(&self, key: Option<&str>) -> FhirResult<()> {
-        let partitions = self.log.partitions(topics::FHIR).map_err(|e| FhirError::unavailable(e.to_string()))?;
+    /// Whether `progress` reaches, within the read bound, everything `topic` held when this was
+    /// called: in every partition, or in the one partition of `key`.
+    async fn reached(&self, topic: &str, progress: &Progress, key: Option<&str>) -> FhirResult<bool> {
+        let unavailable = |e: cairn_log::LogError| FhirError::unavailable(e.to_string());
+        let partitions = self.log.partitions(topic).map_err(unavailable)?;
         let mut targets = vec![0u64; partitions as usize];
         let only = key.map(|k| cairn_log::partition_for_key(k.as_bytes(), partitions));
         for p in 0..partitions {
             if only.is_none_or(|o| o == p) {
-                targets[p as usize] =
-                    self.log.end_offset(topics::FHIR, p).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
+                targets[p as usize] = self.log.end_offset(topic, p).await.map_err(unavailable)?;
             }
         }
-        if self.progress.wait_for(&targets, self.settings.read_wait).await {
+        Ok(progress.wait_for(&targets, self.settings.read_wait).await)
+    }
+
+    /// Waits until the resource projection has applied everything the log held when this was called:
+    /// in every partition, or in the one partition of `key`.
+    async fn caught_up(&self, key: Option<&str>) -> FhirResult<()> {
+        if self.reached(topics::FHIR, &self.progress, key).await? {
             Ok(())
         } else {
             Err(FhirError::unavailable(format!(
@@ -325,12 +331,7 @@ impl FhirService {
             return self.caught_up(key).await;
         }
         for (topic, progress) in &self.audit_progress {
-            let partitions = self.log.partitions(topic).map_err(|e| FhirError::unavailable(e.to_string()))?;
-            let mut targets = Vec::with_capacity(partitions as usize);
-            for p in 0..partitions {
-                targets.push(self.log.end_offset(topic, p).await.map_err(|e| FhirError::unavailable(e.to_string()))?);
-            }
-            if !progress.wait_for(&targets, self.settings.read_wait).await {
+            if !self.reached(topic, progress, None).await? {
                 return Err(FhirError::unavailable(format!(
                     "the audit trail is more than {} ms behind the log; try again shortly",
                     self.settings.read_wait.as_millis()
@@ -729,7 +730,7 @@ impl FhirService {
             _ => true,
         };
         let result = match (patient.as_deref(), index::date_bounds(query)) {
-            (Some(p), Some((from, to))) if matches!(resource_type, "Observation" | "AuditEvent") => {
+            (Some(p), Some((from, to))) if index::has_patient_date_index(resource_type) => {
                 self.store.scan_patient_dates(resource_type, p, from, to, &mut filter).await
             }
             (p, _) => self.store.scan_current(resource_type, p, &mut filter).await,
@@ -778,7 +779,7 @@ impl FhirService {
             .map_err(|e| FhirError::new(400, IssueCode::Invalid, e.to_string()))?;
         // A token confined to one patient's compartment searches through that patient's index.
         if let Some(compartment) = permit.sole_compartment()
-            && matches!(resource_type, "Observation" | "AuditEvent")
+            && index::has_patient_date_index(resource_type)
             && single_patient(resource_type, &query).is_none()
         {
             let (with_patient, _) = search::parse_query(resource_type, &format!("patient={compartment}"), false)

@@ -245,11 +245,13 @@ impl FhirService {
                         e.2 = recorded.clone();
                     }
                 }
-                let mut rows: Vec<Vec<String>> = counts
+                // Most failures first (a stable sort keeps the key order among equals).
+                let mut counted: Vec<_> = counts.into_iter().collect();
+                counted.sort_by_key(|c| std::cmp::Reverse(c.1.0));
+                let rows = counted
                     .into_iter()
                     .map(|((by, who), (n, first, last))| vec![by, who, n.to_string(), first, last])
                     .collect();
-                rows.sort_by(|a, b| b[2].parse::<u64>().unwrap_or(0).cmp(&a[2].parse::<u64>().unwrap_or(0)));
                 (vec!["by", "value", "failures", "first", "last"], rows)
             }
             ReportKind::SecurityAlerts => (

@@ -50,18 +50,15 @@ impl ResourceVersion {
     }
 }
 
-/// The audit trail's types. They are left out of the system-wide change list (system `_history`):
-/// every request adds to them, so they would bury the resources clients wrote; their own type-level
-/// history has them.
-pub const AUDIT_TYPES: [&str; 2] = ["AuditEvent", "Provenance"];
-
 /// Whether a resource key `Type/id` names a resource of `resource_type` (`None`: any type but the
-/// audit trail's).
+/// audit trail's, `READ_ONLY_TYPES`: they are left out of the system-wide change list, system
+/// `_history`, since every request adds to them and they would bury the resources clients wrote;
+/// their own type-level history has them).
 pub fn key_has_type(key: &str, resource_type: Option<&str>) -> bool {
     let is = |t: &str| key.strip_prefix(t).is_some_and(|rest| rest.starts_with('/'));
     match resource_type {
         Some(t) => is(t),
-        None => !AUDIT_TYPES.iter().any(|t| is(t)),
+        None => !cairn_fhir::resource::READ_ONLY_TYPES.iter().any(|t| is(t)),
     }
 }
 

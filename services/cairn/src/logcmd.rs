@@ -80,7 +80,16 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     telemetry::init_cli();
     let backends = config::backends(&args.common)?;
     if let crate::config::LogBackend::Kafka(_) = backends.log {
-        let (ok, report) = verify_sealed(&args, &backends)?;
+        let data = DataDir::open_existing(&config::data_dir(&args.common)?)?;
+        let rt = runtime()?;
+        let log = rt
+            .block_on(crate::backends::open_log(
+                &backends,
+                &data,
+                EmbeddedOptions { read_only: true, ..Default::default() },
+            ))?
+            .as_dyn();
+        let (ok, report) = verify_sealed(&args, &rt, log.as_ref())?;
         if args.json {
             print_json_report(&report, ok)?;
         }
@@ -115,8 +124,20 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     }
     // The frames and their chains are sound; the seals (signed checkpoints, when the server made any)
     // say whether these are the chains the server signed.
-    let (seals_ok, seals) =
-        if report.ok() && has_seals(&data)? { verify_sealed(&args, &backends)? } else { (true, Value::Null) };
+    let (seals_ok, seals) = if report.ok() {
+        // One read-only open of the log for every seal check (a log written before seals has none).
+        let log = cairn_log::embedded::EmbeddedLog::open(
+            data.log_dir(),
+            EmbeddedOptions { read_only: true, ..Default::default() },
+        )?;
+        if log.partitions(cairn_log::seal::SEAL_TOPIC).is_ok() {
+            verify_sealed(&args, &runtime()?, &log)?
+        } else {
+            (true, Value::Null)
+        }
+    } else {
+        (true, Value::Null)
+    };
     if args.json {
         let mut json = serde_json::to_value(&report)?;
         json["seals"] = seals;
@@ -133,36 +154,22 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     Ok(if report.ok() && seals_ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 
-/// Whether the embedded log holds a seal topic (a log written before seals existed has none).
-fn has_seals(data: &DataDir) -> anyhow::Result<bool> {
-    let log = cairn_log::embedded::EmbeddedLog::open(
-        data.log_dir(),
-        EmbeddedOptions { read_only: true, ..Default::default() },
-    )?;
-    Ok(log.partitions(cairn_log::seal::SEAL_TOPIC).is_ok())
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
 /// Recomputes every partition's chain and checks it against the seals (signed checkpoints), printing
 /// a line per partition unless `--json`; returns the verdict and the report as JSON.
-fn verify_sealed(args: &VerifyArgs, backends: &crate::config::Backends) -> anyhow::Result<(bool, Value)> {
-    let data = DataDir::open_existing(&config::data_dir(&args.common)?)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+fn verify_sealed(args: &VerifyArgs, rt: &tokio::runtime::Runtime, log: &dyn EventLog) -> anyhow::Result<(bool, Value)> {
     let started = Instant::now();
     let show_progress = std::io::stderr().is_terminal();
     let trusted: Vec<_> =
         args.seal_public_key.iter().map(|k| crate::keys::read_public_key(k)).collect::<anyhow::Result<_>>()?;
-    let report = rt.block_on(async {
-        let log = crate::backends::open_log(backends, &data, EmbeddedOptions { read_only: true, ..Default::default() })
-            .await?
-            .as_dyn();
-        let report = cairn_log::seal::verify_sealed(log.as_ref(), &trusted, |done| {
-            if show_progress && done % 10_000 == 0 {
-                eprint!("\rverifying: {done} events");
-            }
-        })
-        .await?;
-        anyhow::Ok(report)
-    })?;
+    let report = rt.block_on(cairn_log::seal::verify_sealed(log, &trusted, |done| {
+        if show_progress && done % 10_000 == 0 {
+            eprint!("\rverifying: {done} events");
+        }
+    }))?;
     if show_progress {
         eprintln!();
     }
