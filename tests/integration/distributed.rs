@@ -91,11 +91,24 @@ fn a_kafka_restart_loses_no_acknowledged_write() {
         let deadline = Instant::now() + Duration::from_secs(150);
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let ok = http.get(format!("{base}/Observation?_summary=count")).send().await.unwrap().status() == 200;
-            if ok {
+            let r = http.get(format!("{base}/Observation?_summary=count")).send().await.unwrap();
+            if r.status() == 200 {
                 break;
             }
-            assert!(Instant::now() < deadline, "reads never answered again after the broker came back");
+            let last = format!("{} {}", r.status(), r.text().await.unwrap_or_default());
+            if Instant::now() >= deadline {
+                let ready = match http.get(format!("{}/readyz", s.base_url)).send().await {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(e) => format!("{e}"),
+                };
+                let log = s.stderr();
+                let problems: Vec<&str> =
+                    log.lines().filter(|l| l.contains("ERROR") || l.contains("WARN")).rev().take(40).collect();
+                panic!(
+                    "reads never answered again after the broker came back (last answer: {last}); /readyz: {ready}; server said (newest first):\n{}",
+                    problems.join("\n")
+                );
+            }
         }
         eprintln!("kafka restart: reads answer again {} ms after the broker was back", back.elapsed().as_millis());
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -274,8 +287,8 @@ fn log_verify_on_kafka_checks_the_seals_and_finds_removed_records() {
     assert!(s.terminate().0.success());
     let (status, out, err) = d.cairn(&["log", "verify"]);
     assert!(status.success(), "{out}{err}");
-    // 40 readings and the two signing keys the authorization server published.
-    assert!(out.contains("ok: 42 events") && out.contains("(0 not sealed yet"), "{out}");
+    // 40 readings, the two signing keys the authorization server published and the seal key.
+    assert!(out.contains("ok: 43 events") && out.contains("(0 not sealed yet"), "{out}");
     assert!(out.contains("warning: seal signatures not checked"), "{out}");
     // The seals are signed with the key the server created; its public key verifies them ...
     let public = d.data_dir().join("keys/seal-ed25519.key.pub");

@@ -27,7 +27,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -105,7 +105,7 @@ pub struct KafkaLog {
     topics: Arc<RwLock<BTreeMap<String, u32>>>,
     admin: AdminClient<DefaultClientContext>,
     /// Metadata and watermark queries (read_uncommitted: its end offsets are high watermarks).
-    meta: Arc<Reader>,
+    meta: Arc<MetaClient>,
     appends: mpsc::Sender<PendingAppend>,
     /// Set while the transactional producer is broken (a failed transaction that could not be
     /// aborted, a fatal error) and not yet replaced: `/readyz` reports it. The writer replaces the
@@ -116,8 +116,10 @@ pub struct KafkaLog {
     readers: Arc<Mutex<Vec<Reader>>>,
 }
 
+/// A Kafka client error: the cluster is away or failing for now (the clients reconnect, the writer
+/// replaces a broken producer), so the call fails and later ones may succeed.
 fn kafka_err(context: &str, e: impl std::fmt::Display) -> LogError {
-    LogError::Failed(format!("kafka: {context}: {e}"))
+    LogError::Unavailable(format!("kafka: {context}: {e}"))
 }
 
 impl KafkaLog {
@@ -129,11 +131,7 @@ impl KafkaLog {
         // Watermarks must be the high watermark, not the last stable offset that a read_committed
         // client gets: right after our transaction commits, its markers may not be written yet, and
         // an end offset that stops short of our records would let a read skip its own writes.
-        let meta: Reader = consumer_config(&settings, "cairn-meta")
-            .set("isolation.level", "read_uncommitted")
-            .create_with_context(CairnContext)
-            .map_err(|e| kafka_err("metadata client", e))?;
-        let meta = Arc::new(meta);
+        let meta = Arc::new(MetaClient::new(&settings)?);
         let producer = if settings.read_only { None } else { Some(start_producer(&settings).await?) };
         let topics = Arc::new(RwLock::new(BTreeMap::new()));
         let log = {
@@ -172,7 +170,7 @@ impl KafkaLog {
         let timeout = self.settings.timeout;
         let prefix = self.settings.topic_prefix.clone();
         let found = blocking(move || {
-            let md = meta.fetch_metadata(None, timeout).map_err(|e| kafka_err("fetching metadata", e))?;
+            let md = meta.query(|c| c.fetch_metadata(None, timeout)).map_err(|e| kafka_err("fetching metadata", e))?;
             Ok(md
                 .topics()
                 .iter()
@@ -196,6 +194,12 @@ impl KafkaLog {
     /// A name on the cluster: the configured prefix, then `name`.
     fn wire(&self, name: &str) -> String {
         format!("{}{name}", self.settings.topic_prefix)
+    }
+
+    /// Drops a group's client after a failure, so the next call makes a fresh one (see [`MetaClient`]:
+    /// an idle client may not reconnect after a broker restart).
+    fn forget_group_consumer(&self, group: &str) {
+        self.groups.lock().unwrap().remove(group);
     }
 
     fn group_consumer(&self, group: &str) -> Result<Arc<Reader>> {
@@ -240,6 +244,57 @@ impl rdkafka::consumer::ConsumerContext for CairnContext {}
 
 type Reader = BaseConsumer<CairnContext>;
 
+/// The client for metadata and watermark queries, replaced when a query fails. librdkafka connects
+/// an idle client's brokers only when a request needs them, and after a broker restart this client's
+/// leader lookups kept failing at once ("all brokers down", "unknown partition") for minutes without
+/// reconnecting: reads, `/readyz` and the sealer stayed down with the broker long back (the Kafka
+/// restart test, under CPU load). A fresh client bootstraps anew.
+struct MetaClient {
+    settings: KafkaSettings,
+    /// The client and when it was made.
+    current: Mutex<(Arc<Reader>, Instant)>,
+}
+
+/// A failing client is replaced at most this often.
+const META_REPLACE_INTERVAL: Duration = Duration::from_secs(1);
+
+impl MetaClient {
+    fn new(settings: &KafkaSettings) -> Result<MetaClient> {
+        let client = Self::create(settings).map_err(|e| kafka_err("metadata client", e))?;
+        Ok(MetaClient { settings: settings.clone(), current: Mutex::new((Arc::new(client), Instant::now())) })
+    }
+
+    fn create(settings: &KafkaSettings) -> KafkaResult<Reader> {
+        consumer_config(settings, "cairn-meta")
+            .set("isolation.level", "read_uncommitted")
+            .create_with_context(CairnContext)
+    }
+
+    /// Runs a blocking `query`; if it fails, runs it once more on a fresh client.
+    fn query<T>(&self, query: impl Fn(&Reader) -> KafkaResult<T>) -> KafkaResult<T> {
+        let client = self.current.lock().unwrap().0.clone();
+        let first = match query(&client) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let fresh = {
+            let mut current = self.current.lock().unwrap();
+            if !Arc::ptr_eq(&current.0, &client) {
+                // Another query replaced it meanwhile.
+                current.0.clone()
+            } else if current.1.elapsed() < META_REPLACE_INTERVAL {
+                return Err(first);
+            } else {
+                let Ok(c) = Self::create(&self.settings) else { return Err(first) };
+                tracing::warn!(error = %first, "kafka: metadata query failed; retrying on a new client");
+                *current = (Arc::new(c), Instant::now());
+                current.0.clone()
+            }
+        };
+        query(&fresh)
+    }
+}
+
 fn base_config(settings: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &settings.brokers)
@@ -272,8 +327,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f).await.map_err(|e| LogError::Failed(format!("kafka: blocking task: {e}")))?
 }
 
-/// The writer task: takes every append waiting, sends them in one transaction, commits, and answers
-/// each caller with its positions (or the error).
 /// Creates the transactional producer and initialises its transactions, which fences any earlier
 /// producer with the same transactional id (a zombie of this process, or the one it replaces).
 async fn start_producer(settings: &KafkaSettings) -> Result<Arc<FutureProducer>> {
@@ -300,6 +353,8 @@ async fn start_producer(settings: &KafkaSettings) -> Result<Arc<FutureProducer>>
     Ok(producer)
 }
 
+/// The writer task: takes every append waiting, sends them in one transaction, commits, and answers
+/// each caller with its positions (or the error).
 async fn writer(
     settings: KafkaSettings,
     mut producer: Option<Arc<FutureProducer>>,
@@ -333,7 +388,7 @@ async fn writer(
                 Err(e) => {
                     *failure.lock().unwrap() = Some(e.to_string());
                     for p in group {
-                        let _ = p.reply.send(Err(LogError::Failed(format!("kafka producer unavailable: {e}"))));
+                        let _ = p.reply.send(Err(LogError::Unavailable(format!("kafka producer unavailable: {e}"))));
                     }
                     continue;
                 }
@@ -358,7 +413,7 @@ async fn writer(
                 for p in group {
                     let _ = p.reply.send(Err(match &e {
                         TransactionError::Unknown(_) => LogError::OutcomeUnknown(format!("kafka: {e}")),
-                        TransactionError::Failed(_) => LogError::Failed(format!("kafka transaction failed: {e}")),
+                        TransactionError::Failed(_) => LogError::Unavailable(format!("kafka transaction failed: {e}")),
                     }));
                 }
             }
@@ -595,7 +650,7 @@ impl EventLog for KafkaLog {
             // The high watermark, not the last stable offset: right after a commit the markers may not
             // be written yet, and the read must still reach records already acknowledged.
             let (_, high) = meta
-                .fetch_watermarks(&topic, partition as i32, timeout)
+                .query(|c| c.fetch_watermarks(&topic, partition as i32, timeout))
                 .map_err(|e| kafka_err("reading watermarks", e))?;
             if from >= high.max(0) as u64 || max == 0 {
                 return Ok(Vec::new());
@@ -622,7 +677,7 @@ impl EventLog for KafkaLog {
         let timeout = self.settings.timeout;
         blocking(move || {
             let (_, high) = meta
-                .fetch_watermarks(&topic, partition as i32, timeout)
+                .query(|c| c.fetch_watermarks(&topic, partition as i32, timeout))
                 .map_err(|e| kafka_err("reading watermarks", e))?;
             Ok(high.max(0) as u64)
         })
@@ -703,7 +758,13 @@ impl EventLog for KafkaLog {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.wire(topic), partition as i32, Offset::Offset(next_offset as i64))
             .map_err(|e| kafka_err("commit", e))?;
-        blocking(move || consumer.commit(&tpl, CommitMode::Sync).map_err(|e| kafka_err("committing offsets", e))).await
+        let result =
+            blocking(move || consumer.commit(&tpl, CommitMode::Sync).map_err(|e| kafka_err("committing offsets", e)))
+                .await;
+        if result.is_err() {
+            self.forget_group_consumer(group);
+        }
+        result
     }
 
     async fn committed_offset(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>> {
@@ -715,7 +776,8 @@ impl EventLog for KafkaLog {
         let committed = blocking(move || {
             consumer.committed_offsets(tpl, timeout).map_err(|e| kafka_err("reading committed offsets", e))
         })
-        .await?;
+        .await
+        .inspect_err(|_| self.forget_group_consumer(group))?;
         Ok(committed.elements().first().and_then(|e| match e.offset() {
             Offset::Offset(o) if o >= 0 => Some(o as u64),
             _ => None,
@@ -793,7 +855,6 @@ fn membership(
     consumer.unsubscribe();
 }
 
-/// Up to `max` committed records of one partition from `from`, with a reader consumer.
 /// Up to `max` committed records of one partition from `from`, with a reader consumer. `high` is
 /// the high watermark when the read began: the read goes on until it has passed it (records and
 /// transaction markers), or, if a transaction is still open there, gives up waiting for it after

@@ -1,10 +1,15 @@
 //! The per-partition hash chain.
 //!
-//! `hash(n) = SHA-256(prev_hash || value(n))` with `prev_hash` the hash of record `n - 1`, and for the
-//! first record of a partition the genesis hash `SHA-256("cairn-chain-v1\0" || topic || "\0" ||
-//! partition as 4 big-endian bytes)`. Binding the genesis to the topic and partition means a whole
-//! partition cannot be passed off as another. Altering a value changes its hash; removing or
+//! `hash(n) = SHA-256(prev_hash || SHA-256(value(n)))` with `prev_hash` the hash of record `n - 1`,
+//! and for the first record of a partition the genesis hash `SHA-256("cairn-chain-v2\0" || topic ||
+//! "\0" || partition as 4 big-endian bytes)`. Binding the genesis to the topic and partition means a
+//! whole partition cannot be passed off as another. Altering a value changes its hash; removing or
 //! reordering records breaks a `prev_hash` link.
+//!
+//! The chain links each record's *digest*, not its bytes, so a proof about some records (an audit
+//! export, `cairn audit export`) carries the other records of the stretch as 32-byte digests: the
+//! verifier recomputes the chain without seeing anyone else's data. (v1 linked the value itself;
+//! logs written before v2 do not verify.)
 
 use crate::frame::RecordRef;
 use crate::partition_for_key;
@@ -15,17 +20,28 @@ pub type Hash = [u8; 32];
 
 pub fn genesis(topic: &str, partition: u32) -> Hash {
     let mut h = Sha256::new();
-    h.update(b"cairn-chain-v1\0");
+    h.update(b"cairn-chain-v2\0");
     h.update(topic.as_bytes());
     h.update(b"\0");
     h.update(partition.to_be_bytes());
     h.finalize().into()
 }
 
+/// The next chain hash after a record with this value.
 pub fn link(prev: &Hash, value: &[u8]) -> Hash {
+    link_digest(prev, &digest(value))
+}
+
+/// A record's digest: what the chain links, and what stands for a record a proof leaves out.
+pub fn digest(value: &[u8]) -> Hash {
+    Sha256::digest(value).into()
+}
+
+/// The next chain hash after a record with this digest.
+pub fn link_digest(prev: &Hash, digest: &Hash) -> Hash {
     let mut h = Sha256::new();
     h.update(prev);
-    h.update(value);
+    h.update(digest);
     h.finalize().into()
 }
 
@@ -66,7 +82,7 @@ impl<'t> ChainHeads<'t> {
             );
         }
         if recompute && link(&r.prev_hash, r.value) != r.hash {
-            return Err("hash does not match SHA-256(prev_hash || value): the record was altered".into());
+            return Err("hash does not match SHA-256(prev_hash || SHA-256(value)): the record was altered".into());
         }
         *head = (r.offset + 1, r.hash);
         Ok(())
@@ -94,10 +110,10 @@ mod tests {
     }
 
     #[test]
-    fn link_is_sha256_of_prev_then_value() {
+    fn link_is_sha256_of_prev_then_the_value_digest() {
         let prev = [7u8; 32];
         let mut buf = prev.to_vec();
-        buf.extend_from_slice(b"value");
+        buf.extend_from_slice(&Sha256::digest(b"value"));
         let expected: Hash = Sha256::digest(&buf).into();
         assert_eq!(link(&prev, b"value"), expected);
     }

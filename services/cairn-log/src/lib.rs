@@ -6,7 +6,7 @@
 //! increasing offsets per partition, appends acknowledged only once durable, atomic batches, reads
 //! from an offset, tailing, and committed offsets per consumer group.
 //!
-//! Every partition is a hash chain ([`chain`]): `hash = SHA-256(prev_hash || value)`, starting from
+//! Every partition is a hash chain ([`chain`]): `hash = SHA-256(prev_hash || SHA-256(value))`, starting from
 //! a genesis hash bound to the topic and partition, so altering, removing or reordering any record
 //! is caught by [`verify`].
 //!
@@ -18,6 +18,7 @@ pub mod chain;
 pub mod embedded;
 mod frame;
 mod partitioner;
+pub mod proof;
 pub mod seal;
 mod segment;
 pub mod verify;
@@ -116,6 +117,10 @@ pub enum LogError {
     /// process restarts and re-validates the files.
     #[error("the event log failed and refuses appends until restart: {0}")]
     Failed(String),
+    /// The log's backend is unreachable or failing for now (a Kafka broker away, a query that timed
+    /// out): this call failed, later ones may succeed. Nothing of this call was stored.
+    #[error("the event log is unavailable: {0}")]
+    Unavailable(String),
     /// The append may or may not have become durable (a Kafka commit that did not answer in time and
     /// may still complete). The caller must not say "nothing was stored".
     #[error("the outcome of the append is unknown: {0}")]

@@ -2,7 +2,7 @@
 //!
 //! On Kafka several processes write one partition and no producer knows the previous record's hash,
 //! so records carry no chain (decision 0005). A **sealer** follows every partition in order, computes
-//! the same chain as the embedded log (`hash(n) = SHA-256(hash(n-1) || value(n))` from the genesis of
+//! the same chain as the embedded log (`hash(n) = SHA-256(hash(n-1) || SHA-256(value(n)))` from the genesis of
 //! the topic and partition), and appends, about once a second per busy partition, a [`Seal`] to
 //! [`SEAL_TOPIC`]: "the first `records` records of this partition end at offset `next_offset` with
 //! chain hash `hash`". [`verify_sealed`] recomputes every partition's chain from its first record and
@@ -88,7 +88,25 @@ impl SealSigner {
         hex::encode(self.key.verifying_key().to_bytes())
     }
 
-    fn sign(&self, seal: &mut Seal) {
+    /// The key id seals carry: the first 16 hex digits of SHA-256 of the public key.
+    pub fn key_id(&self) -> String {
+        key_id(&self.key.verifying_key())
+    }
+
+    /// The public key as a JWK (RFC 8037: `OKP`, `Ed25519`), for the JWKS.
+    pub fn public_jwk(&self) -> serde_json::Value {
+        use base64::Engine;
+        serde_json::json!({
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.key.verifying_key().to_bytes()),
+            "kid": self.key_id(),
+            "alg": "EdDSA",
+            "use": "sig",
+        })
+    }
+
+    pub(crate) fn sign(&self, seal: &mut Seal) {
         use ed25519_dalek::Signer;
         seal.key_id = Some(key_id(&self.key.verifying_key()));
         seal.signature = Some(hex::encode(self.key.sign(&seal.signed_bytes()).to_bytes()));
@@ -102,13 +120,32 @@ pub fn parse_public_key(text: &str) -> std::result::Result<ed25519_dalek::Verify
     ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|e| format!("not an Ed25519 public key: {e}"))
 }
 
+/// The log seal keys of a JWKS (`/jwks`): its `OKP` `Ed25519` keys. Token keys are skipped.
+pub fn seal_keys_of_jwks(jwks: &serde_json::Value) -> std::result::Result<Vec<ed25519_dalek::VerifyingKey>, String> {
+    use base64::Engine;
+    let keys = jwks["keys"].as_array().ok_or("not a JWKS: no \"keys\" array")?;
+    let mut found = Vec::new();
+    for k in keys.iter().filter(|k| k["kty"] == "OKP" && k["crv"] == "Ed25519") {
+        let x = k["x"].as_str().ok_or("an Ed25519 key without \"x\"")?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(x)
+            .map_err(|_| "an Ed25519 key whose \"x\" is not base64url".to_owned())?;
+        let bytes: [u8; 32] = bytes.try_into().map_err(|_| "an Ed25519 key whose \"x\" is not 32 bytes".to_owned())?;
+        found.push(ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|e| format!("not an Ed25519 key: {e}"))?);
+    }
+    if found.is_empty() {
+        return Err("the JWKS has no log seal key (OKP, Ed25519)".into());
+    }
+    Ok(found)
+}
+
 fn key_id(key: &ed25519_dalek::VerifyingKey) -> String {
     use sha2::Digest;
     hex::encode(&sha2::Sha256::digest(key.to_bytes())[..8])
 }
 
 /// Whether `seal` carries a valid signature by one of `keys`; the error says what is wrong.
-fn check_signature(seal: &Seal, keys: &[ed25519_dalek::VerifyingKey]) -> std::result::Result<(), String> {
+pub(crate) fn check_signature(seal: &Seal, keys: &[ed25519_dalek::VerifyingKey]) -> std::result::Result<(), String> {
     use ed25519_dalek::Verifier;
     let Some(signature) = &seal.signature else { return Err("is not signed".into()) };
     let mut bytes = [0u8; 64];
@@ -151,6 +188,23 @@ pub async fn read_seals(log: &dyn EventLog) -> Result<BTreeMap<(String, u32), Ve
         list.sort_by_key(|s| s.records);
     }
     Ok(seals)
+}
+
+/// Whether the newest seal of every partition of `topics` ends at the partition's end offset. Exact
+/// on the embedded log (dense offsets); on Kafka, transaction markers after a partition's last record
+/// can keep this false.
+pub async fn sealed_to_end(log: &dyn EventLog, topics: &[&str]) -> Result<bool> {
+    let seals = read_seals(log).await?;
+    for topic in topics {
+        for p in 0..log.partitions(topic)? {
+            let end = log.end_offset(topic, p).await?;
+            let sealed = seals.get(&(topic.to_string(), p)).and_then(|v| v.last()).map_or(0, |s| s.next_offset);
+            if sealed < end {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Seals the partitions of `topics` that the log assigns to this process, forever. Each partition
