@@ -582,6 +582,96 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
         // The reports are in the trail too.
         let runs = api.search_all("/AuditEvent?subtype=operation", &au).await;
         assert!(runs.len() >= 4, "{}", runs.len());
+
+        // Evidence for a regulator: p1's audit slice, exported from the log and checked offline against
+        // the seal key in the JWKS. It holds every record the API shows about p1, unchanged.
+        let p1_trail = api.search_all("/AuditEvent?patient=Patient/p1&_count=200", &au).await;
+        // (Provenance's `patient` parameter finds Provenances whose target is the Patient itself: the
+        // Observations' are picked by target here.)
+        let p1_provenance: Vec<Value> = provenances
+            .iter()
+            .filter(|p| {
+                let target = p["target"][0]["reference"].as_str().unwrap();
+                target.starts_with("Patient/p1/")
+                    || observations.iter().any(|(id, patient)| {
+                        patient == "Patient/p1" && target.starts_with(&format!("Observation/{id}/"))
+                    })
+            })
+            .cloned()
+            .collect();
+        assert!(p1_provenance.len() >= 4, "p1 and its 3 Observations: {p1_provenance:?}");
+        let jwks = api.http.get(format!("{}/jwks", api.base)).send().await.unwrap().text().await.unwrap();
+        let files = tempfile::tempdir().unwrap();
+        let jwks_file = files.path().join("jwks.json");
+        std::fs::write(&jwks_file, &jwks).unwrap();
+        let slice_file = files.path().join("p1.json");
+        let (status, out, err) = d.cairn(&[
+            "audit", "export", "--patient", "p1", "--from", "2026-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z",
+            "--out", slice_file.to_str().unwrap(),
+        ]);
+        assert!(status.success(), "{out}{err}");
+        let slice: Value = serde_json::from_slice(&std::fs::read(&slice_file).unwrap()).unwrap();
+        let records = slice["records"].as_array().unwrap();
+        for r in p1_trail.iter().chain(&p1_provenance) {
+            assert!(records.contains(r), "{}/{} is missing from the slice, or differs", r["resourceType"], r["id"]);
+        }
+        assert!(
+            records.iter().filter(|r| r["resourceType"] == "AuditEvent").all(|a| entity_refs(a).contains("Patient/p1")),
+            "only p1's records"
+        );
+        // The proof shows p1's events whole, and of the other records of their stretches only digests:
+        // no write of p2's data is in it.
+        let shown: Vec<Value> = slice["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|span| span["records"].as_array().unwrap().iter().filter_map(|r| r["value"].as_str()))
+            .map(|b64| serde_json::from_slice(&base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap()).unwrap())
+            .collect();
+        assert!(!shown.is_empty());
+        for event in &shown {
+            assert!(event.to_string().contains("p1"), "an event not about p1 is shown whole: {event}");
+            assert!(!(event["type"] == "fhir.resource.created" && event.to_string().contains("Patient/p2")), "{event}");
+        }
+        let verify = |file: &std::path::Path, keys: &[&str]| {
+            let mut args = vec!["audit", "verify", "--export", file.to_str().unwrap()];
+            args.extend_from_slice(keys);
+            cairn_tests::run_cairn(&args)
+        };
+        let (status, out, err) = verify(&slice_file, &["--jwks", jwks_file.to_str().unwrap()]);
+        assert!(status.success() && out.starts_with("ok: ") && !out.contains("warning"), "{out}{err}");
+        // Any change is found: an AuditEvent edited, an event's bytes edited, a stranger's key.
+        let tampered_file = files.path().join("tampered.json");
+        let mut edited = slice.clone();
+        let i = edited["records"].as_array().unwrap().iter().position(|r| r["resourceType"] == "AuditEvent").unwrap();
+        edited["records"][i]["outcome"] = json!("12");
+        std::fs::write(&tampered_file, edited.to_string()).unwrap();
+        let (status, out, _) = verify(&tampered_file, &["--jwks", jwks_file.to_str().unwrap()]);
+        assert_eq!(status.code(), Some(2), "{out}");
+        assert!(out.contains("BROKEN") && out.contains("altered"), "{out}");
+        let mut edited = slice.clone();
+        let value = edited["proof"][0]["records"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|r| r["value"].is_string())
+            .unwrap();
+        let mut bytes =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, value["value"].as_str().unwrap()).unwrap();
+        let at = bytes.iter().position(|b| b.is_ascii_digit()).unwrap();
+        bytes[at] = if bytes[at] == b'9' { b'8' } else { bytes[at] + 1 };
+        value["value"] = json!(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bytes));
+        std::fs::write(&tampered_file, edited.to_string()).unwrap();
+        let (status, out, _) = verify(&tampered_file, &["--jwks", jwks_file.to_str().unwrap()]);
+        assert_eq!(status.code(), Some(2), "{out}");
+        assert!(out.contains("does not reach the closing seal"), "{out}");
+        let stranger = cairn_log::seal::SealSigner::generate().public_key_hex();
+        let (status, out, _) = verify(&slice_file, &["--seal-public-key", &stranger]);
+        assert_eq!(status.code(), Some(2), "{out}");
+        assert!(out.contains("not signed by a trusted key"), "{out}");
+        // And the whole log, against the same JWKS.
+        let (status, out, err) = d.cairn(&["audit", "verify", "--jwks", jwks_file.to_str().unwrap()]);
+        assert!(status.success() && !out.contains("warning"), "{out}{err}");
     });
     assert!(server.terminate().0.success());
 }

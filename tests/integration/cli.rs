@@ -46,8 +46,9 @@ fn serve_answers_health_readiness_and_metrics_then_stops_cleanly() {
     assert!(data.join("CAIRN_DATA_DIR").exists());
     let (status, out, err) = run_cairn(&["log", "verify", "--data-dir", data.to_str().unwrap()]);
     assert!(status.success(), "{out}{err}");
-    // Nothing but the two signing keys the authorization server published on its first start.
-    assert!(out.contains("ok: 2 events in 24 partitions"), "{out}");
+    // Nothing but the keys published on the first start: the authorization server's two signing keys
+    // and the log's seal key.
+    assert!(out.contains("ok: 3 events in 24 partitions"), "{out}");
 }
 
 #[test]

@@ -54,6 +54,7 @@ impl SigningKey {
                 let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).map_err(failed)?;
                 pair.as_der().map_err(failed)?.as_ref().to_vec()
             }
+            KeyPurpose::LogSeal => return Err(not_a_token_key()),
         })
     }
 
@@ -84,6 +85,7 @@ impl SigningKey {
                 let enc = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| AuthError::Internal(e.to_string()))?;
                 (Algorithm::RS256, jwk, enc)
             }
+            KeyPurpose::LogSeal => return Err(not_a_token_key()),
         };
         let kid = thumbprint(&jwk);
         jwk["kid"] = kid.clone().into();
@@ -151,7 +153,14 @@ fn file_prefix(purpose: KeyPurpose) -> &'static str {
     match purpose {
         KeyPurpose::AccessToken => "access-token-es256",
         KeyPurpose::IdToken => "id-token-rs256",
+        // Never written here (`not_a_token_key`); named so the match stays exhaustive.
+        KeyPurpose::LogSeal => "log-seal",
     }
+}
+
+/// The log sealer keeps its own key (`cairn_log::seal`); the token key ring never makes or loads one.
+fn not_a_token_key() -> AuthError {
+    AuthError::Internal("log seal keys belong to the log sealer, not the token key ring".into())
 }
 
 impl KeyRing {

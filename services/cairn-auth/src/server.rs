@@ -565,12 +565,30 @@ impl AuthServer {
 
     // ---------------------------------------------------------------- discovery
 
-    /// The public keys every token may be verified with (`/jwks`): every key published in the log.
+    /// `/jwks`: the public keys tokens may be verified with (every live token key published in the
+    /// log), and the log's seal keys (Ed25519, `"use": "sig"`, `"alg": "EdDSA"`), which auditors use
+    /// to check the signed checkpoints (`cairn audit verify --jwks`).
     pub fn jwks(&self) -> Value {
         let now = Timestamp::now().as_millis();
-        self.read_state(
-            |s| json!({"keys": s.keys().iter().filter(|k| k.is_live(now)).map(|k| k.jwk.clone()).collect::<Vec<_>>()}),
-        )
+        self.read_state(|s| {
+            let tokens = s.keys().iter().filter(|k| k.is_live(now)).map(|k| k.jwk.clone());
+            json!({"keys": tokens.chain(s.seal_keys().iter().cloned()).collect::<Vec<_>>()})
+        })
+    }
+
+    /// Publishes a log seal public key (a JWK from `cairn_log::seal`) unless the log has it already.
+    pub async fn publish_seal_key(&self, kid: &str, jwk: Value) -> Result<(), AuthError> {
+        if self.read_state(|s| s.seal_keys().iter().any(|j| j["kid"] == kid)) {
+            return Ok(());
+        }
+        let event = KeyPublished {
+            kid: kid.to_owned(),
+            alg: "EdDSA".into(),
+            purpose: KeyPurpose::LogSeal,
+            jwk,
+            replaces: None,
+        };
+        self.append_and_apply(Event::new(Payload::from(event))).await
     }
 
     /// RFC 8414 / OpenID Connect Discovery metadata: only what this server really does.

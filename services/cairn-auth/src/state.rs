@@ -61,6 +61,9 @@ pub struct AuthState {
     users: HashMap<String, User>,
     user_ids_by_name: HashMap<String, String>,
     keys: Vec<PublishedKey>,
+    /// Log seal public keys (JWK), in the order published: in the JWKS for good, since a seal made
+    /// with any of them must stay verifiable; never accepted for a token.
+    seal_keys: Vec<serde_json::Value>,
     revoked: Revocations,
     sessions: HashMap<String, Session>,
     codes: HashMap<String, Code>,
@@ -173,6 +176,11 @@ impl AuthState {
                 if let Some(u) = self.users.get_mut(&d.user_id) {
                     u.disabled = true;
                 }
+            }
+            Payload::KeyPublished(k) if k.purpose == cairn_events::KeyPurpose::LogSeal => {
+                // Published again at every start of a projector-only process: kept once.
+                self.seal_keys.retain(|j| j["kid"] != k.kid.as_str());
+                self.seal_keys.push(k.jwk.clone());
             }
             Payload::KeyPublished(k) => {
                 if self.keys.iter().any(|p| p.kid == k.kid) {
@@ -402,6 +410,10 @@ impl AuthState {
 
     pub fn key(&self, kid: &str) -> Option<&PublishedKey> {
         self.keys.iter().find(|k| k.kid == kid)
+    }
+
+    pub fn seal_keys(&self) -> &[serde_json::Value] {
+        &self.seal_keys
     }
 
     pub fn keys(&self) -> &[PublishedKey] {

@@ -6,7 +6,7 @@
 //! projectors. It knows nothing of HTTP, Kafka, CQL or storage.
 //!
 //! Encoding: an event is stored as the JSON produced by [`Event::canonical_bytes`]. Those exact bytes
-//! are what the log chains (`hash = SHA-256(prev_hash || canonical bytes)`); the chain fields
+//! are what the log chains (`hash = SHA-256(prev_hash || SHA-256(canonical bytes))`); the chain fields
 //! `prev_hash` and `hash` are therefore *not* part of the canonical bytes: the log fills them in when
 //! an event is read back (see `cairn-log`).
 //!

@@ -335,10 +335,14 @@ pub struct UserDisabled {
 pub enum KeyPurpose {
     AccessToken,
     IdToken,
+    /// The log's seals (signed checkpoints of the hash chains, Ed25519): published so auditors find
+    /// the key in the JWKS; never accepted for a token.
+    LogSeal,
 }
 
-/// `auth.key.published`: a token-signing public key. Every API instance learns the keys it must
-/// accept from these events, and a key signs nothing before its event is durable.
+/// `auth.key.published`: a signing public key. Every API instance learns the token keys it must
+/// accept from these events, and a key signs nothing before its event is durable. Log seal keys are
+/// published the same way, so the JWKS names every key a seal may carry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyPublished {

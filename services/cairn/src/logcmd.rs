@@ -163,8 +163,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn verify_sealed(args: &VerifyArgs, rt: &tokio::runtime::Runtime, log: &dyn EventLog) -> anyhow::Result<(bool, Value)> {
     let started = Instant::now();
     let show_progress = std::io::stderr().is_terminal();
-    let trusted: Vec<_> =
-        args.seal_public_key.iter().map(|k| crate::keys::read_public_key(k)).collect::<anyhow::Result<_>>()?;
+    let trusted = trusted_seal_keys(args)?;
     let report = rt.block_on(cairn_log::seal::verify_sealed(log, &trusted, |done| {
         if show_progress && done % 10_000 == 0 {
             eprint!("\rverifying: {done} events");
@@ -202,6 +201,21 @@ fn verify_sealed(args: &VerifyArgs, rt: &tokio::runtime::Runtime, log: &dyn Even
         }
     }
     Ok((report.ok(), serde_json::to_value(&report)?))
+}
+
+/// The seal keys the verifier trusts: `--seal-public-key`s and the Ed25519 keys of `--jwks`.
+pub(crate) fn trusted_seal_keys(args: &VerifyArgs) -> anyhow::Result<Vec<ed25519_dalek::VerifyingKey>> {
+    let mut keys: Vec<_> =
+        args.seal_public_key.iter().map(|k| crate::keys::read_public_key(k)).collect::<anyhow::Result<_>>()?;
+    if let Some(path) = &args.jwks {
+        let text = std::fs::read(path).with_context(|| format!("--jwks {}", path.display()))?;
+        let jwks: Value =
+            serde_json::from_slice(&text).map_err(|e| anyhow::anyhow!("--jwks {}: not JSON: {e}", path.display()))?;
+        keys.extend(
+            cairn_log::seal::seal_keys_of_jwks(&jwks).map_err(|e| anyhow::anyhow!("--jwks {}: {e}", path.display()))?,
+        );
+    }
+    Ok(keys)
 }
 
 /// A verify report as one JSON object with its verdict in `ok`.

@@ -2,6 +2,7 @@
 //! one readable line on stderr and a non-zero exit.
 
 mod admin;
+mod auditcmd;
 mod backends;
 mod bench;
 mod config;
@@ -32,6 +33,10 @@ enum Command {
     /// Inspect and verify the event log.
     #[command(subcommand)]
     Log(LogCommand),
+    /// The audit trail's evidence: verify the log against its signed seals, export one patient's
+    /// audit slice with its proof, verify a slice on another machine.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Load generator for any FHIR server: creates, batch Bundles or searches; prints throughput and latency.
     Bench(BenchArgs),
     /// Inspect the projection store (derived from the log; safe to delete while stopped).
@@ -42,6 +47,47 @@ enum Command {
     /// Users, OAuth clients and revocations. Works while the server runs (through its admin socket)
     /// and while it is stopped (directly on the log). Every change is an event.
     Admin(AdminArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check every partition's hash chain and every seal's signature, and report the first tampered
+    /// position (exit status 2); with --export, check an audit slice instead (no data directory needed).
+    Verify(AuditVerifyArgs),
+    /// Write the AuditEvents and Provenances about one patient recorded in a time window, with the
+    /// proof (the events, their neighbours' digests, the signed seals) that `cairn audit verify
+    /// --export` checks offline. Reads the log only; safe beside a running server.
+    Export(AuditExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AuditVerifyArgs {
+    #[command(flatten)]
+    pub verify: VerifyArgs,
+    /// An audit slice written by `cairn audit export`: verify it rather than the log
+    #[arg(long, value_name = "FILE")]
+    pub export: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct AuditExportArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The patient: an id, or Patient/<id>
+    #[arg(long)]
+    pub patient: String,
+    /// Start of the window, RFC 3339 (e.g. 2026-11-01T00:00:00Z), included
+    #[arg(long)]
+    pub from: String,
+    /// End of the window, RFC 3339, included
+    #[arg(long)]
+    pub to: String,
+    /// Where to write the slice (JSON); standard output when absent
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// How long to wait for the running server to seal the newest records, in seconds
+    #[arg(long, default_value_t = 10)]
+    pub seal_wait_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -386,6 +432,10 @@ pub struct VerifyArgs {
     /// Get it from the server's start-up log and keep a copy away from the log's machines.
     #[arg(long)]
     pub seal_public_key: Vec<String>,
+    /// A JWKS saved from the server's /jwks: its Ed25519 (OKP) keys are the seal keys; may be given
+    /// with --seal-public-key
+    #[arg(long, value_name = "FILE")]
+    pub jwks: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -394,6 +444,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Log(LogCommand::Tail(args)) => logcmd::tail(args),
         Command::Log(LogCommand::Verify(args)) => logcmd::verify(args),
+        Command::Audit(AuditCommand::Verify(args)) => auditcmd::verify(args),
+        Command::Audit(AuditCommand::Export(args)) => auditcmd::export(args),
         Command::Store(StoreCommand::Digest(args)) => storecmd::digest(args),
         Command::Migrate(args) => storecmd::migrate(args),
         Command::Bench(args) => bench::run(args),

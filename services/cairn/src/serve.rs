@@ -143,26 +143,21 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
         }
     }
     // Signed checkpoints ("seals", cairn_log::seal): each partition's chain head, signed with this
-    // installation's Ed25519 key and appended to `cairn.chain` about once a second, so `cairn log
-    // verify --seal-public-key` can prove the log unaltered. On Kafka the sealer also computes the
-    // chain (Kafka cannot chain at append); on the embedded log the chain is made at append and the
-    // seals anchor it. It runs with the projector role.
-    let mut sealer_task = None;
+    // installation's Ed25519 key and appended to `cairn.chain` about once a second, so `cairn audit
+    // verify` can prove the log unaltered. On Kafka the sealer also computes the chain (Kafka cannot
+    // chain at append); on the embedded log the chain is made at append and the seals anchor it. It
+    // runs with the projector role, once its key is published (below).
     if log.partitions(cairn_log::seal::SEAL_TOPIC).is_err() {
         log.create_topic(cairn_log::seal::SEAL_TOPIC, 1).await?;
     }
-    if settings.roles.projector {
-        let topics = cairn_events::topics::ALL.iter().map(|t| t.to_string()).collect();
-        let log = log.clone();
+    let seal_signer = if settings.roles.projector {
         let signer = Arc::new(crate::keys::load_or_create_seal_key(&settings.seal_key_file)?);
-        // Not a secret: verifiers need it (`cairn log verify --seal-public-key`).
+        // Not a secret: verifiers need it (`cairn audit verify --seal-public-key`, or the JWKS).
         tracing::info!(public_key = %signer.public_key_hex(), "log sealer signs seals with this key");
-        sealer_task = Some(tokio::spawn(async move {
-            if let Err(e) = cairn_log::seal::run_sealer(log, topics, Some(signer)).await {
-                tracing::error!(error = %e, "log sealer stopped");
-            }
-        }));
-    }
+        Some(signer)
+    } else {
+        None
+    };
     let store = backends::open_store(&settings.backends, &data, settings.store_cache_bytes).await?;
     let dyn_log = log.clone();
     let mut projector_tasks = Vec::new();
@@ -218,6 +213,17 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     } else {
         None
     };
+    let mut sealer_task = None;
+    if let Some(signer) = seal_signer {
+        publish_seal_key(&log, fhir.as_ref().and_then(|f| f.auth.as_deref()), &signer).await?;
+        let topics = cairn_events::topics::ALL.iter().map(|t| t.to_string()).collect();
+        let log = log.clone();
+        sealer_task = Some(tokio::spawn(async move {
+            if let Err(e) = cairn_log::seal::run_sealer(log, topics, Some(signer)).await {
+                tracing::error!(error = %e, "log sealer stopped");
+            }
+        }));
+    }
     let platform = Arc::new(RunningPlatform {
         log: open_log.clone(),
         resources: progress,
@@ -249,6 +255,9 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     // Projections are derived and a later start catches up anyway, but a clean stop leaves them
     // caught up with the log (bounded), so `cairn store digest` after a stop describes the whole log.
     finish_projections(&log, &finishing).await;
+    if sealer_task.is_some() && matches!(open_log, OpenLog::Embedded(_)) {
+        finish_seals(&log).await;
+    }
     // Every acknowledged append is already durable; close lets queued appends finish.
     let owns_socket = admin_task.is_some();
     for task in projector_tasks.into_iter().chain(sealer_task).chain(admin_task) {
@@ -311,6 +320,51 @@ async fn start_projection(
         ),
     })
 }
+
+/// Publishes the seal key (`auth.key.published`, purpose `log_seal`) before it signs a seal, so every
+/// process's `/jwks` names it. With the authorization server here, only if the log lacks it; a
+/// projector-only process publishes at each start (the authorization state ignores repeats).
+async fn publish_seal_key(
+    log: &Arc<dyn cairn_log::EventLog>,
+    auth: Option<&cairn_auth::AuthServer>,
+    signer: &cairn_log::seal::SealSigner,
+) -> anyhow::Result<()> {
+    let (kid, jwk) = (signer.key_id(), signer.public_jwk());
+    if let Some(auth) = auth {
+        return auth.publish_seal_key(&kid, jwk).await.map_err(|e| anyhow::anyhow!("publishing the seal key: {e}"));
+    }
+    let event = cairn_events::Event::new(cairn_events::Payload::from(cairn_events::KeyPublished {
+        kid,
+        alg: "EdDSA".into(),
+        purpose: cairn_events::KeyPurpose::LogSeal,
+        jwk,
+        replaces: None,
+    }));
+    let record = cairn_log::NewRecord::new(event.topic(), event.partition_key(), event.canonical_bytes());
+    log.append(record).await.context("publishing the seal key")?;
+    Ok(())
+}
+
+/// Waits (at most `FINISH_SEALS`) until the sealer has sealed every event topic up to its end, so the
+/// log of a stopped server is sealed to its last record (an audit export needs its events sealed).
+async fn finish_seals(log: &Arc<dyn cairn_log::EventLog>) {
+    let deadline = std::time::Instant::now() + FINISH_SEALS;
+    loop {
+        match cairn_log::seal::sealed_to_end(log.as_ref(), &cairn_events::topics::ALL).await {
+            Ok(true) => return,
+            Ok(false) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            _ => {
+                tracing::warn!("stopping before the newest events were sealed; the next start seals them");
+                return;
+            }
+        }
+    }
+}
+
+/// How long a clean stop waits for the last seals (the sealer seals about once a second).
+const FINISH_SEALS: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Waits (at most `FINISH_PROJECTIONS`) until each projection has applied the log as it is now.
 async fn finish_projections(log: &Arc<dyn cairn_log::EventLog>, projections: &[(&'static str, Progress)]) {

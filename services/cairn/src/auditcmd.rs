@@ -1,0 +1,207 @@
+//! `cairn audit verify` and `cairn audit export`: the audit trail's evidence. Read-only, safe beside
+//! a running server.
+
+use crate::datadir::DataDir;
+use crate::{AuditExportArgs, AuditVerifyArgs, VerifyArgs, config, logcmd, telemetry};
+use anyhow::{Context, anyhow, bail};
+use cairn_audit::export::{AuditSlice, FORMAT, records_about, sort_records, verify_slice};
+use cairn_events::{Event, Timestamp};
+use cairn_log::EventLog;
+use cairn_log::embedded::EmbeddedOptions;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+pub fn verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
+    match &args.export {
+        None => logcmd::verify(args.verify),
+        Some(path) => verify_export(path, &args.verify),
+    }
+}
+
+/// Checks a slice file on its own: no data directory, no server.
+fn verify_export(path: &Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    telemetry::init_cli();
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let slice: AuditSlice =
+        serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: not an audit slice: {e}", path.display()))?;
+    let keys = logcmd::trusted_seal_keys(args)?;
+    let verdict = verify_slice(&slice, &keys);
+    if args.json {
+        let json = match &verdict {
+            Ok(report) => {
+                let mut json = serde_json::to_value(report)?;
+                json["ok"] = true.into();
+                json
+            }
+            Err(problem) => serde_json::json!({"ok": false, "problem": problem}),
+        };
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        match &verdict {
+            Ok(r) => {
+                println!(
+                    "ok: {} AuditEvents and {} Provenances about {} recorded {} to {}, built from {} log events proven \
+                     against {} signed seals",
+                    r.audit_events, r.provenances, r.patient, r.from, r.to, r.events, r.seals
+                );
+                if !r.signatures_checked {
+                    println!(
+                        "warning: seal signatures not checked (give --jwks or --seal-public-key): whoever wrote this \
+                         file could have made its seals too"
+                    );
+                }
+            }
+            Err(problem) => println!("BROKEN: {problem}"),
+        }
+    }
+    Ok(if verdict.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+pub fn export(args: AuditExportArgs) -> anyhow::Result<ExitCode> {
+    telemetry::init_cli();
+    let id = args.patient.strip_prefix("Patient/").unwrap_or(&args.patient);
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+        bail!("--patient {}: not a FHIR id (1-64 of A-Z a-z 0-9 - .), nor Patient/<id>", args.patient);
+    }
+    let patient = format!("Patient/{id}");
+    let from: Timestamp = args.from.parse().map_err(|e| anyhow!("--from: {e}"))?;
+    let to: Timestamp = args.to.parse().map_err(|e| anyhow!("--to: {e}"))?;
+    if from > to {
+        bail!("--from {from} is after --to {to}");
+    }
+    let backends = config::backends(&args.common)?;
+    let data = DataDir::open_existing(&config::data_dir(&args.common)?)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let open = || async {
+        anyhow::Ok(
+            crate::backends::open_log(&backends, &data, EmbeddedOptions { read_only: true, ..Default::default() })
+                .await?
+                .as_dyn(),
+        )
+    };
+    let slice = rt.block_on(async {
+        let log = open().await?;
+        let (mut records, chosen, scanned) = scan(log.as_ref(), id, &patient, from, to).await?;
+        // The newest events may wait for their seal (made about once a second by a running server).
+        let deadline = Instant::now() + Duration::from_secs(args.seal_wait_secs);
+        let mut log = log;
+        let proof = loop {
+            let seals = cairn_log::seal::read_seals(log.as_ref()).await?;
+            let proof = cairn_log::proof::prove(log.as_ref(), &seals, &chosen).await?;
+            if proof.unsealed.is_empty() {
+                break proof;
+            }
+            if Instant::now() >= deadline {
+                let (t, p, o) = proof.unsealed.last().expect("not empty");
+                bail!(
+                    "{} of the slice's {} events are not sealed yet (the newest: {t}/{p} offset {o}); seals are made \
+                     about once a second by a running server: start it and export again",
+                    proof.unsealed.len(),
+                    chosen.values().map(BTreeSet::len).sum::<usize>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // A read-only embedded log sees what was appended before it was opened: open it again.
+            log = open().await?;
+        };
+        sort_records(&mut records);
+        let events: usize = chosen.values().map(BTreeSet::len).sum();
+        eprintln!(
+            "{events} events about {patient} in the window ({scanned} events scanned), proven by {} spans",
+            proof.spans.len()
+        );
+        anyhow::Ok(AuditSlice {
+            format: FORMAT.into(),
+            patient: patient.clone(),
+            from,
+            to,
+            exported_at: Timestamp::now(),
+            records: records.into_iter().map(|r| r.resource).collect(),
+            proof: proof.spans,
+        })
+    })?;
+    // The file goes to a regulator: check it the way its reader will before writing it.
+    let report = verify_slice(&slice, &[]).map_err(|e| anyhow!("the slice does not verify (not written): {e}"))?;
+    let json = serde_json::to_vec_pretty(&slice)?;
+    match &args.out {
+        Some(path) => {
+            // Written beside, then renamed: a reader never finds half a file.
+            let partial = path.with_extension("partial");
+            std::fs::write(&partial, &json).with_context(|| format!("writing {}", partial.display()))?;
+            std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "wrote {}: {} AuditEvents and {} Provenances; check it with `cairn audit verify --export {} --jwks \
+                 <the server's /jwks>`",
+                path.display(),
+                report.audit_events,
+                report.provenances,
+                path.display()
+            );
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&json)?;
+            out.write_all(b"\n")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+type Chosen = BTreeMap<(String, u32), BTreeSet<u64>>;
+
+/// Reads every event topic and keeps the events that give a record about `patient` in the window.
+async fn scan(
+    log: &dyn EventLog,
+    id: &str,
+    patient: &str,
+    from: Timestamp,
+    to: Timestamp,
+) -> anyhow::Result<(Vec<cairn_audit::AuditRecord>, Chosen, u64)> {
+    let show_progress = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut last_shown = Instant::now();
+    let (mut records, mut chosen, mut scanned) = (Vec::new(), Chosen::new(), 0u64);
+    for topic in cairn_events::topics::ALL {
+        let Ok(partitions) = log.partitions(topic) else { continue };
+        for partition in 0..partitions {
+            let mut next = 0;
+            loop {
+                let batch = log.read(topic, partition, next, 4096).await?;
+                let Some(last) = batch.last() else { break };
+                next = last.offset + 1;
+                for r in &batch {
+                    scanned += 1;
+                    // An event about the patient names its id; most do not, and skip the parse.
+                    if !contains(&r.value, id.as_bytes()) {
+                        continue;
+                    }
+                    let Ok(event) = Event::from_canonical_bytes(&r.value) else { continue };
+                    let about = records_about(&event, patient, from, to);
+                    if !about.is_empty() {
+                        chosen.entry((topic.to_string(), partition)).or_default().insert(r.offset);
+                        records.extend(about);
+                    }
+                }
+                if show_progress && last_shown.elapsed() >= Duration::from_millis(500) {
+                    last_shown = Instant::now();
+                    eprint!(
+                        "\rscanning the log: {scanned} events ({:.0}/s), {} about {patient}",
+                        scanned as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                        chosen.values().map(BTreeSet::len).sum::<usize>()
+                    );
+                }
+            }
+        }
+    }
+    if show_progress {
+        eprintln!();
+    }
+    Ok((records, chosen, scanned))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
