@@ -583,6 +583,19 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
         let runs = api.search_all("/AuditEvent?subtype=operation", &au).await;
         assert!(runs.len() >= 4, "{}", runs.len());
 
+        // The same report from the command line, through the running server, recorded like the others.
+        let (status, out, err) = d.cairn(&[
+            "audit", "report", "--kind", "patient-access", "--patient", "p1", "--from", "2026-01-01", "--to",
+            "2100-01-01", "--format", "csv",
+        ]);
+        assert!(status.success(), "{out}{err}");
+        let cli_lines: Vec<&str> = out.lines().collect();
+        assert_eq!(cli_lines[0], columns.join(","), "{out}");
+        assert!(cli_lines.len() >= lines.len(), "every row of the API's CSV, and the disclosures since: {out}");
+        assert!(cli_lines[1..].iter().all(|l| l.contains("Patient/p1")), "{out}");
+        let runs_after = api.search_all("/AuditEvent?subtype=operation", &au).await;
+        assert_eq!(runs_after.len(), runs.len() + 1, "the CLI report is in the trail");
+
         // Evidence for a regulator: p1's audit slice, exported from the log and checked offline against
         // the seal key in the JWKS. It holds every record the API shows about p1, unchanged.
         let p1_trail = api.search_all("/AuditEvent?patient=Patient/p1&_count=200", &au).await;

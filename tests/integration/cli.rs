@@ -89,6 +89,38 @@ fn bad_input_gets_a_clear_error_and_touches_nothing() {
     assert_eq!(status.code(), Some(1));
     assert!(err.contains("cairn.toml line 1"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+
+    // The audit commands: a report needs the running server; a bad window, a bad patient id and a
+    // file that is not a slice are refused in one line each.
+    let data = tmp.path().join("data");
+    let (status, _, err) = run_cairn(&[
+        "audit",
+        "report",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--kind",
+        "failed-logins",
+        "--from",
+        "2026-01-01",
+        "--to",
+        "2026-02-01",
+    ]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("no server answers") && err.lines().count() == 1, "{err}");
+    for (flags, expected) in [
+        (["--patient", "p1", "--from", "yesterday", "--to", "2026-02-01T00:00:00Z"], "--from"),
+        (["--patient", "p 1", "--from", "2026-01-01T00:00:00Z", "--to", "2026-02-01T00:00:00Z"], "not a FHIR id"),
+        (["--patient", "p1", "--from", "2026-03-01T00:00:00Z", "--to", "2026-02-01T00:00:00Z"], "is after --to"),
+    ] {
+        let mut args = vec!["audit", "export", "--data-dir", data.to_str().unwrap()];
+        args.extend_from_slice(&flags);
+        let (status, _, err) = run_cairn(&args);
+        assert_eq!(status.code(), Some(1), "{flags:?}");
+        assert!(err.contains(expected) && err.lines().count() == 1, "{flags:?}: {err}");
+    }
+    let (status, _, err) = run_cairn(&["audit", "verify", "--export", config.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("not an audit slice") && err.lines().count() == 1, "{err}");
 }
 
 #[test]

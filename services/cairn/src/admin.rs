@@ -99,8 +99,27 @@ fn to_command(cli: Cli) -> anyhow::Result<(CommonArgs, AdminCommand)> {
     })
 }
 
-/// Sends the command to a running server. `None` when no server listens on the socket.
-fn send_to_server(socket: &Path, command: &AdminCommand) -> anyhow::Result<Option<Result<Value, String>>> {
+/// A request on the admin socket that is not an authorization-server command: a compliance report,
+/// run by the FHIR service as `admin` and recorded in the trail like the API's `AuditEvent/$report`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct AuditReportRequest {
+    pub kind: String,
+    pub patient: Option<String>,
+    pub user: Option<String>,
+    pub from: String,
+    pub to: String,
+    /// `json` or `csv`
+    pub format: String,
+}
+
+/// The two kinds of socket request, told apart by shape: `{"audit_report": {...}}` or an `AdminCommand`.
+#[derive(serde::Deserialize)]
+struct ReportEnvelope {
+    audit_report: AuditReportRequest,
+}
+
+/// Sends a request to the running server's admin socket. `None` when no server listens there.
+pub fn send_to_server(socket: &Path, command: &impl serde::Serialize) -> anyhow::Result<Option<Result<Value, String>>> {
     let mut stream = match std::os::unix::net::UnixStream::connect(socket) {
         Ok(s) => s,
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
@@ -161,7 +180,11 @@ fn run_offline(common: &CommonArgs, data_dir: &Path, command: AdminCommand) -> a
 /// Serves admin commands on the socket for as long as the server runs. `None` if another server
 /// (sharing this data directory, which only a shared Kafka log allows) already answers there: it
 /// administers the same log, so one socket is enough.
-pub async fn serve_socket(path: PathBuf, auth: Arc<AuthServer>) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+pub async fn serve_socket(
+    path: PathBuf,
+    auth: Arc<AuthServer>,
+    fhir: Arc<cairn_service::FhirService>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let dir = path.parent().expect("socket path has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     set_mode(dir, 0o700)?;
@@ -178,7 +201,7 @@ pub async fn serve_socket(path: PathBuf, auth: Arc<AuthServer>) -> anyhow::Resul
     Ok(Some(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            let auth = auth.clone();
+            let (auth, fhir) = (auth.clone(), fhir.clone());
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
@@ -186,12 +209,19 @@ pub async fn serve_socket(path: PathBuf, auth: Arc<AuthServer>) -> anyhow::Resul
                 if reader.read_line(&mut line).await.is_err() {
                     return;
                 }
-                let answer = match serde_json::from_str::<AdminCommand>(&line) {
-                    Ok(cmd) => match auth.admin(cmd).await {
+                let answer = if let Ok(ReportEnvelope { audit_report }) = serde_json::from_str(&line) {
+                    match audit_report_for_admin(&fhir, audit_report).await {
                         Ok(v) => serde_json::json!({"ok": v}),
-                        Err(e) => serde_json::json!({"error": e.to_string()}),
-                    },
-                    Err(e) => serde_json::json!({"error": format!("malformed admin command: {e}")}),
+                        Err(e) => serde_json::json!({"error": e}),
+                    }
+                } else {
+                    match serde_json::from_str::<AdminCommand>(&line) {
+                        Ok(cmd) => match auth.admin(cmd).await {
+                            Ok(v) => serde_json::json!({"ok": v}),
+                            Err(e) => serde_json::json!({"error": e.to_string()}),
+                        },
+                        Err(e) => serde_json::json!({"error": format!("malformed admin command: {e}")}),
+                    }
                 };
                 let mut bytes = serde_json::to_vec(&answer).expect("JSON");
                 bytes.push(b'\n');
@@ -199,6 +229,26 @@ pub async fn serve_socket(path: PathBuf, auth: Arc<AuthServer>) -> anyhow::Resul
             });
         }
     })))
+}
+
+/// Runs a report for whoever may use the socket (the data directory's owner), as the actor `admin`
+/// with unrestricted access; the report is audited like one made through the API.
+async fn audit_report_for_admin(fhir: &cairn_service::FhirService, r: AuditReportRequest) -> Result<Value, String> {
+    let failed =
+        |e: cairn_service::FhirError| e.issues.iter().map(|i| i.diagnostics.clone()).collect::<Vec<_>>().join("; ");
+    let kind = cairn_service::ReportKind::parse(&r.kind, r.patient.as_deref(), r.user.as_deref()).map_err(failed)?;
+    let ctx = cairn_service::RequestContext {
+        actor: cairn_events::Actor {
+            subject: Some("admin".into()),
+            user_agent: Some("cairn audit report".into()),
+            ..Default::default()
+        },
+        request_id: uuid::Uuid::new_v4().to_string(),
+        access: cairn_service::Access::Unrestricted,
+        provenance: None,
+    };
+    let report = fhir.audit_report(&ctx, &kind, &r.from, &r.to).await.map_err(failed)?;
+    Ok(if r.format == "csv" { Value::String(report.to_csv()) } else { serde_json::to_value(&report).expect("JSON") })
 }
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {

@@ -205,3 +205,30 @@ async fn scan(
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// `cairn audit report`: asks the running server, which runs the report and records it in the trail.
+pub fn report(args: crate::AuditReportArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = config::data_dir(&args.common)?;
+    let socket = crate::admin::socket_path(&data_dir);
+    let request = serde_json::json!({"audit_report": crate::admin::AuditReportRequest {
+        kind: args.kind,
+        patient: args.patient,
+        user: args.user,
+        from: args.from,
+        to: args.to,
+        format: args.format,
+    }});
+    let Some(answer) = crate::admin::send_to_server(&socket, &request)? else {
+        bail!(
+            "no server answers on {}: a report reads the trail from the running server's store and is itself \
+             recorded in its log; start `cairn serve`, or ask its API (GET [base]/AuditEvent/$report)",
+            socket.display()
+        );
+    };
+    let answer = answer.map_err(|e| anyhow!("report refused: {e}"))?;
+    match answer {
+        serde_json::Value::String(csv) => print!("{csv}"),
+        json => println!("{}", serde_json::to_string_pretty(&json)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}

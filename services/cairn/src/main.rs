@@ -58,6 +58,34 @@ pub enum AuditCommand {
     /// proof (the events, their neighbours' digests, the signed seals) that `cairn audit verify
     /// --export` checks offline. Reads the log only; safe beside a running server.
     Export(AuditExportArgs),
+    /// A compliance report over the audit trail (the API's AuditEvent/$report), as JSON or CSV. Runs in
+    /// the running server (through its admin socket), which records the report in the trail as an
+    /// access by `admin`.
+    Report(AuditReportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AuditReportArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Which report
+    #[arg(long, value_parser = ["patient-access", "user-activity", "failed-logins", "security-alerts"])]
+    pub kind: String,
+    /// The patient (an id or Patient/<id>), for patient-access: every access to the patient's data
+    #[arg(long)]
+    pub patient: Option<String>,
+    /// The Cairn user id, for user-activity: everything the user did
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Start of the window: a FHIR date or instant (2026-11-01, 2026-11-01T08:00:00Z), included
+    #[arg(long)]
+    pub from: String,
+    /// End of the window, included
+    #[arg(long)]
+    pub to: String,
+    /// Output format
+    #[arg(long, default_value = "json", value_parser = ["json", "csv"])]
+    pub format: String,
 }
 
 #[derive(Args, Debug)]
@@ -446,6 +474,7 @@ fn main() -> ExitCode {
         Command::Log(LogCommand::Verify(args)) => logcmd::verify(args),
         Command::Audit(AuditCommand::Verify(args)) => auditcmd::verify(args),
         Command::Audit(AuditCommand::Export(args)) => auditcmd::export(args),
+        Command::Audit(AuditCommand::Report(args)) => auditcmd::report(args),
         Command::Store(StoreCommand::Digest(args)) => storecmd::digest(args),
         Command::Migrate(args) => storecmd::migrate(args),
         Command::Bench(args) => bench::run(args),

@@ -186,7 +186,6 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
             .map_err(|e| anyhow::anyhow!("authorization server: {e}"))?;
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "authorization state rebuilt from the log");
         auth.set_jwks_fetcher(Arc::new(crate::jwks::HttpJwksFetcher::new()?));
-        admin_task = crate::admin::serve_socket(crate::admin::socket_path(&settings.data_dir), auth.clone()).await?;
         let service = Arc::new(
             FhirService::new(
                 dyn_log,
@@ -201,6 +200,9 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
             )
             .with_audit_progress(audit_progress),
         );
+        admin_task =
+            crate::admin::serve_socket(crate::admin::socket_path(&settings.data_dir), auth.clone(), service.clone())
+                .await?;
         if settings.demo {
             crate::demo::seed(&settings.data_dir, &settings.public_url, &auth, &service).await?;
         }
