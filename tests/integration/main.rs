@@ -8,4 +8,5 @@ mod cli;
 mod distributed;
 mod fhir;
 mod log_backends;
+mod replay;
 mod store_backends;

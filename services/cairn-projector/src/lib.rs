@@ -140,24 +140,39 @@ impl Projector {
 
     /// Applies everything already in the log, then returns (used by rebuilds and tests).
     pub async fn catch_up(&self) -> Result<(), ProjectorError> {
+        self.catch_up_until(&|_| true, &mut |_| {}).await.map(|_| ())
+    }
+
+    /// Applies the log from the store's checkpoints up to a cut: in each partition, up to the first
+    /// record `keep` refuses (a replay "as of" a moment, `cairn replay`). Calls `applied` with the
+    /// number of records of each batch. Returns the next offset of every partition at the cut.
+    pub async fn catch_up_until(
+        &self,
+        keep: &(dyn Fn(&Record) -> bool + Sync),
+        applied: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<Vec<u64>, ProjectorError> {
         let partitions = self.progress.borrow().len() as u32;
         let mut last_durable = Instant::now();
         for p in 0..partitions {
             loop {
                 let from = self.progress.borrow()[p as usize];
                 let records = self.log.read(self.projection.topic, p, from, BATCH_RECORDS).await?;
-                if records.is_empty() {
-                    break;
+                let kept = records.iter().position(|r| !keep(r)).unwrap_or(records.len());
+                if kept > 0 {
+                    let durable = last_durable.elapsed() >= self.durable_every;
+                    self.apply(&records[..kept], durable).await?;
+                    if durable {
+                        last_durable = Instant::now();
+                    }
+                    applied(kept);
                 }
-                let durable = last_durable.elapsed() >= self.durable_every;
-                self.apply(&records, durable).await?;
-                if durable {
-                    last_durable = Instant::now();
+                if kept < records.len() || records.is_empty() {
+                    break;
                 }
             }
         }
-        // One durable commit at the end: the rebuilt state survives a crash right after.
-        self.apply(&[], true).await
+        self.apply(&[], true).await?;
+        Ok(self.progress.borrow().clone())
     }
 
     /// Tails the partitions the log assigns to this process (every partition, unless several

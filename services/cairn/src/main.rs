@@ -11,6 +11,7 @@ mod demo;
 mod jwks;
 mod keys;
 mod logcmd;
+mod replaycmd;
 mod serve;
 mod storecmd;
 mod telemetry;
@@ -37,6 +38,9 @@ enum Command {
     /// audit slice with its proof, verify a slice on another machine.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Rebuild the projections (resources with their history and indexes, AuditEvent, Provenance) as
+    /// they stood at a past moment, from the log into a separate store; the live system keeps serving.
+    Replay(ReplayArgs),
     /// Load generator for any FHIR server: creates, batch Bundles or searches; prints throughput and latency.
     Bench(BenchArgs),
     /// Inspect the projection store (derived from the log; safe to delete while stopped).
@@ -86,6 +90,20 @@ pub struct AuditReportArgs {
     /// Output format
     #[arg(long, default_value = "json", value_parser = ["json", "csv"])]
     pub format: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The moment: an RFC 3339 time (every record the log had accepted by then), or
+    /// topic:partition:offset (up to and including that record; the other partitions as of its time)
+    #[arg(long)]
+    pub until: String,
+    /// A new or empty directory for the replayed store; replay.json there records the cut, the speed
+    /// and the store digest
+    #[arg(long, value_name = "DIR")]
+    pub into: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -475,6 +493,7 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify(args)) => auditcmd::verify(args),
         Command::Audit(AuditCommand::Export(args)) => auditcmd::export(args),
         Command::Audit(AuditCommand::Report(args)) => auditcmd::report(args),
+        Command::Replay(args) => replaycmd::run(args),
         Command::Store(StoreCommand::Digest(args)) => storecmd::digest(args),
         Command::Migrate(args) => storecmd::migrate(args),
         Command::Bench(args) => bench::run(args),
