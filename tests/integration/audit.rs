@@ -682,6 +682,30 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
         let (status, out, _) = verify(&slice_file, &["--seal-public-key", &stranger]);
         assert_eq!(status.code(), Some(2), "{out}");
         assert!(out.contains("not signed by a trusted key"), "{out}");
+        // The investigator's timeline of p1, from the log: every access, oldest first, the gateway's
+        // token grant before its first use, writes with the version they wrote.
+        let window = ["--patient", "p1", "--from", "2026-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"];
+        let timeline = |format: &str| {
+            let mut args = vec!["investigate", "timeline", "--format", format];
+            args.extend_from_slice(&window);
+            let (status, out, err) = d.cairn(&args);
+            assert!(status.success(), "{out}{err}");
+            out
+        };
+        let entries: Vec<Value> = timeline("jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let first_use = entries.iter().position(|e| e["kind"] == "access" && e["jti"] == jti.as_str());
+        let grant = entries.iter().position(|e| e["kind"] == "token" && e["jti"] == jti.as_str());
+        assert!(grant.is_some() && first_use.is_some() && grant < first_use, "{entries:#?}");
+        let accesses = entries.iter().filter(|e| e["kind"] == "access").count();
+        assert!(accesses >= p1_trail.len(), "every AuditEvent about p1 is on the timeline: {accesses}");
+        assert!(entries.iter().any(|e| e["interaction"] == "create"
+            && e["version_after"].as_str().is_some_and(|v| v.starts_with("Patient/p1/_history/"))));
+        let recorded: Vec<&str> = entries.iter().map(|e| e["recorded"].as_str().unwrap()).collect();
+        assert!(recorded.windows(2).all(|w| w[0] <= w[1]), "oldest first");
+        let page = timeline("html");
+        assert!(page.starts_with("<!doctype html>") && page.contains("Patient/p1") && !page.contains("<script"));
+        assert!(timeline("csv").starts_with("recorded,kind,interaction,"));
+
         // And the whole log, against the same JWKS.
         let (status, out, err) = d.cairn(&["audit", "verify", "--jwks", jwks_file.to_str().unwrap()]);
         assert!(status.success() && !out.contains("warning"), "{out}{err}");

@@ -10,6 +10,8 @@ mod codes;
 pub mod export;
 mod provenance;
 mod rest;
+pub mod summary;
+pub mod timeline;
 
 pub use provenance::provenance;
 

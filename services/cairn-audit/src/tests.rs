@@ -93,3 +93,63 @@ fn provenance_targets_the_version_written_and_names_the_replaced_one() {
     }
     assert!(provenance(&sample_event(EventType::FhirAccessRead)).is_none());
 }
+
+#[test]
+fn a_timeline_puts_the_sign_in_and_the_grant_before_the_access_that_used_them() {
+    use crate::timeline::TimelineBuilder;
+    use cairn_events::{Payload, Timestamp};
+    let at = |ms: i64| Timestamp::from_millis(1_800_000_000_000 + ms);
+    let read = {
+        let mut e = sample_event(EventType::FhirAccessRead);
+        e.occurred_at = at(3_000);
+        e
+    };
+    let jti = read.actor.jti.clone().expect("the sample read carries a token");
+    let user = "u-7".to_owned();
+    let login = |ms: i64| {
+        let mut e = sample_event(EventType::AuthLoginSucceeded);
+        let Payload::LoginSucceeded(l) = &mut e.payload else { unreachable!() };
+        l.user_id = user.clone();
+        e.occurred_at = at(ms);
+        e.patient = None;
+        e
+    };
+    let grant = |ms: i64, jti: &str| {
+        let mut e = sample_event(EventType::AuthTokenIssued);
+        let Payload::TokenIssued(t) = &mut e.payload else { unreachable!() };
+        t.jti = jti.to_owned();
+        t.subject = Some(user.clone());
+        t.kind = cairn_events::TokenKind::Access;
+        e.occurred_at = at(ms);
+        e.patient = None;
+        e
+    };
+    // Fed out of order, with a later sign-in and an unused grant that do not belong.
+    let events = [
+        (read.clone(), "a"),
+        (login(2_500), "b"),
+        (grant(2_000, &jti), "c"),
+        (login(1_000), "d"),
+        (grant(2_200, "other"), "e"),
+    ];
+    let mut builder = TimelineBuilder::new("Patient/p-1", at(0), at(10_000));
+    for (e, pos) in &events {
+        builder.add(e, pos.to_string());
+    }
+    let timeline = builder.finish();
+    let kinds: Vec<(&str, &str)> = timeline.iter().map(|e| (e.kind, e.position.as_str())).collect();
+    assert_eq!(kinds, [("login", "d"), ("token", "c"), ("access", "a")]);
+    assert_eq!(timeline[1].summary.jti, jti);
+    assert_eq!(timeline[2].summary.jti, jti);
+    assert_eq!(timeline[0].summary.user, user);
+
+    // A grant with the patient in context is on the timeline in its own right, once, as a grant.
+    let mut builder = TimelineBuilder::new("Patient/p-1", at(0), at(10_000));
+    let mut in_context = grant(2_000, &jti);
+    in_context.patient = Some("Patient/p-1".into());
+    builder.add(&in_context, "c".into());
+    builder.add(&read, "a".into());
+    let timeline = builder.finish();
+    let kinds: Vec<(&str, &str)> = timeline.iter().map(|e| (e.kind, e.position.as_str())).collect();
+    assert_eq!(kinds, [("token", "c"), ("access", "a")]);
+}

@@ -123,50 +123,19 @@ fn text(v: &Value) -> String {
 
 /// One access row: who did what to which resources, when, from where, with what outcome.
 fn access_row(a: &Value) -> Vec<String> {
-    let agents = a["agent"].as_array().cloned().unwrap_or_default();
-    let requestor = agents.iter().find(|g| g["requestor"] == true).cloned().unwrap_or(Value::Null);
-    let client = agents
-        .iter()
-        .find_map(|g| {
-            (g["who"]["identifier"]["system"] == "urn:cairn:oauth-client")
-                .then(|| text(&g["who"]["identifier"]["value"]))
-        })
-        .unwrap_or_default();
-    let address = agents.iter().find_map(|g| g["network"]["address"].as_str()).unwrap_or_default().to_owned();
-    let entities = a["entity"].as_array().cloned().unwrap_or_default();
-    // By the entity's role (object-role): 1 the patient, 4 the data.
-    let refs = |role: &str| {
-        entities
-            .iter()
-            .filter(|e| e["role"]["code"] == role)
-            .filter_map(|e| e["what"]["reference"].as_str())
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let request_id = entities
-        .iter()
-        .find(|e| e["type"]["code"] == "XrequestId")
-        .map(|e| text(&e["what"]["identifier"]["value"]))
-        .unwrap_or_default();
+    let s = cairn_audit::summary::summarize(a);
     vec![
-        text(&a["recorded"]),
-        text(&a["action"]),
-        text(&a["subtype"][0]["code"]),
-        match a["outcome"].as_str() {
-            Some("0") => "success".into(),
-            Some(code) => format!("failure ({code}): {}", text(&a["outcomeDesc"])),
-            None => String::new(),
-        },
-        requestor["altId"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| text(&requestor["who"]["identifier"]["value"])),
-        text(&requestor["who"]["reference"]),
-        client,
-        address,
-        refs("1"),
-        refs("4"),
-        request_id,
+        s.recorded,
+        s.action,
+        s.interaction,
+        s.outcome,
+        s.user,
+        s.fhir_user,
+        s.client,
+        s.address,
+        s.patient,
+        s.resources,
+        s.request_id,
     ]
 }
 

@@ -62,16 +62,8 @@ fn verify_export(path: &Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
 
 pub fn export(args: AuditExportArgs) -> anyhow::Result<ExitCode> {
     telemetry::init_cli();
-    let id = args.patient.strip_prefix("Patient/").unwrap_or(&args.patient);
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
-        bail!("--patient {}: not a FHIR id (1-64 of A-Z a-z 0-9 - .), nor Patient/<id>", args.patient);
-    }
-    let patient = format!("Patient/{id}");
-    let from: Timestamp = args.from.parse().map_err(|e| anyhow!("--from: {e}"))?;
-    let to: Timestamp = args.to.parse().map_err(|e| anyhow!("--to: {e}"))?;
-    if from > to {
-        bail!("--from {from} is after --to {to}");
-    }
+    let (id, patient, from, to) = patient_and_window(&args.window)?;
+    let id = id.as_str();
     let backends = config::backends(&args.common)?;
     let data = DataDir::open_existing(&config::data_dir(&args.common)?)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -150,6 +142,24 @@ pub fn export(args: AuditExportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--patient` (an id or `Patient/<id>`), `--from` and `--to` (RFC 3339), checked: the id, the
+/// reference and the window.
+pub(crate) fn patient_and_window(
+    args: &crate::PatientWindowArgs,
+) -> anyhow::Result<(String, String, Timestamp, Timestamp)> {
+    let (patient, from, to) = (&args.patient, &args.from, &args.to);
+    let id = patient.strip_prefix("Patient/").unwrap_or(patient);
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+        bail!("--patient {patient}: not a FHIR id (1-64 of A-Z a-z 0-9 - .), nor Patient/<id>");
+    }
+    let from: Timestamp = from.parse().map_err(|e| anyhow!("--from: {e}"))?;
+    let to: Timestamp = to.parse().map_err(|e| anyhow!("--to: {e}"))?;
+    if from > to {
+        bail!("--from {from} is after --to {to}");
+    }
+    Ok((id.to_owned(), format!("Patient/{id}"), from, to))
+}
+
 type Chosen = BTreeMap<(String, u32), BTreeSet<u64>>;
 
 /// Reads every event topic and keeps the events that give a record about `patient` in the window.
@@ -160,10 +170,37 @@ async fn scan(
     from: Timestamp,
     to: Timestamp,
 ) -> anyhow::Result<(Vec<cairn_audit::AuditRecord>, Chosen, u64)> {
+    let (mut records, mut chosen) = (Vec::new(), Chosen::new());
+    let scanned = scan_log(log, &format!("about {patient}"), &mut |r| {
+        // An event about the patient names its id; most do not, and skip the parse.
+        if !contains(&r.value, id.as_bytes()) {
+            return false;
+        }
+        let Ok(event) = Event::from_canonical_bytes(&r.value) else { return false };
+        let about = records_about(&event, patient, from, to);
+        if about.is_empty() {
+            return false;
+        }
+        chosen.entry((r.topic.clone(), r.partition)).or_default().insert(r.offset);
+        records.extend(about);
+        true
+    })
+    .await?;
+    Ok((records, chosen, scanned))
+}
+
+/// Reads every record of every event topic in order, partition by partition; `visit` says whether
+/// it kept the record. A progress line (events read, per second, kept) goes to stderr when it is a
+/// terminal. Returns how many records were read.
+pub(crate) async fn scan_log(
+    log: &dyn EventLog,
+    kept_label: &str,
+    visit: &mut (dyn FnMut(&cairn_log::Record) -> bool + Send),
+) -> anyhow::Result<u64> {
     let show_progress = std::io::stderr().is_terminal();
     let started = Instant::now();
     let mut last_shown = Instant::now();
-    let (mut records, mut chosen, mut scanned) = (Vec::new(), Chosen::new(), 0u64);
+    let (mut scanned, mut kept) = (0u64, 0u64);
     for topic in cairn_events::topics::ALL {
         let Ok(partitions) = log.partitions(topic) else { continue };
         for partition in 0..partitions {
@@ -174,23 +211,13 @@ async fn scan(
                 next = last.offset + 1;
                 for r in &batch {
                     scanned += 1;
-                    // An event about the patient names its id; most do not, and skip the parse.
-                    if !contains(&r.value, id.as_bytes()) {
-                        continue;
-                    }
-                    let Ok(event) = Event::from_canonical_bytes(&r.value) else { continue };
-                    let about = records_about(&event, patient, from, to);
-                    if !about.is_empty() {
-                        chosen.entry((topic.to_string(), partition)).or_default().insert(r.offset);
-                        records.extend(about);
-                    }
+                    kept += u64::from(visit(r));
                 }
                 if show_progress && last_shown.elapsed() >= Duration::from_millis(500) {
                     last_shown = Instant::now();
                     eprint!(
-                        "\rscanning the log: {scanned} events ({:.0}/s), {} about {patient}",
-                        scanned as f64 / started.elapsed().as_secs_f64().max(1e-9),
-                        chosen.values().map(BTreeSet::len).sum::<usize>()
+                        "\rscanning the log: {scanned} events ({:.0}/s), {kept} {kept_label}",
+                        scanned as f64 / started.elapsed().as_secs_f64().max(1e-9)
                     );
                 }
             }
@@ -199,10 +226,10 @@ async fn scan(
     if show_progress {
         eprintln!();
     }
-    Ok((records, chosen, scanned))
+    Ok(scanned)
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 

@@ -8,6 +8,7 @@ mod bench;
 mod config;
 mod datadir;
 mod demo;
+mod investigatecmd;
 mod jwks;
 mod keys;
 mod logcmd;
@@ -41,6 +42,9 @@ enum Command {
     /// Rebuild the projections (resources with their history and indexes, AuditEvent, Provenance) as
     /// they stood at a past moment, from the log into a separate store; the live system keeps serving.
     Replay(ReplayArgs),
+    /// Questions investigators ask of the log.
+    #[command(subcommand)]
+    Investigate(InvestigateCommand),
     /// Load generator for any FHIR server: creates, batch Bundles or searches; prints throughput and latency.
     Bench(BenchArgs),
     /// Inspect the projection store (derived from the log; safe to delete while stopped).
@@ -92,6 +96,43 @@ pub struct AuditReportArgs {
     pub format: String,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum InvestigateCommand {
+    /// Everything that touched one patient in a window, oldest first: each access to the patient's
+    /// data (reads, searches, writes with the version before and after, refusals) with who, through
+    /// which app and token, from where, and the token grants and sign-ins behind them. Reads the log
+    /// only; safe beside a running server.
+    Timeline(TimelineArgs),
+}
+
+/// One patient and a time window: what audit exports and timelines are about.
+#[derive(Args, Debug)]
+pub struct PatientWindowArgs {
+    /// The patient: an id, or Patient/<id>
+    #[arg(long)]
+    pub patient: String,
+    /// Start of the window, RFC 3339 (e.g. 2026-11-01T00:00:00Z), included
+    #[arg(long)]
+    pub from: String,
+    /// End of the window, RFC 3339, included
+    #[arg(long)]
+    pub to: String,
+}
+
+#[derive(Args, Debug)]
+pub struct TimelineArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub window: PatientWindowArgs,
+    /// Output: JSON lines, CSV, or a self-contained HTML page to open and print
+    #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv", "html"])]
+    pub format: String,
+    /// Where to write it; standard output when absent
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
 #[derive(Args, Debug)]
 pub struct ReplayArgs {
     #[command(flatten)]
@@ -119,15 +160,8 @@ pub struct AuditVerifyArgs {
 pub struct AuditExportArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// The patient: an id, or Patient/<id>
-    #[arg(long)]
-    pub patient: String,
-    /// Start of the window, RFC 3339 (e.g. 2026-11-01T00:00:00Z), included
-    #[arg(long)]
-    pub from: String,
-    /// End of the window, RFC 3339, included
-    #[arg(long)]
-    pub to: String,
+    #[command(flatten)]
+    pub window: PatientWindowArgs,
     /// Where to write the slice (JSON); standard output when absent
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -494,6 +528,7 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Export(args)) => auditcmd::export(args),
         Command::Audit(AuditCommand::Report(args)) => auditcmd::report(args),
         Command::Replay(args) => replaycmd::run(args),
+        Command::Investigate(InvestigateCommand::Timeline(args)) => investigatecmd::timeline(args),
         Command::Store(StoreCommand::Digest(args)) => storecmd::digest(args),
         Command::Migrate(args) => storecmd::migrate(args),
         Command::Bench(args) => bench::run(args),
