@@ -706,6 +706,35 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
         assert!(page.starts_with("<!doctype html>") && page.contains("Patient/p1") && !page.contains("<script"));
         assert!(timeline("csv").starts_with("recorded,kind,interaction,"));
 
+        // What exactly the gateway saw: its read of the updated Observation returned version 2 with
+        // the new value, reproduced from the log; what the auditor saw of the trail, rendered again.
+        let seen = |who: &[&str]| -> Vec<Value> {
+            let mut args = vec!["investigate", "seen", "--from", "2026-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"];
+            args.extend_from_slice(who);
+            let (status, out, err) = d.cairn(&args);
+            assert!(status.success(), "{out}{err}");
+            out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        };
+        let by_gateway = seen(&["--client", &gateway.0]);
+        let read = by_gateway
+            .iter()
+            .find(|a| a["interaction"] == "read" && a["request"] == format!("Observation/{first}"))
+            .expect("the gateway's read");
+        assert_eq!(read["returned"][0]["reference"], format!("Observation/{first}/_history/2"));
+        assert_eq!(read["returned"][0]["resource"]["valueQuantity"]["value"], 150, "{read}");
+        let searches = by_gateway.iter().filter(|a| a["interaction"] == "search-type").count();
+        assert!(searches >= 2, "{searches}");
+        assert!(
+            by_gateway.iter().flat_map(|a| a["returned"].as_array().unwrap()).all(|v| v["resource"].is_object()),
+            "every version the gateway was sent is reproduced"
+        );
+        let by_auditor = seen(&["--client", &auditor.0]);
+        let trail_versions: Vec<&Value> = by_auditor.iter().flat_map(|a| a["returned"].as_array().unwrap()).collect();
+        assert!(trail_versions.iter().any(|v| v["resource"]["resourceType"] == "AuditEvent"));
+        assert!(trail_versions.iter().all(|v| v["resource"].is_object()), "audit records are rendered again");
+        let (status, _, err) = d.cairn(&["investigate", "seen", "--from", "2026-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"]);
+        assert_eq!(status.code(), Some(2), "--user or --client is required: {err}");
+
         // And the whole log, against the same JWKS.
         let (status, out, err) = d.cairn(&["audit", "verify", "--jwks", jwks_file.to_str().unwrap()]);
         assert!(status.success() && !out.contains("warning"), "{out}{err}");

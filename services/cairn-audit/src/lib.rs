@@ -10,6 +10,7 @@ mod codes;
 pub mod export;
 mod provenance;
 mod rest;
+pub mod seen;
 pub mod summary;
 pub mod timeline;
 

@@ -147,17 +147,23 @@ pub fn export(args: AuditExportArgs) -> anyhow::Result<ExitCode> {
 pub(crate) fn patient_and_window(
     args: &crate::PatientWindowArgs,
 ) -> anyhow::Result<(String, String, Timestamp, Timestamp)> {
-    let (patient, from, to) = (&args.patient, &args.from, &args.to);
+    let (patient, from, to) = (&args.patient, &args.window.from, &args.window.to);
     let id = patient.strip_prefix("Patient/").unwrap_or(patient);
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
         bail!("--patient {patient}: not a FHIR id (1-64 of A-Z a-z 0-9 - .), nor Patient/<id>");
     }
+    let (from, to) = window(from, to)?;
+    Ok((id.to_owned(), format!("Patient/{id}"), from, to))
+}
+
+/// `--from` and `--to` (RFC 3339), in order.
+pub(crate) fn window(from: &str, to: &str) -> anyhow::Result<(Timestamp, Timestamp)> {
     let from: Timestamp = from.parse().map_err(|e| anyhow!("--from: {e}"))?;
     let to: Timestamp = to.parse().map_err(|e| anyhow!("--to: {e}"))?;
     if from > to {
         bail!("--from {from} is after --to {to}");
     }
-    Ok((id.to_owned(), format!("Patient/{id}"), from, to))
+    Ok((from, to))
 }
 
 type Chosen = BTreeMap<(String, u32), BTreeSet<u64>>;

@@ -1,14 +1,16 @@
 //! `cairn investigate timeline`: everything that touched one patient in a window, in order, from the
 //! log (read-only, safe beside a running server), as JSON lines, CSV or a self-contained HTML page.
 
-use crate::auditcmd::{contains, patient_and_window, scan_log};
+use crate::auditcmd::{contains, patient_and_window, scan_log, window};
 use crate::datadir::DataDir;
-use crate::{TimelineArgs, config, telemetry};
-use anyhow::Context;
+use crate::{SeenArgs, TimelineArgs, config, telemetry};
+use anyhow::{Context, bail};
+use cairn_audit::seen::{SeenAccess, SeenBuilder, Viewer};
 use cairn_audit::timeline::{TimelineBuilder, TimelineEntry};
 use cairn_events::{Event, Timestamp};
 use cairn_http::pages::esc;
 use cairn_log::embedded::EmbeddedOptions;
+use serde_json::Value;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -37,12 +39,103 @@ pub fn timeline(args: TimelineArgs) -> anyhow::Result<ExitCode> {
         .await?;
         anyhow::Ok((builder.finish(), scanned))
     })?;
-    let body = match args.format.as_str() {
+    let body = match args.output.format.as_str() {
         "csv" => csv(&entries),
         "html" => html(&patient, from, to, &entries),
         _ => entries.iter().map(|e| serde_json::to_string(e).expect("JSON") + "\n").collect(),
     };
-    match &args.out {
+    write_output(args.output.out.as_deref(), &body)?;
+    eprintln!("{} entries for {patient} from {from} to {to} ({scanned} events read)", entries.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cairn investigate seen`: two passes over the log (the viewer's accesses, then the versions).
+pub fn seen(args: SeenArgs) -> anyhow::Result<ExitCode> {
+    telemetry::init_cli();
+    let (from, to) = window(&args.window.from, &args.window.to)?;
+    let viewer = match (&args.user, &args.client) {
+        (Some(u), _) => Viewer::User(u.clone()),
+        (None, Some(c)) => Viewer::Client(c.clone()),
+        (None, None) => bail!("give --user or --client"),
+    };
+    let who = match &viewer {
+        Viewer::User(u) => format!("user {u}"),
+        Viewer::Client(c) => format!("client {c}"),
+    };
+    let backends = config::backends(&args.common)?;
+    let data = DataDir::open_existing(&config::data_dir(&args.common)?)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let accesses = rt.block_on(async {
+        let log =
+            crate::backends::open_log(&backends, &data, EmbeddedOptions { read_only: true, ..Default::default() })
+                .await?
+                .as_dyn();
+        let mut builder = SeenBuilder::new(viewer, from, to);
+        scan_log(log.as_ref(), &format!("accesses by {who}"), &mut |r| {
+            if r.topic != cairn_events::topics::ACCESS {
+                return false;
+            }
+            let Ok(event) = Event::from_canonical_bytes(&r.value) else { return false };
+            builder.add_access(&event, format!("{}:{}:{}", r.topic, r.partition, r.offset));
+            true
+        })
+        .await?;
+        if builder.wants_anything() {
+            scan_log(log.as_ref(), "read for the versions returned", &mut |r| {
+                let Ok(event) = Event::from_canonical_bytes(&r.value) else { return false };
+                builder.add_source(&event);
+                true
+            })
+            .await?;
+        }
+        anyhow::Ok(builder.finish())
+    })?;
+    let body = match args.output.format.as_str() {
+        "csv" => {
+            let mut out = csv_line(&[
+                "recorded",
+                "interaction",
+                "request",
+                "status",
+                "client",
+                "request_id",
+                "version",
+                "resource",
+            ]);
+            for a in &accesses {
+                for v in &a.returned {
+                    let resource = v.resource.as_ref().map(Value::to_string).unwrap_or_default();
+                    let status = a.status.to_string();
+                    out += &csv_line(&[
+                        &a.recorded,
+                        &a.interaction,
+                        &a.request,
+                        &status,
+                        &a.client,
+                        &a.request_id,
+                        &v.reference,
+                        &resource,
+                    ]);
+                }
+            }
+            out
+        }
+        "html" => seen_html(&who, from, to, &accesses),
+        _ => accesses.iter().map(|a| serde_json::to_string(a).expect("JSON") + "\n").collect(),
+    };
+    write_output(args.output.out.as_deref(), &body)?;
+    let versions: usize = accesses.iter().map(|a| a.returned.len()).sum();
+    let missing = accesses.iter().flat_map(|a| &a.returned).filter(|v| v.resource.is_none()).count();
+    eprintln!(
+        "{} accesses by {who} from {from} to {to}, {versions} versions returned ({missing} not found in the log)",
+        accesses.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// To `out` (written beside, then renamed: a reader never finds half a file), or standard output.
+fn write_output(out: Option<&std::path::Path>, body: &str) -> anyhow::Result<()> {
+    match out {
         Some(path) => {
             let partial = path.with_extension("partial");
             std::fs::write(&partial, body).with_context(|| format!("writing {}", partial.display()))?;
@@ -50,8 +143,67 @@ pub fn timeline(args: TimelineArgs) -> anyhow::Result<ExitCode> {
         }
         None => std::io::stdout().lock().write_all(body.as_bytes())?,
     }
-    eprintln!("{} entries for {patient} from {from} to {to} ({scanned} events read)", entries.len());
-    Ok(ExitCode::SUCCESS)
+    Ok(())
+}
+
+/// One RFC 4180 line.
+fn csv_line(fields: &[&str]) -> String {
+    let field = |f: &str| {
+        if f.contains([',', '"', '\n', '\r']) { format!("\"{}\"", f.replace('"', "\"\"")) } else { f.to_owned() }
+    };
+    fields.iter().map(|f| field(f)).collect::<Vec<_>>().join(",") + "\r\n"
+}
+
+/// The page around a table: title, explanation, print style. No script, nothing fetched.
+fn page(title: &str, explanation: &str, table: &str) -> String {
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\n<style>\
+         body{{font:13px/1.4 system-ui,sans-serif;margin:1.5em}}table{{border-collapse:collapse;width:100%}}\
+         th,td{{border:1px solid #bbb;padding:3px 5px;text-align:left;vertical-align:top;word-break:break-all}}\
+         th{{background:#eee}}tr.refused td{{background:#fdecea}}tr.token td,tr.login td{{color:#555}}\
+         pre{{white-space:pre-wrap;margin:0}}@media print{{body{{margin:0}}th{{background:none}}}}</style></head>\
+         <body>\n<h1>{}</h1>\n<p>{} Generated {}.</p>\n{}</body></html>\n",
+        esc(title),
+        esc(title),
+        esc(explanation),
+        esc(&Timestamp::now().to_rfc3339()),
+        table
+    )
+}
+
+fn seen_html(who: &str, from: Timestamp, to: Timestamp, accesses: &[SeenAccess]) -> String {
+    let mut table = String::from(
+        "<table><thead><tr><th>recorded</th><th>interaction</th><th>request</th><th>client</th>\
+         <th>request id</th><th>version returned</th><th>content</th></tr></thead><tbody>\n",
+    );
+    for a in accesses {
+        for v in &a.returned {
+            let content = match &v.resource {
+                Some(r) => serde_json::to_string_pretty(r).expect("JSON"),
+                None => "(not in the log)".into(),
+            };
+            table += &format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><pre>{}</pre></td></tr>\n",
+                esc(&a.recorded),
+                esc(&a.interaction),
+                esc(&a.request),
+                esc(&a.client),
+                esc(&a.request_id),
+                esc(&v.reference),
+                esc(&content)
+            );
+        }
+    }
+    table += "</tbody></table>\n";
+    page(
+        &format!("What {who} saw, {from} to {to}"),
+        &format!(
+            "{} reads and searches, oldest first, each with every resource version it returned, as it was then \
+             (from the event log).",
+            accesses.len()
+        ),
+        &table,
+    )
 }
 
 const COLUMNS: [&str; 16] = [
@@ -97,47 +249,39 @@ fn row(e: &TimelineEntry) -> [String; 16] {
 
 /// RFC 4180, with a header row.
 fn csv(entries: &[TimelineEntry]) -> String {
-    let field = |f: &str| {
-        if f.contains([',', '"', '\n', '\r']) { format!("\"{}\"", f.replace('"', "\"\"")) } else { f.to_owned() }
-    };
-    let mut out = COLUMNS.join(",") + "\r\n";
+    let mut out = csv_line(&COLUMNS);
     for e in entries {
-        out += &row(e).iter().map(|f| field(f)).collect::<Vec<_>>().join(",");
-        out += "\r\n";
+        let row = row(e);
+        out += &csv_line(&row.iter().map(String::as_str).collect::<Vec<_>>());
     }
     out
 }
 
 /// One self-contained page (no script, no external resource) an investigator can open and print.
 fn html(patient: &str, from: Timestamp, to: Timestamp, entries: &[TimelineEntry]) -> String {
-    let title = format!("Timeline of {patient}, {from} to {to}");
-    let mut out = format!(
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\n<style>\
-         body{{font:13px/1.4 system-ui,sans-serif;margin:1.5em}}table{{border-collapse:collapse;width:100%}}\
-         th,td{{border:1px solid #bbb;padding:3px 5px;text-align:left;vertical-align:top;word-break:break-all}}\
-         th{{background:#eee}}tr.refused td{{background:#fdecea}}tr.token td,tr.login td{{color:#555}}\
-         @media print{{body{{margin:0}}th{{background:none}}}}</style></head><body>\n<h1>{}</h1>\n\
-         <p>{} entries, oldest first, from the event log: every access to the patient's data (refusals \
-         shaded), and the token grants and sign-ins behind them. Generated {}.</p>\n<table><thead><tr>",
-        esc(&title),
-        esc(&title),
-        entries.len(),
-        esc(&Timestamp::now().to_rfc3339())
-    );
+    let mut table = String::from("<table><thead><tr>");
     for c in COLUMNS {
-        out += &format!("<th>{}</th>", esc(c));
+        table += &format!("<th>{}</th>", esc(c));
     }
-    out += "</tr></thead><tbody>\n";
+    table += "</tr></thead><tbody>\n";
     for e in entries {
         let class = if e.summary.outcome.starts_with("failure") { "refused" } else { e.kind };
-        out += &format!("<tr class=\"{}\">", esc(class));
+        table += &format!("<tr class=\"{}\">", esc(class));
         for f in row(e) {
-            out += &format!("<td>{}</td>", esc(&f));
+            table += &format!("<td>{}</td>", esc(&f));
         }
-        out += "</tr>\n";
+        table += "</tr>\n";
     }
-    out += "</tbody></table>\n</body></html>\n";
-    out
+    table += "</tbody></table>\n";
+    page(
+        &format!("Timeline of {patient}, {from} to {to}"),
+        &format!(
+            "{} entries, oldest first, from the event log: every access to the patient's data (refusals \
+             shaded), and the token grants and sign-ins behind them.",
+            entries.len()
+        ),
+        &table,
+    )
 }
 
 #[cfg(test)]

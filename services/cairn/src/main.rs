@@ -103,14 +103,32 @@ pub enum InvestigateCommand {
     /// which app and token, from where, and the token grants and sign-ins behind them. Reads the log
     /// only; safe beside a running server.
     Timeline(TimelineArgs),
+    /// What exactly a user (or a client acting for itself) saw in a window: each of their reads and
+    /// searches with the resource versions it returned, the content of each version reproduced from
+    /// the log. Reads the log only; safe beside a running server.
+    Seen(SeenArgs),
 }
 
-/// One patient and a time window: what audit exports and timelines are about.
 #[derive(Args, Debug)]
-pub struct PatientWindowArgs {
-    /// The patient: an id, or Patient/<id>
+#[group(id = "viewer", required = true, multiple = false, args = ["user", "client"])]
+pub struct SeenArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The Cairn user id (the subject of their tokens; `cairn admin user list` shows it)
     #[arg(long)]
-    pub patient: String,
+    pub user: Option<String>,
+    /// A client id, for a client that acts for itself (SMART Backend Services)
+    #[arg(long)]
+    pub client: Option<String>,
+    #[command(flatten)]
+    pub window: WindowArgs,
+    #[command(flatten)]
+    pub output: InvestigationOutputArgs,
+}
+
+/// A time window.
+#[derive(Args, Debug)]
+pub struct WindowArgs {
     /// Start of the window, RFC 3339 (e.g. 2026-11-01T00:00:00Z), included
     #[arg(long)]
     pub from: String,
@@ -119,18 +137,35 @@ pub struct PatientWindowArgs {
     pub to: String,
 }
 
+/// Where and how an investigation's answer is written.
 #[derive(Args, Debug)]
-pub struct TimelineArgs {
-    #[command(flatten)]
-    pub common: CommonArgs,
-    #[command(flatten)]
-    pub window: PatientWindowArgs,
+pub struct InvestigationOutputArgs {
     /// Output: JSON lines, CSV, or a self-contained HTML page to open and print
     #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv", "html"])]
     pub format: String,
     /// Where to write it; standard output when absent
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+}
+
+/// One patient and a time window: what audit exports and timelines are about.
+#[derive(Args, Debug)]
+pub struct PatientWindowArgs {
+    /// The patient: an id, or Patient/<id>
+    #[arg(long)]
+    pub patient: String,
+    #[command(flatten)]
+    pub window: WindowArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct TimelineArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub window: PatientWindowArgs,
+    #[command(flatten)]
+    pub output: InvestigationOutputArgs,
 }
 
 #[derive(Args, Debug)]
@@ -529,6 +564,7 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Report(args)) => auditcmd::report(args),
         Command::Replay(args) => replaycmd::run(args),
         Command::Investigate(InvestigateCommand::Timeline(args)) => investigatecmd::timeline(args),
+        Command::Investigate(InvestigateCommand::Seen(args)) => investigatecmd::seen(args),
         Command::Store(StoreCommand::Digest(args)) => storecmd::digest(args),
         Command::Migrate(args) => storecmd::migrate(args),
         Command::Bench(args) => bench::run(args),
