@@ -151,7 +151,7 @@ fn capability_statement_lists_what_works(backend: Backend) {
             .clone();
         let params: Vec<&str> =
             obs["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-        for p in ["patient", "code", "date", "value-quantity", "identifier", "_lastUpdated"] {
+        for p in ["patient", "code", "date", "value-quantity", "identifier", "_lastUpdated", "_asOf"] {
             assert!(params.contains(&p), "{p} missing");
         }
         assert_eq!(obs["conditionalCreate"], true);
@@ -1030,5 +1030,30 @@ fn history_at_shows_what_was_current(backend: Backend) {
         assert_eq!(families(c.get(&format!("/Patient/{a}/_history?_at={}", when(&a1))).await), ["A1"]);
         // Without _at, type history lists every version.
         assert_eq!(families(c.get("/Patient/_history").await).len(), 4);
+
+        // Search as of a moment (`_asOf`): each resource as it was then, matched as it was then.
+        pause().await;
+        let deleted = c.send(reqwest::Method::DELETE, &format!("/Patient/{b}"), None, &[]).await;
+        assert_eq!(deleted.status, 204);
+        let sorted = |r: Reply| {
+            let mut f = families(r);
+            f.sort();
+            f
+        };
+        assert_eq!(sorted(c.get(&format!("/Patient?_asOf={}", when(&a1))).await), ["A1"]);
+        assert_eq!(sorted(c.get(&format!("/Patient?_asOf={}", when(&b1))).await), ["A2", "B1"]);
+        assert_eq!(sorted(c.get(&format!("/Patient?_asOf={}&name=B1", when(&b1))).await), ["B1"]);
+        assert_eq!(sorted(c.get(&format!("/Patient?_asOf={}&name=B1", when(&b2))).await), Vec::<String>::new());
+        assert_eq!(
+            sorted(c.get(&format!("/Patient?_asOf={}", when(&b2))).await),
+            ["A2", "B2"],
+            "b before its deletion"
+        );
+        assert_eq!(sorted(c.get("/Patient").await), ["A2"], "and without _asOf, today");
+        let count = c.get(&format!("/Patient?_asOf={}&_summary=count", when(&b1))).await;
+        assert_eq!(count.body["total"], 2, "{}", count.body);
+        // Before anything was written: nothing. Imprecise moments are refused.
+        assert_eq!(sorted(c.get("/Patient?_asOf=2000-01-01T00:00:00Z").await), Vec::<String>::new());
+        assert_eq!(c.get("/Patient?_asOf=2026-11").await.status, 400);
     });
 }

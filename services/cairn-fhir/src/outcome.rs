@@ -21,6 +21,8 @@ pub enum IssueCode {
     Processing,
     Duplicate,
     Informational,
+    /// The request would cost more than the server allows (FHIR `too-costly`).
+    TooCostly,
 }
 
 impl IssueCode {
@@ -42,6 +44,7 @@ impl IssueCode {
             IssueCode::Processing => "processing",
             IssueCode::Duplicate => "duplicate",
             IssueCode::Informational => "informational",
+            IssueCode::TooCostly => "too-costly",
         }
     }
 }

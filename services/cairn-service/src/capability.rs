@@ -8,7 +8,17 @@ use serde_json::{Value, json};
 
 /// The search parameters of a type, from the table the parser uses.
 fn search_params(resource_type: &str) -> Vec<Value> {
-    search::search_params(resource_type).iter().map(|p| json!({"name": p.name, "type": p.kind.as_str()})).collect()
+    let mut params: Vec<Value> =
+        search::search_params(resource_type).iter().map(|p| json!({"name": p.name, "type": p.kind.as_str()})).collect();
+    params.push(json!({
+        "name": "_asOf",
+        "type": "date",
+        "documentation": "Search the resources as they were at this instant (full precision with a time zone): \
+                          each resource's newest version written by then, unless it was a deletion. Combines with \
+                          every other parameter. Reads the type's versions back from that instant, at most 100,000 \
+                          (422 beyond: use `cairn replay --until` for older moments of a busy type)."
+    }));
+    params
 }
 
 fn resource(resource_type: &str) -> Value {

@@ -133,6 +133,9 @@ const LOCK_SHARDS: usize = 256;
 /// are not found: a bound on the work one request can cause (README, "The FHIR API").
 const AT_SCAN: usize = 20_000;
 
+/// How many versions of a type a search with `_asOf` reads back from that moment at most.
+const AS_OF_SCAN: usize = 100_000;
+
 /// How long a write lease lasts if its holder dies without giving it back. Longer than any write holds
 /// it (a bounded wait for the projection plus an append with its retries).
 const WRITE_LEASE_TTL: Duration = Duration::from_secs(60);
@@ -724,6 +727,9 @@ impl FhirService {
         query: &search::SearchQuery,
         visit: &mut (dyn FnMut(ResourceVersion, &Value) -> bool + Send),
     ) -> FhirResult<()> {
+        if let Some(as_of) = query.as_of {
+            return self.scan_as_of(resource_type, query, as_of.timestamp_millis(), visit).await;
+        }
         let patient = single_patient(resource_type, query);
         let mut filter = |v: ResourceVersion| match v.resource_value() {
             Some(r) if search::matches(&r, query) => visit(v, &r),
@@ -736,6 +742,52 @@ impl FhirService {
             (p, _) => self.store.scan_current(resource_type, p, &mut filter).await,
         };
         result.map_err(|e| FhirError::unavailable(e.to_string()))
+    }
+
+    /// Resources matching `query` as they were at `as_of_ms` (`_asOf`): for each resource, the newest
+    /// version written at or before then, unless that version is a deletion. Reads the type's versions
+    /// back from that moment, at most [`AS_OF_SCAN`] of them; past that it refuses rather than answer
+    /// from part of the history.
+    async fn scan_as_of(
+        &self,
+        resource_type: &str,
+        query: &search::SearchQuery,
+        as_of_ms: i64,
+        visit: &mut (dyn FnMut(ResourceVersion, &Value) -> bool + Send),
+    ) -> FhirResult<()> {
+        let versions = self
+            .store
+            .changes(Some(resource_type), i64::MIN, as_of_ms, AS_OF_SCAN + 1)
+            .await
+            .map_err(|e| FhirError::unavailable(e.to_string()))?;
+        if versions.len() > AS_OF_SCAN {
+            return Err(FhirError::new(
+                422,
+                IssueCode::TooCostly,
+                format!(
+                    "_asOf: more than {AS_OF_SCAN} {resource_type} versions were written by then, more than one search \
+                     reads; ask `cairn replay --until` for a store as of that moment, and search it"
+                ),
+            ));
+        }
+        let patient = single_patient(resource_type, query);
+        let mut seen = std::collections::HashSet::new();
+        for v in versions {
+            // Newest first: the first version of each resource is the one current at `as_of`.
+            if !seen.insert(v.id.clone()) || v.deleted {
+                continue;
+            }
+            if patient.is_some() && v.patient != patient {
+                continue;
+            }
+            if let Some(r) = v.resource_value()
+                && search::matches(&r, query)
+                && !visit(v, &r)
+            {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Type-level search; returns a searchset Bundle. Audited: the `fhir.access.search` event, naming
@@ -788,7 +840,7 @@ impl FhirService {
         }
         *patient = single_patient(resource_type, &query);
         self.caught_up_for(resource_type, None).await?;
-        if query.summary_count && query.params.is_empty() && permit.is_unrestricted() {
+        if query.summary_count && query.params.is_empty() && query.as_of.is_none() && permit.is_unrestricted() {
             // A plain count needs no resource read.
             let total =
                 self.store.count_current(resource_type).await.map_err(|e| FhirError::unavailable(e.to_string()))?;
