@@ -653,6 +653,26 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
         };
         let (status, out, err) = verify(&slice_file, &["--jwks", jwks_file.to_str().unwrap()]);
         assert!(status.success() && out.starts_with("ok: ") && !out.contains("warning"), "{out}{err}");
+        let seal_kid = serde_json::from_str::<Value>(&jwks).unwrap()["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kty"] == "OKP")
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .unwrap();
+        assert!(out.contains(&format!("signed by key {seal_kid}")), "names the signer: {out}");
+        // Without trusted keys a slice proves nothing: refused. A slice with a span repeated: refused.
+        let (status, _, err) = verify(&slice_file, &[]);
+        assert_eq!(status.code(), Some(1));
+        assert!(err.contains("without them a slice proves nothing"), "{err}");
+        let mut doubled = slice.clone();
+        let span = doubled["proof"][0].clone();
+        doubled["proof"].as_array_mut().unwrap().push(span);
+        let doubled_file = files.path().join("doubled.json");
+        std::fs::write(&doubled_file, doubled.to_string()).unwrap();
+        let (status, out, _) = verify(&doubled_file, &["--jwks", jwks_file.to_str().unwrap()]);
+        assert_eq!(status.code(), Some(2), "{out}");
+        assert!(out.contains("two spans cover the same records"), "{out}");
         // Any change is found: an AuditEvent edited, an event's bytes edited, a stranger's key.
         let tampered_file = files.path().join("tampered.json");
         let mut edited = slice.clone();
@@ -682,6 +702,13 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
         let (status, out, _) = verify(&slice_file, &["--seal-public-key", &stranger]);
         assert_eq!(status.code(), Some(2), "{out}");
         assert!(out.contains("not signed by a trusted key"), "{out}");
+        // Two reads of p1's data with request ids a client chose to be hostile: the timeline's page and
+        // CSV must show them as text.
+        let p1_obs = observations.iter().find(|(id, p)| *p == "Patient/p1" && **id != last).unwrap().0.clone();
+        for id in ["<script>alert(1)</script>", "=HYPERLINK(\"http://x\")"] {
+            let (s, _) = api.call(Method::GET, &format!("/Observation/{p1_obs}"), &gw, None, &[("x-request-id", id)]).await;
+            assert_eq!(s, 200);
+        }
         // The investigator's timeline of p1, from the log: every access, oldest first, the gateway's
         // token grant before its first use, writes with the version they wrote.
         let window = ["--patient", "p1", "--from", "2026-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"];
@@ -703,8 +730,11 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
         let recorded: Vec<&str> = entries.iter().map(|e| e["recorded"].as_str().unwrap()).collect();
         assert!(recorded.windows(2).all(|w| w[0] <= w[1]), "oldest first");
         let page = timeline("html");
-        assert!(page.starts_with("<!doctype html>") && page.contains("Patient/p1") && !page.contains("<script"));
-        assert!(timeline("csv").starts_with("recorded,kind,interaction,"));
+        assert!(page.starts_with("<!doctype html>") && page.contains("Patient/p1"));
+        assert!(!page.contains("<script") && page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "escaped");
+        let csv = timeline("csv");
+        assert!(csv.starts_with("recorded,kind,interaction,"));
+        assert!(csv.contains("\"'=HYPERLINK(\"\"http://x\"\")\""), "a formula is neutralised: {csv}");
 
         // What exactly the gateway saw: its read of the updated Observation returned version 2 with
         // the new value, reproduced from the log; what the auditor saw of the trail, rendered again.

@@ -90,6 +90,14 @@ fn bad_input_gets_a_clear_error_and_touches_nothing() {
     assert!(err.contains("cairn.toml line 1"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 
+    // A data directory of the earlier format (hash chain v1) is refused by name, not as tampered.
+    let old = tmp.path().join("old");
+    std::fs::create_dir(&old).unwrap();
+    std::fs::write(old.join("CAIRN_DATA_DIR"), "cairn data directory, format 1\n").unwrap();
+    let (status, _, err) = run_cairn(&["log", "verify", "--data-dir", old.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("written by an earlier Cairn (format 1") && err.lines().count() == 1, "{err}");
+
     // The audit commands: a report needs the running server; a bad window, a bad patient id and a
     // file that is not a slice are refused in one line each.
     let data = tmp.path().join("data");
@@ -137,7 +145,7 @@ fn help_documents_every_setting() {
 /// Writes real events to a data directory with the library, as the server would.
 fn write_events(data: &Path, per_type: usize) {
     std::fs::create_dir_all(data).unwrap();
-    std::fs::write(data.join("CAIRN_DATA_DIR"), "cairn data directory, format 1\n").unwrap();
+    std::fs::write(data.join("CAIRN_DATA_DIR"), "cairn data directory, format 2\n").unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let log = EmbeddedLog::open(data.join("log"), EmbeddedOptions::default()).unwrap();

@@ -1050,6 +1050,9 @@ fn history_at_shows_what_was_current(backend: Backend) {
             "b before its deletion"
         );
         assert_eq!(sorted(c.get("/Patient").await), ["A2"], "and without _asOf, today");
+        pause().await;
+        let after_deletion = cairn_events::Timestamp::now().to_rfc3339();
+        assert_eq!(sorted(c.get(&format!("/Patient?_asOf={after_deletion}")).await), ["A2"], "b deleted by then");
         let count = c.get(&format!("/Patient?_asOf={}&_summary=count", when(&b1))).await;
         assert_eq!(count.body["total"], 2, "{}", count.body);
         // Before anything was written: nothing. Imprecise moments are refused.

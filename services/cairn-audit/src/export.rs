@@ -63,6 +63,8 @@ pub struct SliceReport {
     pub seals: usize,
     /// Whether the seals' signatures were checked (keys were given).
     pub signatures_checked: bool,
+    /// The ids of the keys that signed those seals.
+    pub seal_key_ids: Vec<String>,
 }
 
 /// Verifies a slice against seal keys the verifier trusts (with none, the signatures are not checked
@@ -72,6 +74,13 @@ pub fn verify_slice(slice: &AuditSlice, keys: &[ed25519_dalek::VerifyingKey]) ->
         return Err(format!("not an audit slice of format {FORMAT} (it says `{}`)", slice.format));
     }
     let proven = verify_spans(&slice.proof, keys)?;
+    let mut names = BTreeSet::new();
+    for r in &slice.records {
+        let name = (r["resourceType"].as_str().unwrap_or("?"), r["id"].as_str().unwrap_or("?"));
+        if !names.insert(name) {
+            return Err(format!("{}/{} appears twice in the slice", name.0, name.1));
+        }
+    }
     let mut expected = Vec::new();
     for r in &proven {
         let event = Event::from_canonical_bytes(&r.value)
@@ -122,5 +131,13 @@ pub fn verify_slice(slice: &AuditSlice, keys: &[ed25519_dalek::VerifyingKey]) ->
         provenances: expected.iter().filter(|r| r.resource_type == "Provenance").count(),
         seals: seals.len(),
         signatures_checked: !keys.is_empty(),
+        seal_key_ids: slice
+            .proof
+            .iter()
+            .flat_map(|s| s.after.iter().chain(std::iter::once(&s.until)))
+            .filter_map(|s| s.key_id.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
     })
 }

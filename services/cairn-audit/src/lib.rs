@@ -7,6 +7,7 @@
 
 mod auth;
 mod codes;
+pub mod csv;
 pub mod export;
 mod provenance;
 mod rest;

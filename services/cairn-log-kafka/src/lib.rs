@@ -255,6 +255,22 @@ struct MetaClient {
     current: Mutex<(Arc<Reader>, Instant)>,
 }
 
+/// The errors of a client that lost its brokers (what the stuck client answered), as opposed to a
+/// slow broker (a timeout, which a retry would only double) or a real answer (an unknown topic).
+fn lost_its_brokers(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::DestroyBroker
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
+        )
+    )
+}
+
 /// A failing client is replaced at most this often.
 const META_REPLACE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -270,11 +286,12 @@ impl MetaClient {
             .create_with_context(CairnContext)
     }
 
-    /// Runs a blocking `query`; if it fails, runs it once more on a fresh client.
+    /// Runs a blocking `query`; if it fails for want of a broker, runs it once more on a fresh client.
     fn query<T>(&self, query: impl Fn(&Reader) -> KafkaResult<T>) -> KafkaResult<T> {
         let client = self.current.lock().unwrap().0.clone();
         let first = match query(&client) {
             Ok(v) => return Ok(v),
+            Err(e) if !lost_its_brokers(&e) => return Err(e),
             Err(e) => e,
         };
         let fresh = {

@@ -150,9 +150,32 @@ pub struct Proven {
 
 /// Checks every span (its chain from the opening seal's hash, or the partition's genesis, to the
 /// closing seal's, and both seals' signatures by one of `keys`; with no keys the signatures are not
-/// checked, which the caller must say). Returns the proven records; the error names the first span
-/// that fails and why.
+/// checked, which the caller must say), and that no two spans of a partition cover the same records
+/// (a repeated span would prove its records twice). Returns the proven records; the error names the
+/// first span that fails and why.
 pub fn verify_spans(spans: &[Span], keys: &[ed25519_dalek::VerifyingKey]) -> std::result::Result<Vec<Proven>, String> {
+    // The records each span covers, by seal counts: (after, until]. Disjoint per partition.
+    let mut covered: BTreeMap<(&str, u32), Vec<(u64, u64)>> = BTreeMap::new();
+    for span in spans {
+        let from = span.after.as_ref().map_or(0, |s| s.records);
+        if from >= span.until.records {
+            return Err(format!(
+                "{}/{}: a span from {from} to {} records covers nothing",
+                span.topic, span.partition, span.until.records
+            ));
+        }
+        covered.entry((span.topic.as_str(), span.partition)).or_default().push((from, span.until.records));
+    }
+    for ((topic, partition), ranges) in &mut covered {
+        ranges.sort_unstable();
+        if let Some(w) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(format!(
+                "{topic}/{partition}: two spans cover the same records ({}..{} and {}..{}): a record would be \
+                 proven twice",
+                w[0].0, w[0].1, w[1].0, w[1].1
+            ));
+        }
+    }
     let mut proven = Vec::new();
     for span in spans {
         let at = format!("{}/{} before offset {}", span.topic, span.partition, span.until.next_offset);
@@ -292,6 +315,33 @@ mod tests {
             let mut moved = proof.spans.clone();
             moved[0].partition = 1 - p;
             assert!(verify_spans(&moved, &[key]).is_err());
+            // A span repeated (its records would count twice), and a span that covers nothing.
+            let mut repeated = proof.spans.clone();
+            repeated.push(proof.spans[0].clone());
+            assert!(verify_spans(&repeated, &[key]).unwrap_err().contains("two spans cover the same records"));
+            let mut empty = proof.spans[0].clone();
+            empty.after = Some(empty.until.clone());
+            empty.records.clear();
+            assert!(verify_spans(&[empty], &[key]).unwrap_err().contains("covers nothing"));
+            // A span from the partition's first record moved to another partition: the genesis differs.
+            let first = proof.spans.iter().find(|s| s.after.is_none()).expect("a span from the start").clone();
+            let mut moved = first.clone();
+            moved.partition = 1 - p;
+            moved.until.partition = 1 - p;
+            let err = verify_spans(&[moved], &[]).unwrap_err();
+            assert!(err.contains("does not reach the closing seal"), "{err}");
+            // A chosen record dropped, and two records swapped.
+            let mut dropped = first.clone();
+            let i = dropped.records.iter().position(|r| r.value.is_some()).unwrap();
+            dropped.records.remove(i);
+            assert!(verify_spans(&[dropped], &[key]).is_err());
+            let mut swapped = first.clone();
+            if swapped.records.len() >= 2 {
+                let (a, b) = (swapped.records[0].clone(), swapped.records[1].clone());
+                swapped.records[0] = SpanRecord { offset: a.offset, ..b };
+                swapped.records[1] = SpanRecord { offset: b.offset, ..a };
+                assert!(verify_spans(&[swapped], &[key]).is_err());
+            }
         });
     }
 

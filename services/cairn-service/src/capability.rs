@@ -15,7 +15,7 @@ fn search_params(resource_type: &str) -> Vec<Value> {
         "type": "date",
         "documentation": "Search the resources as they were at this instant (full precision with a time zone): \
                           each resource's newest version written by then, unless it was a deletion. Combines with \
-                          every other parameter. Reads the type's versions back from that instant, at most 100,000 \
+                          every other parameter. Reads the type's versions back from that instant, at most 20,000 \
                           (422 beyond: use `cairn replay --until` for older moments of a busy type)."
     }));
     params

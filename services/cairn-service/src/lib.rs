@@ -133,8 +133,9 @@ const LOCK_SHARDS: usize = 256;
 /// are not found: a bound on the work one request can cause (README, "The FHIR API").
 const AT_SCAN: usize = 20_000;
 
-/// How many versions of a type a search with `_asOf` reads back from that moment at most.
-const AS_OF_SCAN: usize = 100_000;
+/// How many versions of a type a search with `_asOf` reads back from that moment at most: the same
+/// bound as history with `_at` (each is held in memory while the search runs).
+const AS_OF_SCAN: usize = AT_SCAN;
 
 /// How long a write lease lasts if its holder dies without giving it back. Longer than any write holds
 /// it (a bounded wait for the projection plus an append with its retries).

@@ -88,16 +88,11 @@ pub struct Report {
 }
 
 impl Report {
-    /// RFC 4180 CSV with a header row; every field quoted when it needs to be.
+    /// RFC 4180 CSV with a header row, safe to open in a spreadsheet (`cairn_audit::csv`).
     pub fn to_csv(&self) -> String {
-        let field = |f: &str| {
-            if f.contains([',', '"', '\n', '\r']) { format!("\"{}\"", f.replace('"', "\"\"")) } else { f.to_owned() }
-        };
-        let mut out = self.columns.iter().map(|c| field(c)).collect::<Vec<_>>().join(",");
-        out.push_str("\r\n");
+        let mut out = cairn_audit::csv::line(&self.columns);
         for row in &self.rows {
-            out.push_str(&row.iter().map(|c| field(c)).collect::<Vec<_>>().join(","));
-            out.push_str("\r\n");
+            out.push_str(&cairn_audit::csv::line(row));
         }
         out
     }

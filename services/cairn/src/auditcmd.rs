@@ -28,6 +28,13 @@ fn verify_export(path: &Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let slice: AuditSlice =
         serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: not an audit slice: {e}", path.display()))?;
     let keys = logcmd::trusted_seal_keys(args)?;
+    if keys.is_empty() {
+        // Anyone can compute a chain and seal it; only the signatures tie a slice to the server.
+        bail!(
+            "give the seal keys you trust (--jwks with a JWKS you saved earlier, or --seal-public-key): without \
+             them a slice proves nothing"
+        );
+    }
     let verdict = verify_slice(&slice, &keys);
     if args.json {
         let json = match &verdict {
@@ -43,16 +50,20 @@ fn verify_export(path: &Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         match &verdict {
             Ok(r) => {
                 println!(
-                    "ok: {} AuditEvents and {} Provenances about {} recorded {} to {}, built from {} log events proven \
-                     against {} signed seals",
-                    r.audit_events, r.provenances, r.patient, r.from, r.to, r.events, r.seals
+                    "ok: {} AuditEvents and {} Provenances about {}, built from {} log events proven against {} seals \
+                     signed by key {}",
+                    r.audit_events,
+                    r.provenances,
+                    r.patient,
+                    r.events,
+                    r.seals,
+                    r.seal_key_ids.join(", ")
                 );
-                if !r.signatures_checked {
-                    println!(
-                        "warning: seal signatures not checked (give --jwks or --seal-public-key): whoever wrote this \
-                         file could have made its seals too"
-                    );
-                }
+                println!(
+                    "note: each record is proven; the window ({} to {}) and that no record was left out are the \
+                     exporter's word",
+                    r.from, r.to
+                );
             }
             Err(problem) => println!("BROKEN: {problem}"),
         }

@@ -6,7 +6,10 @@ use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
 
 const MARKER: &str = "CAIRN_DATA_DIR";
-const MARKER_TEXT: &str = "cairn data directory, format 1\n";
+/// Format 2: the log's hash chain links record digests (chain v2, `cairn_log::chain`). A format 1
+/// directory's chain is v1, which this build would report as tampered, so it is refused by name.
+const MARKER_TEXT: &str = "cairn data directory, format 2\n";
+const FORMAT_1: &str = "cairn data directory, format 1\n";
 
 pub struct DataDir {
     root: PathBuf,
@@ -55,6 +58,11 @@ impl DataDir {
         let marker = root.join(MARKER);
         match std::fs::read_to_string(&marker) {
             Ok(text) if text == MARKER_TEXT => Ok(()),
+            Ok(text) if text == FORMAT_1 => bail!(
+                "data directory {}: written by an earlier Cairn (format 1, hash chain v1); this build reads format 2 \
+                 and cannot verify that log: read it with the build that wrote it",
+                root.display()
+            ),
             Ok(text) => bail!(
                 "data directory {}: unsupported format {:?} (this build reads {:?})",
                 root.display(),

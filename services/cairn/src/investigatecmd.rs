@@ -92,7 +92,7 @@ pub fn seen(args: SeenArgs) -> anyhow::Result<ExitCode> {
     })?;
     let body = match args.output.format.as_str() {
         "csv" => {
-            let mut out = csv_line(&[
+            let mut out = cairn_audit::csv::line(&[
                 "recorded",
                 "interaction",
                 "request",
@@ -106,7 +106,7 @@ pub fn seen(args: SeenArgs) -> anyhow::Result<ExitCode> {
                 for v in &a.returned {
                     let resource = v.resource.as_ref().map(Value::to_string).unwrap_or_default();
                     let status = a.status.to_string();
-                    out += &csv_line(&[
+                    out += &cairn_audit::csv::line(&[
                         &a.recorded,
                         &a.interaction,
                         &a.request,
@@ -144,14 +144,6 @@ fn write_output(out: Option<&std::path::Path>, body: &str) -> anyhow::Result<()>
         None => std::io::stdout().lock().write_all(body.as_bytes())?,
     }
     Ok(())
-}
-
-/// One RFC 4180 line.
-fn csv_line(fields: &[&str]) -> String {
-    let field = |f: &str| {
-        if f.contains([',', '"', '\n', '\r']) { format!("\"{}\"", f.replace('"', "\"\"")) } else { f.to_owned() }
-    };
-    fields.iter().map(|f| field(f)).collect::<Vec<_>>().join(",") + "\r\n"
 }
 
 /// The page around a table: title, explanation, print style. No script, nothing fetched.
@@ -249,10 +241,9 @@ fn row(e: &TimelineEntry) -> [String; 16] {
 
 /// RFC 4180, with a header row.
 fn csv(entries: &[TimelineEntry]) -> String {
-    let mut out = csv_line(&COLUMNS);
+    let mut out = cairn_audit::csv::line(&COLUMNS);
     for e in entries {
-        let row = row(e);
-        out += &csv_line(&row.iter().map(String::as_str).collect::<Vec<_>>());
+        out += &cairn_audit::csv::line(&row(e));
     }
     out
 }

@@ -52,14 +52,19 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         bail!("--into {}: already holds a store or a log; replay into a new or empty directory", args.into.display());
     }
     let created = !args.into.exists();
+    let was_empty = !created && std::fs::read_dir(&args.into).is_ok_and(|mut d| d.next().is_none());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = rt.block_on(replay(&args, &backends, &source, &until));
     if result.is_err() {
-        // Nothing half-written is left behind: what this run created goes.
+        // Nothing half-written is left behind: what this run created goes. (An interrupted replay
+        // leaves its partial store; the next replay into that directory refuses it.)
         if created {
             let _ = std::fs::remove_dir_all(&args.into);
         } else {
             let _ = std::fs::remove_dir_all(args.into.join("store"));
+            if was_empty {
+                let _ = std::fs::remove_file(args.into.join("CAIRN_DATA_DIR"));
+            }
         }
     }
     let manifest = result?;
