@@ -52,6 +52,8 @@ fn a_replay_shows_the_past_and_two_replays_are_identical() {
             r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
         }
     };
+    // A client registered before the cut and disabled after it.
+    let (client_id, _) = d.register_client("Investigated app", "system/Observation.rs");
     let (a, b, cut, d_id) = rt.block_on(async {
         let a = post(reading("Patient/r1", 100)).await;
         let b = post(reading("Patient/r2", 110)).await;
@@ -74,6 +76,7 @@ fn a_replay_shows_the_past_and_two_replays_are_identical() {
         let d_id = post(reading("Patient/r1", 120)).await;
         (a, b, cut, d_id)
     });
+    d.admin(&["client", "disable", "--client-id", &client_id]);
 
     // Two replays to the cut, while the server keeps serving: the past, and byte-identical stores.
     let out_dir = tempfile::tempdir().unwrap();
@@ -94,6 +97,13 @@ fn a_replay_shows_the_past_and_two_replays_are_identical() {
     assert_eq!(current(&r1, &a), Some((1, Some(100), false)), "a as it was before its update");
     assert_eq!(current(&r1, &b), Some((1, Some(110), false)), "b not deleted yet");
     assert_eq!(current(&r1, &d_id), None, "the third reading did not exist yet");
+    // The authorization state as it stood: the client registered, not yet disabled; no secret in it.
+    let auth: Value = serde_json::from_slice(&std::fs::read(r1.join("auth-state.json")).unwrap()).unwrap();
+    let client = auth["clients"].as_array().unwrap().iter().find(|c| c["client_id"] == client_id.as_str()).unwrap();
+    assert_eq!(client["disabled"], false, "{client}");
+    assert!(!auth.to_string().contains("secret"), "{auth}");
+    assert!(auth["keys"].as_array().unwrap().iter().any(|k| k["purpose"] == "log_seal"));
+    assert_eq!(m1["auth_state_sha256"], m2["auth_state_sha256"]);
 
     // Up to and including the update's record: a changed, b not yet deleted.
     let (status, tail, err) = d.cairn(&["log", "tail", "--topic", "cairn.fhir"]);
@@ -109,6 +119,14 @@ fn a_replay_shows_the_past_and_two_replays_are_identical() {
     assert!(status.success(), "{out}{err}");
     assert_eq!(current(&r3, &a), Some((2, Some(200), false)));
     assert_eq!(current(&r3, &b), Some((1, Some(110), false)));
+    // Replayed up to now, the client is disabled.
+    let now = out_dir.path().join("now");
+    let (status, out, err) =
+        d.cairn(&["replay", "--until", &cairn_events::Timestamp::now().to_rfc3339(), "--into", now.to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+    let auth: Value = serde_json::from_slice(&std::fs::read(now.join("auth-state.json")).unwrap()).unwrap();
+    let client = auth["clients"].as_array().unwrap().iter().find(|c| c["client_id"] == client_id.as_str()).unwrap();
+    assert_eq!(client["disabled"], true, "{client}");
 
     // Bad input: one line each, and an existing replay is never overwritten.
     let (status, _, err) =

@@ -412,6 +412,53 @@ impl AuthState {
         self.keys.iter().find(|k| k.kid == kid)
     }
 
+    /// Users, clients, keys and the revocation list as JSON, every list sorted: what `cairn replay`
+    /// writes beside a replayed store. Never a secret: password and client-secret hashes are left out.
+    pub fn snapshot(&self) -> serde_json::Value {
+        use serde_json::json;
+        let mut users: Vec<_> = self
+            .users
+            .values()
+            .map(|u| {
+                json!({"user_id": u.account.user_id, "username": u.account.username,
+                       "fhir_user": u.account.fhir_user, "roles": u.account.roles, "disabled": u.disabled})
+            })
+            .collect();
+        users.sort_by(|a, b| a["user_id"].as_str().cmp(&b["user_id"].as_str()));
+        let mut clients: Vec<_> = self
+            .clients
+            .values()
+            .map(|c| {
+                json!({"client_id": c.registration.client_id, "client_name": c.registration.client_name,
+                       "kind": c.registration.kind, "scope": c.registration.scope,
+                       "redirect_uris": c.registration.redirect_uris, "disabled": c.disabled})
+            })
+            .collect();
+        clients.sort_by(|a, b| a["client_id"].as_str().cmp(&b["client_id"].as_str()));
+        let keys: Vec<_> = self
+            .keys
+            .iter()
+            .map(|k| json!({"kid": k.kid, "purpose": k.purpose, "replaced_ms": k.replaced_ms}))
+            .chain(self.seal_keys.iter().map(|j| json!({"kid": j["kid"], "purpose": "log_seal"})))
+            .collect();
+        fn sorted(m: &HashMap<String, i64>) -> std::collections::BTreeMap<&String, &i64> {
+            m.iter().collect()
+        }
+        let r = &self.revoked;
+        json!({
+            "users": users,
+            "clients": clients,
+            "keys": keys,
+            "revoked": {
+                "tokens_until_expiry_s": sorted(&r.jtis),
+                "families_until_ms": sorted(&r.families),
+                "users_issued_before_s": sorted(&r.subjects),
+                "clients_issued_before_s": sorted(&r.clients),
+                "signing_keys": r.kids.iter().collect::<std::collections::BTreeSet<_>>(),
+            },
+        })
+    }
+
     pub fn seal_keys(&self) -> &[serde_json::Value] {
         &self.seal_keys
     }

@@ -6,6 +6,7 @@
 //! `topic:partition:offset`, that partition ends with that record and the others at its time.
 //! Everything the projections store (ids, times, versions) comes from the events, so two replays to
 //! the same moment give the same store, byte for byte (`cairn store digest` compares them).
+//! `auth-state.json` beside it holds the users, clients, keys and revocation list as they stood.
 
 use crate::datadir::DataDir;
 use crate::{ReplayArgs, config, telemetry};
@@ -15,6 +16,7 @@ use cairn_log::Record;
 use cairn_log::embedded::EmbeddedOptions;
 use cairn_projector::{AUDIT, Projector, RESOURCES};
 use serde_json::json;
+use sha2::Digest;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -62,6 +64,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             let _ = std::fs::remove_dir_all(&args.into);
         } else {
             let _ = std::fs::remove_dir_all(args.into.join("store"));
+            let _ = std::fs::remove_file(args.into.join("auth-state.json"));
             if was_empty {
                 let _ = std::fs::remove_file(args.into.join("CAIRN_DATA_DIR"));
             }
@@ -139,6 +142,28 @@ async fn replay(
                 .map_err(|e| anyhow!("{} projection: {e}", projection.name))?;
             cut.insert(projection.topic, ends);
         }
+        // Users, clients, keys and the revocation list as they stood: the authorization state rebuilt
+        // from the same cut of `cairn.auth`, partition by partition.
+        let mut auth = cairn_auth::state::AuthState::default();
+        for partition in 0..log.partitions(cairn_events::topics::AUTH)? {
+            let mut next = 0;
+            'partition: loop {
+                let records = log.read(cairn_events::topics::AUTH, partition, next, 4096).await?;
+                let Some(last) = records.last() else { break };
+                next = last.offset + 1;
+                for r in &records {
+                    if !keep(r) {
+                        break 'partition;
+                    }
+                    if let Ok(event) = cairn_events::Event::from_canonical_bytes(&r.value) {
+                        auth.apply(&event);
+                    }
+                }
+            }
+        }
+        let auth_state = serde_json::to_vec_pretty(&auth.snapshot())?;
+        std::fs::write(args.into.join("auth-state.json"), &auth_state)
+            .with_context(|| format!("--into {}", args.into.display()))?;
         progress.finish();
         let elapsed = started.elapsed();
         let digest = store.digest().await?;
@@ -151,6 +176,7 @@ async fn replay(
             "elapsed_ms": elapsed.as_millis() as u64,
             "events_per_second": (progress.done as f64 / elapsed.as_secs_f64().max(1e-9)).round(),
             "store_digest": digest,
+            "auth_state_sha256": hex::encode(sha2::Sha256::digest(&auth_state)),
         }))
     }
 }
