@@ -81,8 +81,10 @@ pub fn verify_slice(slice: &AuditSlice, keys: &[ed25519_dalek::VerifyingKey]) ->
             return Err(format!("{}/{} appears twice in the slice", name.0, name.1));
         }
     }
+    let events = proven.len();
     let mut expected = Vec::new();
-    for r in &proven {
+    // Consumed as it is rendered: a long slice's event bytes are not held beside its records.
+    for r in proven {
         let event = Event::from_canonical_bytes(&r.value)
             .map_err(|e| format!("{}/{} offset {}: not a Cairn event: {e}", r.topic, r.partition, r.offset))?;
         let about = records_about(&event, &slice.patient, slice.from, slice.to);
@@ -126,7 +128,7 @@ pub fn verify_slice(slice: &AuditSlice, keys: &[ed25519_dalek::VerifyingKey]) ->
         patient: slice.patient.clone(),
         from: slice.from,
         to: slice.to,
-        events: proven.len(),
+        events,
         audit_events: expected.iter().filter(|r| r.resource_type == "AuditEvent").count(),
         provenances: expected.iter().filter(|r| r.resource_type == "Provenance").count(),
         seals: seals.len(),

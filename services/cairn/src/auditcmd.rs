@@ -24,9 +24,9 @@ pub fn verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
 /// Checks a slice file on its own: no data directory, no server.
 fn verify_export(path: &Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     telemetry::init_cli();
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let slice: AuditSlice =
-        serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: not an audit slice: {e}", path.display()))?;
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let slice: AuditSlice = serde_json::from_reader(std::io::BufReader::new(file))
+        .map_err(|e| anyhow!("{}: not an audit slice: {e}", path.display()))?;
     let keys = logcmd::trusted_seal_keys(args)?;
     if keys.is_empty() {
         // Anyone can compute a chain and seal it; only the signatures tie a slice to the server.
@@ -87,7 +87,7 @@ pub fn export(args: AuditExportArgs) -> anyhow::Result<ExitCode> {
     };
     let slice = rt.block_on(async {
         let log = open().await?;
-        let (mut records, chosen, scanned) = scan(log.as_ref(), id, &patient, from, to).await?;
+        let (chosen, scanned) = scan(log.as_ref(), id, &patient, from, to).await?;
         // The newest events may wait for their seal (made about once a second by a running server).
         let deadline = Instant::now() + Duration::from_secs(args.seal_wait_secs);
         let mut log = log;
@@ -110,6 +110,17 @@ pub fn export(args: AuditExportArgs) -> anyhow::Result<ExitCode> {
             // A read-only embedded log sees what was appended before it was opened: open it again.
             log = open().await?;
         };
+        // The records are rendered from the proven bytes, the way `audit verify --export` renders them
+        // (held once: a long patient's records are most of the memory an export takes).
+        let proven = cairn_log::proof::verify_spans(&proof.spans, &[])
+            .map_err(|e| anyhow!("the proof does not verify (nothing written): {e}"))?;
+        let mut records = Vec::new();
+        for r in &proven {
+            let event = Event::from_canonical_bytes(&r.value)
+                .map_err(|e| anyhow!("{}/{} offset {}: not a Cairn event: {e}", r.topic, r.partition, r.offset))?;
+            records.extend(records_about(&event, &patient, from, to));
+        }
+        drop(proven);
         sort_records(&mut records);
         let events: usize = chosen.values().map(BTreeSet::len).sum();
         eprintln!(
@@ -126,28 +137,32 @@ pub fn export(args: AuditExportArgs) -> anyhow::Result<ExitCode> {
             proof: proof.spans,
         })
     })?;
-    // The file goes to a regulator: check it the way its reader will before writing it.
-    let report = verify_slice(&slice, &[]).map_err(|e| anyhow!("the slice does not verify (not written): {e}"))?;
-    let json = serde_json::to_vec_pretty(&slice)?;
+    let count = |t: &str| slice.records.iter().filter(|r| r["resourceType"] == t).count();
+    let (audit_events, provenances) = (count("AuditEvent"), count("Provenance"));
     match &args.out {
         Some(path) => {
             // Written beside, then renamed: a reader never finds half a file.
             let partial = path.with_extension("partial");
-            std::fs::write(&partial, &json).with_context(|| format!("writing {}", partial.display()))?;
+            let file = std::fs::File::create(&partial).with_context(|| format!("writing {}", partial.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            serde_json::to_writer_pretty(&mut out, &slice)?;
+            out.into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("writing {}", partial.display()))?;
             std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
             eprintln!(
-                "wrote {}: {} AuditEvents and {} Provenances; check it with `cairn audit verify --export {} --jwks \
-                 <the server's /jwks>`",
+                "wrote {}: {audit_events} AuditEvents and {provenances} Provenances; check it with `cairn audit verify \
+                 --export {} --jwks <the JWKS you saved at setup>`",
                 path.display(),
-                report.audit_events,
-                report.provenances,
                 path.display()
             );
         }
         None => {
-            let mut out = std::io::stdout().lock();
-            out.write_all(&json)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            serde_json::to_writer_pretty(&mut out, &slice)?;
             out.write_all(b"\n")?;
+            out.flush()?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -179,31 +194,29 @@ pub(crate) fn window(from: &str, to: &str) -> anyhow::Result<(Timestamp, Timesta
 
 type Chosen = BTreeMap<(String, u32), BTreeSet<u64>>;
 
-/// Reads every event topic and keeps the events that give a record about `patient` in the window.
+/// Reads every event topic and finds the events that give a record about `patient` in the window.
 async fn scan(
     log: &dyn EventLog,
     id: &str,
     patient: &str,
     from: Timestamp,
     to: Timestamp,
-) -> anyhow::Result<(Vec<cairn_audit::AuditRecord>, Chosen, u64)> {
-    let (mut records, mut chosen) = (Vec::new(), Chosen::new());
+) -> anyhow::Result<(Chosen, u64)> {
+    let mut chosen = Chosen::new();
     let scanned = scan_log(log, &format!("about {patient}"), &mut |r| {
         // An event about the patient names its id; most do not, and skip the parse.
         if !contains(&r.value, id.as_bytes()) {
             return false;
         }
         let Ok(event) = Event::from_canonical_bytes(&r.value) else { return false };
-        let about = records_about(&event, patient, from, to);
-        if about.is_empty() {
+        if records_about(&event, patient, from, to).is_empty() {
             return false;
         }
         chosen.entry((r.topic.clone(), r.partition)).or_default().insert(r.offset);
-        records.extend(about);
         true
     })
     .await?;
-    Ok((records, chosen, scanned))
+    Ok((chosen, scanned))
 }
 
 /// Reads every record of every event topic in order, partition by partition; `visit` says whether
