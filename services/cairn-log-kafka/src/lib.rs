@@ -560,10 +560,14 @@ async fn transaction(
         Err(Outcome::Unknown(e)) => return Err((TransactionError::Unknown(e), true)),
         Err(Outcome::Failed(e)) => {
             let f = fatal(&e);
+            // A delivery that timed out: after a broker restart the producer kept timing out every
+            // transaction for minutes (its partitions' leaders not relearned) while new clients
+            // worked at once; replacing it (a new transactional session) is what recovers.
+            let stuck = matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::MessageTimedOut));
             let p = producer.clone();
             let aborted = tokio::task::spawn_blocking(move || p.abort_transaction(timeout)).await;
             let abort_failed = !matches!(aborted, Ok(Ok(())));
-            return Err((TransactionError::Failed(e), f || abort_failed));
+            return Err((TransactionError::Failed(e), f || abort_failed || stuck));
         }
     }
     Ok(positions)
