@@ -11,7 +11,7 @@
 
 use crate::{AuditRecord, audit_events, provenance};
 use cairn_events::{Event, Timestamp};
-use cairn_log::proof::{Span, verify_spans};
+use cairn_log::proof::{Proven, Span, verify_spans};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -49,6 +49,34 @@ pub fn sort_records(records: &mut [AuditRecord]) {
     records.sort_by(|a, b| (a.recorded_ms, a.resource_type, &a.id).cmp(&(b.recorded_ms, b.resource_type, &b.id)));
 }
 
+/// The records a slice holds for its proven events, sorted: what `cairn audit export` writes and what
+/// [`verify_slice`] requires. Each event is consumed as it is rendered (a long slice's event bytes are
+/// not held beside its records); an event that is not a Cairn event, or gives no record about
+/// `patient` in the window, is an error.
+pub fn render_proven(
+    proven: Vec<Proven>,
+    patient: &str,
+    from: Timestamp,
+    to: Timestamp,
+) -> Result<Vec<AuditRecord>, String> {
+    let mut records = Vec::new();
+    for r in proven {
+        let event = Event::from_canonical_bytes(&r.value)
+            .map_err(|e| format!("{}/{} offset {}: not a Cairn event: {e}", r.topic, r.partition, r.offset))?;
+        let about = records_about(&event, patient, from, to);
+        if about.is_empty() {
+            return Err(format!(
+                "{}/{} offset {}: the event gives no record about {patient} in the window: the slice holds an event \
+                 it should not",
+                r.topic, r.partition, r.offset
+            ));
+        }
+        records.extend(about);
+    }
+    sort_records(&mut records);
+    Ok(records)
+}
+
 /// What a verified slice holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SliceReport {
@@ -82,22 +110,7 @@ pub fn verify_slice(slice: &AuditSlice, keys: &[ed25519_dalek::VerifyingKey]) ->
         }
     }
     let events = proven.len();
-    let mut expected = Vec::new();
-    // Consumed as it is rendered: a long slice's event bytes are not held beside its records.
-    for r in proven {
-        let event = Event::from_canonical_bytes(&r.value)
-            .map_err(|e| format!("{}/{} offset {}: not a Cairn event: {e}", r.topic, r.partition, r.offset))?;
-        let about = records_about(&event, &slice.patient, slice.from, slice.to);
-        if about.is_empty() {
-            return Err(format!(
-                "{}/{} offset {}: the event gives no record about {} in the window: the slice holds an event it \
-                 should not",
-                r.topic, r.partition, r.offset, slice.patient
-            ));
-        }
-        expected.extend(about);
-    }
-    sort_records(&mut expected);
+    let expected = render_proven(proven, &slice.patient, slice.from, slice.to)?;
     let name = |r: &Value| format!("{}/{}", r["resourceType"].as_str().unwrap_or("?"), r["id"].as_str().unwrap_or("?"));
     for (i, record) in slice.records.iter().enumerate() {
         match expected.get(i) {

@@ -4,7 +4,7 @@
 use crate::datadir::DataDir;
 use crate::{AuditExportArgs, AuditVerifyArgs, VerifyArgs, config, logcmd, telemetry};
 use anyhow::{Context, anyhow, bail};
-use cairn_audit::export::{AuditSlice, FORMAT, records_about, sort_records, verify_slice};
+use cairn_audit::export::{AuditSlice, FORMAT, records_about, render_proven, verify_slice};
 use cairn_events::{Event, Timestamp};
 use cairn_log::EventLog;
 use cairn_log::embedded::EmbeddedOptions;
@@ -114,14 +114,7 @@ pub fn export(args: AuditExportArgs) -> anyhow::Result<ExitCode> {
         // (held once: a long patient's records are most of the memory an export takes).
         let proven = cairn_log::proof::verify_spans(&proof.spans, &[])
             .map_err(|e| anyhow!("the proof does not verify (nothing written): {e}"))?;
-        let mut records = Vec::new();
-        for r in &proven {
-            let event = Event::from_canonical_bytes(&r.value)
-                .map_err(|e| anyhow!("{}/{} offset {}: not a Cairn event: {e}", r.topic, r.partition, r.offset))?;
-            records.extend(records_about(&event, &patient, from, to));
-        }
-        drop(proven);
-        sort_records(&mut records);
+        let records = render_proven(proven, &patient, from, to).map_err(|e| anyhow!("nothing written: {e}"))?;
         let events: usize = chosen.values().map(BTreeSet::len).sum();
         eprintln!(
             "{events} events about {patient} in the window ({scanned} events scanned), proven by {} spans",
