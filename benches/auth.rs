@@ -49,6 +49,7 @@ fn setup() -> (tempfile::TempDir, AuthState, Vec<String>) {
                 patient: None,
                 fhir_user: None,
                 fam: None,
+                authn: None,
             };
             token::sign(&claims, key).unwrap()
         })

@@ -10,7 +10,7 @@ use cairn_tests::{Backend, Deployment, Server};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
@@ -48,17 +48,17 @@ fn rand_suffix() -> String {
     URL_SAFE_NO_PAD.encode(b)
 }
 
-struct Http {
-    client: reqwest::Client,
-    base: String,
+pub(crate) struct Http {
+    pub(crate) client: reqwest::Client,
+    pub(crate) base: String,
 }
 
 impl Http {
-    fn new(server: &Server) -> Http {
+    pub(crate) fn new(server: &Server) -> Http {
         Http { client: reqwest::Client::new(), base: server.base_url.clone() }
     }
 
-    async fn form(
+    pub(crate) async fn form(
         &self,
         path: &str,
         form: &[(&str, &str)],
@@ -79,7 +79,7 @@ impl Http {
         (status, headers, resp.json().await.unwrap_or(Value::Null))
     }
 
-    async fn fhir(
+    pub(crate) async fn fhir(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -120,7 +120,7 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-fn reading(patient: &str) -> Value {
+pub(crate) fn reading(patient: &str) -> Value {
     json!({
         "resourceType": "Observation",
         "status": "final",
@@ -445,7 +445,7 @@ fn a_token_issued_by_one_api_process_is_honoured_and_revoked_at_another() {
 // ---------------------------------------------------------------- SMART standalone launch
 
 /// The relying party's HTTP client: reqwest behind openidconnect's client interface.
-async fn rp_http(req: openidconnect::HttpRequest) -> Result<openidconnect::HttpResponse, reqwest::Error> {
+pub(crate) async fn rp_http(req: openidconnect::HttpRequest) -> Result<openidconnect::HttpResponse, reqwest::Error> {
     let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
     let (parts, body) = req.into_parts();
     let resp = client.request(parts.method, parts.uri.to_string()).headers(parts.headers).body(body).send().await?;
@@ -457,18 +457,18 @@ async fn rp_http(req: openidconnect::HttpRequest) -> Result<openidconnect::HttpR
 }
 
 /// The value of a hidden form field in a page, unescaped.
-fn hidden(page: &str, name: &str) -> String {
+pub(crate) fn hidden(page: &str, name: &str) -> String {
     let marker = format!("name=\"{name}\" value=\"");
     let start = page.find(&marker).unwrap_or_else(|| panic!("no {name} field in {page}")) + marker.len();
     let raw = &page[start..start + page[start..].find('"').unwrap()];
     raw.replace("&quot;", "\"").replace("&#39;", "'").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 }
 
-fn location(resp: &reqwest::Response) -> String {
+pub(crate) fn location(resp: &reqwest::Response) -> String {
     resp.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
 }
 
-fn url_param(url: &str, name: &str) -> Option<String> {
+pub(crate) fn url_param(url: &str, name: &str) -> Option<String> {
     reqwest::Url::parse(url).ok()?.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 

@@ -91,12 +91,57 @@ fn param(target: &str, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// How the person signs in on Cairn's page.
+enum SignIn {
+    /// With a Cairn username and password.
+    Password,
+    /// Through the upstream OpenID provider `hospital` (a real `oidc-provider`), as `alice` there.
+    Upstream,
+}
+
 #[test]
 #[ignore = "needs Chromium and chromedriver: run with infra/test (it installs them)"]
 fn a_patient_signs_in_and_consents_in_a_real_browser() {
+    smart_launch_in_a_browser(SignIn::Password);
+}
+
+#[test]
+#[ignore = "needs Chromium, chromedriver and the test OpenID provider: run with infra/test"]
+fn a_patient_signs_in_through_an_upstream_provider_in_a_real_browser() {
+    smart_launch_in_a_browser(SignIn::Upstream);
+}
+
+fn smart_launch_in_a_browser(sign_in: SignIn) {
     let d = Deployment::new(Backend::Embedded);
     let server = d.start(&[]);
     let base = server.base_url.clone();
+    let _provider = match sign_in {
+        SignIn::Password => None,
+        SignIn::Upstream => {
+            let secret = "browser-test-upstream-secret";
+            let provider = crate::federation::UpstreamProvider::start(json!([{
+                "client_id": "cairn", "client_secret": secret,
+                "redirect_uris": [format!("{base}/login/idp/hospital/callback")],
+            }]));
+            let dir = tempfile::tempdir().unwrap();
+            let file = crate::federation::secret_file(dir.path(), "hospital.secret", secret);
+            d.admin(&[
+                "idp",
+                "add",
+                "--id",
+                "hospital",
+                "--name",
+                "Hospital ID",
+                "--issuer",
+                &provider.issuer,
+                "--client-id",
+                "cairn",
+                "--client-secret-file",
+                &file,
+            ]);
+            Some((provider, dir))
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let driver = start_chromedriver().await;
@@ -112,6 +157,9 @@ fn a_patient_signs_in_and_consents_in_a_real_browser() {
             "a long patient password\n",
         );
         assert!(status.success(), "{out}{err}");
+        if let SignIn::Upstream = sign_in {
+            d.admin(&["user", "link", "--username", "pat", "--idp", "hospital", "--subject", "upstream-alice"]);
+        }
         let http = reqwest::Client::new();
         let system: Value = http
             .post(format!("{base}/token"))
@@ -174,9 +222,24 @@ fn a_patient_signs_in_and_consents_in_a_real_browser() {
             .expect("a browser session");
         browser.goto(authorize.as_str()).await.unwrap();
         assert_eq!(browser.title().await.unwrap(), "Sign in · Cairn");
-        browser.find(Locator::Id("username")).await.unwrap().send_keys("pat").await.unwrap();
-        browser.find(Locator::Id("password")).await.unwrap().send_keys("a long patient password").await.unwrap();
-        browser.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
+        match sign_in {
+            SignIn::Password => {
+                browser.find(Locator::Id("username")).await.unwrap().send_keys("pat").await.unwrap();
+                browser.find(Locator::Id("password")).await.unwrap().send_keys("a long patient password").await.unwrap();
+                browser.find(Locator::Css("button[type=submit]:not(.secondary)")).await.unwrap().click().await.unwrap();
+            }
+            SignIn::Upstream => {
+                browser.find(Locator::Id("idp-hospital")).await.unwrap().click().await.unwrap();
+                // The provider's own sign-in page, on its own origin.
+                let login = browser.wait().at_most(Duration::from_secs(30)).for_element(Locator::Id("login")).await;
+                if login.is_err() {
+                    panic!("no provider login page; the browser shows: {}", browser.source().await.unwrap_or_default());
+                }
+                login.unwrap().send_keys("alice").await.unwrap();
+                browser.find(Locator::Id("password")).await.unwrap().send_keys("alice upstream password").await.unwrap();
+                browser.find(Locator::Id("sign-in")).await.unwrap().click().await.unwrap();
+            }
+        }
         // A click does not wait for the navigation it starts: wait for the consent page.
         let consent = browser.wait().at_most(Duration::from_secs(30)).for_element(Locator::Css("button[value=approve]")).await;
         if consent.is_err() {

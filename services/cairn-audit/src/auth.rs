@@ -76,13 +76,7 @@ pub fn audit(event: &Event) -> Vec<(Value, Option<String>)> {
             let mut agents = vec![user, authorization_server()];
             if let Some(a) = &l.authenticator {
                 // Who vouched for the user: the upstream OpenID provider and the identity it asserted.
-                let mut upstream = json!({
-                    "type": {"coding": [coding(DCM, "110150", "Application")]},
-                    "who": {"identifier": {"system": a.issuer, "value": a.subject}, "display": "upstream identity provider"},
-                    "requestor": false,
-                });
-                put(&mut upstream, "policy", a.acr.as_ref().map(|acr| json!([acr])));
-                agents.push(upstream);
+                agents.push(upstream_agent(a));
             }
             user_authentication(coding(DCM, "110122", "Login"), "0", agents)
         }
@@ -92,8 +86,19 @@ pub fn audit(event: &Event) -> Vec<(Value, Option<String>)> {
                 None => json!({"display": "no username given"}),
             };
             let user = with_network(json!({"who": who, "requestor": true}), event);
-            let mut body = user_authentication(coding(DCM, "110122", "Login"), "4", vec![user, authorization_server()]);
-            body["outcomeDesc"] = Value::String(format!("login refused: {}", failure_code(f.reason)));
+            let mut agents = vec![user, authorization_server()];
+            if let Some(a) = &f.authenticator {
+                agents.push(upstream_agent(a));
+            }
+            let mut body = user_authentication(coding(DCM, "110122", "Login"), "4", agents);
+            let mut desc = format!("login refused: {}", failure_code(f.reason));
+            if let Some(idp) = &f.idp {
+                desc.push_str(&format!(" (identity provider {idp})"));
+            }
+            if let Some(d) = &f.detail {
+                desc.push_str(&format!(": {d}"));
+            }
+            body["outcomeDesc"] = Value::String(desc);
             body
         }
         Payload::Logout(l) => {
@@ -121,6 +126,9 @@ pub fn audit(event: &Event) -> Vec<(Value, Option<String>)> {
                     "requestor": true,
                     "policy": [format!("{JTI_SYSTEM}:{}", t.jti)],
                 }));
+            }
+            if let Some(a) = &event.actor.authenticator {
+                agents.push(upstream_agent(a));
             }
             let request = format!("grant_type={}&scope={}", t.grant_type, t.scope);
             let mut body = user_authentication(coding(IHE_EVENT_TYPE, "ITI-71", "Authorization Token"), "0", agents);
@@ -192,6 +200,28 @@ pub fn audit(event: &Event) -> Vec<(Value, Option<String>)> {
         Payload::ClientDisabled(c) => {
             security_alert(event, identifier(CLIENT_ID_SYSTEM, &c.client_id), format!("client disabled ({})", c.reason))
         }
+        Payload::IdpRegistered(i) => security_alert(
+            event,
+            identifier(IDP_SYSTEM, &i.idp_id),
+            format!(
+                "identity provider {} ({}) registered by {}: client {}, provisioning {}",
+                i.idp_id,
+                i.issuer,
+                i.registered_by,
+                i.client_id,
+                i.provision_role.as_deref().map_or("off".to_owned(), |r| format!("with role {r}"))
+            ),
+        ),
+        Payload::IdpDisabled(i) => security_alert(
+            event,
+            identifier(IDP_SYSTEM, &i.idp_id),
+            format!("identity provider disabled ({})", i.reason),
+        ),
+        Payload::IdentityLinked(l) => security_alert(
+            event,
+            identifier(USER_ID_SYSTEM, &l.user_id),
+            format!("upstream identity {} at {} linked ({})", l.subject, l.issuer, l.linked_by),
+        ),
         _ => return Vec::new(),
     };
     vec![(body, event.patient.clone())]

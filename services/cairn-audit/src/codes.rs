@@ -20,6 +20,7 @@ pub const CLIENT_ID_SYSTEM: &str = "urn:cairn:oauth-client";
 pub const USER_ID_SYSTEM: &str = "urn:cairn:user";
 pub const USERNAME_SYSTEM: &str = "urn:cairn:username";
 pub const JTI_SYSTEM: &str = "urn:ietf:params:oauth:jti";
+pub const IDP_SYSTEM: &str = "urn:cairn:identity-provider";
 
 pub fn coding(system: &str, code: &str, display: &str) -> Value {
     json!({"system": system, "code": code, "display": display})
@@ -71,6 +72,24 @@ pub fn jti_policy(actor: &Actor) -> Option<Value> {
 
 pub fn network(actor: &Actor) -> Option<Value> {
     actor.source_address.as_ref().map(|a| json!({"address": a, "type": "2"}))
+}
+
+/// The upstream OpenID provider that vouched for the user, as an agent: the identity it asserted
+/// (issuer as the identifier system, the `sub` as its value), `acr` and `amr` as its policies.
+pub fn upstream_agent(a: &cairn_events::Authenticator) -> Value {
+    let mut agent = json!({
+        "type": {"coding": [coding(DCM, "110150", "Application")]},
+        "who": {"identifier": {"system": a.issuer, "value": a.subject}, "display": "upstream identity provider"},
+        "requestor": false,
+    });
+    let policies: Vec<Value> = a
+        .acr
+        .iter()
+        .map(|acr| json!(format!("acr:{acr}")))
+        .chain(a.amr.iter().map(|m| json!(format!("amr:{m}"))))
+        .collect();
+    put(&mut agent, "policy", (!policies.is_empty()).then_some(Value::Array(policies)));
+    agent
 }
 
 /// The user behind the request, if it was not the client acting for itself (SMART Backend

@@ -88,6 +88,10 @@ fn rest(event: &Event, interaction: &str, status: u16, outcome_desc: Option<Stri
         put(&mut agent, "policy", jti_policy(actor).map(|p| json!([p])));
         agents.push(agent);
     }
+    if let Some(a) = &actor.authenticator {
+        // The token came from a sign-in an upstream provider vouched for: name it beside the user.
+        agents.push(upstream_agent(a));
+    }
     let subtype = if is_restful(interaction) {
         coding(RESTFUL_INTERACTION, interaction, interaction)
     } else {

@@ -61,6 +61,13 @@ pub struct SignedIn {
     pub user_id: String,
 }
 
+impl std::fmt::Debug for SignedIn {
+    // Never prints the cookie: it is the session's bearer secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignedIn").field("user_id", &self.user_id).finish_non_exhaustive()
+    }
+}
+
 /// The PKCE verifier alphabet and length (RFC 7636 4.1).
 fn valid_verifier(v: &str) -> bool {
     (43..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
@@ -189,17 +196,34 @@ impl AuthServer {
                 username: Some(username.chars().take(64).collect()),
                 reason,
                 authenticator: None,
+                idp: None,
+                detail: None,
             }))
             .with_actor(actor.clone())
         };
+        if !self.settings.password_login {
+            let e = LoginFailed {
+                username: Some(username.chars().take(64).collect()),
+                reason: LoginFailure::UnknownProvider,
+                authenticator: None,
+                idp: None,
+                detail: Some("password sign-in is switched off".into()),
+            };
+            self.append(Event::new(Payload::from(e)).with_actor(actor.clone())).await.map_err(|_| unavailable())?;
+            return Err(LoginRefusal("Sign-in with a password is switched off here.".into()));
+        }
         if let Some(until) = self.read_state(|s| s.throttled_until(username, actor.source_address.as_deref(), now_ms)) {
             self.append(refuse(LoginFailure::Throttled)).await.map_err(|_| unavailable())?;
             let minutes = ((until - now_ms) / 60_000).max(1);
             return Err(LoginRefusal(format!("Too many failed sign-ins. Try again in {minutes} minute(s).")));
         }
         let user = self.read_state(|s| s.user_by_name(username).cloned());
-        let hash =
-            user.as_ref().map(|u| u.account.password_hash.clone()).unwrap_or_else(|| password::decoy_hash().to_owned());
+        // A user without a password (one who signs in only upstream) costs the same time as any other.
+        let hash = user
+            .as_ref()
+            .map(|u| u.account.password_hash.clone())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| password::decoy_hash().to_owned());
         let given = password_given.to_owned();
         // Argon2 takes tens of milliseconds of CPU: off the async workers.
         let matches = tokio::task::spawn_blocking(move || password::verify(&given, &hash)).await.unwrap_or(false);
@@ -242,7 +266,13 @@ impl AuthServer {
         reason: LoginFailure,
         actor: &Actor,
     ) -> Result<(), AuthError> {
-        let e = LoginFailed { username: username.map(|u| u.chars().take(64).collect()), reason, authenticator: None };
+        let e = LoginFailed {
+            username: username.map(|u| u.chars().take(64).collect()),
+            reason,
+            authenticator: None,
+            idp: None,
+            detail: None,
+        };
         self.append(Event::new(Payload::from(e)).with_actor(actor.clone())).await.map(|_| ())
     }
 
@@ -360,6 +390,7 @@ impl AuthServer {
             auth_time: self
                 .read_state(|s| s.session(&session_id).map(|x| Timestamp::from_millis(x.started_ms)))
                 .unwrap_or(now),
+            authenticator: self.read_state(|s| s.session(&session_id).and_then(|x| x.authenticator.clone())),
             session_id,
             expires_at: Timestamp::from_millis(now.as_millis() + self.settings.code_lifetime.as_millis() as i64),
         };
@@ -550,7 +581,10 @@ impl AuthServer {
             patient: patient.clone(),
             fhir_user: fhir_user.clone(),
             family: Some(family.to_owned()),
+            authenticator: context.authenticator.clone(),
         })?;
+        // The grant's events name who vouched for the user, like the accesses made with it.
+        let actor = &Actor { authenticator: context.authenticator.clone(), ..actor.clone() };
         let now = now_secs();
         let mut events = vec![Event::new(Payload::from(access_event.clone())).with_actor(actor.clone())];
         let mut answer = json!({
@@ -636,7 +670,7 @@ impl AuthServer {
     }
 }
 
-fn unavailable() -> LoginRefusal {
+pub(crate) fn unavailable() -> LoginRefusal {
     LoginRefusal("Sign-in is unavailable right now (the audit log cannot record it). Try again shortly.".into())
 }
 

@@ -95,6 +95,32 @@ impl SigningKey {
     }
 }
 
+impl SigningKey {
+    /// Signs arbitrary JSON claims with this key (`kid` in the header).
+    pub fn sign_json(&self, claims: &Value) -> Result<String, AuthError> {
+        let mut header = jsonwebtoken::Header::new(self.algorithm);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding)
+            .map_err(|e| AuthError::Internal(format!("signing failed: {e}")))
+    }
+}
+
+/// A key Cairn signs its own client assertions with at an upstream provider (`private_key_jwt`):
+/// a PKCS#8 PEM file, EC P-256 (ES256) or RSA (RS256), readable by its owner only.
+pub fn load_assertion_key(path: &Path) -> Result<SigningKey, AuthError> {
+    let invalid = |m: String| AuthError::Invalid(format!("private key {}: {m}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
+    check_private(path)?;
+    let der = pem_decode(&text).filter(|_| text.contains("BEGIN PRIVATE KEY")).ok_or_else(|| {
+        invalid(
+            "expected a PKCS#8 PEM (-----BEGIN PRIVATE KEY-----); convert with `openssl pkcs8 -topk8 -nocrypt`".into(),
+        )
+    })?;
+    SigningKey::from_pkcs8(KeyPurpose::AccessToken, &der, 0)
+        .or_else(|_| SigningKey::from_pkcs8(KeyPurpose::IdToken, &der, 0))
+        .map_err(|_| invalid("neither an EC P-256 nor an RSA private key".into()))
+}
+
 /// RFC 7638: base64url(SHA-256 of the required members in lexicographic order, no whitespace).
 pub fn thumbprint(jwk: &Value) -> String {
     let canonical = match jwk["kty"].as_str() {
@@ -248,7 +274,7 @@ fn restrict(_: &Path, _: u32) -> std::io::Result<()> {
 }
 
 #[cfg(unix)]
-fn check_private(path: &Path) -> Result<(), AuthError> {
+pub(crate) fn check_private(path: &Path) -> Result<(), AuthError> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path)
         .map_err(|e| AuthError::Internal(format!("{}: {e}", path.display())))?
@@ -256,7 +282,7 @@ fn check_private(path: &Path) -> Result<(), AuthError> {
         .mode();
     if mode & 0o077 != 0 {
         return Err(AuthError::Internal(format!(
-            "{}: a signing key must be readable by its owner only (mode is {:o}); run chmod 600",
+            "{}: a key or secret file must be readable by its owner only (mode is {:o}); run chmod 600",
             path.display(),
             mode & 0o777
         )));
@@ -264,7 +290,7 @@ fn check_private(path: &Path) -> Result<(), AuthError> {
     Ok(())
 }
 #[cfg(not(unix))]
-fn check_private(_: &Path) -> Result<(), AuthError> {
+pub(crate) fn check_private(_: &Path) -> Result<(), AuthError> {
     Ok(())
 }
 

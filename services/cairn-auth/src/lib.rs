@@ -11,6 +11,7 @@
 
 pub mod assertion;
 pub mod client_auth;
+pub mod federation;
 pub mod flow;
 pub mod jwks;
 pub mod keys;

@@ -43,6 +43,8 @@ pub struct AuthSettings {
     /// How far this instance's view of `cairn.auth` (revocations, disabled users and clients) may lag
     /// behind the log before it refuses bearer tokens (503) rather than risk admitting a revoked one.
     pub feed_lag_bound: Duration,
+    /// Whether users may sign in with a Cairn password (off: only through upstream providers).
+    pub password_login: bool,
 }
 
 impl AuthSettings {
@@ -56,6 +58,7 @@ impl AuthSettings {
             code_lifetime: Duration::from_secs(60),
             catch_up_timeout: Duration::from_secs(30),
             feed_lag_bound: Duration::from_secs(5),
+            password_login: true,
         }
     }
     pub fn fhir_base(&self) -> String {
@@ -109,6 +112,18 @@ pub enum AdminCommand {
     RegistrationToken {
         expires_in_secs: u64,
     },
+    /// Adds (or reconfigures) an upstream OpenID provider.
+    IdpAdd(crate::federation::IdpConfig),
+    IdpDisable {
+        idp_id: String,
+    },
+    IdpList,
+    /// Links an upstream identity (provider, `sub`) to a user.
+    UserLink {
+        username: String,
+        idp_id: String,
+        subject: String,
+    },
     Revoke {
         #[serde(default)]
         username: Option<String>,
@@ -156,6 +171,7 @@ pub(crate) struct Grant<'a> {
     pub patient: Option<String>,
     pub fhir_user: Option<String>,
     pub family: Option<String>,
+    pub authenticator: Option<cairn_events::Authenticator>,
 }
 
 impl AuthServer {
@@ -381,6 +397,7 @@ impl AuthServer {
             patient: None,
             fhir_user: None,
             family: None,
+            authenticator: None,
         })?;
         self.append(
             Event::new(Payload::from(issued))
@@ -419,6 +436,7 @@ impl AuthServer {
             patient: g.patient.clone(),
             fhir_user: g.fhir_user.clone(),
             fam: g.family.clone(),
+            authn: g.authenticator.clone(),
         };
         let token = token::sign(&claims, &key)?;
         let issued = TokenIssued {
@@ -727,12 +745,32 @@ impl AuthServer {
                         json!({
                             "user_id": u.account.user_id, "username": u.account.username, "fhir_user": u.account.fhir_user,
                             "roles": u.account.roles, "disabled": u.disabled,
+                            "password": !u.account.password_hash.is_empty(),
+                            "linked_identities": s.links_of(&u.account.user_id),
                         })
                     })
                     .collect();
                 users.sort_by(|a, b| a["username"].as_str().cmp(&b["username"].as_str()));
                 json!(users)
             })),
+            AdminCommand::IdpAdd(config) => {
+                let appended = self.register_idp(&config, "admin").await?;
+                let mut out = json!({
+                    "idp_id": config.idp_id,
+                    "changed": appended,
+                    "redirect_uri": format!("{}/login/idp/{}/callback", self.settings.issuer, config.idp_id),
+                });
+                if let Some(file) = &config.private_key_file {
+                    // What to register at the provider for private_key_jwt.
+                    out["public_jwk"] = crate::keys::load_assertion_key(std::path::Path::new(file))?.public_jwk;
+                }
+                Ok(out)
+            }
+            AdminCommand::IdpDisable { idp_id } => self.disable_idp(&idp_id).await,
+            AdminCommand::IdpList => Ok(self.list_idps()),
+            AdminCommand::UserLink { username, idp_id, subject } => {
+                self.link_identity(&username, &idp_id, &subject).await
+            }
             AdminCommand::KeysRotate => self.rotate_keys().await,
             AdminCommand::RegistrationToken { expires_in_secs } => {
                 if !(60..=30 * 24 * 3600).contains(&expires_in_secs) {

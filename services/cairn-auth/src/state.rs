@@ -6,7 +6,8 @@
 use crate::keys::decoding_key;
 use crate::scope::ScopeSet;
 use cairn_events::{
-    ClientKind, ClientRegistered, CodeIssued, Event, KeyPurpose, Payload, RevocationTarget, TokenKind, UserCreated,
+    Authenticator, ClientKind, ClientRegistered, CodeIssued, Event, IdpRegistered, KeyPurpose, Payload,
+    RevocationTarget, TokenKind, UserCreated,
 };
 use jsonwebtoken::{Algorithm, DecodingKey};
 use std::collections::HashMap;
@@ -33,6 +34,13 @@ impl Client {
 #[derive(Debug, Clone)]
 pub struct User {
     pub account: UserCreated,
+    pub disabled: bool,
+}
+
+/// An upstream OpenID provider as currently configured.
+#[derive(Debug, Clone)]
+pub struct Idp {
+    pub registration: IdpRegistered,
     pub disabled: bool,
 }
 
@@ -72,6 +80,9 @@ pub struct AuthState {
     failures: LoginFailures,
     /// RFC 7591 initial access tokens (by hash) and their expiry (ms).
     registration_tokens: HashMap<String, i64>,
+    idps: HashMap<String, Idp>,
+    /// Upstream identities (`cairn_events::identity_key`) and the user each signs in as.
+    links: HashMap<String, String>,
 }
 
 /// A browser session (by the hash of its cookie).
@@ -80,6 +91,8 @@ pub struct Session {
     pub user_id: String,
     pub started_ms: i64,
     pub ended: bool,
+    /// The upstream provider that vouched for this sign-in, if any.
+    pub authenticator: Option<Authenticator>,
 }
 
 /// An authorization code (by its hash) and what became of it.
@@ -99,6 +112,7 @@ pub struct Family {
     pub patient: Option<String>,
     pub fhir_user: Option<String>,
     pub auth_time_ms: i64,
+    pub authenticator: Option<Authenticator>,
     /// When the last token issued in the family expires (ms); after that the family is forgotten.
     pub expires_ms: i64,
 }
@@ -205,7 +219,12 @@ impl AuthState {
             Payload::LoginSucceeded(l) => {
                 self.sessions.insert(
                     l.session_id.clone(),
-                    Session { user_id: l.user_id.clone(), started_ms: event.occurred_at.as_millis(), ended: false },
+                    Session {
+                        user_id: l.user_id.clone(),
+                        started_ms: event.occurred_at.as_millis(),
+                        ended: false,
+                        authenticator: l.authenticator.clone(),
+                    },
                 );
                 self.failures.by_user.remove(&l.username);
             }
@@ -246,12 +265,24 @@ impl AuthState {
                             patient: c.patient.clone(),
                             fhir_user: c.fhir_user.clone(),
                             auth_time_ms: c.auth_time.as_millis(),
+                            authenticator: c.authenticator.clone(),
                             // Its first tokens follow at once and move this on.
                             expires_ms: event.occurred_at.as_millis() + FAMILY_GRACE_MS,
                         },
                     );
                     self.prune_families(event.occurred_at.as_millis());
                 }
+            }
+            Payload::IdpRegistered(r) => {
+                self.idps.insert(r.idp_id.clone(), Idp { registration: r.clone(), disabled: false });
+            }
+            Payload::IdpDisabled(d) => {
+                if let Some(i) = self.idps.get_mut(&d.idp_id) {
+                    i.disabled = true;
+                }
+            }
+            Payload::IdentityLinked(l) => {
+                self.links.entry(l.identity_key()).or_insert_with(|| l.user_id.clone());
             }
             Payload::TokenIssued(t) if t.kind == TokenKind::Registration => {
                 self.registration_tokens.insert(t.jti.clone(), t.expires_at.as_millis());
@@ -408,6 +439,24 @@ impl AuthState {
         self.users.values()
     }
 
+    pub fn idp(&self, idp_id: &str) -> Option<&Idp> {
+        self.idps.get(idp_id)
+    }
+
+    pub fn idps(&self) -> impl Iterator<Item = &Idp> {
+        self.idps.values()
+    }
+
+    /// The user an upstream identity signs in as.
+    pub fn linked_user(&self, issuer: &str, subject: &str) -> Option<&str> {
+        self.links.get(&cairn_events::identity_key(issuer, subject)).map(String::as_str)
+    }
+
+    /// How many upstream identities sign in as this user.
+    pub fn links_of(&self, user_id: &str) -> usize {
+        self.links.values().filter(|u| *u == user_id).count()
+    }
+
     pub fn key(&self, kid: &str) -> Option<&PublishedKey> {
         self.keys.iter().find(|k| k.kid == kid)
     }
@@ -444,11 +493,26 @@ impl AuthState {
         fn sorted(m: &HashMap<String, i64>) -> std::collections::BTreeMap<&String, &i64> {
             m.iter().collect()
         }
+        let idps: std::collections::BTreeMap<_, _> = self
+            .idps
+            .iter()
+            .map(|(id, i)| {
+                let r = &i.registration;
+                (
+                    id,
+                    json!({"display_name": r.display_name, "issuer": r.issuer, "client_id": r.client_id,
+                            "provision_role": r.provision_role, "disabled": i.disabled}),
+                )
+            })
+            .collect();
+        let links: std::collections::BTreeMap<_, _> = self.links.iter().collect();
         let r = &self.revoked;
         json!({
             "users": users,
             "clients": clients,
             "keys": keys,
+            "identity_providers": idps,
+            "identity_links": links,
             "revoked": {
                 "tokens_until_expiry_s": sorted(&r.jtis),
                 "families_until_ms": sorted(&r.families),

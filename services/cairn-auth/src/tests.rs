@@ -973,6 +973,7 @@ fn revoked_families_are_forgotten_once_their_tokens_have_expired() {
             session_id: "s".into(),
             auth_time: at(t0),
             expires_at: at(t0 + 60_000),
+            authenticator: None,
         };
         state.apply(&event(code.into(), t0));
         let redeemed =
@@ -1021,4 +1022,97 @@ fn revoked_families_are_forgotten_once_their_tokens_have_expired() {
     let (known, revoked) = state.remembered_families();
     assert_eq!(revoked, 0);
     assert!(known <= 4000, "{known} families remembered; the 2,000 of a month ago should be gone");
+}
+
+// ---------------------------------------------------------------- federation
+
+fn idp_config(dir: &std::path::Path, idp_id: &str, provision_role: Option<&str>) -> crate::federation::IdpConfig {
+    use std::os::unix::fs::PermissionsExt;
+    let secret = dir.join(format!("{idp_id}.secret"));
+    std::fs::write(&secret, "an upstream secret\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    crate::federation::IdpConfig {
+        idp_id: idp_id.into(),
+        display_name: "Hospital ID".into(),
+        issuer: "https://login.hospital.example".into(),
+        client_id: "cairn".into(),
+        client_auth_method: "client_secret_basic".into(),
+        client_secret_file: Some(secret.display().to_string()),
+        private_key_file: None,
+        scopes: vec![],
+        userinfo: false,
+        provision_role: provision_role.map(str::to_owned),
+    }
+}
+
+fn upstream(subject: &str) -> cairn_events::Authenticator {
+    cairn_events::Authenticator {
+        issuer: "https://login.hospital.example".into(),
+        subject: subject.into(),
+        acr: None,
+        amr: vec!["pwd".into()],
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_identity_signs_in_only_as_the_user_it_is_linked_to() {
+    let f = fixture().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let actor = Actor::default();
+    assert!(f.auth.register_idp(&idp_config(secrets.path(), "hospital", None), "config").await.unwrap());
+    assert!(!f.auth.register_idp(&idp_config(secrets.path(), "hospital", None), "config").await.unwrap());
+    for name in ["alice", "bob"] {
+        let add = AdminCommand::UserAdd {
+            username: name.into(),
+            password: "a long password".into(),
+            fhir_user: None,
+            roles: vec![],
+        };
+        f.auth.admin(add).await.unwrap();
+    }
+    let unlinked = f.auth.federated_login("hospital", upstream("u-1"), &actor).await.unwrap_err();
+    assert!(unlinked.0.contains("not linked") && unlinked.0.contains("u-1"), "{}", unlinked.0);
+    let link =
+        |user: &str| AdminCommand::UserLink { username: user.into(), idp_id: "hospital".into(), subject: "u-1".into() };
+    f.auth.admin(link("alice")).await.unwrap();
+    let again = f.auth.admin(link("bob")).await.unwrap_err().to_string();
+    assert!(again.contains("already linked to user `alice`"), "{again}");
+    let signed_in = f.auth.federated_login("hospital", upstream("u-1"), &actor).await.unwrap();
+    let alice = f.auth.read_state(|s| s.user_by_name("alice").unwrap().account.user_id.clone());
+    assert_eq!(signed_in.user_id, alice);
+    let session = f.auth.read_state(|s| s.session(&crate::sha256_hex(signed_in.cookie.as_bytes())).cloned()).unwrap();
+    assert_eq!(session.authenticator, Some(upstream("u-1")), "the session remembers who vouched");
+    // Another issuer with the same subject is another identity.
+    let elsewhere = cairn_events::Authenticator { issuer: "https://other.example".into(), ..upstream("u-1") };
+    assert!(f.auth.federated_login("hospital", elsewhere, &actor).await.is_err());
+    // A disabled user stays out, whoever vouches.
+    f.auth.admin(AdminCommand::UserDisable { username: "alice".into() }).await.unwrap();
+    assert!(f.auth.federated_login("hospital", upstream("u-1"), &actor).await.is_err());
+    // A disabled provider signs nobody in.
+    f.auth.admin(AdminCommand::IdpDisable { idp_id: "hospital".into() }).await.unwrap();
+    assert!(f.auth.enabled_idp("hospital").is_none());
+    // The user without a password cannot use the password form either.
+    assert!(f.auth.login("bob", "", &actor).await.is_err());
+}
+
+#[tokio::test]
+async fn concurrent_first_sign_ins_provision_one_linked_user() {
+    let f = fixture().await;
+    let secrets = tempfile::tempdir().unwrap();
+    f.auth.register_idp(&idp_config(secrets.path(), "citizen", Some("patient")), "admin").await.unwrap();
+    let actor = Actor::default();
+    let (a, b) = tokio::join!(
+        f.auth.federated_login("citizen", upstream("c-9"), &actor),
+        f.auth.federated_login("citizen", upstream("c-9"), &actor)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.user_id, b.user_id, "both sign-ins are the one linked user");
+    let user = f.auth.read_state(|s| s.user(&a.user_id).cloned()).unwrap();
+    assert_eq!(user.account.roles, vec!["patient".to_owned()]);
+    assert!(user.account.password_hash.is_empty());
+    // A changed secret file is noticed, not used silently.
+    std::fs::write(secrets.path().join("citizen.secret"), "another secret\n").unwrap();
+    let idp = f.auth.enabled_idp("citizen").unwrap();
+    let err = crate::federation::UpstreamCredential::load(&idp.registration.client_auth).unwrap_err().to_string();
+    assert!(err.contains("changed since the provider was registered"), "{err}");
 }

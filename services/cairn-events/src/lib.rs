@@ -47,6 +47,9 @@ pub enum EventType {
     AuthCodeIssued,
     AuthCodeRedeemed,
     AuthLogout,
+    AuthIdpRegistered,
+    AuthIdpDisabled,
+    AuthIdentityLinked,
     FhirResourceCreated,
     FhirResourceUpdated,
     FhirResourceDeleted,
@@ -56,7 +59,7 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 21] = [
+    pub const ALL: [EventType; 24] = [
         EventType::AuthLoginSucceeded,
         EventType::AuthLoginFailed,
         EventType::AuthTokenIssued,
@@ -72,6 +75,9 @@ impl EventType {
         EventType::AuthCodeIssued,
         EventType::AuthCodeRedeemed,
         EventType::AuthLogout,
+        EventType::AuthIdpRegistered,
+        EventType::AuthIdpDisabled,
+        EventType::AuthIdentityLinked,
         EventType::FhirResourceCreated,
         EventType::FhirResourceUpdated,
         EventType::FhirResourceDeleted,
@@ -97,6 +103,9 @@ impl EventType {
             EventType::AuthCodeIssued => "auth.code.issued",
             EventType::AuthCodeRedeemed => "auth.code.redeemed",
             EventType::AuthLogout => "auth.logout",
+            EventType::AuthIdpRegistered => "auth.idp.registered",
+            EventType::AuthIdpDisabled => "auth.idp.disabled",
+            EventType::AuthIdentityLinked => "auth.identity.linked",
             EventType::FhirResourceCreated => "fhir.resource.created",
             EventType::FhirResourceUpdated => "fhir.resource.updated",
             EventType::FhirResourceDeleted => "fhir.resource.deleted",
@@ -151,6 +160,10 @@ pub struct Actor {
     pub source_address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
+    /// Who vouched for the user, when they signed in through an upstream OpenID provider (carried
+    /// by the tokens their sign-in produced, so every access names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticator: Option<Authenticator>,
 }
 
 /// A SHA-256 digest in the hash chain, written as 64 lowercase hex characters.
@@ -547,7 +560,10 @@ impl Event {
             | EventType::AuthConsentRecorded
             | EventType::AuthCodeIssued
             | EventType::AuthCodeRedeemed
-            | EventType::AuthLogout => topics::AUTH,
+            | EventType::AuthLogout
+            | EventType::AuthIdpRegistered
+            | EventType::AuthIdpDisabled
+            | EventType::AuthIdentityLinked => topics::AUTH,
         }
     }
 
@@ -584,6 +600,10 @@ impl Event {
             Payload::CodeIssued(c) => c.code_hash.clone(),
             Payload::CodeRedeemed(c) => c.code_hash.clone(),
             Payload::Logout(l) => l.user_id.clone(),
+            Payload::IdpRegistered(i) => i.idp_id.clone(),
+            Payload::IdpDisabled(i) => i.idp_id.clone(),
+            // Every link of one upstream identity shares a partition, so the first link is well defined.
+            Payload::IdentityLinked(l) => l.identity_key(),
         }
     }
 }

@@ -21,6 +21,9 @@ pub enum Payload {
     CodeIssued(CodeIssued),
     CodeRedeemed(CodeRedeemed),
     Logout(Logout),
+    IdpRegistered(IdpRegistered),
+    IdpDisabled(IdpDisabled),
+    IdentityLinked(IdentityLinked),
     ResourceCreated(ResourceWritten),
     ResourceUpdated(ResourceWritten),
     ResourceDeleted(ResourceDeleted),
@@ -47,6 +50,9 @@ impl Payload {
             Payload::CodeIssued(_) => EventType::AuthCodeIssued,
             Payload::CodeRedeemed(_) => EventType::AuthCodeRedeemed,
             Payload::Logout(_) => EventType::AuthLogout,
+            Payload::IdpRegistered(_) => EventType::AuthIdpRegistered,
+            Payload::IdpDisabled(_) => EventType::AuthIdpDisabled,
+            Payload::IdentityLinked(_) => EventType::AuthIdentityLinked,
             Payload::ResourceCreated(_) => EventType::FhirResourceCreated,
             Payload::ResourceUpdated(_) => EventType::FhirResourceUpdated,
             Payload::ResourceDeleted(_) => EventType::FhirResourceDeleted,
@@ -73,6 +79,9 @@ impl Payload {
             EventType::AuthCodeIssued => Payload::CodeIssued(serde_json::from_str(json)?),
             EventType::AuthCodeRedeemed => Payload::CodeRedeemed(serde_json::from_str(json)?),
             EventType::AuthLogout => Payload::Logout(serde_json::from_str(json)?),
+            EventType::AuthIdpRegistered => Payload::IdpRegistered(serde_json::from_str(json)?),
+            EventType::AuthIdpDisabled => Payload::IdpDisabled(serde_json::from_str(json)?),
+            EventType::AuthIdentityLinked => Payload::IdentityLinked(serde_json::from_str(json)?),
             EventType::FhirResourceCreated => Payload::ResourceCreated(serde_json::from_str(json)?),
             EventType::FhirResourceUpdated => Payload::ResourceUpdated(serde_json::from_str(json)?),
             EventType::FhirResourceDeleted => Payload::ResourceDeleted(serde_json::from_str(json)?),
@@ -104,6 +113,9 @@ impl Serialize for PayloadRef<'_> {
             Payload::CodeIssued(p) => p.serialize(s),
             Payload::CodeRedeemed(p) => p.serialize(s),
             Payload::Logout(p) => p.serialize(s),
+            Payload::IdpRegistered(p) => p.serialize(s),
+            Payload::IdpDisabled(p) => p.serialize(s),
+            Payload::IdentityLinked(p) => p.serialize(s),
             Payload::ResourceCreated(p) | Payload::ResourceUpdated(p) => p.serialize(s),
             Payload::ResourceDeleted(p) => p.serialize(s),
             Payload::AccessRead(p) => p.serialize(s),
@@ -136,6 +148,9 @@ into_payload!(
     CodeIssued => CodeIssued,
     CodeRedeemed => CodeRedeemed,
     Logout => Logout,
+    IdpRegistered => IdpRegistered,
+    IdpDisabled => IdpDisabled,
+    IdentityLinked => IdentityLinked,
     ResourceDeleted => ResourceDeleted,
     AccessRead => AccessRead,
     AccessSearch => AccessSearch,
@@ -183,9 +198,19 @@ pub enum LoginFailure {
     UserDisabled,
     Throttled,
     CsrfMismatch,
+    /// The upstream provider could not be reached, or answered with something unusable.
     UpstreamError,
+    /// The upstream provider refused (e.g. the user cancelled) or its token request failed.
     UpstreamRejected,
+    /// The upstream identity is not linked to a Cairn user (and the provider does not provision).
     UnlinkedIdentity,
+    /// The browser came back without the sign-in it started: unknown or expired `state`, another
+    /// browser, another provider.
+    StateMismatch,
+    /// The upstream ID token failed validation (signature, issuer, audience, expiry, nonce, algorithm).
+    InvalidIdToken,
+    /// The upstream provider is disabled or not configured.
+    UnknownProvider,
 }
 
 /// `auth.login.failed`. The attempted password is never recorded.
@@ -198,6 +223,12 @@ pub struct LoginFailed {
     pub reason: LoginFailure,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authenticator: Option<Authenticator>,
+    /// The upstream provider (its `idp_id`) of a federated sign-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idp: Option<String>,
+    /// What exactly failed, for the auditor (fixed wording, never a token or a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,6 +344,8 @@ pub struct ClientDisabled {
 pub struct UserCreated {
     pub user_id: String,
     pub username: String,
+    /// Empty for a user who signs in only through an upstream provider (no password works).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub password_hash: String,
     /// The FHIR resource that represents the user, e.g. `Patient/123` or `Practitioner/7`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -422,6 +455,9 @@ pub struct CodeIssued {
     pub session_id: String,
     pub auth_time: Timestamp,
     pub expires_at: Timestamp,
+    /// The upstream provider that vouched for the session's sign-in, carried into the tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticator: Option<Authenticator>,
 }
 
 /// `auth.code.redeemed`: a code was exchanged; the tokens issued from it form `family_id`. A second
@@ -572,6 +608,88 @@ pub struct RequestRefused {
     pub reason: String,
 }
 
+/// How Cairn authenticates to an upstream provider's token endpoint. The secret or private key
+/// itself stays in a file on each server (never in the log); the event records where, and a
+/// fingerprint so a changed file is noticed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum UpstreamClientAuth {
+    ClientSecretBasic {
+        secret_file: String,
+        secret_sha256: String,
+    },
+    ClientSecretPost {
+        secret_file: String,
+        secret_sha256: String,
+    },
+    /// A signed JWT assertion (RFC 7523) with a private key in PEM; `kid` is the RFC 7638 thumbprint
+    /// of its public key, as registered at the provider.
+    PrivateKeyJwt {
+        key_file: String,
+        kid: String,
+        alg: String,
+    },
+}
+
+/// `auth.idp.registered`: an upstream OpenID provider users may sign in through (a new one, or a
+/// new configuration of one: the latest counts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdpRegistered {
+    /// Short id used in addresses (`/login/idp/{idp_id}`): lowercase letters, digits, `-`.
+    pub idp_id: String,
+    /// What the sign-in page's button says.
+    pub display_name: String,
+    /// The provider's issuer URL; its discovery document is `{issuer}/.well-known/openid-configuration`.
+    pub issuer: String,
+    pub client_id: String,
+    pub client_auth: UpstreamClientAuth,
+    /// Scopes asked of the provider (`openid` always among them).
+    pub scopes: Vec<String>,
+    /// Whether to call the provider's userinfo endpoint after the ID token checks out.
+    #[serde(default)]
+    pub use_userinfo: bool,
+    /// When set, an upstream identity seen for the first time gets a new Cairn user with this role
+    /// (just-in-time provisioning); when absent, only identities an admin linked may sign in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provision_role: Option<String>,
+    /// `admin` (the CLI) or `config` (the TOML file, at start).
+    pub registered_by: String,
+}
+
+/// `auth.idp.disabled`: nobody signs in through this provider any more (its links stay).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdpDisabled {
+    pub idp_id: String,
+    pub reason: String,
+}
+
+/// `auth.identity.linked`: an upstream identity (issuer, subject) signs in as a Cairn user. The
+/// first link of an identity counts; later ones are ignored (they lost a race or were mistakes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityLinked {
+    pub idp_id: String,
+    pub issuer: String,
+    pub subject: String,
+    pub user_id: String,
+    /// `admin` or `provisioning`.
+    pub linked_by: String,
+}
+
+impl IdentityLinked {
+    /// The identity's key: its issuer and subject (both can hold any character, so length-prefixed).
+    pub fn identity_key(&self) -> String {
+        identity_key(&self.issuer, &self.subject)
+    }
+}
+
+/// The one key of an upstream identity.
+pub fn identity_key(issuer: &str, subject: &str) -> String {
+    format!("{}:{issuer}{subject}", issuer.len())
+}
+
 /// A realistic example event of each type, for tests, schema checks and benchmarks. The exhaustive
 /// `match` means a new event type cannot be added without an example (and so without a schema test).
 pub fn sample_event(t: EventType) -> Event {
@@ -582,6 +700,12 @@ pub fn sample_event(t: EventType) -> Event {
         fhir_user: Some("Patient/p-1".into()),
         source_address: Some("192.0.2.10".into()),
         user_agent: Some("cairn-test/1.0".into()),
+        authenticator: Some(Authenticator {
+            issuer: "https://idp.example.org".into(),
+            subject: "248289761001".into(),
+            acr: None,
+            amr: vec!["pwd".into()],
+        }),
     };
     let now = Timestamp::from_millis(1_795_000_000_123);
     let later = Timestamp::from_millis(1_795_000_300_123);
@@ -599,10 +723,14 @@ pub fn sample_event(t: EventType) -> Event {
             session_id: "s-1".into(),
         }
         .into(),
-        EventType::AuthLoginFailed => {
-            LoginFailed { username: Some("alice".into()), reason: LoginFailure::BadPassword, authenticator: None }
-                .into()
+        EventType::AuthLoginFailed => LoginFailed {
+            username: None,
+            reason: LoginFailure::InvalidIdToken,
+            authenticator: None,
+            idp: Some("hospital".into()),
+            detail: Some("the ID token's audience does not include this client".into()),
         }
+        .into(),
         EventType::AuthTokenIssued => TokenIssued {
             jti: "0f9c4f0e-7a43-4d1f-8b7e-2d1c3f9a5b11".into(),
             kind: TokenKind::Access,
@@ -693,6 +821,12 @@ pub fn sample_event(t: EventType) -> Event {
             session_id: "s-1".into(),
             auth_time: now,
             expires_at: Timestamp::from_millis(now.as_millis() + 60_000),
+            authenticator: Some(Authenticator {
+                issuer: "https://idp.example.org".into(),
+                subject: "248289761001".into(),
+                acr: None,
+                amr: vec!["pwd".into()],
+            }),
         }
         .into(),
         EventType::AuthCodeRedeemed => CodeRedeemed {
@@ -702,6 +836,30 @@ pub fn sample_event(t: EventType) -> Event {
         }
         .into(),
         EventType::AuthLogout => Logout { session_id: "s-1".into(), user_id: "user-7".into() }.into(),
+        EventType::AuthIdpRegistered => IdpRegistered {
+            idp_id: "hospital".into(),
+            display_name: "Hospital ID".into(),
+            issuer: "https://idp.example.org".into(),
+            client_id: "cairn-prod".into(),
+            client_auth: UpstreamClientAuth::ClientSecretBasic {
+                secret_file: "/etc/cairn/idp-hospital.secret".into(),
+                secret_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+            },
+            scopes: vec!["openid".into(), "profile".into()],
+            use_userinfo: true,
+            provision_role: Some("patient".into()),
+            registered_by: "admin".into(),
+        }
+        .into(),
+        EventType::AuthIdpDisabled => IdpDisabled { idp_id: "hospital".into(), reason: "admin".into() }.into(),
+        EventType::AuthIdentityLinked => IdentityLinked {
+            idp_id: "hospital".into(),
+            issuer: "https://idp.example.org".into(),
+            subject: "248289761001".into(),
+            user_id: "user-7".into(),
+            linked_by: "admin".into(),
+        }
+        .into(),
         EventType::FhirResourceCreated | EventType::FhirResourceUpdated => {
             let version_id = if t == EventType::FhirResourceCreated { 1 } else { 2 };
             let written = ResourceWritten::new(

@@ -20,16 +20,28 @@ use subtle::ConstantTimeEq;
 
 const SESSION_COOKIE: &str = "cairn_session";
 const CSRF_COOKIE: &str = "cairn_csrf";
+/// Binds a sign-in at an upstream provider to the browser that started it.
+const FEDERATION_COOKIE: &str = "cairn_fed";
+
+/// What the pages need: the authorization server's decisions and the relying party that speaks to
+/// upstream providers.
+pub struct Pages {
+    auth: Arc<AuthServer>,
+    federation: cairn_federation::Federation,
+}
 
 pub fn routes(auth: Arc<AuthServer>) -> Router {
+    let federation = cairn_federation::Federation::new(&auth.settings().issuer);
     Router::new()
         .route("/authorize", get(authorize).post(authorize))
         .route("/login", axum::routing::post(login))
+        .route("/login/idp/{idp_id}", axum::routing::post(login_upstream))
+        .route("/login/idp/{idp_id}/callback", get(upstream_callback))
         .route("/consent", axum::routing::post(consent))
         .route("/logout", get(logout_page).post(logout))
         .route("/smart-style.json", get(smart_style))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
-        .with_state(auth)
+        .with_state(Arc::new(Pages { auth, federation }))
 }
 
 /// HTML-escapes text for element content and quoted attribute values.
@@ -73,6 +85,7 @@ label{{display:block;font-weight:600;margin:.75rem 0 .25rem}}
 input[type=text],input[type=password]{{width:100%;box-sizing:border-box;padding:.5rem;border:1px solid #d0d7de;border-radius:6px;font:inherit}}
 button{{font:inherit;padding:.5rem 1rem;border-radius:6px;border:1px solid #1f6feb;background:#1f6feb;color:#fff;cursor:pointer;margin-top:1rem}}
 button.secondary{{background:#fff;color:#1f2328;border-color:#d0d7de}}
+button.wide{{width:100%;margin-top:.5rem}} p.or{{text-align:center;color:#59636e;margin:1rem 0 0}}
 .error{{background:#ffebe9;border:1px solid #ff8182;border-radius:6px;padding:.5rem .75rem;margin-bottom:1rem}}
 ul.scopes{{list-style:none;padding:0}} ul.scopes li{{margin:.4rem 0}} ul.scopes code{{color:#59636e;font-size:.8rem}}
 footer{{color:#59636e;font-size:.8rem;margin-top:1.5rem}}
@@ -172,12 +185,13 @@ fn refusal(e: AuthorizeError) -> Response {
 }
 
 async fn authorize(
-    State(auth): State<Arc<AuthServer>>,
+    State(pages): State<Arc<Pages>>,
     method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
+    let auth = &pages.auth;
     let params =
         if method == Method::POST { Form::parse(&body).0 } else { Form::parse(query.unwrap_or_default().as_bytes()).0 };
     let req = match auth.authorize_request(&params) {
@@ -185,8 +199,8 @@ async fn authorize(
         Err(e) => return refusal(e),
     };
     match cookie(&headers, SESSION_COOKIE).and_then(|c| auth.session_user(&c)) {
-        Some(user) => consent_page(&auth, &headers, &req, &user, None),
-        None => login_page(&auth, &headers, Some(&req), "", None, StatusCode::OK),
+        Some(user) => consent_page(auth, &headers, &req, &user, None),
+        None => login_page(auth, &headers, Some(&req), "", None, StatusCode::OK),
     }
 }
 
@@ -207,19 +221,43 @@ fn login_page(
     };
     let error = error.map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", esc(e))).unwrap_or_default();
     let carried = req.map(|r| encode_params(&r.params)).unwrap_or_default();
-    let body = format!(
-        r#"<h1>Sign in</h1>{who}{error}
-<form method="post" action="/login">
+    // One button per enabled upstream provider: a form, so the CSRF token guards the start too.
+    let upstream: String = auth
+        .enabled_idps()
+        .iter()
+        .map(|i| {
+            format!(
+                r#"<form method="post" action="/login/idp/{id}"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="authorize" value="{carried}"><button type="submit" class="secondary wide" id="idp-{id}">Sign in with {name}</button></form>"#,
+                id = esc(&i.registration.idp_id),
+                csrf = esc(&csrf),
+                carried = esc(&carried),
+                name = esc(&i.registration.display_name),
+            )
+        })
+        .collect();
+    let password = if auth.settings().password_login {
+        format!(
+            r#"<form method="post" action="/login">
 <input type="hidden" name="csrf" value="{csrf}">
 <input type="hidden" name="authorize" value="{carried}">
 <label for="username">Username</label><input type="text" id="username" name="username" value="{username}" autocomplete="username" required autofocus>
 <label for="password">Password</label><input type="password" id="password" name="password" autocomplete="current-password" required>
 <button type="submit">Sign in</button>
 </form>"#,
-        csrf = esc(&csrf),
-        carried = esc(&carried),
-        username = esc(username),
-    );
+            csrf = esc(&csrf),
+            carried = esc(&carried),
+            username = esc(username),
+        )
+    } else {
+        String::new()
+    };
+    let between = if !upstream.is_empty() && !password.is_empty() { "<p class=\"or\">or</p>" } else { "" };
+    let nothing = if upstream.is_empty() && password.is_empty() {
+        "<p class=\"error\">No way to sign in is configured on this server. Ask an administrator.</p>"
+    } else {
+        ""
+    };
+    let body = format!("<h1>Sign in</h1>{who}{error}{upstream}{between}{password}{nothing}");
     html(status, "Sign in", &body, &cookies)
 }
 
@@ -304,7 +342,8 @@ fn consent_page(
     html(StatusCode::OK, "Allow access", &body, &cookies)
 }
 
-async fn login(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: HeaderMap, body: Bytes) -> Response {
+async fn login(State(pages): State<Arc<Pages>>, peer: Peer, headers: HeaderMap, body: Bytes) -> Response {
+    let auth = &pages.auth;
     let form = Form::parse(&body);
     let actor = request_actor(&headers, peer.0);
     let params = form.authorize_params();
@@ -329,7 +368,7 @@ async fn login(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: HeaderM
             return error_page(StatusCode::SERVICE_UNAVAILABLE, "sign-in is unavailable right now; try again shortly");
         }
         return login_page(
-            &auth,
+            auth,
             &headers,
             req.as_ref(),
             &username,
@@ -343,7 +382,7 @@ async fn login(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: HeaderM
             let set = format!(
                 "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={lifetime}{}",
                 signed_in.cookie,
-                secure(&auth)
+                secure(auth)
             );
             match req {
                 Some(r) => see_other(&format!("/authorize?{}", encode_params(&r.params)), &[set]),
@@ -358,12 +397,168 @@ async fn login(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: HeaderM
             } else {
                 StatusCode::UNAUTHORIZED
             };
-            login_page(&auth, &headers, req.as_ref(), &username, Some(&refusal.0), status)
+            login_page(auth, &headers, req.as_ref(), &username, Some(&refusal.0), status)
         }
     }
 }
 
-async fn consent(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: HeaderMap, body: Bytes) -> Response {
+/// What the person reads when a sign-in through an upstream provider failed (the audit record has
+/// the detail).
+fn upstream_failure_message(reason: LoginFailure, provider: &str) -> (StatusCode, String) {
+    match reason {
+        LoginFailure::UpstreamError => (
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "We could not complete the sign-in with {provider}: it did not answer as expected. Try again in a moment, or sign in another way."
+            ),
+        ),
+        LoginFailure::UpstreamRejected => (
+            StatusCode::UNAUTHORIZED,
+            format!("{provider} did not complete the sign-in. Try again, or sign in another way."),
+        ),
+        LoginFailure::StateMismatch => (
+            StatusCode::BAD_REQUEST,
+            "This sign-in attempt expired or was started in another browser window. Please start again.".into(),
+        ),
+        LoginFailure::InvalidIdToken => (
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "The answer from {provider} could not be verified, so you were not signed in. Please try again; if it keeps happening, tell an administrator."
+            ),
+        ),
+        LoginFailure::UnknownProvider => {
+            (StatusCode::NOT_FOUND, "Sign-in through this provider is not available.".into())
+        }
+        _ => (StatusCode::UNAUTHORIZED, "The sign-in did not succeed.".into()),
+    }
+}
+
+fn display_name(auth: &AuthServer, idp_id: &str) -> String {
+    auth.enabled_idp(idp_id).map(|i| i.registration.display_name).unwrap_or_else(|| "the identity provider".into())
+}
+
+/// `POST /login/idp/{idp_id}`: the person chose an upstream provider; send the browser there.
+async fn login_upstream(
+    State(pages): State<Arc<Pages>>,
+    axum::extract::Path(idp_id): axum::extract::Path<String>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let auth = &pages.auth;
+    let form = Form::parse(&body);
+    let actor = request_actor(&headers, peer.0);
+    let params = form.authorize_params();
+    let req = if params.is_empty() {
+        None
+    } else {
+        match auth.authorize_request(&params) {
+            Ok(r) => Some(r),
+            Err(e) => return refusal(e),
+        }
+    };
+    let unavailable =
+        || error_page(StatusCode::SERVICE_UNAVAILABLE, "sign-in is unavailable right now; try again shortly");
+    if !csrf_ok(&headers, &form) {
+        if auth.login_refused(None, LoginFailure::CsrfMismatch, &actor).await.is_err() {
+            return unavailable();
+        }
+        let again = "Your sign-in form expired. Please try again.";
+        return login_page(auth, &headers, req.as_ref(), "", Some(again), StatusCode::FORBIDDEN);
+    }
+    let started = match auth.enabled_idp(&idp_id) {
+        Some(idp) => pages.federation.begin(&idp.registration, params).await,
+        None => Err(cairn_auth::federation::FederatedFailure {
+            reason: LoginFailure::UnknownProvider,
+            detail: "the provider is disabled or not configured".into(),
+            authenticator: None,
+        }),
+    };
+    match started {
+        Ok(started) => {
+            let binding = format!(
+                "{FEDERATION_COOKIE}={}; Path=/login/idp; HttpOnly; SameSite=Lax; Max-Age=600{}",
+                started.binding_cookie,
+                secure(auth)
+            );
+            see_other(&started.redirect_to, &[binding])
+        }
+        Err(failure) => {
+            if auth.federated_login_failed(Some(&idp_id), &failure, &actor).await.is_err() {
+                return unavailable();
+            }
+            let (status, message) = upstream_failure_message(failure.reason, &display_name(auth, &idp_id));
+            login_page(auth, &headers, req.as_ref(), "", Some(&message), status)
+        }
+    }
+}
+
+/// `GET /login/idp/{idp_id}/callback`: the browser is back from the provider.
+async fn upstream_callback(
+    State(pages): State<Arc<Pages>>,
+    axum::extract::Path(idp_id): axum::extract::Path<String>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let auth = &pages.auth;
+    let actor = request_actor(&headers, peer.0);
+    let query = Form::parse(query.unwrap_or_default().as_bytes()).0;
+    let idp = auth.enabled_idp(&idp_id).map(|i| i.registration);
+    let binding = cookie(&headers, FEDERATION_COOKIE);
+    let finished = pages.federation.finish(&idp_id, idp.as_ref(), &query, binding.as_deref()).await;
+    let clear = format!("{FEDERATION_COOKIE}=; Path=/login/idp; HttpOnly; SameSite=Lax; Max-Age=0{}", secure(auth));
+    let unavailable =
+        || error_page(StatusCode::SERVICE_UNAVAILABLE, "sign-in is unavailable right now; try again shortly");
+    let app_request = |params: &[(String, String)]| {
+        if params.is_empty() { None } else { auth.authorize_request(params).ok() }
+    };
+    let finished = match finished {
+        Ok(f) => f,
+        Err(failed) => {
+            if auth.federated_login_failed(Some(&idp_id), &failed.failure, &actor).await.is_err() {
+                return unavailable();
+            }
+            let (status, message) = upstream_failure_message(failed.failure.reason, &display_name(auth, &idp_id));
+            let req = failed.authorize.as_deref().and_then(app_request);
+            let mut page = login_page(auth, &headers, req.as_ref(), "", Some(&message), status);
+            if let Ok(v) = HeaderValue::from_str(&clear) {
+                page.headers_mut().append(header::SET_COOKIE, v);
+            }
+            return page;
+        }
+    };
+    let req = app_request(&finished.authorize);
+    match auth.federated_login(&idp_id, finished.identity, &actor).await {
+        Ok(signed_in) => {
+            let lifetime = auth.settings().session_lifetime.as_secs();
+            let session = format!(
+                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={lifetime}{}",
+                signed_in.cookie,
+                secure(auth)
+            );
+            match req {
+                Some(r) => see_other(&format!("/authorize?{}", encode_params(&r.params)), &[session, clear]),
+                None => html(
+                    StatusCode::OK,
+                    "Signed in",
+                    "<h1>Signed in</h1><p>You are signed in to Cairn.</p>",
+                    &[session, clear],
+                ),
+            }
+        }
+        Err(refusal) => {
+            let mut page = login_page(auth, &headers, req.as_ref(), "", Some(&refusal.0), StatusCode::FORBIDDEN);
+            if let Ok(v) = HeaderValue::from_str(&clear) {
+                page.headers_mut().append(header::SET_COOKIE, v);
+            }
+            page
+        }
+    }
+}
+
+async fn consent(State(pages): State<Arc<Pages>>, peer: Peer, headers: HeaderMap, body: Bytes) -> Response {
+    let auth = &pages.auth;
     let form = Form::parse(&body);
     let actor = request_actor(&headers, peer.0);
     let req = match auth.authorize_request(&form.authorize_params()) {
@@ -372,7 +567,7 @@ async fn consent(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: Heade
     };
     let session = cookie(&headers, SESSION_COOKIE);
     let Some((cookie_value, user)) = session.and_then(|c| auth.session_user(&c).map(|u| (c, u))) else {
-        return login_page(&auth, &headers, Some(&req), "", Some("Please sign in again."), StatusCode::UNAUTHORIZED);
+        return login_page(auth, &headers, Some(&req), "", Some("Please sign in again."), StatusCode::UNAUTHORIZED);
     };
     if !csrf_ok(&headers, &form) {
         if auth.login_refused(Some(&user.account.username), LoginFailure::CsrfMismatch, &actor).await.is_err() {
@@ -381,7 +576,7 @@ async fn consent(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: Heade
                 "the audit log cannot record this right now; try again shortly",
             );
         }
-        return consent_page(&auth, &headers, &req, &user, Some("The form expired. Please decide again."));
+        return consent_page(auth, &headers, &req, &user, Some("The form expired. Please decide again."));
     }
     let chosen = form.all("scope");
     let decision = match form.one("decision") {
@@ -391,12 +586,13 @@ async fn consent(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: Heade
     match auth.decide(&req, &user, &cookie_value, decision, form.one("patient"), &actor).await {
         Ok(url) => see_other(&url, &[]),
         Err(AuthorizeError::Redirect(url)) => see_other(&url, &[]),
-        Err(AuthorizeError::Page(m)) => consent_page(&auth, &headers, &req, &user, Some(&m)),
+        Err(AuthorizeError::Page(m)) => consent_page(auth, &headers, &req, &user, Some(&m)),
     }
 }
 
-async fn logout_page(State(auth): State<Arc<AuthServer>>, headers: HeaderMap) -> Response {
-    let (csrf, cookies) = csrf_token(&auth, &headers);
+async fn logout_page(State(pages): State<Arc<Pages>>, headers: HeaderMap) -> Response {
+    let auth = &pages.auth;
+    let (csrf, cookies) = csrf_token(auth, &headers);
     let body = format!(
         r#"<h1>Sign out</h1><p class="sub">End your Cairn session in this browser.</p>
 <form method="post" action="/logout"><input type="hidden" name="csrf" value="{}"><button type="submit">Sign out</button></form>"#,
@@ -405,7 +601,8 @@ async fn logout_page(State(auth): State<Arc<AuthServer>>, headers: HeaderMap) ->
     html(StatusCode::OK, "Sign out", &body, &cookies)
 }
 
-async fn logout(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: HeaderMap, body: Bytes) -> Response {
+async fn logout(State(pages): State<Arc<Pages>>, peer: Peer, headers: HeaderMap, body: Bytes) -> Response {
+    let auth = &pages.auth;
     let form = Form::parse(&body);
     if !csrf_ok(&headers, &form) {
         return error_page(StatusCode::FORBIDDEN, "the sign-out form expired; open the sign-out page again");
@@ -418,11 +615,12 @@ async fn logout(State(auth): State<Arc<AuthServer>>, peer: Peer, headers: Header
             "the audit log cannot record this right now; try again shortly",
         );
     }
-    let clear = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}", secure(&auth));
+    let clear = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}", secure(auth));
     html(StatusCode::OK, "Signed out", "<h1>Signed out</h1><p>You are signed out of Cairn.</p>", &[clear])
 }
 
-async fn smart_style(State(auth): State<Arc<AuthServer>>) -> Response {
+async fn smart_style(State(pages): State<Arc<Pages>>) -> Response {
+    let auth = &pages.auth;
     let mut r = axum::Json(auth.smart_style()).into_response();
     r.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
     r

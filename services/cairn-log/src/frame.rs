@@ -35,7 +35,7 @@ impl RecordRef<'_> {
         RECORD_FIXED + self.topic.len() + self.key.len() + self.value.len()
     }
 
-    pub fn to_record(&self) -> crate::Record {
+    pub fn to_record(self) -> crate::Record {
         crate::Record {
             topic: self.topic.to_owned(),
             partition: self.partition,

@@ -83,10 +83,7 @@ impl Progress {
     pub async fn wait_for(&self, targets: &[u64], timeout: Duration) -> bool {
         let mut rx = self.rx.clone();
         let reached = |v: &Vec<u64>| targets.iter().zip(v.iter()).all(|(t, have)| have >= t);
-        match tokio::time::timeout(timeout, rx.wait_for(reached)).await {
-            Ok(Ok(_)) => true,
-            _ => false,
-        }
+        matches!(tokio::time::timeout(timeout, rx.wait_for(reached)).await, Ok(Ok(_)))
     }
 }
 

@@ -53,6 +53,7 @@ pub fn page(hits: &mut [Hit], keys: &[(String, bool)], query: &SearchQuery) -> (
 }
 
 /// Wraps one page of results in a searchset Bundle with self/next/previous links.
+#[allow(clippy::too_many_arguments)] // each is one part of the page the links must reproduce
 pub fn searchset(
     base: &str,
     resource_type: &str,

@@ -299,13 +299,11 @@ impl ResourceStore for EmbeddedStore {
             {
                 let (k, _) = item.map_err(|e| self.err(e))?;
                 let (_, _, _, id) = k.value();
-                match self.current_version(&current, &versions, &format!("{resource_type}/{id}"))? {
-                    Some(v) if !v.deleted => {
-                        if !visit(v) {
-                            return Ok(());
-                        }
-                    }
-                    _ => {}
+                if let Some(v) = self.current_version(&current, &versions, &format!("{resource_type}/{id}"))?
+                    && !v.deleted
+                    && !visit(v)
+                {
+                    return Ok(());
                 }
             }
         }

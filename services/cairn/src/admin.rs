@@ -9,7 +9,7 @@
 use crate::backends;
 use crate::config;
 use crate::datadir::DataDir;
-use crate::{AdminArgs, AdminCommand as Cli, ClientCommand, CommonArgs, UserCommand};
+use crate::{AdminArgs, AdminCommand as Cli, ClientCommand, CommonArgs, IdpCommand, UserCommand};
 use anyhow::{Context, bail};
 use cairn_auth::{AdminCommand, AuthServer, AuthSettings};
 use cairn_events::ClientKind;
@@ -93,6 +93,31 @@ fn to_command(cli: Cli) -> anyhow::Result<(CommonArgs, AdminCommand)> {
         }
         Cli::User(UserCommand::Disable(a)) => (a.common, AdminCommand::UserDisable { username: a.username }),
         Cli::User(UserCommand::List(a)) => (a.common, AdminCommand::UserList),
+        Cli::User(UserCommand::Link(a)) => {
+            (a.common, AdminCommand::UserLink { username: a.username, idp_id: a.idp, subject: a.subject })
+        }
+        Cli::Idp(IdpCommand::Add(a)) => {
+            // Paths as the operator typed them, relative to where they typed them.
+            let absolute = |p: Option<String>| -> anyhow::Result<Option<String>> {
+                p.map(|p| std::path::absolute(&p).map(|a| a.display().to_string()).with_context(|| p.clone()))
+                    .transpose()
+            };
+            let config = cairn_auth::federation::IdpConfig {
+                idp_id: a.id,
+                display_name: a.name,
+                issuer: a.issuer,
+                client_id: a.client_id,
+                client_auth_method: a.client_auth_method,
+                client_secret_file: absolute(a.client_secret_file)?,
+                private_key_file: absolute(a.private_key_file)?,
+                scopes: a.scope,
+                userinfo: a.userinfo,
+                provision_role: a.provision_role,
+            };
+            (a.common, AdminCommand::IdpAdd(config))
+        }
+        Cli::Idp(IdpCommand::Disable(a)) => (a.common, AdminCommand::IdpDisable { idp_id: a.id }),
+        Cli::Idp(IdpCommand::List(a)) => (a.common, AdminCommand::IdpList),
         Cli::Revoke(a) => (a.common, AdminCommand::Revoke { username: a.user, client_id: a.client, jti: a.jti }),
         Cli::Keys(crate::KeysCommand::Rotate(a)) => (a.common, AdminCommand::KeysRotate),
         Cli::RegistrationToken(a) => (a.common, AdminCommand::RegistrationToken { expires_in_secs: a.expires_in_secs }),

@@ -46,6 +46,10 @@ struct FileSettings {
     access_token_lifetime_secs: Option<u64>,
     offline_refresh_lifetime_secs: Option<u64>,
     revocation_lag_bound_ms: Option<u64>,
+    password_login: Option<bool>,
+    /// Upstream OpenID providers (`[[idp]]` tables), recorded in the log at start when they change.
+    #[serde(default)]
+    idp: Vec<cairn_auth::federation::IdpConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +77,11 @@ pub struct Settings {
     pub access_token_lifetime: std::time::Duration,
     pub offline_refresh_lifetime: std::time::Duration,
     pub revocation_lag_bound: std::time::Duration,
+    /// Whether users may sign in with a Cairn password.
+    pub password_login: bool,
+    /// Upstream OpenID providers from the config file (credential paths made absolute, relative to
+    /// the file).
+    pub idps: Vec<cairn_auth::federation::IdpConfig>,
 }
 
 /// What one `cairn serve` process does. Default: everything.
@@ -297,7 +306,23 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
     if !(200..=600_000).contains(&revocation_lag_bound_ms) {
         bail!("--revocation-lag-bound-ms {revocation_lag_bound_ms}: 200 ms to 10 minutes");
     }
+    let password_login = !args.no_password_login && file.password_login.unwrap_or(true);
+    let config_dir = args.common.config.as_deref().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let idps = file
+        .idp
+        .iter()
+        .map(|i| {
+            let near_file = |p: &Option<String>| p.as_ref().map(|p| config_dir.join(p).display().to_string());
+            cairn_auth::federation::IdpConfig {
+                client_secret_file: near_file(&i.client_secret_file),
+                private_key_file: near_file(&i.private_key_file),
+                ..i.clone()
+            }
+        })
+        .collect();
     Ok(Settings {
+        password_login,
+        idps,
         revocation_lag_bound: std::time::Duration::from_millis(revocation_lag_bound_ms),
         access_token_lifetime: std::time::Duration::from_secs(access_token_lifetime_secs),
         offline_refresh_lifetime: std::time::Duration::from_secs(offline_refresh_lifetime_secs),

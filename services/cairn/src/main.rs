@@ -219,6 +219,9 @@ pub enum AdminCommand {
     /// User accounts.
     #[command(subcommand)]
     User(UserCommand),
+    /// Upstream OpenID providers users may sign in through.
+    #[command(subcommand)]
+    Idp(IdpCommand),
     /// Revoke tokens: every token of a user or a client issued until now, or one token by its jti.
     Revoke(RevokeArgs),
     /// Token-signing keys of the running server.
@@ -304,6 +307,8 @@ pub enum UserCommand {
     Add(UserAddArgs),
     /// Disable a user: no sign-in, and their live tokens stop working.
     Disable(UsernameArgs),
+    /// Let an upstream identity (provider and subject) sign in as this user.
+    Link(UserLinkArgs),
     /// List the users.
     List(StoreArgs),
 }
@@ -323,6 +328,77 @@ pub struct UserAddArgs {
     /// A role, e.g. auditor (repeat for several)
     #[arg(long)]
     pub role: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IdpCommand {
+    /// Add an upstream OpenID provider (or change one: the same --id again). Register Cairn at the
+    /// provider first, with the redirect URI {public-url}/login/idp/{id}/callback.
+    Add(IdpAddArgs),
+    /// Disable a provider: its button disappears and its sign-ins are refused (links are kept).
+    Disable(IdpIdArgs),
+    /// List the providers.
+    List(StoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct IdpAddArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Short id used in addresses: lowercase letters, digits, '-'
+    #[arg(long)]
+    pub id: String,
+    /// What the sign-in button says, e.g. "Hospital ID"
+    #[arg(long)]
+    pub name: String,
+    /// The provider's issuer URL (https; http only on loopback)
+    #[arg(long)]
+    pub issuer: String,
+    /// Cairn's client id at the provider
+    #[arg(long)]
+    pub client_id: String,
+    /// How Cairn authenticates at the provider's token endpoint
+    #[arg(long, default_value = "client_secret_basic", value_parser = ["client_secret_basic", "client_secret_post", "private_key_jwt"])]
+    pub client_auth_method: String,
+    /// A file (mode 0600) holding the client secret on one line; it is read, never recorded
+    #[arg(long, value_name = "FILE")]
+    pub client_secret_file: Option<String>,
+    /// A PKCS#8 PEM private key (mode 0600, EC P-256 or RSA) for private_key_jwt
+    #[arg(long, value_name = "FILE")]
+    pub private_key_file: Option<String>,
+    /// A scope to ask for besides openid (repeat for several)
+    #[arg(long)]
+    pub scope: Vec<String>,
+    /// Also call the provider's userinfo endpoint (its subject must match the ID token's)
+    #[arg(long)]
+    pub userinfo: bool,
+    /// Just-in-time provisioning: an unknown upstream identity gets a new user with this role
+    /// (without it, only identities linked with `cairn admin user link` may sign in)
+    #[arg(long)]
+    pub provision_role: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct IdpIdArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[arg(long)]
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct UserLinkArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The Cairn user
+    #[arg(long)]
+    pub username: String,
+    /// The provider's id (cairn admin idp list)
+    #[arg(long)]
+    pub idp: String,
+    /// The user's subject (`sub`) at the provider
+    #[arg(long)]
+    pub subject: String,
 }
 
 #[derive(Args, Debug)]
@@ -499,6 +575,10 @@ pub struct ServeArgs {
     /// tokens with 503 (and /readyz says so), in ms [default: 5000]
     #[arg(long, env = "CAIRN_REVOCATION_LAG_BOUND_MS")]
     pub revocation_lag_bound_ms: Option<u64>,
+    /// Switch off sign-in with a Cairn password: users sign in only through upstream identity
+    /// providers (`[[idp]]` in the config file, `cairn admin idp add`)
+    #[arg(long, env = "CAIRN_NO_PASSWORD_LOGIN")]
+    pub no_password_login: bool,
     /// Seed demo accounts (a patient, a practitioner, an auditor), a demo SMART app and a demo device
     /// client, and print how to use them
     #[arg(long, env = "CAIRN_DEMO")]

@@ -178,6 +178,7 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
             access_token_lifetime: settings.access_token_lifetime,
             offline_refresh_lifetime: settings.offline_refresh_lifetime,
             feed_lag_bound: settings.revocation_lag_bound,
+            password_login: settings.password_login,
             ..cairn_auth::AuthSettings::new(settings.public_url.clone())
         };
         let started = std::time::Instant::now();
@@ -186,6 +187,16 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
             .map_err(|e| anyhow::anyhow!("authorization server: {e}"))?;
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "authorization state rebuilt from the log");
         auth.set_jwks_fetcher(Arc::new(crate::jwks::HttpJwksFetcher::new()?));
+        for idp in &settings.idps {
+            // Recorded in the log (and so audited) the first time, and again only when changed.
+            if auth
+                .register_idp(idp, "config")
+                .await
+                .map_err(|e| anyhow::anyhow!("config file, idp `{}`: {e}", idp.idp_id))?
+            {
+                tracing::info!(idp = %idp.idp_id, "identity provider from the config file recorded");
+            }
+        }
         let service = Arc::new(
             FhirService::new(
                 dyn_log,
