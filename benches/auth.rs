@@ -49,7 +49,6 @@ fn setup() -> (tempfile::TempDir, AuthState, Vec<String>) {
                 patient: None,
                 fhir_user: None,
                 fam: None,
-                authn: None,
             };
             token::sign(&claims, key).unwrap()
         })

@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 const APP_REDIRECT: &str = "http://127.0.0.1:9/callback";
+const APP_SCOPES: &str = "launch/patient openid fhirUser offline_access patient/Observation.rs";
 
 /// The SMART app: a public client asking for the patient's Observations.
 fn register_app(d: &Deployment) {
@@ -30,7 +31,7 @@ fn register_app(d: &Deployment) {
         "--redirect-uri",
         APP_REDIRECT,
         "--scope",
-        "launch/patient openid fhirUser patient/Observation.rs",
+        APP_SCOPES,
     ]);
 }
 
@@ -43,7 +44,7 @@ fn app_request(base: &str) -> (String, String) {
             ("response_type", "code"),
             ("client_id", "diary"),
             ("redirect_uri", APP_REDIRECT),
-            ("scope", "launch/patient openid fhirUser patient/Observation.rs"),
+            ("scope", APP_SCOPES),
             ("state", "app-state-1"),
             ("aud", &format!("{base}/fhir")),
             ("code_challenge", challenge.as_str()),
@@ -73,7 +74,13 @@ impl Browser {
     /// Opens the app's request at Cairn and presses "Sign in with ..." for `idp`; follows every
     /// redirect; the final address, status and page.
     async fn sign_in_with(&self, base: &str, idp: &str) -> (String, u16, String) {
-        let (url, _) = app_request(base);
+        let (at, status, page, _) = self.sign_in_for_app(base, idp).await;
+        (at, status, page)
+    }
+
+    /// [`Browser::sign_in_with`], also giving the app's PKCE verifier.
+    async fn sign_in_for_app(&self, base: &str, idp: &str) -> (String, u16, String, String) {
+        let (url, verifier) = app_request(base);
         let page = self.follow.get(&url).send().await.unwrap().text().await.unwrap();
         assert!(page.contains(&format!("action=\"/login/idp/{idp}\"")), "no button for {idp}: {page}");
         let resp = self
@@ -85,16 +92,45 @@ impl Browser {
             .unwrap();
         let at = resp.url().to_string();
         let status = resp.status().as_u16();
-        (at, status, resp.text().await.unwrap())
+        (at, status, resp.text().await.unwrap(), verifier)
+    }
+
+    /// Allows everything on the consent page (for `patient` when the user is not one) and
+    /// exchanges the code; the token response.
+    async fn consent_and_exchange(&self, base: &str, consent: &str, verifier: &str, patient: &str) -> Value {
+        let mut form: Vec<(String, String)> = vec![
+            ("csrf".into(), hidden(consent, "csrf")),
+            ("authorize".into(), hidden(consent, "authorize")),
+            ("decision".into(), "approve".into()),
+            ("patient".into(), patient.into()),
+        ];
+        for s in APP_SCOPES.split(' ') {
+            form.push(("scope".into(), s.into()));
+        }
+        let resp = self.step.post(format!("{base}/consent")).form(&form).send().await.unwrap();
+        let back = super::auth::location(&resp);
+        assert!(back.starts_with(APP_REDIRECT), "{back}");
+        let code = super::auth::url_param(&back, "code").unwrap();
+        let exchange = [
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", APP_REDIRECT),
+            ("client_id", "diary"),
+            ("code_verifier", verifier),
+        ];
+        let resp = self.step.post(format!("{base}/token")).form(&exchange).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
     }
 }
 
-/// Every AuditEvent, read through the API by an auditor client.
+/// Every AuditEvent, newest first, read through the API by an auditor client.
 async fn audit_trail(http: &Http, auditor: &(String, String)) -> Vec<Value> {
     let grant = [("grant_type", "client_credentials"), ("scope", "system/AuditEvent.rs")];
     let (_, _, t) = http.form("/token", &grant, Some((&auditor.0, &auditor.1))).await;
     let token = t["access_token"].as_str().expect("an auditor token").to_owned();
-    let (status, _, bundle) = http.fhir(reqwest::Method::GET, "/AuditEvent?_count=1000", Some(&token), None).await;
+    let (status, _, bundle) =
+        http.fhir(reqwest::Method::GET, "/AuditEvent?_count=1000&_sort=-date", Some(&token), None).await;
     assert_eq!(status, 200, "{bundle}");
     bundle["entry"].as_array().into_iter().flatten().map(|e| e["resource"].clone()).collect()
 }
@@ -236,7 +272,7 @@ fn forged_and_broken_id_tokens_are_refused_and_recorded() {
             (Misbehaviour::WrongIssuer, "another issuer"),
             (Misbehaviour::ForeignKey, "signature does not verify"),
             (Misbehaviour::UnknownKid, "key the provider does not publish"),
-            (Misbehaviour::AlgNone, "not"),
+            (Misbehaviour::AlgNone, "is not signed"),
             (Misbehaviour::Hs256WithPublicKey, "HS256"),
         ];
         for (i, (m, why)) in cases.into_iter().enumerate() {
@@ -248,13 +284,17 @@ fn forged_and_broken_id_tokens_are_refused_and_recorded() {
             assert!(page.contains("could not be verified") && page.contains("Sign in"), "{label}: {page}");
             let trail = audit_trail(&http, &auditor).await;
             let refused = refused_logins(&trail);
-            let last = refused.iter().filter(|r| r.contains("invalid_id_token")).count();
-            assert_eq!(last, i + 1, "{label}: {refused:?}");
+            assert_eq!(
+                refused.iter().filter(|r| r.contains("invalid_id_token")).count(),
+                i + 1,
+                "{label}: {refused:?}"
+            );
+            let newest = &refused[0];
             assert!(
-                refused.iter().any(|r| r.contains("invalid_id_token")
-                    && r.contains("(identity provider mock)")
-                    && r.contains(why)),
-                "{label}: no record saying `{why}`: {refused:?}"
+                newest.contains("invalid_id_token")
+                    && newest.contains("(identity provider mock)")
+                    && newest.contains(why),
+                "{label}: the newest refusal does not say `{why}`: {newest}"
             );
         }
 
@@ -307,8 +347,54 @@ fn forged_and_broken_id_tokens_are_refused_and_recorded() {
         assert!(refused.iter().any(|r| r.contains("state_mismatch") && r.contains("another browser")), "{refused:?}");
         assert!(refused.iter().any(|r| r.contains("state_mismatch") && r.contains("already used")), "{refused:?}");
 
-        // A provider nobody can reach.
+        // An answer naming another issuer (RFC 9207 mix-up): refused.
+        let browser = Browser::new();
+        let (url, _) = app_request(&base);
+        let page = browser.follow.get(&url).send().await.unwrap().text().await.unwrap();
+        let resp = browser
+            .step
+            .post(format!("{base}/login/idp/mock"))
+            .form(&[("csrf", hidden(&page, "csrf")), ("authorize", hidden(&page, "authorize"))])
+            .send()
+            .await
+            .unwrap();
+        let back = browser.step.get(super::auth::location(&resp)).send().await.unwrap();
+        let mut callback = reqwest::Url::parse(&super::auth::location(&back)).unwrap();
+        let pairs: Vec<(String, String)> = callback
+            .query_pairs()
+            .map(|(k, v)| {
+                if k == "iss" {
+                    (k.into_owned(), "http://evil.example".into())
+                } else {
+                    (k.into_owned(), v.into_owned())
+                }
+            })
+            .collect();
+        callback.query_pairs_mut().clear().extend_pairs(pairs);
+        let resp = browser.follow.get(callback).send().await.unwrap();
+        assert_eq!(resp.status(), 401);
+        let refused = refused_logins(&audit_trail(&http, &auditor).await);
+        assert!(refused[0].contains("upstream_rejected") && refused[0].contains("names another issuer"), "{refused:?}");
+
+        // A provider nobody can reach: `idp add` says so (and records it only when told to).
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let gone = format!("http://127.0.0.1:{closed}");
+        let (status, _, err) = d.cairn(&[
+            "admin",
+            "idp",
+            "add",
+            "--id",
+            "gone",
+            "--name",
+            "Gone",
+            "--issuer",
+            &gone,
+            "--client-id",
+            "x",
+            "--client-secret-file",
+            &file,
+        ]);
+        assert!(!status.success() && err.contains("discovery") && err.contains("--no-check"), "{err}");
         d.admin(&[
             "idp",
             "add",
@@ -317,11 +403,12 @@ fn forged_and_broken_id_tokens_are_refused_and_recorded() {
             "--name",
             "Gone",
             "--issuer",
-            &format!("http://127.0.0.1:{closed}"),
+            &gone,
             "--client-id",
             "x",
             "--client-secret-file",
             &file,
+            "--no-check",
         ]);
         let (_, status, page) = Browser::new().sign_in_with(&base, "gone").await;
         assert_eq!(status, 502, "{page}");
@@ -343,7 +430,8 @@ fn forged_and_broken_id_tokens_are_refused_and_recorded() {
         let logins: Vec<&Value> =
             trail.iter().filter(|e| e["subtype"][0]["code"] == "110122" && e["outcome"] == "0").collect();
         assert_eq!(logins.len(), 3, "three successful sign-ins");
-        let agent = upstream_agent(logins[0], &op.issuer()).expect("the login names the upstream identity");
+        let first = logins.last().unwrap();
+        let agent = upstream_agent(first, &op.issuer()).expect("the login names the upstream identity");
         assert_eq!(agent["who"]["identifier"]["value"], "mock-user-1");
         assert_eq!(agent["policy"], json!(["acr:urn:test:loa3", "amr:pwd", "amr:otp"]));
         let config = trail
@@ -351,6 +439,41 @@ fn forged_and_broken_id_tokens_are_refused_and_recorded() {
             .find(|e| e["entity"][0]["what"]["identifier"]["value"] == "mock")
             .expect("the provider's registration is in the trail");
         assert!(config["entity"][0]["description"].as_str().unwrap().contains("provisioning with role patient"));
+
+        // Disabling a provider ends what it vouched for: a sign-in in flight, the session, the
+        // access and refresh tokens.
+        let browser = Browser::new();
+        let (_, status, consent, verifier) = browser.sign_in_for_app(&base, "mock").await;
+        assert_eq!(status, 200, "{consent}");
+        let tokens = browser.consent_and_exchange(&base, &consent, &verifier, "p-1").await;
+        let access = tokens["access_token"].as_str().unwrap().to_owned();
+        let refresh = tokens["refresh_token"].as_str().expect("offline access").to_owned();
+        let (status, _, _) = http.fhir(reqwest::Method::GET, "/Observation?patient=p-1", Some(&access), None).await;
+        assert_eq!(status, 200);
+        let in_flight = Browser::new();
+        let (url, _) = app_request(&base);
+        let page = in_flight.follow.get(&url).send().await.unwrap().text().await.unwrap();
+        let resp = in_flight
+            .step
+            .post(format!("{base}/login/idp/mock"))
+            .form(&[("csrf", hidden(&page, "csrf")), ("authorize", hidden(&page, "authorize"))])
+            .send()
+            .await
+            .unwrap();
+        let back = in_flight.step.get(super::auth::location(&resp)).send().await.unwrap();
+        let callback = super::auth::location(&back);
+        d.admin(&["idp", "disable", "--id", "mock"]);
+        let resp = in_flight.follow.get(&callback).send().await.unwrap();
+        assert_eq!(resp.status(), 404);
+        assert!(resp.text().await.unwrap().contains("not available"));
+        let (status, _, _) = http.fhir(reqwest::Method::GET, "/Observation?patient=p-1", Some(&access), None).await;
+        assert_eq!(status, 401, "an access token from the disabled provider's sign-in");
+        let again = [("grant_type", "refresh_token"), ("refresh_token", refresh.as_str()), ("client_id", "diary")];
+        let (status, _, answer) = http.form("/token", &again, None).await;
+        assert_eq!((status, answer["error"].as_str()), (400, Some("invalid_grant")), "{answer}");
+        let (url, _) = app_request(&base);
+        let page = browser.follow.get(&url).send().await.unwrap().text().await.unwrap();
+        assert!(page.contains("<h1>Sign in</h1>") && !page.contains("/login/idp/mock"), "the session ended: {page}");
     });
     let (_, log) = server.terminate();
     assert!(!log.contains(secret), "the upstream client secret is never logged");
@@ -545,7 +668,7 @@ fn an_upstream_identity_signs_in_and_its_accesses_name_it() {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
-        .chain(["openid", "launch/patient", "fhirUser", "patient/Observation.rs"].map(|s| ("scope".into(), s.into())))
+        .chain(APP_SCOPES.split(' ').map(|s| ("scope".into(), s.into())))
         .collect();
         let resp = browser.step.post(format!("{base}/consent")).form(&form).send().await.unwrap();
         let back = super::auth::location(&resp);
@@ -564,6 +687,15 @@ fn an_upstream_identity_signs_in_and_its_accesses_name_it() {
         assert_eq!(tokens["patient"], "p-1");
         let (status, _, _) =
             http.fhir(reqwest::Method::GET, &format!("/Observation/{reading_id}"), Some(access), None).await;
+        assert_eq!(status, 200);
+        // A refreshed token still names who vouched for her.
+        let refresh = tokens["refresh_token"].as_str().expect("offline access granted");
+        let again = [("grant_type", "refresh_token"), ("refresh_token", refresh), ("client_id", "diary")];
+        let (status, _, refreshed) = http.form("/token", &again, None).await;
+        assert_eq!(status, 200, "{refreshed}");
+        let (status, _, _) = http
+            .fhir(reqwest::Method::GET, &format!("/Observation/{reading_id}"), refreshed["access_token"].as_str(), None)
+            .await;
         assert_eq!(status, 200);
 
         // The same person through the client that authenticates with a signed assertion (RFC 7523):
@@ -615,11 +747,12 @@ fn an_upstream_identity_signs_in_and_its_accesses_name_it() {
             .find(|e| e["subtype"][0]["code"] == "ITI-71" && e["agent"].to_string().contains("diary"))
             .expect("the token grant is recorded");
         assert!(names_alice(&grant), "{grant}");
-        let read = trail
+        let reads: Vec<&Value> = trail
             .iter()
-            .find(|e| e["subtype"][0]["code"] == "read" && e["entity"].to_string().contains(&reading_id))
-            .expect("the read is recorded");
-        assert!(names_alice(&read), "{read}");
+            .filter(|e| e["subtype"][0]["code"] == "read" && e["entity"].to_string().contains(&reading_id))
+            .collect();
+        assert_eq!(reads.len(), 2, "the read with the first token and with the refreshed one");
+        assert!(reads.iter().all(names_alice), "{reads:?}");
         let refusal = refused_logins(&trail);
         assert!(refusal.iter().any(|r| r.contains("unlinked_identity")), "{refusal:?}");
         let bob = trail
@@ -706,4 +839,11 @@ fn providers_from_the_config_file_and_password_sign_in_switched_off() {
     let (status, _, err) = d.cairn(&["serve", "--config", &config_arg, "--listen", "127.0.0.1:0"]);
     assert!(!status.success());
     assert!(err.contains("idp `mock`") && err.contains("https URL"), "{err}");
+    // Disabled by an admin: the file does not enable it again at the next start.
+    write_config(&op.issuer());
+    let server = d.start(&["--config", &config_arg]);
+    d.admin(&["idp", "disable", "--id", "mock"]);
+    drop(server);
+    let _server = d.start(&["--config", &config_arg]);
+    assert_eq!(d.admin(&["idp", "list"])[0]["disabled"], true);
 }

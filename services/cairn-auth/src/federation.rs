@@ -69,12 +69,13 @@ impl std::fmt::Debug for UpstreamCredential {
 impl UpstreamCredential {
     /// Reads the credential an IdP registration names, and checks it is the one registered (a file
     /// changed since means a reconfiguration that was not recorded: refused, not used silently).
+    /// Blocking: file reads and an Argon2id verification (tens of milliseconds).
     pub fn load(auth: &UpstreamClientAuth) -> Result<UpstreamCredential, AuthError> {
         match auth {
-            UpstreamClientAuth::ClientSecretBasic { secret_file, secret_sha256 }
-            | UpstreamClientAuth::ClientSecretPost { secret_file, secret_sha256 } => {
+            UpstreamClientAuth::ClientSecretBasic { secret_file, secret_hash }
+            | UpstreamClientAuth::ClientSecretPost { secret_file, secret_hash } => {
                 let secret = read_secret(secret_file)?;
-                if sha256_hex(secret.as_bytes()) != *secret_sha256 {
+                if !crate::password::verify(&secret, secret_hash) {
                     return Err(AuthError::Invalid(format!(
                         "the client secret in {secret_file} changed since the provider was registered; register it again (cairn admin idp add)"
                     )));
@@ -123,14 +124,21 @@ fn valid_idp_id(id: &str) -> bool {
 
 /// Only `https` issuers, except on loopback (development and tests).
 fn valid_issuer(issuer: &str) -> bool {
-    let Some(rest) = issuer.strip_prefix("https://").or_else(|| issuer.strip_prefix("http://")) else {
+    secure_url(issuer) && !issuer.contains(['?', '#'])
+}
+
+/// An address Cairn may send a provider's secrets and codes to, or take its keys from: `https`, or
+/// `http` on loopback (development and tests).
+pub fn secure_url(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")) else {
         return false;
     };
     let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
     let hostname = host.rsplit_once(':').map_or(host, |(h, port)| if port.parse::<u16>().is_ok() { h } else { host });
     !hostname.is_empty()
-        && !issuer.contains(['?', '#', ' '])
-        && (issuer.starts_with("https://") || matches!(hostname, "127.0.0.1" | "localhost" | "[::1]"))
+        && !hostname.contains('@')
+        && !url.contains([' ', '\n', '\r'])
+        && (url.starts_with("https://") || matches!(hostname, "127.0.0.1" | "localhost" | "[::1]"))
 }
 
 impl IdpConfig {
@@ -143,7 +151,9 @@ impl IdpConfig {
         if self.display_name.trim().is_empty() || self.display_name.len() > 80 {
             return bad("display name: 1-80 characters".into());
         }
-        let issuer = self.issuer.trim_end_matches('/').to_owned();
+        // Exactly as the provider states it (a trailing '/' included): OpenID Connect compares
+        // issuers as strings.
+        let issuer = self.issuer.clone();
         if !valid_issuer(&issuer) {
             return bad(format!(
                 "issuer `{}`: an https URL (http only on loopback), without query or fragment",
@@ -156,11 +166,11 @@ impl IdpConfig {
         let client_auth = match (self.client_auth_method.as_str(), &self.client_secret_file, &self.private_key_file) {
             ("client_secret_basic" | "client_secret_post", Some(file), None) => {
                 let absolute = absolute(file)?;
-                let secret_sha256 = sha256_hex(read_secret(&absolute)?.as_bytes());
+                let secret_hash = crate::password::hash(&read_secret(&absolute)?)?;
                 if self.client_auth_method == "client_secret_basic" {
-                    UpstreamClientAuth::ClientSecretBasic { secret_file: absolute, secret_sha256 }
+                    UpstreamClientAuth::ClientSecretBasic { secret_file: absolute, secret_hash }
                 } else {
-                    UpstreamClientAuth::ClientSecretPost { secret_file: absolute, secret_sha256 }
+                    UpstreamClientAuth::ClientSecretPost { secret_file: absolute, secret_hash }
                 }
             }
             ("private_key_jwt", None, Some(file)) => {
@@ -209,9 +219,41 @@ impl IdpConfig {
     }
 }
 
+/// Whether `new` (just made from `config`) says what `recorded` says: everything equal but the
+/// secret's hash, which is salted, so the secret in the file is checked against the recorded one.
+fn same_registration(recorded: &IdpRegistered, new: &IdpRegistered, config: &IdpConfig) -> bool {
+    let secret_matches = |recorded_hash: &str| {
+        config
+            .client_secret_file
+            .as_deref()
+            .and_then(|f| read_secret(&absolute(f).ok()?).ok())
+            .is_some_and(|s| crate::password::verify(&s, recorded_hash))
+    };
+    let auth_same = match (&recorded.client_auth, &new.client_auth) {
+        (
+            UpstreamClientAuth::ClientSecretBasic { secret_file: a, secret_hash },
+            UpstreamClientAuth::ClientSecretBasic { secret_file: b, .. },
+        )
+        | (
+            UpstreamClientAuth::ClientSecretPost { secret_file: a, secret_hash },
+            UpstreamClientAuth::ClientSecretPost { secret_file: b, .. },
+        ) => a == b && secret_matches(secret_hash),
+        (a, b) => a == b,
+    };
+    auth_same
+        && IdpRegistered {
+            client_auth: new.client_auth.clone(),
+            registered_by: new.registered_by.clone(),
+            ..recorded.clone()
+        } == *new
+}
+
 fn absolute(file: &str) -> Result<String, AuthError> {
     std::path::absolute(file).map(|p| p.display().to_string()).map_err(|e| AuthError::Invalid(format!("{file}: {e}")))
 }
+
+/// The UUIDv5 namespace of users provisioned from upstream identities.
+const PROVISIONED_USERS: uuid::Uuid = uuid::Uuid::from_u128(0x6c1f_4f7e_2d8a_4b8e_9a51_1e0c_c3a7_0f42);
 
 /// Why a federated sign-in failed, as recorded and as shown.
 #[derive(Debug, Clone)]
@@ -236,17 +278,29 @@ impl AuthServer {
         self.read_state(|s| s.idp(idp_id).filter(|i| !i.disabled).cloned())
     }
 
-    /// Records an IdP configuration unless the log already holds exactly this one (so the TOML
-    /// file's providers are recorded once, and again only when they change). Returns whether it
-    /// appended.
+    /// Records an IdP configuration unless the log already holds this one (so the TOML file's
+    /// providers are recorded once, and again only when they change). A provider an admin disabled
+    /// stays disabled whatever the file says (only `cairn admin idp add` enables it again). Returns
+    /// whether it appended.
     pub async fn register_idp(&self, config: &IdpConfig, registered_by: &str) -> Result<bool, AuthError> {
-        let registration = config.to_registration(registered_by)?;
-        let unchanged = self.read_state(|s| {
-            s.idp(&registration.idp_id).is_some_and(|i| {
-                !i.disabled
-                    && IdpRegistered { registered_by: registered_by.into(), ..i.registration.clone() } == registration
-            })
-        });
+        let current = self.read_state(|s| s.idp(&config.idp_id).cloned());
+        let disabled_by_admin = registered_by == "config" && current.as_ref().is_some_and(|i| i.disabled);
+        let config = config.clone();
+        let registered_by = registered_by.to_owned();
+        // Reading files and Argon2id: off the async workers.
+        let (registration, unchanged) = tokio::task::spawn_blocking(move || {
+            let registration = config.to_registration(&registered_by)?;
+            let unchanged =
+                current.is_some_and(|i| !i.disabled && same_registration(&i.registration, &registration, &config));
+            Ok::<_, AuthError>((registration, unchanged))
+        })
+        .await
+        .map_err(|e| AuthError::Internal(e.to_string()))??;
+        if disabled_by_admin {
+            // Checked all the same, so a mistake in the file still shows.
+            tracing::warn!(idp = %registration.idp_id, "identity provider disabled in the log: the config file does not enable it again");
+            return Ok(false);
+        }
         if unchanged {
             return Ok(false);
         }
@@ -408,10 +462,12 @@ impl AuthServer {
         role: &str,
         actor: &Actor,
     ) -> Result<String, AuthError> {
-        let user_id = uuid::Uuid::new_v4().to_string();
-        // A readable, unique username: the provider and a digest of the subject (subjects can hold
-        // any character, and may be personal data such as an email address).
-        let username = format!("{}-{}", idp.registration.idp_id, &sha256_hex(identity.subject.as_bytes())[..12]);
+        // Both derived from the identity, so two first sign-ins at once (two tabs, two instances)
+        // make the same user, not two accounts with one name. The username is the provider and a
+        // digest of the identity (subjects can hold any character, and may be personal data).
+        let key = cairn_events::identity_key(&identity.issuer, &identity.subject);
+        let user_id = uuid::Uuid::new_v5(&PROVISIONED_USERS, key.as_bytes()).to_string();
+        let username = format!("{}-{}", idp.registration.idp_id, &sha256_hex(key.as_bytes())[..16]);
         let created = UserCreated {
             user_id: user_id.clone(),
             username,

@@ -204,7 +204,7 @@ impl AuthServer {
         if !self.settings.password_login {
             let e = LoginFailed {
                 username: Some(username.chars().take(64).collect()),
-                reason: LoginFailure::UnknownProvider,
+                reason: LoginFailure::PasswordLoginDisabled,
                 authenticator: None,
                 idp: None,
                 detail: Some("password sign-in is switched off".into()),
@@ -218,15 +218,15 @@ impl AuthServer {
             return Err(LoginRefusal(format!("Too many failed sign-ins. Try again in {minutes} minute(s).")));
         }
         let user = self.read_state(|s| s.user_by_name(username).cloned());
-        // A user without a password (one who signs in only upstream) costs the same time as any other.
-        let hash = user
-            .as_ref()
-            .map(|u| u.account.password_hash.clone())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| password::decoy_hash().to_owned());
+        // A user without a password (one who signs in only upstream) and an unknown user cost the
+        // same time as any other, verified against the decoy; but only a real hash can match.
+        let own_hash = user.as_ref().map(|u| u.account.password_hash.clone()).filter(|h| !h.is_empty());
+        let has_password = own_hash.is_some();
+        let hash = own_hash.unwrap_or_else(|| password::decoy_hash().to_owned());
         let given = password_given.to_owned();
         // Argon2 takes tens of milliseconds of CPU: off the async workers.
-        let matches = tokio::task::spawn_blocking(move || password::verify(&given, &hash)).await.unwrap_or(false);
+        let verified = tokio::task::spawn_blocking(move || password::verify(&given, &hash)).await.unwrap_or(false);
+        let matches = has_password && verified;
         let user = match user {
             None => {
                 self.append(refuse(LoginFailure::UnknownUser)).await.map_err(|_| unavailable())?;
@@ -283,6 +283,10 @@ impl AuthServer {
         let lifetime = self.settings.session_lifetime.as_millis() as i64;
         self.read_state(|s| {
             let session = s.session(&id).filter(|x| !x.ended && x.started_ms + lifetime > now)?;
+            // A session an upstream provider vouched for ends when that provider is disabled.
+            if session.authenticator.as_ref().is_some_and(|a| !s.upstream_trusted(a)) {
+                return None;
+            }
             s.user(&session.user_id).filter(|u| !u.disabled).cloned()
         })
     }
@@ -565,6 +569,9 @@ impl AuthServer {
         let context = self
             .read_state(|s| s.family(family).cloned())
             .ok_or_else(|| OAuthError::invalid_grant("the grant behind this token is unknown"))?;
+        if context.authenticator.as_ref().is_some_and(|a| !self.read_state(|s| s.upstream_trusted(a))) {
+            return Err(OAuthError::invalid_grant("the identity provider the user signed in with is disabled"));
+        }
         let fhir_user = context.fhir_user.clone().filter(|_| scopes.contains(&Scope::FhirUser));
         let lifetime = self.settings.access_token_lifetime.as_secs() as i64;
         let patient = context.patient.clone().filter(|_| {
@@ -581,7 +588,6 @@ impl AuthServer {
             patient: patient.clone(),
             fhir_user: fhir_user.clone(),
             family: Some(family.to_owned()),
-            authenticator: context.authenticator.clone(),
         })?;
         // The grant's events name who vouched for the user, like the accesses made with it.
         let actor = &Actor { authenticator: context.authenticator.clone(), ..actor.clone() };
@@ -652,6 +658,13 @@ impl AuthServer {
         }
         self.append_all_and_apply(events).await?;
         Ok(answer)
+    }
+
+    /// Who vouched for the user behind a token of `family` (an upstream provider's identity), for
+    /// the audit trail. A family this instance has not seen yet (issued a moment ago elsewhere)
+    /// is looked for again after catching up with the log.
+    pub async fn family_authenticator(&self, family: &str) -> Option<cairn_events::Authenticator> {
+        self.find_or_catch_up(|s| s.family(family).cloned()).await.ok().flatten().and_then(|f| f.authenticator)
     }
 
     // ---------------------------------------------------------------- userinfo

@@ -26,7 +26,9 @@ pub fn verify(password: &str, phc: &str) -> bool {
 /// as known ones (no username probing by timing).
 pub fn decoy_hash() -> &'static str {
     static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DECOY.get_or_init(|| hash("decoy password, never matches").expect("hashing works"))
+    // Random per process: never a password anyone could know (it must not match, and callers also
+    // refuse when the decoy was used).
+    DECOY.get_or_init(|| hash(&crate::random_token(32)).expect("hashing works"))
 }
 
 #[cfg(test)]

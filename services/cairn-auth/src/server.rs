@@ -171,7 +171,6 @@ pub(crate) struct Grant<'a> {
     pub patient: Option<String>,
     pub fhir_user: Option<String>,
     pub family: Option<String>,
-    pub authenticator: Option<cairn_events::Authenticator>,
 }
 
 impl AuthServer {
@@ -397,7 +396,6 @@ impl AuthServer {
             patient: None,
             fhir_user: None,
             family: None,
-            authenticator: None,
         })?;
         self.append(
             Event::new(Payload::from(issued))
@@ -436,7 +434,6 @@ impl AuthServer {
             patient: g.patient.clone(),
             fhir_user: g.fhir_user.clone(),
             fam: g.family.clone(),
-            authn: g.authenticator.clone(),
         };
         let token = token::sign(&claims, &key)?;
         let issued = TokenIssued {
@@ -755,11 +752,7 @@ impl AuthServer {
             })),
             AdminCommand::IdpAdd(config) => {
                 let appended = self.register_idp(&config, "admin").await?;
-                let mut out = json!({
-                    "idp_id": config.idp_id,
-                    "changed": appended,
-                    "redirect_uri": format!("{}/login/idp/{}/callback", self.settings.issuer, config.idp_id),
-                });
+                                let mut out = json!({"idp_id": config.idp_id, "changed": appended});
                 if let Some(file) = &config.private_key_file {
                     // What to register at the provider for private_key_jwt.
                     out["public_jwk"] = crate::keys::load_assertion_key(std::path::Path::new(file))?.public_jwk;

@@ -183,6 +183,12 @@ impl AuthState {
                 }
             }
             Payload::UserCreated(u) => {
+                // The first account of a name and of an id counts: a second creation (two
+                // instances racing, a provisioning repeated) changes nothing, so every instance
+                // and every replay agrees on who a username is.
+                if self.users.contains_key(&u.user_id) || self.user_ids_by_name.contains_key(&u.username) {
+                    return;
+                }
                 self.user_ids_by_name.insert(u.username.clone(), u.user_id.clone());
                 self.users.insert(u.user_id.clone(), User { account: u.clone(), disabled: false });
             }
@@ -374,6 +380,12 @@ impl AuthState {
             || r.subjects.get(&claims.sub).is_some_and(|t| claims.iat < *t)
             || r.clients.get(&claims.client_id).is_some_and(|t| claims.iat < *t)
             || r.kids.contains(kid)
+            || claims
+                .fam
+                .as_ref()
+                .and_then(|f| self.families.get(f))
+                .and_then(|f| f.authenticator.as_ref())
+                .is_some_and(|a| !self.upstream_trusted(a))
     }
 
     /// Whether an initial access token (by hash) may register a client at `now_ms`.
@@ -445,6 +457,12 @@ impl AuthState {
 
     pub fn idps(&self) -> impl Iterator<Item = &Idp> {
         self.idps.values()
+    }
+
+    /// Whether an upstream identity still counts: some enabled provider has its issuer. Sessions,
+    /// refresh-token families and access tokens that came from a disabled provider stop working.
+    pub fn upstream_trusted(&self, authenticator: &Authenticator) -> bool {
+        self.idps.values().any(|i| !i.disabled && i.registration.issuer == authenticator.issuer)
     }
 
     /// The user an upstream identity signs in as.

@@ -1085,14 +1085,19 @@ async fn an_upstream_identity_signs_in_only_as_the_user_it_is_linked_to() {
     // Another issuer with the same subject is another identity.
     let elsewhere = cairn_events::Authenticator { issuer: "https://other.example".into(), ..upstream("u-1") };
     assert!(f.auth.federated_login("hospital", elsewhere, &actor).await.is_err());
-    // A disabled user stays out, whoever vouches.
-    f.auth.admin(AdminCommand::UserDisable { username: "alice".into() }).await.unwrap();
-    assert!(f.auth.federated_login("hospital", upstream("u-1"), &actor).await.is_err());
-    // A disabled provider signs nobody in.
+    // A disabled provider signs nobody in, and ends the sessions it vouched for; a restart that
+    // reads the provider from the config file again does not enable it.
+    assert!(f.auth.session_user(&signed_in.cookie).is_some());
     f.auth.admin(AdminCommand::IdpDisable { idp_id: "hospital".into() }).await.unwrap();
     assert!(f.auth.enabled_idp("hospital").is_none());
-    // The user without a password cannot use the password form either.
-    assert!(f.auth.login("bob", "", &actor).await.is_err());
+    assert!(f.auth.session_user(&signed_in.cookie).is_none(), "the provider's sessions end with it");
+    assert!(f.auth.federated_login("hospital", upstream("u-1"), &actor).await.is_err());
+    assert!(!f.auth.register_idp(&idp_config(secrets.path(), "hospital", None), "config").await.unwrap());
+    assert!(f.auth.enabled_idp("hospital").is_none(), "the config file does not undo an admin's disable");
+    // An admin enables it again; a disabled user stays out, whoever vouches.
+    assert!(f.auth.register_idp(&idp_config(secrets.path(), "hospital", None), "admin").await.unwrap());
+    f.auth.admin(AdminCommand::UserDisable { username: "alice".into() }).await.unwrap();
+    assert!(f.auth.federated_login("hospital", upstream("u-1"), &actor).await.is_err());
 }
 
 #[tokio::test]
@@ -1110,6 +1115,11 @@ async fn concurrent_first_sign_ins_provision_one_linked_user() {
     let user = f.auth.read_state(|s| s.user(&a.user_id).cloned()).unwrap();
     assert_eq!(user.account.roles, vec!["patient".to_owned()]);
     assert!(user.account.password_hash.is_empty());
+    assert_eq!(f.auth.read_state(|s| s.users().count()), 1, "one account, not two with one name");
+    // No password opens an account that has none (not the empty one, not the old fixed decoy).
+    for guess in ["", "decoy password, never matches", "a long password"] {
+        assert!(f.auth.login(&user.account.username, guess, &actor).await.is_err(), "{guess:?}");
+    }
     // A changed secret file is noticed, not used silently.
     std::fs::write(secrets.path().join("citizen.secret"), "another secret\n").unwrap();
     let idp = f.auth.enabled_idp("citizen").unwrap();

@@ -40,10 +40,6 @@ pub struct AccessClaims {
     /// The refresh-token family the token came from, for family revocation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fam: Option<String>,
-    /// The upstream OpenID provider (issuer, subject, acr, amr) that vouched for the user's sign-in,
-    /// so that every access made with the token is audited with it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub authn: Option<cairn_events::Authenticator>,
 }
 
 /// Signs `claims` as an RFC 9068 access token.

@@ -211,6 +211,8 @@ pub enum LoginFailure {
     InvalidIdToken,
     /// The upstream provider is disabled or not configured.
     UnknownProvider,
+    /// Sign-in with a Cairn password is switched off on this server.
+    PasswordLoginDisabled,
 }
 
 /// `auth.login.failed`. The attempted password is never recorded.
@@ -610,17 +612,18 @@ pub struct RequestRefused {
 
 /// How Cairn authenticates to an upstream provider's token endpoint. The secret or private key
 /// itself stays in a file on each server (never in the log); the event records where, and a
-/// fingerprint so a changed file is noticed.
+/// fingerprint so a changed file is noticed: for a secret an Argon2id hash (PHC string; a secret
+/// chosen at a provider may be guessable, so no fast hash), for a key its public thumbprint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
 pub enum UpstreamClientAuth {
     ClientSecretBasic {
         secret_file: String,
-        secret_sha256: String,
+        secret_hash: String,
     },
     ClientSecretPost {
         secret_file: String,
-        secret_sha256: String,
+        secret_hash: String,
     },
     /// A signed JWT assertion (RFC 7523) with a private key in PEM; `kid` is the RFC 7638 thumbprint
     /// of its public key, as registered at the provider.
@@ -843,7 +846,7 @@ pub fn sample_event(t: EventType) -> Event {
             client_id: "cairn-prod".into(),
             client_auth: UpstreamClientAuth::ClientSecretBasic {
                 secret_file: "/etc/cairn/idp-hospital.secret".into(),
-                secret_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+                secret_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$3m9sR7c8gGmV3wqJ3Yw2Jm1bT7yq8w1c9n0pW5uQ2xk".into(),
             },
             scopes: vec!["openid".into(), "profile".into()],
             use_userinfo: true,

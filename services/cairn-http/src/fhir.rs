@@ -163,7 +163,9 @@ async fn context(
     actor.client_id = Some(claims.client_id.clone());
     actor.jti = Some(claims.jti.clone());
     actor.fhir_user = claims.fhir_user.clone();
-    actor.authenticator = claims.authn.clone();
+    if let Some(family) = &claims.fam {
+        actor.authenticator = auth.family_authenticator(family).await;
+    }
     let access = Access::Smart { scopes: token.scopes.clone(), patient: claims.patient.clone() };
     Ok(RequestContext { actor, request_id, access, provenance: None })
 }

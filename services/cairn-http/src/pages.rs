@@ -20,6 +20,8 @@ use subtle::ConstantTimeEq;
 
 const SESSION_COOKIE: &str = "cairn_session";
 const CSRF_COOKIE: &str = "cairn_csrf";
+/// The longest app request carried through a sign-in at an upstream provider.
+const MAX_CARRIED_REQUEST_BYTES: usize = 4096;
 /// Binds a sign-in at an upstream provider to the browser that started it.
 const FEDERATION_COOKIE: &str = "cairn_fed";
 
@@ -466,13 +468,29 @@ async fn login_upstream(
         let again = "Your sign-in form expired. Please try again.";
         return login_page(auth, &headers, req.as_ref(), "", Some(again), StatusCode::FORBIDDEN);
     }
+    // Only the validated app request travels with the sign-in, and only a sane amount of it: the
+    // sign-in in progress is kept in this process's memory.
+    let carried = req.as_ref().map(|r| r.params.clone()).unwrap_or_default();
+    if encode_params(&carried).len() > MAX_CARRIED_REQUEST_BYTES {
+        return error_page(StatusCode::BAD_REQUEST, "the app's authorization request is too long");
+    }
     let started = match auth.enabled_idp(&idp_id) {
-        Some(idp) => pages.federation.begin(&idp.registration, params).await,
-        None => Err(cairn_auth::federation::FederatedFailure {
+        Some(idp) => pages.federation.begin(&idp.registration, carried, actor.source_address.as_deref()).await,
+        None => Err(cairn_federation::NotStarted::Failed(cairn_auth::federation::FederatedFailure {
             reason: LoginFailure::UnknownProvider,
             detail: "the provider is disabled or not configured".into(),
             authenticator: None,
-        }),
+        })),
+    };
+    let started = match started {
+        Err(cairn_federation::NotStarted::Busy) => {
+            return error_page(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many sign-ins are in progress from your address; finish one or try again in a few minutes",
+            );
+        }
+        Err(cairn_federation::NotStarted::Failed(f)) => Err(f),
+        Ok(s) => Ok(s),
     };
     match started {
         Ok(started) => {

@@ -102,6 +102,16 @@ fn to_command(cli: Cli) -> anyhow::Result<(CommonArgs, AdminCommand)> {
                 p.map(|p| std::path::absolute(&p).map(|a| a.display().to_string()).with_context(|| p.clone()))
                     .transpose()
             };
+            if !a.no_check {
+                // A provider that cannot be discovered (wrong issuer, a trailing '/' too many,
+                // plain http) would only fail later, at every user's sign-in.
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                let checked = runtime
+                    .block_on(cairn_federation::Federation::new("http://unused.invalid").check_provider(&a.issuer));
+                if let Err(e) = checked {
+                    bail!("{e} (--no-check records it anyway)");
+                }
+            }
             let config = cairn_auth::federation::IdpConfig {
                 idp_id: a.id,
                 display_name: a.name,

@@ -376,6 +376,9 @@ pub struct IdpAddArgs {
     /// (without it, only identities linked with `cairn admin user link` may sign in)
     #[arg(long)]
     pub provision_role: Option<String>,
+    /// Record the provider without first fetching its discovery document (e.g. while it is down)
+    #[arg(long)]
+    pub no_check: bool,
 }
 
 #[derive(Args, Debug)]
