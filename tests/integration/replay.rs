@@ -143,3 +143,162 @@ fn a_replay_shows_the_past_and_two_replays_are_identical() {
     assert!(err.contains("no record at offset 999999"), "{err}");
     assert!(server.terminate().0.success());
 }
+
+/// `cairn serve --read-only --store-dir R`: the past over FHIR, with the live server's tokens, every
+/// access recorded in the live trail, writes refused, revocations followed.
+#[test]
+fn a_replay_is_served_read_only_and_every_access_is_recorded_live() {
+    let d = Deployment::new(Backend::Embedded);
+    let live = d.start(&[]);
+    let (feeder_id, feeder_secret) = d.register_client("Feeder", "system/Observation.cruds");
+    let (auditor_id, auditor_secret) = d.register_client("Compliance", "system/AuditEvent.rs");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let http = reqwest::Client::new();
+    let token = |base: String, id: String, secret: String, scope: &'static str| {
+        let http = http.clone();
+        async move {
+            let t: Value = http
+                .post(format!("{base}/token"))
+                .basic_auth(id, Some(secret))
+                .form(&[("grant_type", "client_credentials"), ("scope", scope)])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            t["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let live_fhir = format!("{}/fhir", live.base_url);
+    let (feeder, a, cut, b) = rt.block_on(async {
+        let feeder =
+            token(live.base_url.clone(), feeder_id.clone(), feeder_secret.clone(), "system/Observation.cruds").await;
+        let post = |body: Value| {
+            let (http, feeder, live_fhir) = (http.clone(), feeder.clone(), live_fhir.clone());
+            async move {
+                let r = http
+                    .post(format!("{live_fhir}/Observation"))
+                    .bearer_auth(feeder)
+                    .header("content-type", "application/fhir+json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+                r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+            }
+        };
+        let a = post(reading("Patient/v1", 100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let cut = cairn_events::Timestamp::now().to_rfc3339();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut changed = reading("Patient/v1", 200);
+        changed["id"] = json!(a);
+        let r = http
+            .put(format!("{live_fhir}/Observation/{a}"))
+            .bearer_auth(&feeder)
+            .header("content-type", "application/fhir+json")
+            .body(changed.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let b = post(reading("Patient/v1", 120)).await;
+        (feeder, a, cut, b)
+    });
+    let replays = tempfile::tempdir().unwrap();
+    let r = replays.path().join("r");
+    let (status, out, err) = d.cairn(&["replay", "--until", &cut, "--into", r.to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+
+    let view = cairn_tests::Server::start(d.data_dir(), &["--read-only", "--store-dir", r.to_str().unwrap()]);
+    let view_fhir = format!("{}/fhir", view.base_url);
+    rt.block_on(async {
+        let get = |url: String, bearer: Option<String>| {
+            let http = http.clone();
+            async move {
+                let mut req = http.get(url);
+                if let Some(t) = bearer {
+                    req = req.bearer_auth(t);
+                }
+                let resp = req.send().await.unwrap();
+                let status = resp.status().as_u16();
+                (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+            }
+        };
+        // The past, with the live server's token.
+        let (status, body) = get(format!("{view_fhir}/Observation/{a}"), Some(feeder.clone())).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (body["valueQuantity"]["value"].as_u64(), body["meta"]["versionId"].as_str()),
+            (Some(100), Some("1"))
+        );
+        let (status, _) = get(format!("{view_fhir}/Observation/{b}"), Some(feeder.clone())).await;
+        assert_eq!(status, 404, "created after the cut");
+        let (status, bundle) = get(format!("{view_fhir}/Observation?patient=Patient/v1"), Some(feeder.clone())).await;
+        assert_eq!((status, bundle["entry"].as_array().map(Vec::len)), (200, Some(1)), "{bundle}");
+        let (status, history) = get(format!("{view_fhir}/Observation/{a}/_history"), Some(feeder.clone())).await;
+        assert_eq!((status, history["entry"].as_array().map(Vec::len)), (200, Some(1)));
+        // Writes are refused; so is a request without a token.
+        let resp = http
+            .post(format!("{view_fhir}/Observation"))
+            .bearer_auth(&feeder)
+            .header("content-type", "application/fhir+json")
+            .body(reading("Patient/v1", 1).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405);
+        let outcome: Value = resp.json().await.unwrap();
+        assert!(outcome["issue"][0]["diagnostics"].as_str().unwrap().contains("replay until"), "{outcome}");
+        let (status, _) = get(format!("{view_fhir}/Observation/{a}"), None).await;
+        assert_eq!(status, 401);
+        // The statement says what works here: reading only.
+        let (_, cs) = get(format!("{view_fhir}/metadata"), None).await;
+        let interactions = cs["rest"][0]["resource"][0]["interaction"].to_string();
+        assert!(interactions.contains("read") && !interactions.contains("create"), "{interactions}");
+        // No authorization server here: the live one issues tokens.
+        assert_eq!(http.post(format!("{}/token", view.base_url)).send().await.unwrap().status(), 404);
+
+        // Every access is in the live trail, naming the replay.
+        let auditor =
+            token(live.base_url.clone(), auditor_id.clone(), auditor_secret.clone(), "system/AuditEvent.rs").await;
+        let (status, trail) = get(format!("{live_fhir}/AuditEvent?_count=1000"), Some(auditor)).await;
+        assert_eq!(status, 200);
+        let viewed: Vec<&Value> = trail["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| &e["resource"])
+            .filter(|e| e["entity"].to_string().contains("urn:cairn:replay-view"))
+            .collect();
+        let outcomes: Vec<(&str, &str)> = viewed
+            .iter()
+            .map(|e| (e["subtype"][0]["code"].as_str().unwrap_or(""), e["outcome"].as_str().unwrap_or("")))
+            .collect();
+        for expected in [("read", "0"), ("search-type", "0"), ("create", "4"), ("read", "4")] {
+            assert!(outcomes.contains(&expected), "{expected:?} not among {outcomes:?}");
+        }
+        assert!(viewed[0]["entity"].to_string().contains(&format!("replay until {cut}")));
+
+        // A revocation at the live server reaches the view.
+        d.admin(&["revoke", "--client", &feeder_id]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, _) = get(format!("{view_fhir}/Observation/{a}"), Some(feeder.clone())).await;
+            if status == 401 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the view still admits a revoked token");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert!(view.terminate().0.success());
+    assert!(live.terminate().0.success());
+    // Without the live server there is no trail to record in: the view does not start.
+    let (status, _, err) =
+        d.cairn(&["serve", "--read-only", "--store-dir", r.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert!(!status.success());
+    assert!(err.contains("start it first"), "{err}");
+}

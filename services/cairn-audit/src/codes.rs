@@ -115,6 +115,16 @@ pub fn transaction_entity(request_id: &str) -> Value {
     })
 }
 
+/// The replay an access was served from (`cairn serve --read-only`), so the record says the data
+/// shown was the past as rebuilt, not the live record.
+pub fn view_entity(view: &str) -> Value {
+    json!({
+        "what": {"identifier": {"system": "urn:cairn:replay-view", "value": view}},
+        "type": coding(ENTITY_TYPE, "2", "System Object"),
+        "description": format!("served from a {view}"),
+    })
+}
+
 /// A FHIR resource (at a version, when known) as a BALP `entity[data]`.
 pub fn data_entity(reference: String) -> Value {
     json!({

@@ -143,7 +143,7 @@ pub fn write(
 /// read, vread, instance history, including refusals (the resource asked for, without a version).
 pub fn read(event: &Event, r: &AccessRead) -> Vec<(Value, Option<String>)> {
     let mut body = rest(event, &r.interaction, r.status, None);
-    let data = if r.returned.is_empty() {
+    let mut data = if r.returned.is_empty() {
         vec![data_entity(format!("{}/{}", r.resource_type, r.id))]
     } else {
         r.returned
@@ -151,6 +151,7 @@ pub fn read(event: &Event, r: &AccessRead) -> Vec<(Value, Option<String>)> {
             .map(|v| data_entity(format!("{}/{}/_history/{}", v.resource_type, v.id, v.version_id)))
             .collect()
     };
+    data.extend(r.view.as_deref().map(view_entity));
     let patient = event.patient.clone().or_else(|| r.returned.iter().find_map(|v| v.patient.clone()));
     set_entities(&mut body, event, data, patient.as_deref());
     vec![(body, patient)]
@@ -181,9 +182,10 @@ pub fn search(event: &Event, s: &AccessSearch) -> Vec<(Value, Option<String>)> {
                 json!({
                     "type": coding(ENTITY_TYPE, "2", "System Object"),
                     "role": coding(OBJECT_ROLE, "24", "Query"),
-                    "query": query,
+                                        "query": query,
                 }),
             );
+            entities.extend(s.view.as_deref().map(view_entity));
             set_entities(&mut body, event, entities, patient.as_deref());
             (body, patient)
         })
@@ -197,10 +199,11 @@ pub fn refused(event: &Event, r: &RequestRefused) -> Vec<(Value, Option<String>)
     let valid_id = |id: &str| {
         (1..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
     };
-    let data = match (&r.resource_type, &r.id) {
+    let mut data = match (&r.resource_type, &r.id) {
         (Some(t), Some(id)) if valid_id(id) => vec![data_entity(format!("{t}/{id}"))],
         _ => Vec::new(),
     };
+    data.extend(r.view.as_deref().map(view_entity));
     set_entities(&mut body, event, data, event.patient.as_deref());
     vec![(body, event.patient.clone())]
 }

@@ -569,6 +569,10 @@ pub struct AccessRead {
     /// What left the server; empty when the access was refused.
     #[serde(default)]
     pub returned: Vec<VersionedRef>,
+    /// Set when the access was served from a replay of the log (`cairn serve --read-only`): what
+    /// the replay shows, e.g. `replay until 2026-11-28T09:00:00Z`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<String>,
 }
 
 /// `fhir.access.search`: type or system search and type or system history, including refusals.
@@ -587,6 +591,10 @@ pub struct AccessSearch {
     pub returned: Vec<VersionedRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<u64>,
+    /// Set when the access was served from a replay of the log (`cairn serve --read-only`): what
+    /// the replay shows, e.g. `replay until 2026-11-28T09:00:00Z`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<String>,
 }
 
 /// `fhir.request.refused`: a FHIR request refused before or instead of its interaction (a write
@@ -608,6 +616,10 @@ pub struct RequestRefused {
     pub code: String,
     /// Why, in words (the text the client got).
     pub reason: String,
+    /// Set when the access was served from a replay of the log (`cairn serve --read-only`): what
+    /// the replay shows, e.g. `replay until 2026-11-28T09:00:00Z`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<String>,
 }
 
 /// How Cairn authenticates to an upstream provider's token endpoint. The secret or private key
@@ -905,9 +917,10 @@ pub fn sample_event(t: EventType) -> Event {
             returned: vec![VersionedRef {
                 resource_type: "Observation".into(),
                 id: "obs-1".into(),
-                version_id: 2,
+                                version_id: 2,
                 patient: Some("Patient/p-1".into()),
             }],
+            view: Some("replay until 2026-11-28T09:00:00.000Z".into()),
         }
         .into(),
         EventType::FhirAccessSearch => AccessSearch {
@@ -921,7 +934,8 @@ pub fn sample_event(t: EventType) -> Event {
                 version_id: 2,
                 patient: Some("Patient/p-1".into()),
             }],
-            total: Some(1),
+                        total: Some(1),
+            view: None,
         }
         .into(),
         EventType::FhirRequestRefused => RequestRefused {
@@ -930,7 +944,8 @@ pub fn sample_event(t: EventType) -> Event {
             id: Some("obs-1".into()),
             status: 412,
             code: "conflict".into(),
-            reason: "If-Match W/\"1\" does not match the current version 2".into(),
+                        reason: "If-Match W/\"1\" does not match the current version 2".into(),
+            view: None,
         }
         .into(),
     };

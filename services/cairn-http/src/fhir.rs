@@ -26,6 +26,9 @@ pub struct FhirApi {
     pub auth: Option<Arc<cairn_auth::AuthServer>>,
     /// `--insecure-no-auth`: accept requests without a token, as an anonymous actor (local development).
     pub allow_anonymous: bool,
+    /// Whether this process also serves the authorization server's endpoints and pages (a
+    /// read-only view of a replay only verifies the live server's tokens).
+    pub authorization_server: bool,
 }
 
 pub fn routes(api: FhirApi) -> Router {
@@ -290,7 +293,9 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
 
 async fn metadata(State(api): State<FhirApi>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, Outcome> {
     negotiate(&headers, q.as_deref().unwrap_or(""))?;
-    let cs = cairn_service::capability_statement(&api.service.settings().base_url, env!("CARGO_PKG_VERSION"));
+    let settings = api.service.settings();
+    let cs =
+        cairn_service::capability_statement(&settings.base_url, env!("CARGO_PKG_VERSION"), settings.view.as_deref());
     Ok(fhir_json(StatusCode::OK, &cs))
 }
 

@@ -52,7 +52,7 @@ pub fn router(platform: SharedPlatform, fhir: Option<fhir::FhirApi>) -> Router {
         .route("/metrics", get(metrics_text))
         .with_state(platform);
     if let Some(api) = fhir {
-        if let Some(auth) = &api.auth {
+        if let Some(auth) = api.auth.as_ref().filter(|_| api.authorization_server) {
             app = app.merge(oauth::routes(auth.clone())).merge(pages::routes(auth.clone()));
         }
         app = app.merge(fhir::routes(api));

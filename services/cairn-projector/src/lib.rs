@@ -74,6 +74,14 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Progress that is always complete: for a store no projector writes any more (a replay).
+    pub fn complete(partitions: u32) -> Progress {
+        let (tx, rx) = watch::channel(vec![u64::MAX; partitions as usize]);
+        // Kept open for good, so waiting on it never sees a closed channel.
+        std::mem::forget(tx);
+        Progress { rx }
+    }
+
     pub fn snapshot(&self) -> Vec<u64> {
         self.rx.borrow().clone()
     }

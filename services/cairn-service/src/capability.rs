@@ -56,7 +56,26 @@ fn read_only_resource(resource_type: &str) -> Value {
     })
 }
 
-pub fn capability_statement(base_url: &str, software_version: &str) -> Value {
+/// The statement of this server; `view` is set on a read-only view of a replayed store, which
+/// lists only the reading interactions.
+pub fn capability_statement(base_url: &str, software_version: &str, view: Option<&str>) -> Value {
+    let mut cs = full_statement(base_url, software_version);
+    if let Some(view) = view {
+        let rest = &mut cs["rest"][0];
+        for r in rest["resource"].as_array_mut().into_iter().flatten() {
+            let ty = r["type"].as_str().unwrap_or_default().to_owned();
+            *r = read_only_resource(&ty);
+            r["documentation"] = format!("This server shows a {view}: read-only (writes answer 405).").into();
+        }
+        rest["documentation"] = format!(
+            "A read-only view of a {view}, rebuilt from the event log by `cairn replay`. Every access is recorded in the live audit trail. Search result parameters as on the live server."
+        )
+        .into();
+    }
+    cs
+}
+
+fn full_statement(base_url: &str, software_version: &str) -> Value {
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",

@@ -79,6 +79,10 @@ pub struct Settings {
     pub max_resource_bytes: usize,
     /// Largest accepted batch or transaction Bundle.
     pub max_bundle_bytes: usize,
+    /// Set when this service shows a replayed store read-only (`cairn serve --read-only`): what
+    /// the replay shows, e.g. `replay until 2026-11-28T09:00:00Z`. Writes answer 405, reads do not
+    /// wait for a projection (the store is complete as of its cut), and every access event names it.
+    pub view: Option<String>,
 }
 
 /// A resource at one version, as returned to clients.
@@ -256,6 +260,18 @@ impl FhirService {
         self.write_lock([self.shard_of(key)]).await
     }
 
+    /// Writes are refused on a read-only view of a replayed store (405, recorded like any refusal).
+    fn check_writable(&self) -> FhirResult<()> {
+        match &self.settings.view {
+            Some(view) => Err(FhirError::new(
+                405,
+                IssueCode::NotSupported,
+                format!("this server shows a {view} and takes no writes"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// A type clients may write.
     fn check_type(resource_type: &str) -> FhirResult<()> {
         if resource::is_read_only_type(resource_type) {
@@ -318,6 +334,9 @@ impl FhirService {
     /// Waits until the resource projection has applied everything the log held when this was called:
     /// in every partition, or in the one partition of `key`.
     async fn caught_up(&self, key: Option<&str>) -> FhirResult<()> {
+        if self.settings.view.is_some() {
+            return Ok(());
+        }
         if self.reached(topics::FHIR, &self.progress, key).await? {
             Ok(())
         } else {
@@ -331,7 +350,7 @@ impl FhirService {
     /// Like [`Self::caught_up`] for reads of `resource_type`: the audit trail's types wait for the
     /// audit projections to reach the end of every topic they read (as it was when this was called).
     async fn caught_up_for(&self, resource_type: &str, key: Option<&str>) -> FhirResult<()> {
-        if !resource::is_read_only_type(resource_type) {
+        if !resource::is_read_only_type(resource_type) || self.settings.view.is_some() {
             return self.caught_up(key).await;
         }
         for (topic, progress) in &self.audit_progress {
@@ -399,6 +418,7 @@ impl FhirService {
             status,
             code: error.issues.first().map(|i| i.code.as_str().to_owned()).unwrap_or_else(|| "exception".into()),
             reason: error.issues.iter().map(|i| i.diagnostics.as_str()).collect::<Vec<_>>().join("; "),
+            view: None,
         };
         self.append_access(ctx, payload.into(), None).await
     }
@@ -438,6 +458,7 @@ impl FhirService {
         body: &[u8],
         if_none_exist: Option<&str>,
     ) -> FhirResult<WriteOutcome> {
+        self.check_writable()?;
         Self::check_type(resource_type)?;
         let permit = ctx.access.permit(Permission::Create, resource_type)?;
         let mut resource = self.parse_body(resource_type, body)?;
@@ -477,6 +498,7 @@ impl FhirService {
                         status: 200,
                         returned: vec![bundle::version_ref(&existing)],
                         total: Some(1),
+                        view: None,
                     };
                     self.append_access(ctx, payload.into(), existing.patient.clone()).await?;
                     return Ok(WriteOutcome::Existing(existing.into()));
@@ -518,6 +540,7 @@ impl FhirService {
         body: &[u8],
         if_match: Option<&str>,
     ) -> FhirResult<WriteOutcome> {
+        self.check_writable()?;
         Self::check_type(resource_type)?;
         Self::check_id(id)?;
         let permit = ctx.access.permit(Permission::Update, resource_type)?;
@@ -589,6 +612,7 @@ impl FhirService {
     }
 
     async fn delete_unaudited(&self, ctx: &RequestContext, resource_type: &str, id: &str) -> FhirResult<Option<u64>> {
+        self.check_writable()?;
         Self::check_type(resource_type)?;
         Self::check_id(id)?;
         let permit = ctx.access.permit(Permission::Delete, resource_type)?;
@@ -701,6 +725,7 @@ impl FhirService {
             id: id.to_owned(),
             status,
             returned,
+            view: None,
         };
         self.append_access(ctx, payload.into(), patient).await?;
         result.map(Versioned::from)
@@ -709,9 +734,17 @@ impl FhirService {
     async fn append_access(
         &self,
         ctx: &RequestContext,
-        payload: cairn_events::Payload,
+        mut payload: cairn_events::Payload,
         patient: Option<String>,
     ) -> FhirResult<()> {
+        if let Some(view) = &self.settings.view {
+            match &mut payload {
+                cairn_events::Payload::AccessRead(a) => a.view = Some(view.clone()),
+                cairn_events::Payload::AccessSearch(a) => a.view = Some(view.clone()),
+                cairn_events::Payload::RequestRefused(r) => r.view = Some(view.clone()),
+                _ => {}
+            }
+        }
         let mut e = Event::new(payload).with_actor(ctx.actor.clone()).with_request_id(ctx.request_id.clone());
         if let Some(p) = patient {
             e = e.with_patient(p);
@@ -813,6 +846,7 @@ impl FhirService {
             status,
             returned,
             total,
+            view: None,
         };
         self.append_access(ctx, payload.into(), patient).await?;
         result.map(|(bundle, _)| bundle)
@@ -914,6 +948,7 @@ impl FhirService {
                 id: id.to_owned(),
                 status,
                 returned,
+                view: None,
             }
             .into(),
             (t, _) => AccessSearch {
@@ -923,6 +958,7 @@ impl FhirService {
                 status,
                 total: Some(returned.len() as u64),
                 returned,
+                view: None,
             }
             .into(),
         };

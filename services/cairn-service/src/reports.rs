@@ -163,6 +163,7 @@ impl FhirService {
             status,
             total: Some(returned.len() as u64),
             returned,
+            view: None,
         };
         let patient = match kind {
             ReportKind::PatientAccess { patient } => Some(patient.clone()),

@@ -178,6 +178,7 @@ impl FhirService {
     }
 
     async fn bundle_unaudited(&self, ctx: &RequestContext, body: &[u8], kind: &mut &'static str) -> FhirResult<Value> {
+        self.check_writable()?;
         if body.len() > self.settings.max_bundle_bytes {
             return Err(FhirError::new(
                 413,

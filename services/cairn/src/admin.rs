@@ -147,10 +147,16 @@ pub struct AuditReportRequest {
     pub format: String,
 }
 
-/// The two kinds of socket request, told apart by shape: `{"audit_report": {...}}` or an `AdminCommand`.
+/// The kinds of socket request, told apart by shape: `{"audit_report": {...}}`, `{"log": {...}}`
+/// (`crate::remotelog`) or an `AdminCommand`.
 #[derive(serde::Deserialize)]
 struct ReportEnvelope {
     audit_report: AuditReportRequest,
+}
+
+#[derive(serde::Deserialize)]
+struct LogEnvelope {
+    log: crate::remotelog::LogRequest,
 }
 
 /// Sends a request to the running server's admin socket. `None` when no server listens there.
@@ -219,6 +225,7 @@ pub async fn serve_socket(
     path: PathBuf,
     auth: Arc<AuthServer>,
     fhir: Arc<cairn_service::FhirService>,
+    log: Arc<dyn cairn_log::EventLog>,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let dir = path.parent().expect("socket path has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -236,7 +243,7 @@ pub async fn serve_socket(
     Ok(Some(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            let (auth, fhir) = (auth.clone(), fhir.clone());
+            let (auth, fhir, log) = (auth.clone(), fhir.clone(), log.clone());
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
@@ -244,7 +251,12 @@ pub async fn serve_socket(
                 if reader.read_line(&mut line).await.is_err() {
                     return;
                 }
-                let answer = if let Ok(ReportEnvelope { audit_report }) = serde_json::from_str(&line) {
+                let answer = if let Ok(LogEnvelope { log: request }) = serde_json::from_str(&line) {
+                    match crate::remotelog::answer(&log, &auth.settings().issuer, request).await {
+                        Ok(v) => serde_json::json!({"ok": v}),
+                        Err(e) => serde_json::json!({"error": e}),
+                    }
+                } else if let Ok(ReportEnvelope { audit_report }) = serde_json::from_str(&line) {
                     match audit_report_for_admin(&fhir, audit_report).await {
                         Ok(v) => serde_json::json!({"ok": v}),
                         Err(e) => serde_json::json!({"error": e}),

@@ -82,6 +82,9 @@ pub struct Settings {
     /// Upstream OpenID providers from the config file (credential paths made absolute, relative to
     /// the file).
     pub idps: Vec<cairn_auth::federation::IdpConfig>,
+    /// `--read-only --store-dir DIR`: serve a replayed store (`viewer.rs`).
+    pub view_of: Option<PathBuf>,
+    pub token_issuer: Option<String>,
 }
 
 /// What one `cairn serve` process does. Default: everything.
@@ -320,7 +323,14 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<Settings> {
             }
         })
         .collect();
+    if let Some(issuer) = &args.token_issuer
+        && !(issuer.starts_with("http://") || issuer.starts_with("https://"))
+    {
+        bail!("--token-issuer `{issuer}` must start with http:// or https://");
+    }
     Ok(Settings {
+        view_of: args.store_dir.clone().filter(|_| args.read_only),
+        token_issuer: args.token_issuer.clone().map(|i| i.trim_end_matches('/').to_owned()),
         password_login,
         idps,
         revocation_lag_bound: std::time::Duration::from_millis(revocation_lag_bound_ms),

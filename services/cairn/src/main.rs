@@ -12,10 +12,12 @@ mod investigatecmd;
 mod jwks;
 mod keys;
 mod logcmd;
+mod remotelog;
 mod replaycmd;
 mod serve;
 mod storecmd;
 mod telemetry;
+mod viewer;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -578,6 +580,19 @@ pub struct ServeArgs {
     /// tokens with 503 (and /readyz says so), in ms [default: 5000]
     #[arg(long, env = "CAIRN_REVOCATION_LAG_BOUND_MS")]
     pub revocation_lag_bound_ms: Option<u64>,
+    /// Serve the FHIR API read-only over a store made by `cairn replay --into DIR` (give DIR with
+    /// --store-dir): the past as the replay rebuilt it. Writes answer 405; tokens are the live
+    /// server's; every access is recorded in the live audit trail (on the embedded log through the
+    /// running live server of --data-dir)
+    #[arg(long, env = "CAIRN_READ_ONLY", requires = "store_dir")]
+    pub read_only: bool,
+    /// The replay directory to serve with --read-only
+    #[arg(long, env = "CAIRN_STORE_DIR", value_name = "DIR", requires = "read_only")]
+    pub store_dir: Option<PathBuf>,
+    /// With --read-only on Kafka: the live server's token issuer (its public URL); on the embedded log
+    /// it is asked from the live server
+    #[arg(long, env = "CAIRN_TOKEN_ISSUER", value_name = "URL", requires = "read_only")]
+    pub token_issuer: Option<String>,
     /// Switch off sign-in with a Cairn password: users sign in only through upstream identity
     /// providers (`[[idp]]` in the config file, `cairn admin idp add`)
     #[arg(long, env = "CAIRN_NO_PASSWORD_LOGIN")]

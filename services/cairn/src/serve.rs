@@ -120,6 +120,9 @@ impl Platform for RunningPlatform {
 async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> {
     cairn_log::describe_metrics();
     cairn_projector::describe_metrics();
+    if settings.view_of.is_some() {
+        return crate::viewer::serve_view(settings, telemetry).await;
+    }
     let data = DataDir::open_or_create(&settings.data_dir)?;
     // Bind first: with port 0 the public URL (the token issuer and audience) is the bound address.
     let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -207,13 +210,18 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
                     read_wait: settings.read_wait,
                     max_resource_bytes: settings.max_resource_bytes,
                     max_bundle_bytes: settings.max_bundle_bytes,
+                    view: None,
                 },
             )
             .with_audit_progress(audit_progress),
         );
-        admin_task =
-            crate::admin::serve_socket(crate::admin::socket_path(&settings.data_dir), auth.clone(), service.clone())
-                .await?;
+        admin_task = crate::admin::serve_socket(
+            crate::admin::socket_path(&settings.data_dir),
+            auth.clone(),
+            service.clone(),
+            log.clone(),
+        )
+        .await?;
         if settings.demo {
             crate::demo::seed(&settings.data_dir, &settings.public_url, &auth, &service).await?;
         }
@@ -222,7 +230,12 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
             eprintln!("\n{}\n{banner}\n{}\n", "!".repeat(banner.len()), "!".repeat(banner.len()));
             tracing::warn!("{banner}");
         }
-        Some(cairn_http::fhir::FhirApi { service, auth: Some(auth), allow_anonymous: settings.insecure_no_auth })
+        Some(cairn_http::fhir::FhirApi {
+            service,
+            auth: Some(auth),
+            allow_anonymous: settings.insecure_no_auth,
+            authorization_server: true,
+        })
     } else {
         None
     };
@@ -395,7 +408,7 @@ async fn finish_projections(log: &Arc<dyn cairn_log::EventLog>, projections: &[(
 }
 
 /// Registers the SIGTERM and SIGINT handlers now; the returned future completes at the first signal.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
