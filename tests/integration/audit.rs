@@ -762,8 +762,36 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
         let trail_versions: Vec<&Value> = by_auditor.iter().flat_map(|a| a["returned"].as_array().unwrap()).collect();
         assert!(trail_versions.iter().any(|v| v["resource"]["resourceType"] == "AuditEvent"));
         assert!(trail_versions.iter().all(|v| v["resource"].is_object()), "audit records are rendered again");
-        let (status, _, err) = d.cairn(&["investigate", "seen", "--from", "2026-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"]);
+                let (status, _, err) = d.cairn(&["investigate", "seen", "--from", "2026-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"]);
         assert_eq!(status.code(), Some(2), "--user or --client is required: {err}");
+
+        // The same investigations as API operations, for an auditor: the same answers as the CLI's,
+        // each recorded in the trail; a token without AuditEvent access is refused.
+        let in_window = "from=2026-01-01T00:00:00Z&to=2100-01-01T00:00:00Z";
+        let (s, t) = api.call(Method::GET, &format!("/Patient/p1/$timeline?{in_window}"), &au, None, &[]).await;
+        assert_eq!(s, 200, "{t}");
+        let over_api = t["entries"].as_array().unwrap();
+        assert!(over_api.len() >= entries.len() && over_api[..entries.len()] == entries[..], "the CLI's timeline");
+        let (s, o) = api.call(Method::GET, &format!("/$seen?client={}&{in_window}", gateway.0), &au, None, &[]).await;
+        assert_eq!(s, 200, "{o}");
+        assert_eq!(o["accesses"].as_array().unwrap()[..by_gateway.len()], by_gateway[..], "the CLI's answer");
+        let (s, _) = api.call(Method::GET, &format!("/Patient/p1/$timeline?{in_window}"), &gw, None, &[]).await;
+        assert_eq!(s, 403);
+        let (s, o) = api.call(Method::GET, "/Patient/p1/$timeline?from=yesterday&to=2100-01-01T00:00:00Z", &au, None, &[]).await;
+        assert_eq!((s, o["resourceType"].as_str()), (400, Some("OperationOutcome")), "{o}");
+        let (s, _) = api.call(Method::GET, &format!("/$seen?{in_window}"), &au, None, &[]).await;
+        assert_eq!(s, 400, "user or client is required");
+        let operations = api.search_all("/AuditEvent?subtype=operation&_count=200", &au).await;
+        let queries: Vec<String> = operations
+            .iter()
+            .flat_map(|e| e["entity"].as_array().unwrap())
+            .filter_map(|en| en["query"].as_str())
+            .map(|q| String::from_utf8(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, q).unwrap()).unwrap())
+            .collect();
+        assert!(queries.iter().any(|q| q.starts_with("Patient?$timeline")), "{queries:?}");
+        assert!(queries.iter().any(|q| q.starts_with("?$seen&client=")), "{queries:?}");
+        let refused_timeline = operations.iter().any(|e| e["outcome"] != "0" && e["entity"].to_string().contains("Patient/p1"));
+        assert!(refused_timeline, "the refused timeline is recorded against the patient");
 
         // And the whole log, against the same JWKS.
         let (status, out, err) = d.cairn(&["audit", "verify", "--jwks", jwks_file.to_str().unwrap()]);

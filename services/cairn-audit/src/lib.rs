@@ -11,6 +11,7 @@ pub mod csv;
 pub mod export;
 mod provenance;
 mod rest;
+pub mod scan;
 pub mod seen;
 pub mod summary;
 pub mod timeline;

@@ -155,3 +155,34 @@ impl SeenBuilder {
             .collect()
     }
 }
+
+/// RFC 4180, one row per version returned, with a header row (formulas neutralised, `crate::csv`).
+pub fn to_csv(accesses: &[SeenAccess]) -> String {
+    let mut out = crate::csv::line(&[
+        "recorded",
+        "interaction",
+        "request",
+        "status",
+        "client",
+        "request_id",
+        "version",
+        "resource",
+    ]);
+    for a in accesses {
+        for v in &a.returned {
+            let resource = v.resource.as_ref().map(Value::to_string).unwrap_or_default();
+            let status = a.status.to_string();
+            out += &crate::csv::line(&[
+                &a.recorded,
+                &a.interaction,
+                &a.request,
+                &status,
+                &a.client,
+                &a.request_id,
+                &v.reference,
+                &resource,
+            ]);
+        }
+    }
+    out
+}

@@ -125,3 +125,55 @@ impl TimelineBuilder {
         self.entries.into_iter().map(|(_, _, e)| e).collect()
     }
 }
+
+/// The columns of a timeline table (CSV, the HTML page), in order.
+pub const COLUMNS: [&str; 16] = [
+    "recorded",
+    "kind",
+    "interaction",
+    "action",
+    "outcome",
+    "user",
+    "fhir_user",
+    "client",
+    "address",
+    "jti",
+    "patient",
+    "resources",
+    "version_before",
+    "version_after",
+    "request_id",
+    "position",
+];
+
+/// One entry as the table's cells.
+pub fn row(e: &TimelineEntry) -> [String; 16] {
+    let s = &e.summary;
+    [
+        s.recorded.clone(),
+        e.kind.to_owned(),
+        s.interaction.clone(),
+        s.action.clone(),
+        s.outcome.clone(),
+        s.user.clone(),
+        s.fhir_user.clone(),
+        s.client.clone(),
+        s.address.clone(),
+        s.jti.clone(),
+        s.patient.clone(),
+        s.resources.clone(),
+        e.version_before.clone().unwrap_or_default(),
+        e.version_after.clone().unwrap_or_default(),
+        s.request_id.clone(),
+        e.position.clone(),
+    ]
+}
+
+/// RFC 4180, with a header row (formulas neutralised, `crate::csv`).
+pub fn to_csv(entries: &[TimelineEntry]) -> String {
+    let mut out = crate::csv::line(&COLUMNS);
+    for e in entries {
+        out += &crate::csv::line(&row(e));
+    }
+    out
+}

@@ -37,6 +37,8 @@ pub fn routes(api: FhirApi) -> Router {
         .route("/fhir/metadata", get(metadata))
         .route("/fhir/_history", get(history_system))
         .route("/fhir/AuditEvent/$report", get(audit_report))
+        .route("/fhir/$seen", get(seen))
+        .route("/fhir/{rtype}/{id}/$timeline", get(timeline))
         .route("/fhir/{rtype}", get(search).post(create))
         .route("/fhir/{rtype}/_history", get(history_type))
         .route("/fhir/{rtype}/{id}", get(read).put(update).delete(delete))
@@ -517,6 +519,73 @@ async fn audit_report(
     // Reports name patients and users: never cached.
     r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(r)
+}
+
+/// Whether the client asked for CSV (`_format=csv` or `Accept: text/csv`).
+fn wants_csv(params: &std::collections::HashMap<String, String>, headers: &HeaderMap) -> bool {
+    params.get("_format").is_some_and(|f| f == "csv" || f == "text/csv")
+        || headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/csv"))
+}
+
+/// An investigation's answer: JSON or CSV, never cached (it names patients and users).
+fn investigation(csv: Option<String>, json: serde_json::Value) -> Response {
+    let mut r = match csv {
+        Some(text) => {
+            let mut r = (StatusCode::OK, text).into_response();
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
+            r
+        }
+        None => {
+            let mut r = (StatusCode::OK, serde_json::to_vec(&json).expect("JSON")).into_response();
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+    };
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// `GET /fhir/Patient/{id}/$timeline?from=&to=[&_format=csv]`: everything that touched the patient
+/// in the window, oldest first (cairn-service `investigate.rs`).
+async fn timeline(
+    State(api): State<FhirApi>,
+    Path((rtype, id)): Path<(String, String)>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Outcome> {
+    let target = Target::new("operation", Some(&rtype), Some(&id));
+    let ctx = context(&api, &headers, peer.0, &target).await?;
+    if rtype != "Patient" {
+        let unknown =
+            FhirError::new(404, IssueCode::NotSupported, format!("$timeline is defined on Patient, not {rtype}"));
+        return Err(refused(&api, &ctx, &target, unknown.into()).await);
+    }
+    let q = q.unwrap_or_default();
+    let params: std::collections::HashMap<String, String> = form_urlencoded::parse(q.as_bytes()).into_owned().collect();
+    let get = |k: &str| params.get(k).map(String::as_str);
+    let entries = api.service.timeline(&ctx, &id, get("from"), get("to")).await?;
+    let csv = wants_csv(&params, &headers).then(|| cairn_audit::timeline::to_csv(&entries));
+    let json = serde_json::json!({"patient": format!("Patient/{id}"), "from": get("from"), "to": get("to"), "entries": entries});
+    Ok(investigation(csv, json))
+}
+
+/// `GET /fhir/$seen?user=|client=&from=&to=[&_format=csv]`: what a user or client was sent.
+async fn seen(
+    State(api): State<FhirApi>,
+    peer: Peer,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Outcome> {
+    let target = Target::new("operation", None, None);
+    let ctx = context(&api, &headers, peer.0, &target).await?;
+    let q = q.unwrap_or_default();
+    let params: std::collections::HashMap<String, String> = form_urlencoded::parse(q.as_bytes()).into_owned().collect();
+    let get = |k: &str| params.get(k).map(String::as_str);
+    let accesses = api.service.seen(&ctx, get("user"), get("client"), get("from"), get("to")).await?;
+    let csv = wants_csv(&params, &headers).then(|| cairn_audit::seen::to_csv(&accesses));
+    let json = serde_json::json!({"user": get("user"), "client": get("client"), "from": get("from"), "to": get("to"), "accesses": accesses});
+    Ok(investigation(csv, json))
 }
 
 async fn unknown_route(request: Request) -> Outcome {

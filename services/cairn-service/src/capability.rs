@@ -22,6 +22,18 @@ fn search_params(resource_type: &str) -> Vec<Value> {
 }
 
 fn resource(resource_type: &str) -> Value {
+    let mut r = writable_resource(resource_type);
+    if resource_type == "Patient" {
+        r["operation"] = json!([{
+            "name": "timeline",
+            "definition": "urn:cairn:OperationDefinition/Patient-timeline",
+            "documentation": "GET Patient/{id}/$timeline?from=&to=[&_format=csv]: every event that touched the patient in the window (writes with the versions before and after, reads and searches that returned the patient's data and by whom, the sign-ins and token grants behind them), oldest first, from the event log. Reads the whole log. Needs AuditEvent search access covering the patient; recorded in the trail."
+        }]);
+    }
+    r
+}
+
+fn writable_resource(resource_type: &str) -> Value {
     json!({
         "type": resource_type,
         "interaction": [
@@ -64,7 +76,11 @@ pub fn capability_statement(base_url: &str, software_version: &str, view: Option
         let rest = &mut cs["rest"][0];
         for r in rest["resource"].as_array_mut().into_iter().flatten() {
             let ty = r["type"].as_str().unwrap_or_default().to_owned();
+            let operations = r.get("operation").cloned();
             *r = read_only_resource(&ty);
+            if let Some(operations) = operations {
+                r["operation"] = operations;
+            }
             r["documentation"] = format!("This server shows a {view}: read-only (writes answer 405).").into();
         }
         rest["documentation"] = format!(
@@ -89,7 +105,12 @@ fn full_statement(base_url: &str, software_version: &str) -> Value {
             "mode": "server",
             "documentation": "Every write is an event in a durable, hash-chained log before it is acknowledged; reads see every acknowledged write. Search result parameters: _count (default 50, max 1000), _offset, _sort (date, -date on Observation and AuditEvent; _lastUpdated, -_lastUpdated), _summary=count, _total=accurate, _elements. Prefer: handling=lenient ignores unknown search parameters. System-level _history leaves out AuditEvent and Provenance (see their type-level history).",
             "resource": RESOURCE_TYPES.iter().map(|t| resource(t)).chain(READ_ONLY_TYPES.iter().map(|t| read_only_resource(t))).collect::<Vec<_>>(),
-            "interaction": [{"code": "history-system"}],
+                        "interaction": [{"code": "history-system"}],
+            "operation": [{
+                "name": "seen",
+                "definition": "urn:cairn:OperationDefinition/seen",
+                "documentation": "GET $seen?user=|client=&from=&to=[&_format=csv]: each read and search the user (or client) made in the window, with every resource version it returned, content included, reproduced from the event log. Reads the whole log. Needs access to every AuditEvent; recorded in the trail."
+            }],
         }],
     })
 }

@@ -9,6 +9,7 @@
 mod access;
 mod bundle;
 mod capability;
+mod investigate;
 mod reports;
 mod transaction;
 

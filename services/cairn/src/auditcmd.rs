@@ -198,7 +198,7 @@ async fn scan(
     let mut chosen = Chosen::new();
     let scanned = scan_log(log, &format!("about {patient}"), &mut |r| {
         // An event about the patient names its id; most do not, and skip the parse.
-        if !contains(&r.value, id.as_bytes()) {
+        if !cairn_audit::scan::contains(&r.value, id.as_bytes()) {
             return false;
         }
         let Ok(event) = Event::from_canonical_bytes(&r.value) else { return false };
@@ -212,48 +212,45 @@ async fn scan(
     Ok((chosen, scanned))
 }
 
-/// Reads every record of every event topic in order, partition by partition; `visit` says whether
-/// it kept the record. A progress line (events read, per second, kept) goes to stderr when it is a
-/// terminal. Returns how many records were read.
+/// A progress line on stderr while the log is read (when it is a terminal): events read, per second,
+/// and how many were kept. Call it with `u64::MAX` at the end to finish the line.
+pub(crate) fn progress_line(kept_label: String) -> impl FnMut(u64, u64) + Send {
+    let show = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut last_shown = Instant::now();
+    let mut shown = false;
+    move |scanned, kept| {
+        if !show {
+            return;
+        }
+        if scanned == u64::MAX {
+            if shown {
+                eprintln!();
+            }
+            return;
+        }
+        if last_shown.elapsed() >= Duration::from_millis(500) {
+            last_shown = Instant::now();
+            shown = true;
+            eprint!(
+                "\rscanning the log: {scanned} events ({:.0}/s), {kept} {kept_label}",
+                scanned as f64 / started.elapsed().as_secs_f64().max(1e-9)
+            );
+        }
+    }
+}
+
+/// Reads every record of every event topic in order (`cairn_audit::scan::scan_log`) with a progress
+/// line. Returns how many records were read.
 pub(crate) async fn scan_log(
     log: &dyn EventLog,
     kept_label: &str,
     visit: &mut (dyn FnMut(&cairn_log::Record) -> bool + Send),
 ) -> anyhow::Result<u64> {
-    let show_progress = std::io::stderr().is_terminal();
-    let started = Instant::now();
-    let mut last_shown = Instant::now();
-    let (mut scanned, mut kept) = (0u64, 0u64);
-    for topic in cairn_events::topics::ALL {
-        let Ok(partitions) = log.partitions(topic) else { continue };
-        for partition in 0..partitions {
-            let mut next = 0;
-            loop {
-                let batch = log.read(topic, partition, next, 4096).await?;
-                let Some(last) = batch.last() else { break };
-                next = last.offset + 1;
-                for r in &batch {
-                    scanned += 1;
-                    kept += u64::from(visit(r));
-                }
-                if show_progress && last_shown.elapsed() >= Duration::from_millis(500) {
-                    last_shown = Instant::now();
-                    eprint!(
-                        "\rscanning the log: {scanned} events ({:.0}/s), {kept} {kept_label}",
-                        scanned as f64 / started.elapsed().as_secs_f64().max(1e-9)
-                    );
-                }
-            }
-        }
-    }
-    if show_progress {
-        eprintln!();
-    }
+    let mut progress = progress_line(kept_label.to_owned());
+    let scanned = cairn_audit::scan::scan_log(log, visit, &mut progress).await?;
+    progress(u64::MAX, 0);
     Ok(scanned)
-}
-
-pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// `cairn audit report`: asks the running server, which runs the report and records it in the trail.

@@ -1,16 +1,15 @@
 //! `cairn investigate timeline`: everything that touched one patient in a window, in order, from the
 //! log (read-only, safe beside a running server), as JSON lines, CSV or a self-contained HTML page.
 
-use crate::auditcmd::{contains, patient_and_window, scan_log, window};
+use crate::auditcmd::{patient_and_window, progress_line, window};
 use crate::datadir::DataDir;
 use crate::{SeenArgs, TimelineArgs, config, telemetry};
 use anyhow::{Context, bail};
-use cairn_audit::seen::{SeenAccess, SeenBuilder, Viewer};
-use cairn_audit::timeline::{TimelineBuilder, TimelineEntry};
-use cairn_events::{Event, Timestamp};
+use cairn_audit::seen::{SeenAccess, Viewer};
+use cairn_audit::timeline::TimelineEntry;
+use cairn_events::Timestamp;
 use cairn_http::pages::esc;
 use cairn_log::embedded::EmbeddedOptions;
-use serde_json::Value;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -25,22 +24,13 @@ pub fn timeline(args: TimelineArgs) -> anyhow::Result<ExitCode> {
             crate::backends::open_log(&backends, &data, EmbeddedOptions { read_only: true, ..Default::default() })
                 .await?
                 .as_dyn();
-        let mut builder = TimelineBuilder::new(&patient, from, to);
-        let scanned = scan_log(log.as_ref(), &format!("for {patient}'s timeline"), &mut |r| {
-            // The patient's own events name its id; sign-ins and token grants (cairn.auth) never do
-            // and are kept in case an access used them.
-            if r.topic != cairn_events::topics::AUTH && !contains(&r.value, id.as_bytes()) {
-                return false;
-            }
-            let Ok(event) = Event::from_canonical_bytes(&r.value) else { return false };
-            builder.add(&event, format!("{}:{}:{}", r.topic, r.partition, r.offset));
-            true
-        })
-        .await?;
-        anyhow::Ok((builder.finish(), scanned))
+        let mut progress = progress_line(format!("for {patient}'s timeline"));
+        let found = cairn_audit::scan::timeline(log.as_ref(), &id, from, to, &mut progress).await?;
+        progress(u64::MAX, 0);
+        anyhow::Ok(found)
     })?;
     let body = match args.output.format.as_str() {
-        "csv" => csv(&entries),
+        "csv" => cairn_audit::timeline::to_csv(&entries),
         "html" => html(&patient, from, to, &entries),
         _ => entries.iter().map(|e| serde_json::to_string(e).expect("JSON") + "\n").collect(),
     };
@@ -70,56 +60,13 @@ pub fn seen(args: SeenArgs) -> anyhow::Result<ExitCode> {
             crate::backends::open_log(&backends, &data, EmbeddedOptions { read_only: true, ..Default::default() })
                 .await?
                 .as_dyn();
-        let mut builder = SeenBuilder::new(viewer, from, to);
-        scan_log(log.as_ref(), &format!("accesses by {who}"), &mut |r| {
-            if r.topic != cairn_events::topics::ACCESS {
-                return false;
-            }
-            let Ok(event) = Event::from_canonical_bytes(&r.value) else { return false };
-            builder.add_access(&event, format!("{}:{}:{}", r.topic, r.partition, r.offset));
-            true
-        })
-        .await?;
-        if builder.wants_anything() {
-            scan_log(log.as_ref(), "read for the versions returned", &mut |r| {
-                let Ok(event) = Event::from_canonical_bytes(&r.value) else { return false };
-                builder.add_source(&event);
-                true
-            })
-            .await?;
-        }
-        anyhow::Ok(builder.finish())
+        let mut progress = progress_line(format!("read for {who}"));
+        let found = cairn_audit::scan::seen(log.as_ref(), viewer, from, to, &mut progress).await?;
+        progress(u64::MAX, 0);
+        anyhow::Ok(found)
     })?;
     let body = match args.output.format.as_str() {
-        "csv" => {
-            let mut out = cairn_audit::csv::line(&[
-                "recorded",
-                "interaction",
-                "request",
-                "status",
-                "client",
-                "request_id",
-                "version",
-                "resource",
-            ]);
-            for a in &accesses {
-                for v in &a.returned {
-                    let resource = v.resource.as_ref().map(Value::to_string).unwrap_or_default();
-                    let status = a.status.to_string();
-                    out += &cairn_audit::csv::line(&[
-                        &a.recorded,
-                        &a.interaction,
-                        &a.request,
-                        &status,
-                        &a.client,
-                        &a.request_id,
-                        &v.reference,
-                        &resource,
-                    ]);
-                }
-            }
-            out
-        }
+        "csv" => cairn_audit::seen::to_csv(&accesses),
         "html" => seen_html(&who, from, to, &accesses),
         _ => accesses.iter().map(|a| serde_json::to_string(a).expect("JSON") + "\n").collect(),
     };
@@ -198,67 +145,17 @@ fn seen_html(who: &str, from: Timestamp, to: Timestamp, accesses: &[SeenAccess])
     )
 }
 
-const COLUMNS: [&str; 16] = [
-    "recorded",
-    "kind",
-    "interaction",
-    "action",
-    "outcome",
-    "user",
-    "fhir_user",
-    "client",
-    "address",
-    "jti",
-    "patient",
-    "resources",
-    "version_before",
-    "version_after",
-    "request_id",
-    "position",
-];
-
-fn row(e: &TimelineEntry) -> [String; 16] {
-    let s = &e.summary;
-    [
-        s.recorded.clone(),
-        e.kind.to_owned(),
-        s.interaction.clone(),
-        s.action.clone(),
-        s.outcome.clone(),
-        s.user.clone(),
-        s.fhir_user.clone(),
-        s.client.clone(),
-        s.address.clone(),
-        s.jti.clone(),
-        s.patient.clone(),
-        s.resources.clone(),
-        e.version_before.clone().unwrap_or_default(),
-        e.version_after.clone().unwrap_or_default(),
-        s.request_id.clone(),
-        e.position.clone(),
-    ]
-}
-
-/// RFC 4180, with a header row.
-fn csv(entries: &[TimelineEntry]) -> String {
-    let mut out = cairn_audit::csv::line(&COLUMNS);
-    for e in entries {
-        out += &cairn_audit::csv::line(&row(e));
-    }
-    out
-}
-
 /// One self-contained page (no script, no external resource) an investigator can open and print.
 fn html(patient: &str, from: Timestamp, to: Timestamp, entries: &[TimelineEntry]) -> String {
     let mut table = String::from("<table><thead><tr>");
-    for c in COLUMNS {
+    for c in cairn_audit::timeline::COLUMNS {
         table += &format!("<th>{}</th>", esc(c));
     }
     table += "</tr></thead><tbody>\n";
     for e in entries {
         let class = if e.summary.outcome.starts_with("failure") { "refused" } else { e.kind };
         table += &format!("<tr class=\"{}\">", esc(class));
-        for f in row(e) {
+        for f in cairn_audit::timeline::row(e) {
             table += &format!("<td>{}</td>", esc(&f));
         }
         table += "</tr>\n";
