@@ -790,8 +790,17 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
             .collect();
         assert!(queries.iter().any(|q| q.starts_with("Patient?$timeline")), "{queries:?}");
         assert!(queries.iter().any(|q| q.starts_with("?$seen&client=")), "{queries:?}");
-        let refused_timeline = operations.iter().any(|e| e["outcome"] != "0" && e["entity"].to_string().contains("Patient/p1"));
+                let refused_timeline = operations.iter().any(|e| {
+            e["outcomeDesc"].as_str().is_some_and(|d| d.contains("HTTP 403")) && e["entity"].to_string().contains("Patient/p1")
+        });
         assert!(refused_timeline, "the refused timeline is recorded against the patient");
+        // $seen's record names every version it sent, so each patient's accounting shows it.
+        let seen_records: Vec<&Value> =
+            operations.iter().filter(|e| e["entity"].to_string().contains("_history/") && e["outcome"] == "0").collect();
+        assert!(
+            seen_records.iter().any(|e| e["entity"].to_string().contains(&format!("Observation/{first}/_history/2"))),
+            "the $seen answer's versions are in its record"
+        );
 
         // And the whole log, against the same JWKS.
         let (status, out, err) = d.cairn(&["audit", "verify", "--jwks", jwks_file.to_str().unwrap()]);

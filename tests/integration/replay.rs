@@ -252,12 +252,35 @@ fn a_replay_is_served_read_only_and_every_access_is_recorded_live() {
         assert_eq!(resp.status(), 405);
         let outcome: Value = resp.json().await.unwrap();
         assert!(outcome["issue"][0]["diagnostics"].as_str().unwrap().contains("replay until"), "{outcome}");
+        for method in [reqwest::Method::PUT, reqwest::Method::DELETE] {
+            let resp = http
+                .request(method.clone(), format!("{view_fhir}/Observation/{a}"))
+                .bearer_auth(&feeder)
+                .header("content-type", "application/fhir+json")
+                .body(reading("Patient/v1", 1).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 405, "{method}");
+        }
         let (status, _) = get(format!("{view_fhir}/Observation/{a}"), None).await;
         assert_eq!(status, 401);
+        // The investigations read the live log: the view sends them there.
+        let (status, refusal) = get(
+            format!("{view_fhir}/Patient/v1/$timeline?from=2026-01-01T00:00:00Z&to=2100-01-01T00:00:00Z"),
+            Some(feeder.clone()),
+        )
+        .await;
+        assert_eq!(status, 405, "{refusal}");
         // The statement says what works here: reading only.
         let (_, cs) = get(format!("{view_fhir}/metadata"), None).await;
-        let interactions = cs["rest"][0]["resource"][0]["interaction"].to_string();
-        assert!(interactions.contains("read") && !interactions.contains("create"), "{interactions}");
+        for resource in cs["rest"][0]["resource"].as_array().unwrap() {
+            let codes: Vec<&str> =
+                resource["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
+            assert!(codes.contains(&"read"), "{codes:?}");
+            assert!(!codes.iter().any(|c| ["create", "update", "delete"].contains(c)), "{codes:?}");
+            assert!(resource.get("operation").is_none());
+        }
         // No authorization server here: the live one issues tokens.
         assert_eq!(http.post(format!("{}/token", view.base_url)).send().await.unwrap().status(), 404);
 
@@ -277,10 +300,12 @@ fn a_replay_is_served_read_only_and_every_access_is_recorded_live() {
             .iter()
             .map(|e| (e["subtype"][0]["code"].as_str().unwrap_or(""), e["outcome"].as_str().unwrap_or("")))
             .collect();
-        for expected in [("read", "0"), ("search-type", "0"), ("create", "4"), ("read", "4")] {
+        for expected in [("read", "0"), ("search-type", "0"), ("create", "4"), ("update", "4"), ("delete", "4")] {
             assert!(outcomes.contains(&expected), "{expected:?} not among {outcomes:?}");
         }
-        assert!(viewed[0]["entity"].to_string().contains(&format!("replay until {cut}")));
+        let unauthenticated = viewed.iter().any(|e| e["outcomeDesc"].as_str().is_some_and(|d| d.contains("HTTP 401")));
+        assert!(unauthenticated, "the refused token is recorded too");
+        assert!(viewed.iter().all(|e| e["entity"].to_string().contains(&format!("replay until {cut}"))));
 
         // A revocation at the live server reaches the view.
         d.admin(&["revoke", "--client", &feeder_id]);
@@ -294,6 +319,17 @@ fn a_replay_is_served_read_only_and_every_access_is_recorded_live() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
+    // The live server's socket takes a view's own access events only: not a forged event of another kind.
+    let forged = cairn_events::sample_event(cairn_events::EventType::AuthUserCreated);
+    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
+    let request = json!({"log": {"op": "append", "records": [{
+        "topic": "cairn.access", "key": b64(forged.partition_key().as_bytes()), "value": b64(&forged.canonical_bytes())
+    }]}});
+    let mut socket = std::os::unix::net::UnixStream::connect(d.data_dir().join("run/admin.sock")).unwrap();
+    std::io::Write::write_all(&mut socket, format!("{request}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(socket), &mut answer).unwrap();
+    assert!(answer.contains("is not an access event"), "{answer}");
     assert!(view.terminate().0.success());
     assert!(live.terminate().0.success());
     // Without the live server there is no trail to record in: the view does not start.

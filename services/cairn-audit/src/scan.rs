@@ -10,31 +10,54 @@ use cairn_log::{EventLog, LogError, Record};
 /// Told after every batch read: records read so far, and how many were kept.
 pub type Progress<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
 
-/// Reads every record of every event topic in order, partition by partition; `visit` says whether it
-/// kept the record. Returns how many records were read.
+/// Reads every record of every event topic in order, partition by partition, up to each partition's
+/// end as it was when the scan began (a live log keeps growing: the answer is the log at that moment);
+/// `visit` says whether it kept the record. Gives the runtime back its thread after every batch (an
+/// embedded log's reads do not wait, and a scan must not starve the server it runs in). Returns how
+/// many records were read.
 pub async fn scan_log(
     log: &dyn EventLog,
     visit: &mut (dyn FnMut(&Record) -> bool + Send),
     progress: Progress<'_>,
 ) -> Result<u64, LogError> {
-    let (mut scanned, mut kept) = (0u64, 0u64);
+    let mut ends = Vec::new();
     for topic in cairn_events::topics::ALL {
         let Ok(partitions) = log.partitions(topic) else { continue };
         for partition in 0..partitions {
-            let mut next = 0;
-            loop {
-                let batch = log.read(topic, partition, next, 4096).await?;
-                let Some(last) = batch.last() else { break };
-                next = last.offset + 1;
-                for r in &batch {
-                    scanned += 1;
-                    kept += u64::from(visit(r));
-                }
-                progress(scanned, kept);
+            ends.push((topic, partition, log.end_offset(topic, partition).await?));
+        }
+    }
+    let (mut scanned, mut kept) = (0u64, 0u64);
+    for (topic, partition, end) in ends {
+        let mut next = 0;
+        while next < end {
+            let batch = log.read(topic, partition, next, 4096).await?;
+            let Some(last) = batch.last() else { break };
+            next = last.offset + 1;
+            for r in batch.iter().filter(|r| r.offset < end) {
+                scanned += 1;
+                kept += u64::from(visit(r));
             }
+            progress(scanned, kept);
+            YieldNow(false).await;
         }
     }
     Ok(scanned)
+}
+
+/// Returns `Pending` once (waking itself at once), so the executor runs other tasks in between.
+struct YieldNow(bool);
+
+impl std::future::Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
 }
 
 /// Whether `needle` occurs in `haystack` (a cheap test before parsing an event).

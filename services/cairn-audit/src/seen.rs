@@ -40,6 +40,9 @@ pub struct SeenAccess {
 pub struct SeenVersion {
     /// `Type/id/_history/n`
     pub reference: String,
+    /// The version as the access event named it (with its patient), for recording who was sent what.
+    #[serde(skip)]
+    pub version: VersionedRef,
     /// The resource as written (or, for an audit record, as rendered from its event); absent when the
     /// log no longer holds the version (which verification would report).
     pub resource: Option<Value>,
@@ -97,8 +100,7 @@ impl SeenBuilder {
         if returned.is_empty() {
             return;
         }
-        let refs: Vec<String> = returned.iter().map(reference).collect();
-        self.wanted.extend(refs.iter().cloned());
+        self.wanted.extend(returned.iter().map(reference));
         let access = SeenAccess {
             recorded: event.occurred_at.to_rfc3339(),
             interaction,
@@ -107,7 +109,10 @@ impl SeenBuilder {
             client: event.actor.client_id.clone().unwrap_or_default(),
             request_id: event.request_id.clone().unwrap_or_default(),
             position,
-            returned: refs.into_iter().map(|reference| SeenVersion { reference, resource: None }).collect(),
+            returned: returned
+                .iter()
+                .map(|v| SeenVersion { reference: reference(v), version: v.clone(), resource: None })
+                .collect(),
         };
         self.accesses.push((at, access));
     }

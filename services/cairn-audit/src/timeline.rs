@@ -29,6 +29,9 @@ pub struct TimelineEntry {
     pub position: String,
 }
 
+/// The longest an access token lives (`--access-token-lifetime-secs` allows up to an hour).
+const MAX_ACCESS_TOKEN_LIFETIME_MS: i64 = 3_600_000;
+
 /// Collects a patient's timeline from events fed in any order.
 pub struct TimelineBuilder {
     patient: String,
@@ -92,9 +95,19 @@ impl TimelineBuilder {
                 version_before: None,
                 position: position.clone(),
             };
+            // Only what could be behind an access in the window: a grant of a token that was still
+            // alive in it (access tokens live at most an hour), a sign-in before its end. The rest of
+            // the log's history is not kept in memory.
+            let (from, to) = (self.from.as_millis(), self.to.as_millis());
             if summary.interaction == "ITI-71" && !summary.jti.is_empty() && summary.outcome == "success" {
-                self.grants.insert(summary.jti.clone(), (r.recorded_ms, entry("token")));
-            } else if summary.interaction == "110122" && summary.outcome == "success" && !summary.user.is_empty() {
+                if r.recorded_ms >= from - MAX_ACCESS_TOKEN_LIFETIME_MS && r.recorded_ms <= to {
+                    self.grants.insert(summary.jti.clone(), (r.recorded_ms, entry("token")));
+                }
+            } else if summary.interaction == "110122"
+                && summary.outcome == "success"
+                && !summary.user.is_empty()
+                && r.recorded_ms <= to
+            {
                 self.logins.entry(summary.user.clone()).or_default().push((r.recorded_ms, entry("login")));
             }
         }

@@ -76,13 +76,14 @@ pub fn capability_statement(base_url: &str, software_version: &str, view: Option
         let rest = &mut cs["rest"][0];
         for r in rest["resource"].as_array_mut().into_iter().flatten() {
             let ty = r["type"].as_str().unwrap_or_default().to_owned();
-            let operations = r.get("operation").cloned();
+            // The investigations read the live log: a view refuses them.
             *r = read_only_resource(&ty);
-            if let Some(operations) = operations {
-                r["operation"] = operations;
-            }
             r["documentation"] = format!("This server shows a {view}: read-only (writes answer 405).").into();
         }
+        if let Some(rest) = rest.as_object_mut() {
+            rest.remove("operation");
+        }
+        let rest = &mut cs["rest"][0];
         rest["documentation"] = format!(
             "A read-only view of a {view}, rebuilt from the event log by `cairn replay`. Every access is recorded in the live audit trail. Search result parameters as on the live server."
         )

@@ -182,6 +182,8 @@ pub struct FhirService {
     audit_progress: Vec<(&'static str, Progress)>,
     settings: Settings,
     locks: Vec<tokio::sync::Mutex<()>>,
+    /// One investigation (`$timeline`, `$seen`: a pass over the whole log) at a time.
+    investigations: tokio::sync::Semaphore,
 }
 
 impl FhirService {
@@ -193,6 +195,7 @@ impl FhirService {
             audit_progress: Vec::new(),
             settings,
             locks: (0..LOCK_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            investigations: tokio::sync::Semaphore::new(1),
         }
     }
 

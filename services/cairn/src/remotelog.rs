@@ -6,8 +6,9 @@
 //! there.
 //!
 //! One JSON request per connection, `{"log": {...}}`, answered `{"ok": ...}` or `{"error": "..."}`
-//! like every admin command. Appends are accepted for `cairn.access` only: the viewer records
-//! accesses and nothing else.
+//! like every admin command. Appends are accepted only as access events of a view: each record must
+//! decode as `fhir.access.*` or `fhir.request.refused` naming its replay (`view`), with the topic and
+//! key the event itself routes to and a time near now.
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -61,8 +62,12 @@ pub struct WireRecord {
     value: String,
 }
 
-/// The most records one read answers (a reply is one line in memory on both sides).
+/// The most records one read answers, and about the most bytes (a reply is one line in memory on
+/// both sides; at least one record is always sent).
 const MAX_READ: usize = 2000;
+const MAX_READ_BYTES: usize = 16 << 20;
+/// How far an appended access event's time may be from the server's clock.
+const MAX_SKEW_MS: i64 = 5 * 60 * 1000;
 /// How often a tail asks for new records when it is caught up.
 const TAIL_POLL: Duration = Duration::from_millis(200);
 
@@ -74,22 +79,24 @@ pub async fn answer(log: &Arc<dyn EventLog>, issuer: &str, request: LogRequest) 
         LogRequest::Append { records } => {
             let mut batch = Vec::with_capacity(records.len());
             for r in records {
-                if r.topic != cairn_events::topics::ACCESS {
-                    return Err(format!(
-                        "appends through the admin socket are for {} only",
-                        cairn_events::topics::ACCESS
-                    ));
-                }
                 let decode = |s: &str| STANDARD.decode(s).map_err(|_| "a record is not base64".to_owned());
-                batch.push(NewRecord { topic: r.topic, key: decode(&r.key)?, value: decode(&r.value)? });
+                let record = NewRecord { topic: r.topic, key: decode(&r.key)?, value: decode(&r.value)? };
+                check_view_access(&record)?;
+                batch.push(record);
             }
             let positions = log.append_batch(batch).await.map_err(e)?;
             json!(positions.iter().map(|p| json!({"partition": p.partition, "offset": p.offset})).collect::<Vec<_>>())
         }
         LogRequest::Read { topic, partition, from, max } => {
             let records = log.read(&topic, partition, from, max.min(MAX_READ)).await.map_err(e)?;
+            let mut bytes = 0;
             let wire: Vec<WireRecord> = records
                 .into_iter()
+                .take_while(|r| {
+                    let first = bytes == 0;
+                    bytes += r.value.len() + r.key.len() + 64;
+                    first || bytes <= MAX_READ_BYTES
+                })
                 .map(|r| WireRecord {
                     topic: r.topic,
                     partition: r.partition,
@@ -103,6 +110,28 @@ pub async fn answer(log: &Arc<dyn EventLog>, issuer: &str, request: LogRequest) 
         }
         LogRequest::End { topic, partition } => json!(log.end_offset(&topic, partition).await.map_err(e)?),
     })
+}
+
+/// What a view may append: its own access events, as they would be routed, recorded now.
+fn check_view_access(record: &NewRecord) -> Result<(), String> {
+    let event = cairn_events::Event::from_canonical_bytes(&record.value)
+        .map_err(|e| format!("not an event this server writes: {e}"))?;
+    let view = match &event.payload {
+        cairn_events::Payload::AccessRead(a) => &a.view,
+        cairn_events::Payload::AccessSearch(a) => &a.view,
+        cairn_events::Payload::RequestRefused(r) => &r.view,
+        _ => return Err(format!("{} is not an access event", event.event_type())),
+    };
+    if view.is_none() {
+        return Err("an access event appended through the admin socket must name its view".into());
+    }
+    if record.topic != event.topic() || record.key != event.partition_key().as_bytes() {
+        return Err("the record's topic or key is not the event's own".into());
+    }
+    if (event.occurred_at.as_millis() - cairn_events::Timestamp::now().as_millis()).abs() > MAX_SKEW_MS {
+        return Err("the event's time is not now".into());
+    }
+    Ok(())
 }
 
 struct Inner {
@@ -147,7 +176,8 @@ impl RemoteLog {
         max: usize,
     ) -> cairn_log::Result<Vec<Record>> {
         let request = LogRequest::Read { topic: topic.to_owned(), partition, from, max };
-        let wire: Vec<WireRecord> = call(&inner.socket, &request).await.map_err(LogError::Unavailable)?;
+        let wire: Vec<WireRecord> =
+            call(&inner.socket, &request).await.map_err(|e| LogError::Unavailable(e.message))?;
         wire.into_iter()
             .map(|w| {
                 let decode =
@@ -167,25 +197,80 @@ impl RemoteLog {
     }
 }
 
+/// Why a call failed, and whether the request had reached the server (then an append may have been
+/// made durable although no answer came back).
+#[derive(Debug)]
+struct CallError {
+    sent: bool,
+    message: String,
+}
+
+impl CallError {
+    fn before(message: impl Into<String>) -> CallError {
+        CallError { sent: false, message: message.into() }
+    }
+    fn after(message: impl Into<String>) -> CallError {
+        CallError { sent: true, message: message.into() }
+    }
+    /// The log error to report: an append that may have happened is not "nothing stored".
+    fn into_log_error(self) -> LogError {
+        if self.sent { LogError::OutcomeUnknown(self.message) } else { LogError::Unavailable(self.message) }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The largest answer read (a read answers about 16 MiB at most).
+const MAX_REPLY_BYTES: u64 = 256 << 20;
+
+#[derive(Deserialize)]
+struct Reply<T> {
+    ok: Option<T>,
+    error: Option<String>,
+}
+
 /// One request, one answer.
-async fn call<T: serde::de::DeserializeOwned>(socket: &Path, request: &LogRequest) -> Result<T, String> {
+async fn call<T: serde::de::DeserializeOwned>(socket: &Path, request: &LogRequest) -> Result<T, CallError> {
+    let sent = std::sync::atomic::AtomicBool::new(false);
     let exchange = async {
-        let mut stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| e.to_string())?;
-        let mut line = serde_json::to_vec(&json!({"log": request})).map_err(|e| e.to_string())?;
+        let mut stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| CallError::before(e.to_string()))?;
+        let mut line = serde_json::to_vec(&json!({"log": request})).map_err(|e| CallError::before(e.to_string()))?;
         line.push(b'\n');
-        stream.write_all(&line).await.map_err(|e| e.to_string())?;
+        sent.store(true, std::sync::atomic::Ordering::Relaxed);
+        stream.write_all(&line).await.map_err(|e| CallError::after(e.to_string()))?;
         let mut reply = String::new();
-        tokio::io::BufReader::new(stream).take(256 << 20).read_line(&mut reply).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(reply)
+        tokio::io::BufReader::new(stream)
+            .take(MAX_REPLY_BYTES)
+            .read_line(&mut reply)
+            .await
+            .map_err(|e| CallError::after(e.to_string()))?;
+        if !reply.ends_with('\n') {
+            return Err(CallError::after("the live server's answer was cut off"));
+        }
+        Ok::<_, CallError>(reply)
     };
-    let reply = tokio::time::timeout(Duration::from_secs(30), exchange)
-        .await
-        .map_err(|_| "the live server did not answer within 30 s".to_owned())??;
-    let v: Value = serde_json::from_str(&reply).map_err(|_| "the live server's answer is not JSON".to_owned())?;
-    match (v.get("ok"), v.get("error").and_then(Value::as_str)) {
-        (Some(ok), _) => serde_json::from_value(ok.clone()).map_err(|e| format!("unexpected answer: {e}")),
-        (None, Some(e)) => Err(e.to_owned()),
-        _ => Err("the live server's answer has neither ok nor error".into()),
+    let reply = match tokio::time::timeout(Duration::from_secs(30), exchange).await {
+        Ok(r) => r?,
+        Err(_) => {
+            let message = "the live server did not answer within 30 s";
+            return Err(if sent.load(std::sync::atomic::Ordering::Relaxed) {
+                CallError::after(message)
+            } else {
+                CallError::before(message)
+            });
+        }
+    };
+    let reply: Reply<T> = serde_json::from_str(&reply)
+        .map_err(|e| CallError::after(format!("unexpected answer from the live server: {e}")))?;
+    match (reply.ok, reply.error) {
+        (Some(ok), _) => Ok(ok),
+        // The server answered that it failed: nothing of this request was stored.
+        (None, Some(e)) => Err(CallError::before(e)),
+        _ => Err(CallError::after("the live server's answer has neither ok nor error")),
     }
 }
 
@@ -220,7 +305,7 @@ impl EventLog for RemoteLog {
             .map(|r| WireNewRecord { topic: r.topic, key: STANDARD.encode(&r.key), value: STANDARD.encode(&r.value) })
             .collect();
         let positions: Vec<Value> =
-            call(&self.inner.socket, &LogRequest::Append { records: wire }).await.map_err(LogError::Unavailable)?;
+            call(&self.inner.socket, &LogRequest::Append { records: wire }).await.map_err(CallError::into_log_error)?;
         positions
             .iter()
             .map(|p| match (p["partition"].as_u64(), p["offset"].as_u64()) {
@@ -236,7 +321,7 @@ impl EventLog for RemoteLog {
 
     async fn end_offset(&self, topic: &str, partition: u32) -> cairn_log::Result<u64> {
         let request = LogRequest::End { topic: topic.to_owned(), partition };
-        call(&self.inner.socket, &request).await.map_err(LogError::Unavailable)
+        call(&self.inner.socket, &request).await.map_err(|e| LogError::Unavailable(e.message))
     }
 
     fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, cairn_log::Result<Tailed>> {
