@@ -31,11 +31,15 @@ pub enum LogRequest {
     Append {
         records: Vec<WireNewRecord>,
     },
+    /// With `wait_ms`, a read that finds nothing waits (at most that long) for the next record:
+    /// a long poll, so a view learns of a revocation as soon as the live server has it.
     Read {
         topic: String,
         partition: u32,
         from: u64,
         max: usize,
+        #[serde(default)]
+        wait_ms: u64,
     },
     End {
         topic: String,
@@ -68,8 +72,12 @@ const MAX_READ: usize = 2000;
 const MAX_READ_BYTES: usize = 16 << 20;
 /// How far an appended access event's time may be from the server's clock.
 const MAX_SKEW_MS: i64 = 5 * 60 * 1000;
-/// How often a tail asks for new records when it is caught up.
-const TAIL_POLL: Duration = Duration::from_millis(200);
+/// How long a caught-up tail's read waits at the live server for the next record (a long poll), and
+/// the longest wait the server grants.
+const TAIL_WAIT_MS: u64 = 1000;
+const MAX_WAIT_MS: u64 = 5000;
+/// How long a tail waits after a failed read before it tries again.
+const TAIL_RETRY: Duration = Duration::from_millis(200);
 
 /// Answers a [`LogRequest`] from the admin socket with the server's own log.
 pub async fn answer(log: &Arc<dyn EventLog>, issuer: &str, request: LogRequest) -> Result<Value, String> {
@@ -87,8 +95,15 @@ pub async fn answer(log: &Arc<dyn EventLog>, issuer: &str, request: LogRequest) 
             let positions = log.append_batch(batch).await.map_err(e)?;
             json!(positions.iter().map(|p| json!({"partition": p.partition, "offset": p.offset})).collect::<Vec<_>>())
         }
-        LogRequest::Read { topic, partition, from, max } => {
-            let records = log.read(&topic, partition, from, max.min(MAX_READ)).await.map_err(e)?;
+        LogRequest::Read { topic, partition, from, max, wait_ms } => {
+            let mut records = log.read(&topic, partition, from, max.min(MAX_READ)).await.map_err(e)?;
+            if records.is_empty() && wait_ms > 0 {
+                let wait = Duration::from_millis(wait_ms.min(MAX_WAIT_MS));
+                let mut tail = log.tail(&topic, partition, from);
+                if let Ok(Some(Ok(_))) = tokio::time::timeout(wait, futures_util::StreamExt::next(&mut tail)).await {
+                    records = log.read(&topic, partition, from, max.min(MAX_READ)).await.map_err(e)?;
+                }
+            }
             let mut bytes = 0;
             let wire: Vec<WireRecord> = records
                 .into_iter()
@@ -174,8 +189,9 @@ impl RemoteLog {
         partition: u32,
         from: u64,
         max: usize,
+        wait_ms: u64,
     ) -> cairn_log::Result<Vec<Record>> {
-        let request = LogRequest::Read { topic: topic.to_owned(), partition, from, max };
+        let request = LogRequest::Read { topic: topic.to_owned(), partition, from, max, wait_ms };
         let wire: Vec<WireRecord> =
             call(&inner.socket, &request).await.map_err(|e| LogError::Unavailable(e.message))?;
         wire.into_iter()
@@ -316,7 +332,7 @@ impl EventLog for RemoteLog {
     }
 
     async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> cairn_log::Result<Vec<Record>> {
-        Self::read_records(&self.inner, topic, partition, from, max).await
+        Self::read_records(&self.inner, topic, partition, from, max, 0).await
     }
 
     async fn end_offset(&self, topic: &str, partition: u32) -> cairn_log::Result<u64> {
@@ -327,7 +343,7 @@ impl EventLog for RemoteLog {
     fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, cairn_log::Result<Tailed>> {
         let inner = self.inner.clone();
         let topic = topic.to_owned();
-        // Polls: the socket has no push. Caught up, it asks again every TAIL_POLL.
+        // The socket has no push: a caught-up read waits at the server for the next record.
         let stream = futures_util::stream::unfold(
             (inner, topic, from, std::collections::VecDeque::new()),
             move |(inner, topic, mut next, mut buffered)| async move {
@@ -335,14 +351,14 @@ impl EventLog for RemoteLog {
                     if let Some(r) = buffered.pop_front() {
                         return Some((Ok(Tailed::Record(r)), (inner, topic, next, buffered)));
                     }
-                    match Self::read_records(&inner, &topic, partition, next, MAX_READ).await {
-                        Ok(records) if records.is_empty() => tokio::time::sleep(TAIL_POLL).await,
+                    match Self::read_records(&inner, &topic, partition, next, MAX_READ, TAIL_WAIT_MS).await {
+                        Ok(records) if records.is_empty() => {}
                         Ok(records) => {
                             next = records.last().map_or(next, |r| r.offset + 1);
                             buffered.extend(records);
                         }
                         Err(e) => {
-                            tokio::time::sleep(TAIL_POLL).await;
+                            tokio::time::sleep(TAIL_RETRY).await;
                             return Some((Err(e), (inner, topic, next, buffered)));
                         }
                     }
