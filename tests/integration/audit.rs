@@ -794,6 +794,15 @@ fn the_audit_trail_of_a_realistic_run(backend: Backend) {
             e["outcomeDesc"].as_str().is_some_and(|d| d.contains("HTTP 403")) && e["entity"].to_string().contains("Patient/p1")
         });
         assert!(refused_timeline, "the refused timeline is recorded against the patient");
+                // A request no route takes is refused and recorded like any other.
+        let (s, o) = api.call(Method::PATCH, &format!("/Observation/{first}"), &gw, None, &[]).await;
+        assert_eq!((s, o["resourceType"].as_str()), (405, Some("OperationOutcome")), "{o}");
+        let (s, o) = api.call(Method::GET, "/Observation/x/y/z", &gw, None, &[]).await;
+        assert_eq!((s, o["resourceType"].as_str()), (404, Some("OperationOutcome")), "{o}");
+        let newest = api.search_all("/AuditEvent?_sort=-date&_count=50", &au).await;
+        let said: Vec<&str> = newest.iter().filter_map(|e| e["outcomeDesc"].as_str()).collect();
+        assert!(said.iter().any(|d| d.contains("HTTP 405") && d.contains("PATCH")), "{said:?}");
+        assert!(said.iter().any(|d| d.contains("HTTP 404") && d.contains("not a FHIR interaction")), "{said:?}");
         // $seen's record names every version it sent, so each patient's accounting shows it.
         let seen_records: Vec<&Value> =
             operations.iter().filter(|e| e["entity"].to_string().contains("_history/") && e["outcome"] == "0").collect();

@@ -7,7 +7,7 @@
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use cairn_fhir::outcome::{Issue, IssueCode, operation_outcome};
@@ -588,14 +588,56 @@ async fn seen(
     Ok(investigation(csv, json))
 }
 
-async fn unknown_route(request: Request) -> Outcome {
-    error(
+async fn unknown_route(
+    State(api): State<FhirApi>,
+    peer: Peer,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Outcome {
+    let outcome = error(
         404,
         IssueCode::NotSupported,
-        format!("{} {} is not a FHIR interaction this server supports", request.method(), request.uri().path()),
-    )
+        format!("{method} {} is not a FHIR interaction this server supports", uri.path()),
+    );
+    refused_route(&api, peer, &method, uri.path(), &headers, outcome).await
 }
 
-async fn method_not_allowed(request: Request) -> Outcome {
-    error(405, IssueCode::NotSupported, format!("{} is not allowed on {}", request.method(), request.uri().path()))
+async fn method_not_allowed(
+    State(api): State<FhirApi>,
+    peer: Peer,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Outcome {
+    let outcome = error(405, IssueCode::NotSupported, format!("{method} is not allowed on {}", uri.path()));
+    refused_route(&api, peer, &method, uri.path(), &headers, outcome).await
+}
+
+/// A request no route takes is a refusal like any other: under `/fhir` it is recorded (after the
+/// token is checked, which records a bad one) before it is answered. Other paths are not the FHIR
+/// API's and are only answered.
+async fn refused_route(
+    api: &FhirApi,
+    peer: Peer,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    outcome: Outcome,
+) -> Outcome {
+    if !path.starts_with("/fhir") {
+        return outcome;
+    }
+    let interaction = match *method {
+        Method::GET | Method::HEAD => "read",
+        Method::POST => "create",
+        Method::PUT | Method::PATCH => "update",
+        Method::DELETE => "delete",
+        _ => "unknown",
+    };
+    let target = Target::new(interaction, None, None);
+    match context(api, headers, peer.0, &target).await {
+        Ok(ctx) => refused(api, &ctx, &target, outcome).await,
+        Err(refusal) => refusal,
+    }
 }
