@@ -14,12 +14,13 @@ use cairn_events::{Event, Timestamp};
 use cairn_log::proof::{Proven, Span, verify_spans};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use std::collections::BTreeSet;
 
 /// The format name every slice carries.
 pub const FORMAT: &str = "cairn-audit-slice-v1";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditSlice {
     pub format: String,
     /// The patient, `Patient/<id>`.
@@ -28,8 +29,10 @@ pub struct AuditSlice {
     pub from: Timestamp,
     pub to: Timestamp,
     pub exported_at: Timestamp,
-    /// The AuditEvents and Provenances, by `recorded`, then type and id.
-    pub records: Vec<Value>,
+    /// The AuditEvents and Provenances, by `recorded`, then type and id. Kept as JSON text: a year
+    /// of one patient's readings is hundreds of thousands of records, and as `Value` trees they took
+    /// several times the memory of their text.
+    pub records: Vec<Box<RawValue>>,
     /// The log records they are built from, proven against the signed seals.
     pub proof: Vec<Span>,
 }
@@ -49,6 +52,20 @@ pub fn sort_records(records: &mut [AuditRecord]) {
     records.sort_by(|a, b| (a.recorded_ms, a.resource_type, &a.id).cmp(&(b.recorded_ms, b.resource_type, &b.id)));
 }
 
+/// A record as a slice holds it: its compact JSON text, and what it is sorted and named by.
+pub struct SliceRecord {
+    pub recorded_ms: i64,
+    pub resource_type: &'static str,
+    pub id: String,
+    pub json: Box<RawValue>,
+}
+
+impl SliceRecord {
+    fn name(&self) -> String {
+        format!("{}/{}", self.resource_type, self.id)
+    }
+}
+
 /// The records a slice holds for its proven events, sorted: what `cairn audit export` writes and what
 /// [`verify_slice`] requires. Each event is consumed as it is rendered (a long slice's event bytes are
 /// not held beside its records); an event that is not a Cairn event, or gives no record about
@@ -58,7 +75,7 @@ pub fn render_proven(
     patient: &str,
     from: Timestamp,
     to: Timestamp,
-) -> Result<Vec<AuditRecord>, String> {
+) -> Result<Vec<SliceRecord>, String> {
     let mut records = Vec::new();
     for r in proven {
         let event = Event::from_canonical_bytes(&r.value)
@@ -71,9 +88,13 @@ pub fn render_proven(
                 r.topic, r.partition, r.offset
             ));
         }
-        records.extend(about);
+        // To text at once: the trees are not kept.
+        for r in about {
+            let json = serde_json::value::to_raw_value(&r.resource).map_err(|e| e.to_string())?;
+            records.push(SliceRecord { recorded_ms: r.recorded_ms, resource_type: r.resource_type, id: r.id, json });
+        }
     }
-    sort_records(&mut records);
+    records.sort_by(|a, b| (a.recorded_ms, a.resource_type, &a.id).cmp(&(b.recorded_ms, b.resource_type, &b.id)));
     Ok(records)
 }
 
@@ -102,34 +123,35 @@ pub fn verify_slice(slice: &AuditSlice, keys: &[ed25519_dalek::VerifyingKey]) ->
         return Err(format!("not an audit slice of format {FORMAT} (it says `{}`)", slice.format));
     }
     let proven = verify_spans(&slice.proof, keys)?;
-    let mut names = BTreeSet::new();
-    for r in &slice.records {
-        let name = (r["resourceType"].as_str().unwrap_or("?"), r["id"].as_str().unwrap_or("?"));
-        if !names.insert(name) {
-            return Err(format!("{}/{} appears twice in the slice", name.0, name.1));
-        }
-    }
     let events = proven.len();
     let expected = render_proven(proven, &slice.patient, slice.from, slice.to)?;
-    let name = |r: &Value| format!("{}/{}", r["resourceType"].as_str().unwrap_or("?"), r["id"].as_str().unwrap_or("?"));
-    for (i, record) in slice.records.iter().enumerate() {
+    let mut names = BTreeSet::new();
+    for (i, raw) in slice.records.iter().enumerate() {
+        // One record parsed at a time, compared in the same compact form the renderer gives.
+        let record: Value =
+            serde_json::from_str(raw.get()).map_err(|e| format!("record {i} of the slice is not JSON: {e}"))?;
+        let name =
+            format!("{}/{}", record["resourceType"].as_str().unwrap_or("?"), record["id"].as_str().unwrap_or("?"));
+        if !names.insert(name.clone()) {
+            return Err(format!("{name} appears twice in the slice"));
+        }
+        let text = serde_json::to_string(&record).map_err(|e| e.to_string())?;
         match expected.get(i) {
-            Some(e) if e.resource == *record => {}
-            Some(e) if name(&e.resource) == name(record) => {
-                return Err(format!("{} differs from what its proven event gives: it was altered", name(record)));
+            Some(e) if e.json.get() == text => {}
+            Some(e) if e.name() == name => {
+                return Err(format!("{name} differs from what its proven event gives: it was altered"));
             }
             _ => {
-                let proven_names: BTreeSet<String> = expected.iter().map(|e| name(&e.resource)).collect();
-                return Err(if proven_names.contains(&name(record)) {
-                    format!("{} is out of order or repeated", name(record))
+                return Err(if expected.iter().any(|e| e.name() == name) {
+                    format!("{name} is out of order or repeated")
                 } else {
-                    format!("{} is not backed by a proven event: it was added", name(record))
+                    format!("{name} is not backed by a proven event: it was added")
                 });
             }
         }
     }
     if let Some(missing) = expected.get(slice.records.len()) {
-        return Err(format!("{} follows from a proven event but the slice leaves it out", name(&missing.resource)));
+        return Err(format!("{} follows from a proven event but the slice leaves it out", missing.name()));
     }
     let seals: BTreeSet<(&str, u32, u64)> = slice
         .proof

@@ -120,18 +120,20 @@ pub fn export(args: AuditExportArgs) -> anyhow::Result<ExitCode> {
             "{events} events about {patient} in the window ({scanned} events scanned), proven by {} spans",
             proof.spans.len()
         );
-        anyhow::Ok(AuditSlice {
+        let count = |t: &str| records.iter().filter(|r| r.resource_type == t).count();
+        let counts = (count("AuditEvent"), count("Provenance"));
+        let slice = AuditSlice {
             format: FORMAT.into(),
             patient: patient.clone(),
             from,
             to,
             exported_at: Timestamp::now(),
-            records: records.into_iter().map(|r| r.resource).collect(),
+            records: records.into_iter().map(|r| r.json).collect(),
             proof: proof.spans,
-        })
+        };
+        anyhow::Ok((slice, counts))
     })?;
-    let count = |t: &str| slice.records.iter().filter(|r| r["resourceType"] == t).count();
-    let (audit_events, provenances) = (count("AuditEvent"), count("Provenance"));
+    let (slice, (audit_events, provenances)) = slice;
     match &args.out {
         Some(path) => {
             // Written beside, then renamed: a reader never finds half a file.
