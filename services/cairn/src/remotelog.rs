@@ -128,7 +128,7 @@ pub async fn answer(log: &Arc<dyn EventLog>, issuer: &str, request: LogRequest) 
 }
 
 /// What a view may append: its own access events, as they would be routed, recorded now.
-fn check_view_access(record: &NewRecord) -> Result<(), String> {
+pub(crate) fn check_view_access(record: &NewRecord) -> Result<(), String> {
     let event = cairn_events::Event::from_canonical_bytes(&record.value)
         .map_err(|e| format!("not an event this server writes: {e}"))?;
     let view = match &event.payload {
@@ -374,5 +374,100 @@ impl EventLog for RemoteLog {
 
     async fn committed_offset(&self, _: &str, _: &str, _: u32) -> cairn_log::Result<Option<u64>> {
         Ok(None)
+    }
+}
+
+/// The live log as a view on Kafka uses it directly: every read, and appends of its own access
+/// events only (the check the live server's socket makes on the embedded log), so a view can never
+/// write anything else, whatever a bug above it would try.
+pub struct ViewLog(pub Arc<dyn EventLog>);
+
+#[async_trait]
+impl EventLog for ViewLog {
+    async fn create_topic(&self, topic: &str, partitions: u32) -> cairn_log::Result<()> {
+        match self.0.partitions(topic) {
+            Ok(n) if n == partitions => Ok(()),
+            _ => Err(LogError::ReadOnly),
+        }
+    }
+
+    fn topics(&self) -> Vec<TopicInfo> {
+        self.0.topics()
+    }
+
+    fn partitions(&self, topic: &str) -> cairn_log::Result<u32> {
+        self.0.partitions(topic)
+    }
+
+    async fn append_batch(&self, records: Vec<NewRecord>) -> cairn_log::Result<Vec<Position>> {
+        for r in &records {
+            if let Err(why) = check_view_access(r) {
+                tracing::error!(why, "a view tried to append something other than its access events");
+                return Err(LogError::ReadOnly);
+            }
+        }
+        self.0.append_batch(records).await
+    }
+
+    async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> cairn_log::Result<Vec<Record>> {
+        self.0.read(topic, partition, from, max).await
+    }
+
+    async fn end_offset(&self, topic: &str, partition: u32) -> cairn_log::Result<u64> {
+        self.0.end_offset(topic, partition).await
+    }
+
+    fn tail(&self, topic: &str, partition: u32, from: u64) -> BoxStream<'static, cairn_log::Result<Tailed>> {
+        self.0.tail(topic, partition, from)
+    }
+
+    fn tail_partitions(&self, topic: &str, from: &[(u32, u64)]) -> BoxStream<'static, cairn_log::Result<Tailed>> {
+        self.0.tail_partitions(topic, from)
+    }
+
+    async fn commit_offset(&self, _: &str, _: &str, _: u32, _: u64) -> cairn_log::Result<()> {
+        Err(LogError::ReadOnly)
+    }
+
+    async fn committed_offset(&self, group: &str, topic: &str, partition: u32) -> cairn_log::Result<Option<u64>> {
+        self.0.committed_offset(group, topic, partition).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_events::{Event, EventType, Payload, Timestamp, sample_event};
+
+    fn record_of(event: &Event) -> NewRecord {
+        NewRecord::new(event.topic(), event.partition_key(), event.canonical_bytes())
+    }
+
+    fn now(mut e: Event) -> Event {
+        e.occurred_at = Timestamp::now();
+        e
+    }
+
+    #[test]
+    fn a_view_appends_its_own_access_events_and_nothing_else() {
+        let read = now(sample_event(EventType::FhirAccessRead));
+        assert_eq!(check_view_access(&record_of(&read)), Ok(()));
+        // Without its view, from another time, under another key, or not an access event: refused.
+        let mut unnamed = read.clone();
+        if let Payload::AccessRead(a) = &mut unnamed.payload {
+            a.view = None;
+        }
+        assert!(check_view_access(&record_of(&unnamed)).unwrap_err().contains("view"));
+        let old = sample_event(EventType::FhirAccessRead);
+        assert!(check_view_access(&record_of(&old)).unwrap_err().contains("time"));
+        let mut moved = record_of(&read);
+        moved.key = b"Patient/someone-else".to_vec();
+        assert!(check_view_access(&moved).unwrap_err().contains("key"));
+        let user = now(sample_event(EventType::AuthUserCreated));
+        let mut disguised = record_of(&user);
+        disguised.topic = cairn_events::topics::ACCESS.into();
+        assert!(check_view_access(&disguised).unwrap_err().contains("not an access event"));
+        let garbage = NewRecord::new(cairn_events::topics::ACCESS, "k", "{}");
+        assert!(check_view_access(&garbage).is_err());
     }
 }

@@ -108,7 +108,7 @@ pub async fn serve_view(mut settings: Settings, telemetry: &Telemetry) -> anyhow
                 .context("--read-only on Kafka needs --token-issuer: the live server's public URL")?;
             let data = DataDir::open_or_create(&settings.data_dir)?;
             let open = backends::open_log(&settings.backends, &data, EmbeddedOptions::default()).await?;
-            (open.as_dyn(), issuer, Some(open))
+            (Arc::new(crate::remotelog::ViewLog(open.as_dyn())), issuer, Some(open))
         }
     };
     let auth_settings = cairn_auth::AuthSettings {
