@@ -190,45 +190,30 @@ fn forged_and_broken_id_tokens_are_refused_and_recorded() {
     let op = runtime.block_on(MockOp::start("cairn-at-mock", secret));
     let secrets = tempfile::tempdir().unwrap();
     let file = secret_file(secrets.path(), "mock.secret", secret);
-    let added = d.admin(&[
-        "idp",
-        "add",
-        "--id",
-        "mock",
-        "--name",
-        "Mock <ID>",
-        "--issuer",
-        &op.issuer(),
-        "--client-id",
-        "cairn-at-mock",
-        "--client-secret-file",
-        &file,
-        "--scope",
-        "email",
-        "--userinfo",
-        "--provision-role",
-        "patient",
-    ]);
+    let add_mock = || {
+        d.admin(&[
+            "idp",
+            "add",
+            "--id",
+            "mock",
+            "--name",
+            "Mock <ID>",
+            "--issuer",
+            &op.issuer(),
+            "--client-id",
+            "cairn-at-mock",
+            "--client-secret-file",
+            &file,
+            "--scope",
+            "email",
+            "--userinfo",
+            "--provision-role",
+            "patient",
+        ])
+    };
+    let added = add_mock();
     assert_eq!(added["changed"], true, "{added}");
-    let again = d.admin(&[
-        "idp",
-        "add",
-        "--id",
-        "mock",
-        "--name",
-        "Mock <ID>",
-        "--issuer",
-        &op.issuer(),
-        "--client-id",
-        "cairn-at-mock",
-        "--client-secret-file",
-        &file,
-        "--scope",
-        "email",
-        "--userinfo",
-        "--provision-role",
-        "patient",
-    ]);
+    let again = add_mock();
     assert_eq!(again["changed"], false, "the same configuration is not recorded twice: {again}");
 
     runtime.block_on(async {

@@ -489,8 +489,7 @@ async fn audit_report(
     let ctx = context(&api, &headers, peer.0, &target).await?;
     let q = q.unwrap_or_default();
     let params: std::collections::HashMap<String, String> = form_urlencoded::parse(q.as_bytes()).into_owned().collect();
-    let csv = params.get("_format").is_some_and(|f| f == "csv" || f == "text/csv")
-        || headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/csv"));
+    let csv = wants_csv(&params, &headers);
     let parsed = (|| {
         let kind = cairn_service::ReportKind::parse(
             params.get("kind").map(String::as_str).unwrap_or_default(),
@@ -507,18 +506,8 @@ async fn audit_report(
     .map_err(Outcome::from);
     let (kind, from, to) = checked(&api, &ctx, &target, parsed).await?;
     let report = api.service.audit_report(&ctx, &kind, &from, &to).await?;
-    let mut r = if csv {
-        let mut r = (StatusCode::OK, report.to_csv()).into_response();
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
-        r
-    } else {
-        let mut r = (StatusCode::OK, serde_json::to_vec(&report).expect("reports serialize")).into_response();
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        r
-    };
-    // Reports name patients and users: never cached.
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(r)
+    let json = serde_json::to_value(&report).expect("reports serialize");
+    Ok(table_answer(csv.then(|| report.to_csv()), json))
 }
 
 /// Whether the client asked for CSV (`_format=csv` or `Accept: text/csv`).
@@ -527,8 +516,8 @@ fn wants_csv(params: &std::collections::HashMap<String, String>, headers: &Heade
         || headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/csv"))
 }
 
-/// An investigation's answer: JSON or CSV, never cached (it names patients and users).
-fn investigation(csv: Option<String>, json: serde_json::Value) -> Response {
+/// A report's or an investigation's answer: JSON or CSV, never cached (it names patients and users).
+fn table_answer(csv: Option<String>, json: serde_json::Value) -> Response {
     let mut r = match csv {
         Some(text) => {
             let mut r = (StatusCode::OK, text).into_response();
@@ -567,7 +556,7 @@ async fn timeline(
     let entries = api.service.timeline(&ctx, &id, get("from"), get("to")).await?;
     let csv = wants_csv(&params, &headers).then(|| cairn_audit::timeline::to_csv(&entries));
     let json = serde_json::json!({"patient": format!("Patient/{id}"), "from": get("from"), "to": get("to"), "entries": entries});
-    Ok(investigation(csv, json))
+    Ok(table_answer(csv, json))
 }
 
 /// `GET /fhir/$seen?user=|client=&from=&to=[&_format=csv]`: what a user or client was sent.
@@ -585,7 +574,7 @@ async fn seen(
     let accesses = api.service.seen(&ctx, get("user"), get("client"), get("from"), get("to")).await?;
     let csv = wants_csv(&params, &headers).then(|| cairn_audit::seen::to_csv(&accesses));
     let json = serde_json::json!({"user": get("user"), "client": get("client"), "from": get("from"), "to": get("to"), "accesses": accesses});
-    Ok(investigation(csv, json))
+    Ok(table_answer(csv, json))
 }
 
 async fn unknown_route(

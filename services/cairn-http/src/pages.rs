@@ -177,6 +177,13 @@ fn encode_params(params: &[(String, String)]) -> String {
     form_urlencoded::Serializer::new(String::new()).extend_pairs(params).finish()
 }
 
+/// The app's authorization request a form carries through the sign-in, validated again (none when
+/// the person signs in without an app).
+fn carried_request(auth: &AuthServer, form: &Form) -> Result<Option<AuthorizeRequest>, AuthorizeError> {
+    let params = form.authorize_params();
+    if params.is_empty() { Ok(None) } else { auth.authorize_request(&params).map(Some) }
+}
+
 /// What to answer when an authorization request cannot go on: an error page when the client or its
 /// redirect URI is not trusted, else a redirect to the client with the error.
 fn refusal(e: AuthorizeError) -> Response {
@@ -348,14 +355,9 @@ async fn login(State(pages): State<Arc<Pages>>, peer: Peer, headers: HeaderMap, 
     let auth = &pages.auth;
     let form = Form::parse(&body);
     let actor = request_actor(&headers, peer.0);
-    let params = form.authorize_params();
-    let req = if params.is_empty() {
-        None
-    } else {
-        match auth.authorize_request(&params) {
-            Ok(r) => Some(r),
-            Err(e) => return refusal(e),
-        }
+    let req = match carried_request(auth, &form) {
+        Ok(r) => r,
+        Err(e) => return refusal(e),
     };
     let username = form.one("username").unwrap_or("").trim().to_owned();
     if !csrf_ok(&headers, &form) {
@@ -450,14 +452,9 @@ async fn login_upstream(
     let auth = &pages.auth;
     let form = Form::parse(&body);
     let actor = request_actor(&headers, peer.0);
-    let params = form.authorize_params();
-    let req = if params.is_empty() {
-        None
-    } else {
-        match auth.authorize_request(&params) {
-            Ok(r) => Some(r),
-            Err(e) => return refusal(e),
-        }
+    let req = match carried_request(auth, &form) {
+        Ok(r) => r,
+        Err(e) => return refusal(e),
     };
     let unavailable =
         || error_page(StatusCode::SERVICE_UNAVAILABLE, "sign-in is unavailable right now; try again shortly");
