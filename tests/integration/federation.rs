@@ -80,19 +80,26 @@ impl Browser {
 
     /// [`Browser::sign_in_with`], also giving the app's PKCE verifier.
     async fn sign_in_for_app(&self, base: &str, idp: &str) -> (String, u16, String, String) {
+        let (resp, verifier) = self.press(&self.follow, base, idp).await;
+        let at = resp.url().to_string();
+        let status = resp.status().as_u16();
+        (at, status, resp.text().await.unwrap(), verifier)
+    }
+
+    /// Opens the app's request at Cairn and presses "Sign in with ..." for `idp`, sending the form
+    /// with `client` (`follow` to go all the way, `step` to stop at Cairn's redirect); the answer and
+    /// the app's PKCE verifier.
+    async fn press(&self, client: &reqwest::Client, base: &str, idp: &str) -> (reqwest::Response, String) {
         let (url, verifier) = app_request(base);
         let page = self.follow.get(&url).send().await.unwrap().text().await.unwrap();
         assert!(page.contains(&format!("action=\"/login/idp/{idp}\"")), "no button for {idp}: {page}");
-        let resp = self
-            .follow
+        let resp = client
             .post(format!("{base}/login/idp/{idp}"))
             .form(&[("csrf", hidden(&page, "csrf")), ("authorize", hidden(&page, "authorize"))])
             .send()
             .await
             .unwrap();
-        let at = resp.url().to_string();
-        let status = resp.status().as_u16();
-        (at, status, resp.text().await.unwrap(), verifier)
+        (resp, verifier)
     }
 
     /// Allows everything on the consent page (for `patient` when the user is not one) and
@@ -305,16 +312,8 @@ fn forged_and_broken_id_tokens_are_refused_and_recorded() {
         assert_eq!(op.jwks_fetches(), fetches + 1, "one JWKS refresh for the new kid");
 
         // The answer brought to another browser (no binding cookie): refused, recorded.
-        let (url, _) = app_request(&base);
         let victim = Browser::new();
-        let page = victim.follow.get(&url).send().await.unwrap().text().await.unwrap();
-        let resp = victim
-            .step
-            .post(format!("{base}/login/idp/mock"))
-            .form(&[("csrf", hidden(&page, "csrf")), ("authorize", hidden(&page, "authorize"))])
-            .send()
-            .await
-            .unwrap();
+        let (resp, _) = victim.press(&victim.step, &base, "mock").await;
         assert_eq!(resp.status(), 303);
         let to_provider = super::auth::location(&resp);
         assert!(to_provider.starts_with(&op.issuer()), "{to_provider}");
@@ -334,15 +333,7 @@ fn forged_and_broken_id_tokens_are_refused_and_recorded() {
 
         // An answer naming another issuer (RFC 9207 mix-up): refused.
         let browser = Browser::new();
-        let (url, _) = app_request(&base);
-        let page = browser.follow.get(&url).send().await.unwrap().text().await.unwrap();
-        let resp = browser
-            .step
-            .post(format!("{base}/login/idp/mock"))
-            .form(&[("csrf", hidden(&page, "csrf")), ("authorize", hidden(&page, "authorize"))])
-            .send()
-            .await
-            .unwrap();
+        let (resp, _) = browser.press(&browser.step, &base, "mock").await;
         let back = browser.step.get(super::auth::location(&resp)).send().await.unwrap();
         let mut callback = reqwest::Url::parse(&super::auth::location(&back)).unwrap();
         let pairs: Vec<(String, String)> = callback
@@ -436,15 +427,7 @@ fn forged_and_broken_id_tokens_are_refused_and_recorded() {
         let (status, _, _) = http.fhir(reqwest::Method::GET, "/Observation?patient=p-1", Some(&access), None).await;
         assert_eq!(status, 200);
         let in_flight = Browser::new();
-        let (url, _) = app_request(&base);
-        let page = in_flight.follow.get(&url).send().await.unwrap().text().await.unwrap();
-        let resp = in_flight
-            .step
-            .post(format!("{base}/login/idp/mock"))
-            .form(&[("csrf", hidden(&page, "csrf")), ("authorize", hidden(&page, "authorize"))])
-            .send()
-            .await
-            .unwrap();
+        let (resp, _) = in_flight.press(&in_flight.step, &base, "mock").await;
         let back = in_flight.step.get(super::auth::location(&resp)).send().await.unwrap();
         let callback = super::auth::location(&back);
         d.admin(&["idp", "disable", "--id", "mock"]);
@@ -622,15 +605,7 @@ fn an_upstream_identity_signs_in_and_its_accesses_name_it() {
 
         // Alice: Cairn's sign-in page, the provider's login, back to Cairn's consent.
         let browser = Browser::new();
-        let (app_url, verifier) = app_request(&base);
-        let page = browser.follow.get(&app_url).send().await.unwrap().text().await.unwrap();
-        let at_provider = browser
-            .follow
-            .post(format!("{base}/login/idp/hospital"))
-            .form(&[("csrf", hidden(&page, "csrf")), ("authorize", hidden(&page, "authorize"))])
-            .send()
-            .await
-            .unwrap();
+        let (at_provider, verifier) = browser.press(&browser.follow, &base, "hospital").await;
         assert!(at_provider.url().as_str().starts_with(&provider.issuer), "{}", at_provider.url());
         // A wrong password stays at the provider.
         let wrong = provider_login(&browser, at_provider, "alice", "not her password").await;
@@ -686,30 +661,14 @@ fn an_upstream_identity_signs_in_and_its_accesses_name_it() {
         // The same person through the client that authenticates with a signed assertion (RFC 7523):
         // the identity (issuer, subject) is the same, so is the link.
         let browser = Browser::new();
-        let (app_url, _) = app_request(&base);
-        let page = browser.follow.get(&app_url).send().await.unwrap().text().await.unwrap();
-        let at_provider = browser
-            .follow
-            .post(format!("{base}/login/idp/hospital-key"))
-            .form(&[("csrf", hidden(&page, "csrf")), ("authorize", hidden(&page, "authorize"))])
-            .send()
-            .await
-            .unwrap();
+        let (at_provider, _) = browser.press(&browser.follow, &base, "hospital-key").await;
         let consent = provider_login(&browser, at_provider, "alice", "alice upstream password").await;
         assert_eq!(consent.status(), 200, "{}", consent.url());
         assert!(consent.text().await.unwrap().contains("Signed in as <strong>alice</strong>"));
 
         // Bob exists at the provider but not here: refused, and told how to get linked.
         let browser = Browser::new();
-        let (app_url, _) = app_request(&base);
-        let page = browser.follow.get(&app_url).send().await.unwrap().text().await.unwrap();
-        let at_provider = browser
-            .follow
-            .post(format!("{base}/login/idp/hospital"))
-            .form(&[("csrf", hidden(&page, "csrf")), ("authorize", hidden(&page, "authorize"))])
-            .send()
-            .await
-            .unwrap();
+        let (at_provider, _) = browser.press(&browser.follow, &base, "hospital").await;
         let refused = provider_login(&browser, at_provider, "bob", "bob upstream password").await;
         assert_eq!(refused.status(), 403);
         let page = refused.text().await.unwrap();

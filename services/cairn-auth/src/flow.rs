@@ -664,7 +664,8 @@ impl AuthServer {
     /// the audit trail. A family this instance has not seen yet (issued a moment ago elsewhere)
     /// is looked for again after catching up with the log.
     pub async fn family_authenticator(&self, family: &str) -> Option<cairn_events::Authenticator> {
-        self.find_or_catch_up(|s| s.family(family).cloned()).await.ok().flatten().and_then(|f| f.authenticator)
+        // On every bearer request with a family: only the authenticator is copied out of the state.
+        self.find_or_catch_up(|s| s.family(family).map(|f| f.authenticator.clone())).await.ok().flatten().flatten()
     }
 
     // ---------------------------------------------------------------- userinfo

@@ -287,10 +287,8 @@ impl Federation {
             return Err(lost("the sign-in was started in another browser"));
         }
         let authorize = Some(pending.authorize.clone());
-        let fail = |reason: LoginFailure, detail: &str| Failed {
-            failure: failure(reason, detail),
-            authorize: authorize.clone(),
-        };
+        let lift = |f: FederatedFailure| Failed { failure: f, authorize: authorize.clone() };
+        let fail = |reason: LoginFailure, detail: &str| lift(failure(reason, detail));
         if pending.idp_id != path_idp {
             return Err(fail(LoginFailure::StateMismatch, "the answer came back for another provider"));
         }
@@ -304,14 +302,8 @@ impl Federation {
             return Err(fail(LoginFailure::StateMismatch, "the provider was reconfigured during the sign-in"));
         }
         if let Some(error) = param("error") {
-            return Err(Failed {
-                failure: FederatedFailure {
-                    reason: LoginFailure::UpstreamRejected,
-                    detail: format!("the provider answered error `{}`", error_code(error)),
-                    authenticator: None,
-                },
-                authorize: authorize.clone(),
-            });
+            let detail = format!("the provider answered error `{}`", error_code(error));
+            return Err(fail(LoginFailure::UpstreamRejected, &detail));
         }
         // RFC 9207: an answer that names another issuer is a mix-up attack.
         if param("iss").is_some_and(|iss| iss != idp.issuer) {
@@ -328,8 +320,7 @@ impl Federation {
                 tracing::error!(idp = %idp.idp_id, error = %e, "the upstream client credential cannot be used");
                 fail(LoginFailure::UpstreamError, "Cairn's credential for the provider cannot be used")
             })?;
-        let metadata =
-            self.metadata(&idp.issuer, false).await.map_err(|f| Failed { failure: f, authorize: authorize.clone() })?;
+        let metadata = self.metadata(&idp.issuer, false).await.map_err(lift)?;
         let redirect = RedirectUrl::new(self.callback_uri(&idp.idp_id))
             .map_err(|_| fail(LoginFailure::UpstreamError, "Cairn's callback address is not a URL"))?;
         let client = self.client(idp, &metadata, &credential, redirect.clone());
@@ -351,22 +342,13 @@ impl Federation {
         }
         let http = self.client_fn();
         let token = exchange.request_async(&http).await.map_err(|e| match e {
-            RequestTokenError::ServerResponse(r) => Failed {
-                failure: FederatedFailure {
-                    reason: LoginFailure::UpstreamRejected,
-                    detail: format!("the token endpoint refused the code: `{}`", error_code(r.error().as_ref())),
-                    authenticator: None,
-                },
-                authorize: authorize.clone(),
-            },
-            RequestTokenError::Request(e) => Failed {
-                failure: FederatedFailure {
-                    reason: LoginFailure::UpstreamError,
-                    detail: format!("the token endpoint could not be reached: {e}"),
-                    authenticator: None,
-                },
-                authorize: authorize.clone(),
-            },
+            RequestTokenError::ServerResponse(r) => fail(
+                LoginFailure::UpstreamRejected,
+                &format!("the token endpoint refused the code: `{}`", error_code(r.error().as_ref())),
+            ),
+            RequestTokenError::Request(e) => {
+                fail(LoginFailure::UpstreamError, &format!("the token endpoint could not be reached: {e}"))
+            }
             RequestTokenError::Parse(_, _) => {
                 fail(LoginFailure::UpstreamError, "the token endpoint's answer is not a token response")
             }
@@ -382,10 +364,7 @@ impl Federation {
         let claims = match verify(&client) {
             Err(ClaimsVerificationError::SignatureVerification(SignatureVerificationError::NoMatchingKey)) => {
                 // The provider may have rotated its keys: fetch them again, once.
-                let fresh = self
-                    .metadata(&idp.issuer, true)
-                    .await
-                    .map_err(|f| Failed { failure: f, authorize: authorize.clone() })?;
+                let fresh = self.metadata(&idp.issuer, true).await.map_err(lift)?;
                 verify(&self.client(idp, &fresh, &credential, redirect))
             }
             other => other,

@@ -369,7 +369,7 @@ async fn login(State(pages): State<Arc<Pages>>, peer: Peer, headers: HeaderMap, 
             )
             .await;
         if recorded.is_err() {
-            return error_page(StatusCode::SERVICE_UNAVAILABLE, "sign-in is unavailable right now; try again shortly");
+            return sign_in_unavailable();
         }
         return login_page(
             auth,
@@ -381,20 +381,7 @@ async fn login(State(pages): State<Arc<Pages>>, peer: Peer, headers: HeaderMap, 
         );
     }
     match auth.login(&username, form.one("password").unwrap_or(""), &actor).await {
-        Ok(signed_in) => {
-            let lifetime = auth.settings().session_lifetime.as_secs();
-            let set = format!(
-                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={lifetime}{}",
-                signed_in.cookie,
-                secure(auth)
-            );
-            match req {
-                Some(r) => see_other(&format!("/authorize?{}", encode_params(&r.params)), &[set]),
-                None => {
-                    html(StatusCode::OK, "Signed in", "<h1>Signed in</h1><p>You are signed in to Cairn.</p>", &[set])
-                }
-            }
-        }
+        Ok(signed_in) => signed_in_page(auth, &signed_in, req.as_ref(), None),
         Err(refusal) => {
             let status = if refusal.0.starts_with("Too many") {
                 StatusCode::TOO_MANY_REQUESTS
@@ -403,6 +390,40 @@ async fn login(State(pages): State<Arc<Pages>>, peer: Peer, headers: HeaderMap, 
             };
             login_page(auth, &headers, req.as_ref(), &username, Some(&refusal.0), status)
         }
+    }
+}
+
+/// The answer when the audit log cannot record a sign-in step: nothing goes on unrecorded.
+fn sign_in_unavailable() -> Response {
+    error_page(StatusCode::SERVICE_UNAVAILABLE, "sign-in is unavailable right now; try again shortly")
+}
+
+/// `page` with one more cookie set.
+fn with_cookie(mut page: Response, cookie: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(cookie) {
+        page.headers_mut().append(header::SET_COOKIE, v);
+    }
+    page
+}
+
+/// After a sign-in (with a password or upstream): the session cookie, then the app's request again
+/// (its consent page), or a plain "signed in" page. `also` is one more cookie to set.
+fn signed_in_page(
+    auth: &AuthServer,
+    signed_in: &cairn_auth::flow::SignedIn,
+    req: Option<&AuthorizeRequest>,
+    also: Option<String>,
+) -> Response {
+    let lifetime = auth.settings().session_lifetime.as_secs();
+    let session = format!(
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={lifetime}{}",
+        signed_in.cookie,
+        secure(auth)
+    );
+    let cookies: Vec<String> = std::iter::once(session).chain(also).collect();
+    match req {
+        Some(r) => see_other(&format!("/authorize?{}", encode_params(&r.params)), &cookies),
+        None => html(StatusCode::OK, "Signed in", "<h1>Signed in</h1><p>You are signed in to Cairn.</p>", &cookies),
     }
 }
 
@@ -456,11 +477,9 @@ async fn login_upstream(
         Ok(r) => r,
         Err(e) => return refusal(e),
     };
-    let unavailable =
-        || error_page(StatusCode::SERVICE_UNAVAILABLE, "sign-in is unavailable right now; try again shortly");
     if !csrf_ok(&headers, &form) {
         if auth.login_refused(None, LoginFailure::CsrfMismatch, &actor).await.is_err() {
-            return unavailable();
+            return sign_in_unavailable();
         }
         let again = "Your sign-in form expired. Please try again.";
         return login_page(auth, &headers, req.as_ref(), "", Some(again), StatusCode::FORBIDDEN);
@@ -500,7 +519,7 @@ async fn login_upstream(
         }
         Err(failure) => {
             if auth.federated_login_failed(Some(&idp_id), &failure, &actor).await.is_err() {
-                return unavailable();
+                return sign_in_unavailable();
             }
             let (status, message) = upstream_failure_message(failure.reason, &display_name(auth, &idp_id));
             login_page(auth, &headers, req.as_ref(), "", Some(&message), status)
@@ -523,8 +542,6 @@ async fn upstream_callback(
     let binding = cookie(&headers, FEDERATION_COOKIE);
     let finished = pages.federation.finish(&idp_id, idp.as_ref(), &query, binding.as_deref()).await;
     let clear = format!("{FEDERATION_COOKIE}=; Path=/login/idp; HttpOnly; SameSite=Lax; Max-Age=0{}", secure(auth));
-    let unavailable =
-        || error_page(StatusCode::SERVICE_UNAVAILABLE, "sign-in is unavailable right now; try again shortly");
     let app_request = |params: &[(String, String)]| {
         if params.is_empty() { None } else { auth.authorize_request(params).ok() }
     };
@@ -532,42 +549,18 @@ async fn upstream_callback(
         Ok(f) => f,
         Err(failed) => {
             if auth.federated_login_failed(Some(&idp_id), &failed.failure, &actor).await.is_err() {
-                return unavailable();
+                return sign_in_unavailable();
             }
             let (status, message) = upstream_failure_message(failed.failure.reason, &display_name(auth, &idp_id));
             let req = failed.authorize.as_deref().and_then(app_request);
-            let mut page = login_page(auth, &headers, req.as_ref(), "", Some(&message), status);
-            if let Ok(v) = HeaderValue::from_str(&clear) {
-                page.headers_mut().append(header::SET_COOKIE, v);
-            }
-            return page;
+            return with_cookie(login_page(auth, &headers, req.as_ref(), "", Some(&message), status), &clear);
         }
     };
     let req = app_request(&finished.authorize);
     match auth.federated_login(&idp_id, finished.identity, &actor).await {
-        Ok(signed_in) => {
-            let lifetime = auth.settings().session_lifetime.as_secs();
-            let session = format!(
-                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={lifetime}{}",
-                signed_in.cookie,
-                secure(auth)
-            );
-            match req {
-                Some(r) => see_other(&format!("/authorize?{}", encode_params(&r.params)), &[session, clear]),
-                None => html(
-                    StatusCode::OK,
-                    "Signed in",
-                    "<h1>Signed in</h1><p>You are signed in to Cairn.</p>",
-                    &[session, clear],
-                ),
-            }
-        }
+        Ok(signed_in) => signed_in_page(auth, &signed_in, req.as_ref(), Some(clear)),
         Err(refusal) => {
-            let mut page = login_page(auth, &headers, req.as_ref(), "", Some(&refusal.0), StatusCode::FORBIDDEN);
-            if let Ok(v) = HeaderValue::from_str(&clear) {
-                page.headers_mut().append(header::SET_COOKIE, v);
-            }
-            page
+            with_cookie(login_page(auth, &headers, req.as_ref(), "", Some(&refusal.0), StatusCode::FORBIDDEN), &clear)
         }
     }
 }

@@ -120,8 +120,8 @@ impl Platform for RunningPlatform {
 async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> {
     cairn_log::describe_metrics();
     cairn_projector::describe_metrics();
-    if settings.view_of.is_some() {
-        return crate::viewer::serve_view(settings, telemetry).await;
+    if let Some(dir) = settings.view_of.clone() {
+        return crate::viewer::serve_view(&dir, settings, telemetry).await;
     }
     let data = DataDir::open_or_create(&settings.data_dir)?;
     // Bind first: with port 0 the public URL (the token issuer and audience) is the bound address.

@@ -76,9 +76,9 @@ fn describe_replay(dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(format!("replay until {until}"))
 }
 
-pub async fn serve_view(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> {
-    let dir = settings.view_of.clone().expect("a view");
-    let view = describe_replay(&dir)?;
+/// Serves the replay in `dir` (`--store-dir`).
+pub async fn serve_view(dir: &std::path::Path, mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> {
+    let view = describe_replay(dir)?;
     let store_file = dir.join("store").join("resources.redb");
     if !store_file.exists() {
         bail!("--store-dir {}: no store/resources.redb; is it a finished replay?", dir.display());
