@@ -42,6 +42,7 @@ fn version(id: &str, v: u64, patient: &str, deleted: bool) -> ResourceVersion {
             serde_json::value::to_raw_value(&json!({"resourceType": "Observation", "id": id, "status": "final"}))
                 .unwrap()
         }),
+        fact: false,
         patient: Some(patient.into()),
         identifiers: vec![format!("urn:sys|{id}")],
         date_key: Some(v as i64 * 100),

@@ -153,3 +153,31 @@ fn a_timeline_puts_the_sign_in_and_the_grant_before_the_access_that_used_them() 
     let kinds: Vec<(&str, &str)> = timeline.iter().map(|e| (e.kind, e.position.as_str())).collect();
     assert_eq!(kinds, [("token", "c"), ("access", "a")]);
 }
+
+#[test]
+fn every_record_has_the_keys_given_and_renders_again_from_its_fact_without_the_body() {
+    for t in EventType::ALL {
+        let e = sample_event(t);
+        let fact = fact(&e);
+        if let Payload::ResourceCreated(w) | Payload::ResourceUpdated(w) = &e.payload {
+            assert!(w.resource.get().len() > 20, "{t}: the sample carries a body");
+            assert!(!fact.get().contains(w.resource.get()), "{t}: the body is stored once, as the resource");
+        }
+        let records: Vec<AuditRecord> = audit_events(&e).into_iter().chain(provenance(&e)).collect();
+        let keys: Vec<RecordKey> = records
+            .iter()
+            .map(|r| RecordKey {
+                resource_type: r.resource_type,
+                id: r.id.clone(),
+                patient: r.patient.clone(),
+                recorded_ms: r.recorded_ms,
+            })
+            .collect();
+        assert_eq!(record_keys(&e), keys, "{t}: the keys are those of the rendered records");
+        for r in &records {
+            assert_eq!(render(r.resource_type, &r.id, fact.get()).as_ref(), Some(&r.resource), "{t}: {}", r.id);
+        }
+        assert_eq!(render("AuditEvent", "no-such-record", fact.get()), None, "{t}");
+    }
+    assert_eq!(render("AuditEvent", "x", "{\"not\": \"an event\"}"), None);
+}

@@ -2,30 +2,156 @@
 //! are `cairn_audit`'s; this adds the index keys: the patient compartment, and for AuditEvents the
 //! date-index key (`recorded`), so "who accessed patient X between T1 and T2" reads one patient's
 //! records in one time window.
+//!
+//! A record is stored as its fact (`cairn_audit::fact`: the event, without a write's resource body),
+//! not as the rendered record: [`Rendered`] renders it again for every reader. The record is a pure
+//! function of its event, so readers see exactly what was rendered here, and the store holds a write's
+//! body once instead of three times.
 
-use cairn_audit::AuditRecord;
+use cairn_audit::RecordKey;
 use cairn_events::Event;
-use cairn_store::ResourceVersion;
+use cairn_store::{Checkpoint, ResourceStore, ResourceVersion, Result, StoreError};
+use std::sync::Arc;
 
 pub fn project(event: &Event) -> Vec<ResourceVersion> {
-    let mut records = cairn_audit::audit_events(event);
-    records.extend(cairn_audit::provenance(event));
-    records.into_iter().map(version).collect()
+    let keys = cairn_audit::record_keys(event);
+    if keys.is_empty() {
+        return Vec::new();
+    }
+    let fact = cairn_audit::fact(event);
+    let last_updated = event.occurred_at.to_rfc3339();
+    keys.into_iter().map(|k| version(k, last_updated.clone(), fact.clone())).collect()
 }
 
-fn version(r: AuditRecord) -> ResourceVersion {
-    let last_updated = r.resource["meta"]["lastUpdated"].as_str().unwrap_or_default().to_owned();
-    let date_key = (r.resource_type == "AuditEvent").then_some(r.recorded_ms);
+fn version(k: RecordKey, last_updated: String, fact: Box<serde_json::value::RawValue>) -> ResourceVersion {
+    let date_key = (k.resource_type == "AuditEvent").then_some(k.recorded_ms);
     ResourceVersion {
-        resource_type: r.resource_type.to_owned(),
-        id: r.id,
+        resource_type: k.resource_type.to_owned(),
+        id: k.id,
         version_id: 1,
         last_updated,
-        last_updated_ms: r.recorded_ms,
+        last_updated_ms: k.recorded_ms,
         deleted: false,
-        resource: Some(serde_json::value::to_raw_value(&r.resource).expect("JSON values serialize")),
-        patient: r.patient,
+        resource: Some(fact),
+        fact: true,
+        patient: k.patient,
         identifiers: Vec::new(),
         date_key,
+    }
+}
+
+/// A version as readers see it: an audit record's fact rendered into the record.
+fn render(mut v: ResourceVersion) -> Result<ResourceVersion> {
+    if !v.fact {
+        return Ok(v);
+    }
+    let fact = v.resource.as_ref().map(|r| r.get()).unwrap_or("null");
+    let record = cairn_audit::render(&v.resource_type, &v.id, fact).ok_or_else(|| {
+        StoreError::Corrupt(format!("{}/{}: its stored event does not render this record", v.resource_type, v.id))
+    })?;
+    v.resource = Some(serde_json::value::to_raw_value(&record).expect("JSON values serialize"));
+    v.fact = false;
+    Ok(v)
+}
+
+/// The store as the FHIR API reads it: every audit record rendered from its fact. Writes and the
+/// digest pass through untouched (the digest covers what is stored).
+pub struct Rendered(pub Arc<dyn ResourceStore>);
+
+impl Rendered {
+    /// `store` as readers see it (wrapping twice is harmless: a rendered record is no fact).
+    pub fn wrap(store: Arc<dyn ResourceStore>) -> Arc<dyn ResourceStore> {
+        Arc::new(Rendered(store))
+    }
+}
+
+/// Runs `visit` on rendered versions; a version that does not render stops the scan with its error.
+fn rendering_visitor<'a>(
+    visit: &'a mut (dyn FnMut(ResourceVersion) -> bool + Send),
+    failed: &'a mut Option<StoreError>,
+) -> impl FnMut(ResourceVersion) -> bool + Send + 'a {
+    move |v| match render(v) {
+        Ok(v) => visit(v),
+        Err(e) => {
+            *failed = Some(e);
+            false
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ResourceStore for Rendered {
+    async fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()> {
+        self.0.apply(versions, checkpoints, durable).await
+    }
+
+    async fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
+        self.0.checkpoint(topic, partition).await
+    }
+
+    async fn current(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
+        self.0.current(resource_type, id).await?.map(render).transpose()
+    }
+
+    async fn version(&self, resource_type: &str, id: &str, version_id: u64) -> Result<Option<ResourceVersion>> {
+        self.0.version(resource_type, id, version_id).await?.map(render).transpose()
+    }
+
+    async fn history(&self, resource_type: &str, id: &str) -> Result<Vec<ResourceVersion>> {
+        self.0.history(resource_type, id).await?.into_iter().map(render).collect()
+    }
+
+    async fn scan_current(
+        &self,
+        resource_type: &str,
+        patient: Option<&str>,
+        visit: &mut (dyn FnMut(ResourceVersion) -> bool + Send),
+    ) -> Result<()> {
+        let mut failed = None;
+        self.0.scan_current(resource_type, patient, &mut rendering_visitor(visit, &mut failed)).await?;
+        failed.map_or(Ok(()), Err)
+    }
+
+    async fn scan_patient_dates(
+        &self,
+        resource_type: &str,
+        patient: &str,
+        from: i64,
+        to: i64,
+        visit: &mut (dyn FnMut(ResourceVersion) -> bool + Send),
+    ) -> Result<()> {
+        let mut failed = None;
+        self.0.scan_patient_dates(resource_type, patient, from, to, &mut rendering_visitor(visit, &mut failed)).await?;
+        failed.map_or(Ok(()), Err)
+    }
+
+    async fn count_current(&self, resource_type: &str) -> Result<u64> {
+        self.0.count_current(resource_type).await
+    }
+
+    async fn changes(
+        &self,
+        resource_type: Option<&str>,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<ResourceVersion>> {
+        self.0.changes(resource_type, from_ms, to_ms, limit).await?.into_iter().map(render).collect()
+    }
+
+    async fn find_by_identifier(&self, resource_type: &str, identifier: &str) -> Result<Vec<String>> {
+        self.0.find_by_identifier(resource_type, identifier).await
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool> {
+        self.0.acquire_lease(name, holder, ttl).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        self.0.release_lease(name, holder).await
+    }
+
+    async fn digest(&self) -> Result<String> {
+        self.0.digest().await
     }
 }

@@ -151,33 +151,61 @@ impl Projector {
     /// Applies the log from the store's checkpoints up to a cut: in each partition, up to the first
     /// record `keep` refuses (a replay "as of" a moment, `cairn replay`). Calls `applied` with the
     /// number of records of each batch. Returns the next offset of every partition at the cut.
+    ///
+    /// Two batches are in flight: while the store writes one (on a blocking thread), the next is read
+    /// and projected, so a rebuild keeps both cores busy.
     pub async fn catch_up_until(
         &self,
         keep: &(dyn Fn(&Record) -> bool + Sync),
         applied: &mut (dyn FnMut(usize) + Send),
     ) -> Result<Vec<u64>, ProjectorError> {
         let partitions = self.progress.borrow().len() as u32;
+        let mut cursor = self.progress.borrow().clone();
         let mut last_durable = Instant::now();
+        let mut in_flight: Option<tokio::task::JoinHandle<Result<Batch, ProjectorError>>> = None;
         for p in 0..partitions {
             loop {
-                let from = self.progress.borrow()[p as usize];
-                let records = self.log.read(self.projection.topic, p, from, BATCH_RECORDS).await?;
+                let records = self.log.read(self.projection.topic, p, cursor[p as usize], BATCH_RECORDS).await?;
                 let kept = records.iter().position(|r| !keep(r)).unwrap_or(records.len());
                 if kept > 0 {
+                    let batch = self.prepare(&records[..kept], &[], &cursor);
+                    cursor.clone_from(&batch.next);
+                    if let Some(previous) = in_flight.take() {
+                        self.finish(previous, applied).await?;
+                    }
                     let durable = last_durable.elapsed() >= self.durable_every;
-                    self.apply(&records[..kept], durable).await?;
                     if durable {
                         last_durable = Instant::now();
                     }
-                    applied(kept);
+                    let store = self.store.clone();
+                    let runtime = tokio::runtime::Handle::current();
+                    in_flight = Some(tokio::task::spawn_blocking(move || {
+                        runtime.block_on(store.apply(&batch.versions, &batch.checkpoints, durable))?;
+                        Ok(batch)
+                    }));
                 }
                 if kept < records.len() || records.is_empty() {
                     break;
                 }
             }
         }
+        if let Some(previous) = in_flight.take() {
+            self.finish(previous, applied).await?;
+        }
         self.apply(&[], true).await?;
         Ok(self.progress.borrow().clone())
+    }
+
+    /// Waits for a batch the store is writing, then publishes the progress it made.
+    async fn finish(
+        &self,
+        writing: tokio::task::JoinHandle<Result<Batch, ProjectorError>>,
+        applied: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<(), ProjectorError> {
+        let batch = writing.await.map_err(|e| ProjectorError::Stopped(e.to_string()))??;
+        self.progress.send_replace(batch.next);
+        applied(batch.records);
+        Ok(())
     }
 
     /// Tails the partitions the log assigns to this process (every partition, unless several
@@ -279,6 +307,16 @@ impl Projector {
         passed: &[(u32, u64)],
         durable: bool,
     ) -> Result<(), ProjectorError> {
+        let before = self.progress.borrow().clone();
+        let batch = self.prepare(records, passed, &before);
+        self.store.apply(&batch.versions, &batch.checkpoints, durable).await?;
+        self.progress.send_replace(batch.next);
+        Ok(())
+    }
+
+    /// Projects `records` into what one store write takes: their versions, and the checkpoints of the
+    /// partitions they (or `passed`) move beyond `before`.
+    fn prepare(&self, records: &[Record], passed: &[(u32, u64)], before: &[u64]) -> Batch {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
@@ -288,7 +326,7 @@ impl Projector {
             lag.record((now_ms - r.timestamp_ms).max(0) as f64 / 1000.0);
         }
         let mut versions = Vec::with_capacity(records.len());
-        let mut next = self.progress.borrow().clone();
+        let mut next = before.to_vec();
         for r in records {
             match cairn_events::Event::from_canonical_bytes(&r.value) {
                 Ok(event) => versions.extend((self.projection.project)(event)),
@@ -307,7 +345,6 @@ impl Projector {
         }
         // Only the partitions this batch moved: with several projector processes, writing the others'
         // partitions from this process's (stale) view would overwrite their newer checkpoints.
-        let before = self.progress.borrow().clone();
         let checkpoints: Vec<Checkpoint> = next
             .iter()
             .enumerate()
@@ -318,10 +355,17 @@ impl Projector {
                 next_offset: o,
             })
             .collect();
-        self.store.apply(&versions, &checkpoints, durable).await?;
-        self.progress.send_replace(next);
-        Ok(())
+        Batch { versions, checkpoints, next, records: records.len() }
     }
+}
+
+/// One store write: the versions projected from some records, the checkpoints they move, and the
+/// progress once written.
+struct Batch {
+    versions: Vec<ResourceVersion>,
+    checkpoints: Vec<Checkpoint>,
+    next: Vec<u64>,
+    records: usize,
 }
 
 /// Progress as the store records it: each partition's checkpoint, whoever wrote it (this process's
@@ -394,4 +438,6 @@ pub enum ProjectorError {
     Log(#[from] cairn_log::LogError),
     #[error("writing the store: {0}")]
     Store(#[from] cairn_store::StoreError),
+    #[error("the store writer stopped: {0}")]
+    Stopped(String),
 }

@@ -26,6 +26,7 @@ pub fn project(event: Event) -> Option<ResourceVersion> {
                 last_updated_ms,
                 deleted: false,
                 resource: Some(w.resource),
+                fact: false,
             })
         }
         Payload::ResourceDeleted(d) => Some(ResourceVersion {
@@ -36,6 +37,7 @@ pub fn project(event: Event) -> Option<ResourceVersion> {
             last_updated_ms: occurred_at.as_millis(),
             deleted: true,
             resource: None,
+            fact: false,
             patient: None,
             identifiers: Vec::new(),
             date_key: None,

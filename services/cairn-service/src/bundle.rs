@@ -263,6 +263,7 @@ mod tests {
             last_updated_ms: at_ms,
             deleted: false,
             resource: None,
+            fact: false,
             patient: None,
             identifiers: Vec::new(),
             date_key: None,

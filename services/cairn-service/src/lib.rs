@@ -190,7 +190,8 @@ impl FhirService {
     pub fn new(log: Arc<dyn EventLog>, store: Arc<dyn ResourceStore>, progress: Progress, settings: Settings) -> Self {
         FhirService {
             log,
-            store,
+            // The audit trail's records are stored as their facts; the API shows them rendered.
+            store: cairn_projector::audit::Rendered::wrap(store),
             progress,
             audit_progress: Vec::new(),
             settings,

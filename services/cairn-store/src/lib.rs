@@ -21,8 +21,13 @@ pub struct ResourceVersion {
     pub last_updated: String,
     pub last_updated_ms: i64,
     pub deleted: bool,
-    /// The full resource as raw JSON text; `None` for a deletion.
+    /// The full resource as raw JSON text; `None` for a deletion. For the audit trail's records
+    /// (`fact`), the event they are rendered from instead.
     pub resource: Option<Box<serde_json::value::RawValue>>,
+    /// Whether `resource` holds an audit record's fact (`cairn_audit::fact`) rather than the record:
+    /// the store keeps facts, readers see records (`cairn_projector::audit::Rendered`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fact: bool,
     /// Index keys computed by the projector: the patient compartment (`Patient/x`) ...
     #[serde(default)]
     pub patient: Option<String>,
