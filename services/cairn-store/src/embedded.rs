@@ -1,30 +1,54 @@
 //! The embedded projection store: one redb file.
 //!
-//! Tables (keys are tuples; `key` is `Type/id`):
+//! Tables (keys are tuples encoded as order-preserving bytes, `crate::key`; `key` is `Type/id`):
 //! - `versions` (key, version) -> ResourceVersion JSON: every version, for vread and history;
 //! - `current` key -> CurrentEntry JSON: newest version number and the index keys it put in place;
 //! - `by_patient` (patient, type, id), `by_identifier` (type, system|value, id): indexes over
 //!   current, non-deleted resources (listing a whole type ranges over `current` by key prefix);
 //! - `by_patient_date` (patient, type, date key, id): a patient's Observations by effective time;
 //! - `changes` (lastUpdated ms, key, version): every version by time, for type and system history;
-//! - `checkpoints` (topic, partition) -> next offset.
+//! - `checkpoints` (topic, partition) -> next offset;
+//! - `meta` `format` -> [`FORMAT`], the layout of the file.
 
 use crate::digest::StoreDigest;
+use crate::key::{BadKey, KeyBuf, KeyReader};
 use crate::{Checkpoint, ResourceStore, ResourceVersion, Result, StoreError};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
-const CURRENT: TableDefinition<&str, &[u8]> = TableDefinition::new("current");
-const BY_PATIENT: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("by_patient");
-const BY_IDENTIFIER: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("by_identifier");
-const BY_PATIENT_DATE: TableDefinition<(&str, &str, i64, &str), ()> = TableDefinition::new("by_patient_date");
-const CHANGES: TableDefinition<(i64, &str, u64), ()> = TableDefinition::new("changes");
-type CurrentTable = redb::ReadOnlyTable<&'static str, &'static [u8]>;
-type VersionsTable = redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>;
-
+const VERSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("versions");
+const CURRENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("current");
+const BY_PATIENT: TableDefinition<&[u8], ()> = TableDefinition::new("by_patient");
+const BY_IDENTIFIER: TableDefinition<&[u8], ()> = TableDefinition::new("by_identifier");
+const BY_PATIENT_DATE: TableDefinition<&[u8], ()> = TableDefinition::new("by_patient_date");
+const CHANGES: TableDefinition<&[u8], ()> = TableDefinition::new("changes");
 const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+type CurrentTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+type VersionsTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+
+/// The layout of the store file. 1: redb tuple keys (until 2026-11-29); 2: byte keys. A file of
+/// another layout is not read: the store is derived from the log, so it is rebuilt instead
+/// ([`EmbeddedStore::open_or_rebuild`]).
+pub const FORMAT: u64 = 2;
+
+fn version_key(key: &str, version: u64) -> KeyBuf {
+    KeyBuf::new().str(key).u64(version)
+}
+
+fn current_key(key: &str) -> KeyBuf {
+    KeyBuf::new().str(key)
+}
+
+/// Every key of one resource type in `current` starts with this.
+fn type_prefix(resource_type: &str) -> KeyBuf {
+    KeyBuf::new().str_prefix(&format!("{resource_type}/"))
+}
+
+fn corrupt(_: BadKey) -> StoreError {
+    StoreError::Corrupt("an index key does not decode".into())
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CurrentEntry {
@@ -50,7 +74,8 @@ impl EmbeddedStore {
 
     /// Opens the store with a page cache of `cache_bytes`. The bound matters: measured with redb's
     /// default settings, a server ingesting a million Observations grew to 11 GB resident; with a
-    /// 256 MiB cache it stays near 400 MB.
+    /// 256 MiB cache it stays near 400 MB. A file of another layout is refused
+    /// ([`StoreError::OtherFormat`]).
     pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: usize) -> Result<EmbeddedStore> {
         let path = path.as_ref().to_path_buf();
         if let Some(parent) = path.parent() {
@@ -58,9 +83,35 @@ impl EmbeddedStore {
         }
         let db = redb::Builder::new().set_cache_size(cache_bytes).create(&path).map_err(|e| storage(&path, e))?;
         let store = EmbeddedStore { db, path };
-        // Create every table up front so readers never meet a missing one.
         let tx = store.db.begin_write().map_err(|e| store.err(e))?;
         {
+            let names: Vec<String> = tx.list_tables().map_err(|e| store.err(e))?.map(|t| t.name().to_owned()).collect();
+            let format = if names.iter().any(|n| n == META.name()) {
+                tx.open_table(META)
+                    .map_err(|e| store.err(e))?
+                    .get("format")
+                    .map_err(|e| store.err(e))?
+                    .map(|g| g.value())
+            } else {
+                None
+            };
+            match format {
+                Some(FORMAT) => {}
+                // A file that holds tables but no format marker is the first layout.
+                found if found.is_some() || !names.is_empty() => {
+                    return Err(StoreError::OtherFormat {
+                        path: store.path.display().to_string(),
+                        found: found.unwrap_or(1),
+                    });
+                }
+                _ => {
+                    tx.open_table(META)
+                        .map_err(|e| store.err(e))?
+                        .insert("format", FORMAT)
+                        .map_err(|e| store.err(e))?;
+                }
+            }
+            // Create every table up front so readers never meet a missing one.
             tx.open_table(VERSIONS).map_err(|e| store.err(e))?;
             tx.open_table(CURRENT).map_err(|e| store.err(e))?;
             tx.open_table(BY_PATIENT).map_err(|e| store.err(e))?;
@@ -71,6 +122,26 @@ impl EmbeddedStore {
         }
         tx.commit().map_err(|e| store.err(e))?;
         Ok(store)
+    }
+
+    /// Like [`EmbeddedStore::open_with_cache`], but a store file of another layout is deleted and
+    /// started again empty, with a warning: it is derived, and the projectors rebuild it from the
+    /// log (their checkpoints went with it).
+    pub fn open_or_rebuild(path: impl AsRef<Path>, cache_bytes: usize) -> Result<EmbeddedStore> {
+        let path = path.as_ref();
+        match Self::open_with_cache(path, cache_bytes) {
+            Err(StoreError::OtherFormat { found, .. }) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    found,
+                    format = FORMAT,
+                    "the projection store has the layout of another Cairn build; rebuilding it from the log"
+                );
+                std::fs::remove_file(path).map_err(|e| storage(path, e))?;
+                Self::open_with_cache(path, cache_bytes)
+            }
+            other => other,
+        }
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
@@ -84,13 +155,70 @@ impl EmbeddedStore {
         versions: &VersionsTable,
         key: &str,
     ) -> Result<Option<ResourceVersion>> {
-        let Some(entry) = current.get(key).map_err(|e| self.err(e))? else { return Ok(None) };
+        let Some(entry) = current.get(current_key(key).bytes()).map_err(|e| self.err(e))? else { return Ok(None) };
         let entry: CurrentEntry = decode(entry.value())?;
-        match versions.get((key, entry.version_id)).map_err(|e| self.err(e))? {
+        match versions.get(version_key(key, entry.version_id).bytes()).map_err(|e| self.err(e))? {
             Some(v) => Ok(Some(decode(v.value())?)),
             None => Err(StoreError::Corrupt(format!("{key}: current version {} missing", entry.version_id))),
         }
     }
+
+    /// Visits the current, non-deleted resources of `resource_type` named by the keys in
+    /// `[from, to)` of `index` (`id_of` reads the id out of a key); `visit` returns false to stop.
+    fn visit_index(
+        &self,
+        tx: &redb::ReadTransaction,
+        index: TableDefinition<&[u8], ()>,
+        resource_type: &str,
+        (from, to): (&[u8], &[u8]),
+        id_of: fn(&[u8]) -> Result<String, BadKey>,
+        visit: &mut (dyn FnMut(ResourceVersion) -> bool + Send),
+    ) -> Result<bool> {
+        let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
+        let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
+        let t = tx.open_table(index).map_err(|e| self.err(e))?;
+        for item in t.range(from..to).map_err(|e| self.err(e))? {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            let id = id_of(k.value()).map_err(corrupt)?;
+            if let Some(v) = self.current_version(&current, &versions, &format!("{resource_type}/{id}"))?
+                && !v.deleted
+                && !visit(v)
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The id out of a `by_patient` key (patient, type, id).
+fn by_patient_id(key: &[u8]) -> Result<String, BadKey> {
+    let mut r = KeyReader::new(key);
+    r.skip_str()?;
+    r.skip_str()?;
+    r.str()
+}
+
+/// The id out of a `by_patient_date` key (patient, type, date, id).
+fn by_patient_date_id(key: &[u8]) -> Result<String, BadKey> {
+    let mut r = KeyReader::new(key);
+    r.skip_str()?;
+    r.skip_str()?;
+    r.i64()?;
+    r.str()
+}
+
+/// The end of the range of every key starting with `prefix`: the prefix with its last byte below
+/// 0xFF raised by one (prefixes here end in a terminator or a type name, never in 0xFF).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xFF; prefix.len() + 1]
 }
 
 fn storage(path: &Path, e: impl std::fmt::Display) -> StoreError {
@@ -119,34 +247,37 @@ impl ResourceStore for EmbeddedStore {
             let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
             for v in versions {
                 let key = v.key();
-                if versions_t.get((key.as_str(), v.version_id)).map_err(|e| self.err(e))?.is_some() {
+                let vkey = version_key(&key, v.version_id);
+                if versions_t.get(vkey.bytes()).map_err(|e| self.err(e))?.is_some() {
                     continue; // already applied: replay is idempotent
                 }
-                versions_t.insert((key.as_str(), v.version_id), encode(v).as_slice()).map_err(|e| self.err(e))?;
-                changes.insert((v.last_updated_ms, key.as_str(), v.version_id), ()).map_err(|e| self.err(e))?;
-                let previous: Option<CurrentEntry> = match current_t.get(key.as_str()).map_err(|e| self.err(e))? {
+                versions_t.insert(vkey.bytes(), v.encode().as_slice()).map_err(|e| self.err(e))?;
+                let change = KeyBuf::new().i64(v.last_updated_ms).str(&key).u64(v.version_id);
+                changes.insert(change.bytes(), ()).map_err(|e| self.err(e))?;
+                let ckey = current_key(&key);
+                let previous: Option<CurrentEntry> = match current_t.get(ckey.bytes()).map_err(|e| self.err(e))? {
                     Some(g) => Some(decode(g.value())?),
                     None => None,
                 };
                 if previous.as_ref().is_some_and(|p| p.version_id > v.version_id) {
                     continue; // an older version arriving late does not become current
                 }
+                let (rtype, id) = (v.resource_type.as_str(), v.id.as_str());
                 if let Some(p) = &previous
                     && !p.deleted
                 {
                     if let Some(patient) = &p.patient {
                         by_patient
-                            .remove((patient.as_str(), v.resource_type.as_str(), v.id.as_str()))
+                            .remove(KeyBuf::new().str(patient).str(rtype).str(id).bytes())
                             .map_err(|e| self.err(e))?;
                         if let Some(d) = p.date_key {
-                            by_patient_date
-                                .remove((patient.as_str(), v.resource_type.as_str(), d, v.id.as_str()))
-                                .map_err(|e| self.err(e))?;
+                            let k = KeyBuf::new().str(patient).str(rtype).i64(d).str(id);
+                            by_patient_date.remove(k.bytes()).map_err(|e| self.err(e))?;
                         }
                     }
                     for ident in &p.identifiers {
                         by_identifier
-                            .remove((v.resource_type.as_str(), ident.as_str(), v.id.as_str()))
+                            .remove(KeyBuf::new().str(rtype).str(ident).str(id).bytes())
                             .map_err(|e| self.err(e))?;
                     }
                 }
@@ -157,21 +288,20 @@ impl ResourceStore for EmbeddedStore {
                     identifiers: v.identifiers.clone(),
                     date_key: v.date_key,
                 };
-                current_t.insert(key.as_str(), encode(&entry).as_slice()).map_err(|e| self.err(e))?;
+                current_t.insert(ckey.bytes(), encode(&entry).as_slice()).map_err(|e| self.err(e))?;
                 if !v.deleted {
                     if let Some(patient) = &v.patient {
                         by_patient
-                            .insert((patient.as_str(), v.resource_type.as_str(), v.id.as_str()), ())
+                            .insert(KeyBuf::new().str(patient).str(rtype).str(id).bytes(), ())
                             .map_err(|e| self.err(e))?;
                         if let Some(d) = v.date_key {
-                            by_patient_date
-                                .insert((patient.as_str(), v.resource_type.as_str(), d, v.id.as_str()), ())
-                                .map_err(|e| self.err(e))?;
+                            let k = KeyBuf::new().str(patient).str(rtype).i64(d).str(id);
+                            by_patient_date.insert(k.bytes(), ()).map_err(|e| self.err(e))?;
                         }
                     }
                     for ident in &v.identifiers {
                         by_identifier
-                            .insert((v.resource_type.as_str(), ident.as_str(), v.id.as_str()), ())
+                            .insert(KeyBuf::new().str(rtype).str(ident).str(id).bytes(), ())
                             .map_err(|e| self.err(e))?;
                     }
                 }
@@ -201,18 +331,19 @@ impl ResourceStore for EmbeddedStore {
         let key = format!("{resource_type}/{id}");
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
-        match versions.get((key.as_str(), version_id)).map_err(|e| self.err(e))? {
+        match versions.get(version_key(&key, version_id).bytes()).map_err(|e| self.err(e))? {
             Some(g) => Ok(Some(decode(g.value())?)),
             None => Ok(None),
         }
     }
 
     async fn history(&self, resource_type: &str, id: &str) -> Result<Vec<ResourceVersion>> {
-        let key = format!("{resource_type}/{id}");
+        let key = current_key(&format!("{resource_type}/{id}"));
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
-        for item in versions.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).map_err(|e| self.err(e))?.rev() {
+        let end = prefix_end(key.bytes());
+        for item in versions.range(key.bytes()..end.as_slice()).map_err(|e| self.err(e))?.rev() {
             let (_, v) = item.map_err(|e| self.err(e))?;
             out.push(decode(v.value())?);
         }
@@ -226,36 +357,27 @@ impl ResourceStore for EmbeddedStore {
         visit: &mut (dyn FnMut(ResourceVersion) -> bool + Send),
     ) -> Result<()> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
-        let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
-        let mut emit = |id: &str| -> Result<bool> {
-            Ok(match self.current_version(&current, &versions, &format!("{resource_type}/{id}"))? {
-                Some(v) if !v.deleted => visit(v),
-                _ => true,
-            })
-        };
         match patient {
             Some(p) => {
-                let t = tx.open_table(BY_PATIENT).map_err(|e| self.err(e))?;
-                for item in t.range((p, resource_type, "")..).map_err(|e| self.err(e))? {
-                    let (k, _) = item.map_err(|e| self.err(e))?;
-                    let (kp, kt, id) = k.value();
-                    if kp != p || kt != resource_type {
-                        break;
-                    }
-                    if !emit(id)? {
-                        break;
-                    }
-                }
+                let from = KeyBuf::new().str(p).str(resource_type);
+                let to = prefix_end(from.bytes());
+                self.visit_index(&tx, BY_PATIENT, resource_type, (from.bytes(), &to), by_patient_id, visit)?;
             }
             None => {
-                // Keys are `Type/id`; '0' is the character after '/', so this is exactly the type.
-                let (from, to) = (format!("{resource_type}/"), format!("{resource_type}0"));
-                for item in current.range(from.as_str()..to.as_str()).map_err(|e| self.err(e))? {
+                let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
+                let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
+                let from = type_prefix(resource_type);
+                let to = prefix_end(from.bytes());
+                for item in current.range(from.bytes()..to.as_slice()).map_err(|e| self.err(e))? {
                     let (k, _) = item.map_err(|e| self.err(e))?;
-                    let key = k.value();
-                    if !emit(&key[from.len()..])? {
-                        break;
+                    let key = KeyReader::new(k.value()).str().map_err(corrupt)?;
+                    match self.current_version(&current, &versions, &key)? {
+                        Some(v) if !v.deleted => {
+                            if !visit(v) {
+                                break;
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -266,9 +388,10 @@ impl ResourceStore for EmbeddedStore {
     async fn count_current(&self, resource_type: &str) -> Result<u64> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
-        let (from, to) = (format!("{resource_type}/"), format!("{resource_type}0"));
+        let from = type_prefix(resource_type);
+        let to = prefix_end(from.bytes());
         let mut n = 0;
-        for item in current.range(from.as_str()..to.as_str()).map_err(|e| self.err(e))? {
+        for item in current.range(from.bytes()..to.as_slice()).map_err(|e| self.err(e))? {
             let (_, v) = item.map_err(|e| self.err(e))?;
             let entry: CurrentEntry = decode(v.value())?;
             n += u64::from(!entry.deleted);
@@ -285,26 +408,16 @@ impl ResourceStore for EmbeddedStore {
         visit: &mut (dyn FnMut(ResourceVersion) -> bool + Send),
     ) -> Result<()> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
-        let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
-        let index = tx.open_table(BY_PATIENT_DATE).map_err(|e| self.err(e))?;
         let ranges = [(i64::MIN, i64::MIN.saturating_add(1)), (from.max(i64::MIN + 1), to)];
         for (lo, hi) in ranges {
             if lo >= hi {
                 continue;
             }
-            for item in index
-                .range((patient, resource_type, lo, "")..(patient, resource_type, hi, ""))
-                .map_err(|e| self.err(e))?
-            {
-                let (k, _) = item.map_err(|e| self.err(e))?;
-                let (_, _, _, id) = k.value();
-                if let Some(v) = self.current_version(&current, &versions, &format!("{resource_type}/{id}"))?
-                    && !v.deleted
-                    && !visit(v)
-                {
-                    return Ok(());
-                }
+            let start = KeyBuf::new().str(patient).str(resource_type).i64(lo);
+            let end = KeyBuf::new().str(patient).str(resource_type).i64(hi);
+            let bounds = (start.bytes(), end.bytes());
+            if !self.visit_index(&tx, BY_PATIENT_DATE, resource_type, bounds, by_patient_date_id, visit)? {
+                return Ok(());
             }
         }
         Ok(())
@@ -321,16 +434,21 @@ impl ResourceStore for EmbeddedStore {
         let changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
-        for item in changes.range((from_ms, "", 0)..(to_ms.saturating_add(1), "", 0)).map_err(|e| self.err(e))?.rev() {
+        let from = KeyBuf::new().i64(from_ms);
+        let to = KeyBuf::new().i64(to_ms.saturating_add(1));
+        for item in changes.range(from.bytes()..to.bytes()).map_err(|e| self.err(e))?.rev() {
             if out.len() >= limit {
                 break;
             }
             let (k, _) = item.map_err(|e| self.err(e))?;
-            let (_, key, version) = k.value();
-            if !crate::key_has_type(key, resource_type) {
+            let mut r = KeyReader::new(k.value());
+            r.i64().map_err(corrupt)?;
+            let key = r.str().map_err(corrupt)?;
+            let version = r.u64().map_err(corrupt)?;
+            if !crate::key_has_type(&key, resource_type) {
                 continue;
             }
-            if let Some(v) = versions.get((key, version)).map_err(|e| self.err(e))? {
+            if let Some(v) = versions.get(version_key(&key, version).bytes()).map_err(|e| self.err(e))? {
                 out.push(decode(v.value())?);
             }
         }
@@ -340,14 +458,15 @@ impl ResourceStore for EmbeddedStore {
     async fn find_by_identifier(&self, resource_type: &str, identifier: &str) -> Result<Vec<String>> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(BY_IDENTIFIER).map_err(|e| self.err(e))?;
+        let from = KeyBuf::new().str(resource_type).str(identifier);
+        let to = prefix_end(from.bytes());
         let mut out = Vec::new();
-        for item in t.range((resource_type, identifier, "")..).map_err(|e| self.err(e))? {
+        for item in t.range(from.bytes()..to.as_slice()).map_err(|e| self.err(e))? {
             let (k, _) = item.map_err(|e| self.err(e))?;
-            let (kt, ki, id) = k.value();
-            if kt != resource_type || ki != identifier {
-                break;
-            }
-            out.push(id.to_owned());
+            let mut r = KeyReader::new(k.value());
+            r.skip_str().map_err(corrupt)?;
+            r.skip_str().map_err(corrupt)?;
+            out.push(r.str().map_err(corrupt)?);
         }
         Ok(out)
     }
@@ -358,33 +477,68 @@ impl ResourceStore for EmbeddedStore {
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         for item in versions.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let (key, version) = k.value();
-            d.version(key, version, v.value());
+            let mut r = KeyReader::new(k.value());
+            let (key, version) = (r.str().map_err(corrupt)?, r.u64().map_err(corrupt)?);
+            d.version(&key, version, v.value());
         }
         let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
         for item in current.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let entry: CurrentEntry = decode(v.value())?;
-            d.current(k.value(), entry.version_id, entry.deleted);
+            d.current(&KeyReader::new(k.value()).str().map_err(corrupt)?, entry.version_id, entry.deleted);
         }
         let by_patient = tx.open_table(BY_PATIENT).map_err(|e| self.err(e))?;
         for item in by_patient.iter().map_err(|e| self.err(e))? {
             let (k, _) = item.map_err(|e| self.err(e))?;
-            let (p, t, id) = k.value();
-            d.by_patient(p, t, id);
+            let mut r = KeyReader::new(k.value());
+            let (p, t, id) = (r.str().map_err(corrupt)?, r.str().map_err(corrupt)?, r.str().map_err(corrupt)?);
+            d.by_patient(&p, &t, &id);
         }
         let by_patient_date = tx.open_table(BY_PATIENT_DATE).map_err(|e| self.err(e))?;
         for item in by_patient_date.iter().map_err(|e| self.err(e))? {
             let (k, _) = item.map_err(|e| self.err(e))?;
-            let (p, t, date, id) = k.value();
-            d.by_patient_date(p, t, date, id);
+            let mut r = KeyReader::new(k.value());
+            let (p, t) = (r.str().map_err(corrupt)?, r.str().map_err(corrupt)?);
+            let (date, id) = (r.i64().map_err(corrupt)?, r.str().map_err(corrupt)?);
+            d.by_patient_date(&p, &t, date, &id);
         }
         let by_identifier = tx.open_table(BY_IDENTIFIER).map_err(|e| self.err(e))?;
         for item in by_identifier.iter().map_err(|e| self.err(e))? {
             let (k, _) = item.map_err(|e| self.err(e))?;
-            let (t, i, id) = k.value();
-            d.by_identifier(t, i, id);
+            let mut r = KeyReader::new(k.value());
+            let (t, i, id) = (r.str().map_err(corrupt)?, r.str().map_err(corrupt)?, r.str().map_err(corrupt)?);
+            d.by_identifier(&t, &i, &id);
         }
         Ok(d.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_of_the_first_layout_is_refused_and_rebuilt_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resources.redb");
+        {
+            // The first layout: redb tuple keys, no format marker.
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            let old: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
+            tx.open_table(old).unwrap().insert(("Observation/a", 1), b"{}".as_slice()).unwrap();
+            tx.commit().unwrap();
+        }
+        match EmbeddedStore::open(&path) {
+            Err(e @ StoreError::OtherFormat { found: 1, .. }) => {
+                assert!(e.to_string().contains("delete it and it is rebuilt"), "{e}")
+            }
+            other => panic!("expected OtherFormat, got {:?}", other.map(|_| ())),
+        }
+        let store = EmbeddedStore::open_or_rebuild(&path, 1 << 20).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert!(rt.block_on(store.current("Observation", "a")).unwrap().is_none(), "started again empty");
+        drop(store);
+        EmbeddedStore::open(&path).expect("the new file has this build's layout");
     }
 }

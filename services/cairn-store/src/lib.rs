@@ -8,6 +8,7 @@
 
 pub mod digest;
 pub mod embedded;
+pub mod key;
 
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +82,12 @@ pub enum StoreError {
     Storage { path: String, detail: String },
     #[error("projection store holds an unreadable record: {0}")]
     Corrupt(String),
+    #[error(
+        "projection store {path} has the layout of another Cairn build (format {found}, this build uses \
+         format {}); it is derived from the log: delete it and it is rebuilt (or replay again)",
+        embedded::FORMAT
+    )]
+    OtherFormat { path: String, found: u64 },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -81,7 +81,7 @@ pub async fn open_store(
 ) -> anyhow::Result<Arc<dyn ResourceStore>> {
     Ok(match &backends.store {
         StoreBackend::Embedded => {
-            Arc::new(EmbeddedStore::open_with_cache(data.store_dir().join("resources.redb"), cache_bytes)?)
+            Arc::new(EmbeddedStore::open_or_rebuild(data.store_dir().join("resources.redb"), cache_bytes)?)
         }
         StoreBackend::Scylla(settings) => Arc::new(
             ScyllaStore::connect(settings)

@@ -1,0 +1,155 @@
+//! Order-preserving byte keys for the embedded store: a tuple of strings and integers encoded so that
+//! comparing the bytes (`memcmp`) orders keys as comparing the tuples would.
+//!
+//! Why not redb's tuple keys: comparing them decodes every element's length and checks every string
+//! for UTF-8 on each comparison; measured, that was an eighth of a projection rebuild's time.
+//!
+//! Encoding: a string is its bytes with each 0x00 written as 0x00 0xFF, then 0x00 0x00 (so a string
+//! sorts before any longer string it is a prefix of, and one string's end is never mistaken for a
+//! byte inside another); an `i64` is 8 big-endian bytes with the sign bit flipped; a `u64` is 8
+//! big-endian bytes.
+
+/// Builds a key element by element.
+#[derive(Default)]
+pub struct KeyBuf(Vec<u8>);
+
+impl KeyBuf {
+    pub fn new() -> KeyBuf {
+        KeyBuf(Vec::with_capacity(96))
+    }
+
+    pub fn str(mut self, s: &str) -> KeyBuf {
+        for &b in s.as_bytes() {
+            self.0.push(b);
+            if b == 0 {
+                self.0.push(0xFF);
+            }
+        }
+        self.0.extend_from_slice(&[0, 0]);
+        self
+    }
+
+    /// A string's bytes without the terminator: a prefix of every key whose next string starts
+    /// with `s` (for ranges over `Type/`).
+    pub fn str_prefix(mut self, s: &str) -> KeyBuf {
+        for &b in s.as_bytes() {
+            self.0.push(b);
+            if b == 0 {
+                self.0.push(0xFF);
+            }
+        }
+        self
+    }
+
+    pub fn i64(mut self, n: i64) -> KeyBuf {
+        self.0.extend_from_slice(&((n as u64) ^ (1 << 63)).to_be_bytes());
+        self
+    }
+
+    pub fn u64(mut self, n: u64) -> KeyBuf {
+        self.0.extend_from_slice(&n.to_be_bytes());
+        self
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Reads a key's elements back in order.
+pub struct KeyReader<'a>(&'a [u8]);
+
+/// A key that does not decode as the table's tuple: the store file is damaged.
+#[derive(Debug)]
+pub struct BadKey;
+
+impl<'a> KeyReader<'a> {
+    pub fn new(key: &'a [u8]) -> KeyReader<'a> {
+        KeyReader(key)
+    }
+
+    pub fn str(&mut self) -> Result<String, BadKey> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        loop {
+            match (self.0.get(i), self.0.get(i + 1)) {
+                (Some(0), Some(0)) => break,
+                (Some(0), Some(0xFF)) => {
+                    out.push(0);
+                    i += 2;
+                }
+                (Some(&b), _) if b != 0 => {
+                    out.push(b);
+                    i += 1;
+                }
+                _ => return Err(BadKey),
+            }
+        }
+        self.0 = &self.0[i + 2..];
+        String::from_utf8(out).map_err(|_| BadKey)
+    }
+
+    /// Skips a string without decoding it.
+    pub fn skip_str(&mut self) -> Result<(), BadKey> {
+        let mut i = 0;
+        loop {
+            match (self.0.get(i), self.0.get(i + 1)) {
+                (Some(0), Some(0)) => break,
+                (Some(0), Some(0xFF)) => i += 2,
+                (Some(&b), _) if b != 0 => i += 1,
+                _ => return Err(BadKey),
+            }
+        }
+        self.0 = &self.0[i + 2..];
+        Ok(())
+    }
+
+    pub fn i64(&mut self) -> Result<i64, BadKey> {
+        Ok((self.u64()? ^ (1 << 63)) as i64)
+    }
+
+    pub fn u64(&mut self) -> Result<u64, BadKey> {
+        let (head, rest) = self.0.split_first_chunk::<8>().ok_or(BadKey)?;
+        self.0 = rest;
+        Ok(u64::from_be_bytes(*head))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str, n: i64, t: &str) -> Vec<u8> {
+        KeyBuf::new().str(s).i64(n).str(t).bytes().to_vec()
+    }
+
+    #[test]
+    fn byte_order_is_tuple_order_and_keys_decode_back() {
+        let strings = ["", "a", "a\0", "a\0b", "a\u{1}", "ab", "b", "\0", "é", "Patient/1", "Patient/10"];
+        let numbers = [i64::MIN, i64::MIN + 1, -5, -1, 0, 1, 7, i64::MAX];
+        let mut tuples = Vec::new();
+        for s in strings {
+            for n in numbers {
+                for t in ["", "x", "x\0"] {
+                    tuples.push((s.to_owned(), n, t.to_owned()));
+                }
+            }
+        }
+        for a in &tuples {
+            let ka = key(&a.0, a.1, &a.2);
+            let mut r = KeyReader::new(&ka);
+            assert_eq!((r.str().unwrap(), r.i64().unwrap(), r.str().unwrap()), a.clone());
+            for b in &tuples {
+                assert_eq!(ka.cmp(&key(&b.0, b.1, &b.2)), a.cmp(b), "{a:?} vs {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_type_prefix_covers_exactly_that_type() {
+        let prefix = KeyBuf::new().str_prefix("Observation/").bytes().to_vec();
+        assert!(KeyBuf::new().str("Observation/abc").bytes().starts_with(&prefix));
+        assert!(!KeyBuf::new().str("ObservationX/abc").bytes().starts_with(&prefix));
+        assert!(KeyReader::new(&[b'a', 0]).str().is_err(), "a truncated key is refused");
+    }
+}
