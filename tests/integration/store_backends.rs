@@ -147,5 +147,25 @@ async fn conformance(store: &dyn ResourceStore) -> String {
     assert!(store.current("Observation", "nobody").await.unwrap().is_none());
     assert_eq!(store.checkpoint("cairn.fhir", 3).await.unwrap(), Some(5));
     assert_eq!(store.checkpoint("cairn.fhir", 4).await.unwrap(), None);
+
+    // A version arriving after a newer one is history only: the newer stays current and indexed.
+    store.apply(&[version("d", 2, "Patient/p1", false)], &[cp(6)], false).await.unwrap();
+    store.apply(&[version("d", 1, "Patient/p3", false)], &[cp(6)], false).await.unwrap();
+    assert_eq!(store.current("Observation", "d").await.unwrap().unwrap().version_id, 2);
+    assert_eq!(
+        store.history("Observation", "d").await.unwrap().iter().map(|v| v.version_id).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    for (patient, expected) in [("Patient/p1", vec!["d"]), ("Patient/p3", vec![])] {
+        let mut seen = Vec::new();
+        store
+            .scan_current("Observation", Some(patient), &mut |v| {
+                seen.push(v.id);
+                true
+            })
+            .await
+            .unwrap();
+        assert_eq!(seen, expected, "{patient}");
+    }
     store.digest().await.unwrap()
 }

@@ -247,21 +247,36 @@ impl ResourceStore for EmbeddedStore {
             let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
             for v in versions {
                 let key = v.key();
+                // One lookup each for `versions` and `current`: an insert hands back what it replaced.
                 let vkey = version_key(&key, v.version_id);
-                if versions_t.get(vkey.bytes()).map_err(|e| self.err(e))?.is_some() {
-                    continue; // already applied: replay is idempotent
+                if versions_t.insert(vkey.bytes(), v.encode().as_slice()).map_err(|e| self.err(e))?.is_some() {
+                    // Already applied (replay is idempotent): the same bytes were written again, since
+                    // a projection is a pure function of its event.
+                    continue;
                 }
-                versions_t.insert(vkey.bytes(), v.encode().as_slice()).map_err(|e| self.err(e))?;
                 let change = KeyBuf::new().i64(v.last_updated_ms).str(&key).u64(v.version_id);
                 changes.insert(change.bytes(), ()).map_err(|e| self.err(e))?;
                 let ckey = current_key(&key);
-                let previous: Option<CurrentEntry> = match current_t.get(ckey.bytes()).map_err(|e| self.err(e))? {
-                    Some(g) => Some(decode(g.value())?),
-                    None => None,
+                let entry = CurrentEntry {
+                    version_id: v.version_id,
+                    deleted: v.deleted,
+                    patient: v.patient.clone(),
+                    identifiers: v.identifiers.clone(),
+                    date_key: v.date_key,
                 };
-                if previous.as_ref().is_some_and(|p| p.version_id > v.version_id) {
-                    continue; // an older version arriving late does not become current
+                let previous: Option<(CurrentEntry, Vec<u8>)> =
+                    match current_t.insert(ckey.bytes(), encode(&entry).as_slice()).map_err(|e| self.err(e))? {
+                        Some(g) => Some((decode(g.value())?, g.value().to_vec())),
+                        None => None,
+                    };
+                if let Some((p, bytes)) = &previous
+                    && p.version_id > v.version_id
+                {
+                    // An older version arriving late does not become current: put the newer back.
+                    current_t.insert(ckey.bytes(), bytes.as_slice()).map_err(|e| self.err(e))?;
+                    continue;
                 }
+                let previous = previous.map(|(p, _)| p);
                 let (rtype, id) = (v.resource_type.as_str(), v.id.as_str());
                 if let Some(p) = &previous
                     && !p.deleted
@@ -281,14 +296,6 @@ impl ResourceStore for EmbeddedStore {
                             .map_err(|e| self.err(e))?;
                     }
                 }
-                let entry = CurrentEntry {
-                    version_id: v.version_id,
-                    deleted: v.deleted,
-                    patient: v.patient.clone(),
-                    identifiers: v.identifiers.clone(),
-                    date_key: v.date_key,
-                };
-                current_t.insert(ckey.bytes(), encode(&entry).as_slice()).map_err(|e| self.err(e))?;
                 if !v.deleted {
                     if let Some(patient) = &v.patient {
                         by_patient
