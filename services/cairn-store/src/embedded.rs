@@ -378,13 +378,11 @@ impl ResourceStore for EmbeddedStore {
                 for item in current.range(from.bytes()..to.as_slice()).map_err(|e| self.err(e))? {
                     let (k, _) = item.map_err(|e| self.err(e))?;
                     let key = KeyReader::new(k.value()).str().map_err(corrupt)?;
-                    match self.current_version(&current, &versions, &key)? {
-                        Some(v) if !v.deleted => {
-                            if !visit(v) {
-                                break;
-                            }
-                        }
-                        _ => {}
+                    if let Some(v) = self.current_version(&current, &versions, &key)?
+                        && !v.deleted
+                        && !visit(v)
+                    {
+                        break;
                     }
                 }
             }
