@@ -1,6 +1,10 @@
 //! `cairn`: the command line. Every subcommand is a thin shell over a plain function; errors become
 //! one readable line on stderr and a non-zero exit.
 
+/// mimalloc instead of glibc's allocator: see docs/decisions/0010-projection-store-layout.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod admin;
 mod auditcmd;
 mod backends;
