@@ -186,6 +186,9 @@ pub struct ReplayArgs {
     /// and the store digest
     #[arg(long, value_name = "DIR")]
     pub into: PathBuf,
+    /// Page cache of the store being built, in MiB (16 to 1048576)
+    #[arg(long, value_name = "MIB", default_value_t = config::DEFAULT_STORE_CACHE_MB)]
+    pub store_cache_mb: usize,
 }
 
 #[derive(Args, Debug)]

@@ -48,6 +48,9 @@ fn parse_until(text: &str) -> anyhow::Result<Until> {
 pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     telemetry::init_cli();
     let until = parse_until(&args.until)?;
+    if !(16..=1 << 20).contains(&args.store_cache_mb) {
+        bail!("--store-cache-mb {}: out of range (16 to 1048576)", args.store_cache_mb);
+    }
     let backends = config::backends(&args.common)?;
     let source = DataDir::open_existing(&config::data_dir(&args.common)?)?;
     if args.into.join("store").exists() || args.into.join("log").exists() {
@@ -121,7 +124,7 @@ async fn replay(
         std::fs::create_dir_all(store_file.parent().expect("a parent"))
             .with_context(|| format!("--into {}", args.into.display()))?;
         let store: Arc<dyn cairn_store::ResourceStore> =
-            Arc::new(cairn_store::embedded::EmbeddedStore::open_with_cache(&store_file, 256 << 20)?);
+            Arc::new(cairn_store::embedded::EmbeddedStore::open_with_cache(&store_file, args.store_cache_mb << 20)?);
         let projections: Vec<&'static cairn_projector::Projection> =
             std::iter::once(&RESOURCES).chain(&AUDIT).collect();
         // The records there are now: an upper bound for the progress line.

@@ -314,7 +314,25 @@ async fn start_projection(
         let (projector, progress) = Projector::new(log.clone(), store.clone(), projection).await?;
         if let OpenLog::Embedded(_) = open_log {
             let started = std::time::Instant::now();
-            projector.catch_up().await.map_err(|e| anyhow::anyhow!("{} projection: {e}", projection.name))?;
+            // A long catch-up (a deleted store, a changed store layout) says how far it got.
+            let (mut applied, mut reported) = (0u64, std::time::Instant::now());
+            let mut report = |n: usize| {
+                applied += n as u64;
+                if reported.elapsed() >= std::time::Duration::from_secs(5) {
+                    reported = std::time::Instant::now();
+                    let rate = applied as f64 / started.elapsed().as_secs_f64().max(0.001);
+                    tracing::info!(
+                        projection = projection.name,
+                        applied,
+                        events_per_s = rate as u64,
+                        "projection catching up"
+                    );
+                }
+            };
+            projector
+                .catch_up_until(&|_| true, &mut report)
+                .await
+                .map_err(|e| anyhow::anyhow!("{} projection: {e}", projection.name))?;
             tracing::info!(
                 projection = projection.name,
                 elapsed_ms = started.elapsed().as_millis() as u64,
