@@ -177,12 +177,7 @@ impl Projector {
                     if durable {
                         last_durable = Instant::now();
                     }
-                    let store = self.store.clone();
-                    let runtime = tokio::runtime::Handle::current();
-                    in_flight = Some(tokio::task::spawn_blocking(move || {
-                        runtime.block_on(store.apply(&batch.versions, &batch.checkpoints, durable))?;
-                        Ok(batch)
-                    }));
+                    in_flight = Some(self.write(batch, durable));
                 }
                 if kept < records.len() || records.is_empty() {
                     break;
@@ -309,9 +304,21 @@ impl Projector {
     ) -> Result<(), ProjectorError> {
         let before = self.progress.borrow().clone();
         let batch = self.prepare(records, passed, &before);
-        self.store.apply(&batch.versions, &batch.checkpoints, durable).await?;
+        let batch = self.write(batch, durable).await.map_err(|e| ProjectorError::Stopped(e.to_string()))??;
         self.progress.send_replace(batch.next);
         Ok(())
+    }
+
+    /// Writes a batch to the store on a blocking thread. The embedded store writes synchronously,
+    /// and a commit on one of the runtime's workers (two, on two cores) would hold up every request
+    /// queued behind it.
+    fn write(&self, batch: Batch, durable: bool) -> tokio::task::JoinHandle<Result<Batch, ProjectorError>> {
+        let store = self.store.clone();
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            runtime.block_on(store.apply(&batch.versions, &batch.checkpoints, durable))?;
+            Ok(batch)
+        })
     }
 
     /// Projects `records` into what one store write takes: their versions, and the checkpoints of the
