@@ -155,6 +155,9 @@ fn capability_statement_lists_what_works(backend: Backend) {
             assert!(params.contains(&p), "{p} missing");
         }
         assert_eq!(obs["conditionalCreate"], true);
+        let system: Vec<&str> =
+            r.body["rest"][0]["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
+        assert_eq!(system, ["transaction", "batch", "history-system"]);
     });
 }
 

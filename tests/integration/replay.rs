@@ -263,6 +263,32 @@ fn a_replay_is_served_read_only_and_every_access_is_recorded_live() {
                 .unwrap();
             assert_eq!(resp.status(), 405, "{method}");
         }
+        // A batch's reads are answered; its writes are refused one by one; a transaction is refused.
+        let bundle = |kind: &str| {
+            json!({"resourceType": "Bundle", "type": kind, "entry": [
+                {"request": {"method": "GET", "url": format!("Observation/{a}")}},
+                {"request": {"method": "GET", "url": "Observation?patient=Patient/v1"}},
+                {"resource": reading("Patient/v1", 1), "request": {"method": "POST", "url": "Observation"}},
+            ]})
+        };
+        let post_bundle = |body: Value| {
+            http.post(view_fhir.clone())
+                .bearer_auth(&feeder)
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+        };
+        let resp = post_bundle(bundle("batch")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let answer: Value = resp.json().await.unwrap();
+        let entries = answer["entry"].as_array().unwrap();
+        assert_eq!(entries[0]["response"]["status"], "200 OK", "{answer}");
+        assert_eq!(entries[0]["resource"]["valueQuantity"]["value"], 100, "the version as of the cut");
+        assert_eq!(entries[1]["resource"]["entry"].as_array().map(Vec::len), Some(1), "{answer}");
+        assert!(entries[2]["response"]["status"].as_str().unwrap().starts_with("405"), "{answer}");
+        let mut transaction = bundle("transaction");
+        transaction["entry"].as_array_mut().unwrap().drain(..2);
+        assert_eq!(post_bundle(transaction).await.unwrap().status(), 405);
         let (status, _) = get(format!("{view_fhir}/Observation/{a}"), None).await;
         assert_eq!(status, 401);
         // The investigations read the live log: the view sends them there.
@@ -281,6 +307,9 @@ fn a_replay_is_served_read_only_and_every_access_is_recorded_live() {
             assert!(!codes.iter().any(|c| ["create", "update", "delete"].contains(c)), "{codes:?}");
             assert!(resource.get("operation").is_none());
         }
+        let system: Vec<&str> =
+            cs["rest"][0]["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
+        assert_eq!(system, ["batch", "history-system"], "batches of reads, no transactions");
         // No authorization server here: the live one issues tokens.
         assert_eq!(http.post(format!("{}/token", view.base_url)).send().await.unwrap().status(), 404);
 

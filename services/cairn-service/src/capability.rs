@@ -83,6 +83,10 @@ pub fn capability_statement(base_url: &str, software_version: &str, view: Option
         if let Some(rest) = rest.as_object_mut() {
             rest.remove("operation");
         }
+        // Batches of reads are answered (their writes refused one by one); transactions are not.
+        if let Some(system) = cs["rest"][0]["interaction"].as_array_mut() {
+            system.retain(|i| i["code"] != "transaction");
+        }
         let rest = &mut cs["rest"][0];
         rest["documentation"] = format!(
             "A read-only view of a {view}, rebuilt from the event log by `cairn replay`. Every access is recorded in the live audit trail. Search result parameters as on the live server."
@@ -106,7 +110,7 @@ fn full_statement(base_url: &str, software_version: &str) -> Value {
             "mode": "server",
             "documentation": "Every write is an event in a durable, hash-chained log before it is acknowledged; reads see every acknowledged write. Search result parameters: _count (default 50, max 1000), _offset, _sort (date, -date on Observation and AuditEvent; _lastUpdated, -_lastUpdated), _summary=count, _total=accurate, _elements. Prefer: handling=lenient ignores unknown search parameters. System-level _history leaves out AuditEvent and Provenance (see their type-level history).",
             "resource": RESOURCE_TYPES.iter().map(|t| resource(t)).chain(READ_ONLY_TYPES.iter().map(|t| read_only_resource(t))).collect::<Vec<_>>(),
-                        "interaction": [{"code": "history-system"}],
+            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
             "operation": [{
                 "name": "seen",
                 "definition": "urn:cairn:OperationDefinition/seen",

@@ -178,7 +178,6 @@ impl FhirService {
     }
 
     async fn bundle_unaudited(&self, ctx: &RequestContext, body: &[u8], kind: &mut &'static str) -> FhirResult<Value> {
-        self.check_writable()?;
         if body.len() > self.settings.max_bundle_bytes {
             return Err(FhirError::new(
                 413,
@@ -195,7 +194,13 @@ impl FhirService {
         }
         let entries = parse_entries(&bundle)?;
         match bundle.get("type").and_then(Value::as_str) {
-            Some("transaction") => self.transaction(ctx, entries).await,
+            // A transaction writes (its GET entries are refused), so a read-only view refuses it
+            // whole; a batch's entries stand alone, so its reads are answered there and each write
+            // entry gets its own 405.
+            Some("transaction") => {
+                self.check_writable()?;
+                self.transaction(ctx, entries).await
+            }
             Some("batch") => self.batch(ctx, entries).await,
             other => Err(FhirError::new(
                 400,
@@ -430,7 +435,9 @@ impl FhirService {
                 (Method::Post, None, None) if e.if_none_exist.is_none() => {
                     let r = e.resource.clone().expect("checked in parse_entries");
                     let new_id = new_resource_id();
-                    let checked = Self::check_type(&t)
+                    let checked = self
+                        .check_writable()
+                        .and_then(|()| Self::check_type(&t))
                         .and_then(|()| resource::validate(&r, &t).map_err(FhirError::invalid))
                         .and_then(|()| ctx.access.permit(Permission::Create, &t))
                         .and_then(|permit| {
