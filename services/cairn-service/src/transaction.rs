@@ -149,7 +149,7 @@ fn conditional_references(value: &Value, out: &mut BTreeSet<String>) {
     }
 }
 
-fn response_entry(status: &str, v: Option<&Versioned>, resource_type: &str, base: &str) -> Value {
+fn response_entry(status: &str, v: Option<Versioned>, resource_type: &str, base: &str) -> Value {
     let mut response = json!({"status": status});
     let mut entry = json!({});
     if let Some(v) = v {
@@ -157,7 +157,7 @@ fn response_entry(status: &str, v: Option<&Versioned>, resource_type: &str, base
         response["etag"] = json!(format!("W/\"{}\"", v.version_id));
         response["lastModified"] = json!(v.last_updated);
         entry["fullUrl"] = json!(format!("{base}/{resource_type}/{}", v.id));
-        entry["resource"] = v.resource.clone();
+        entry["resource"] = v.resource;
     }
     entry["response"] = response;
     entry
@@ -343,7 +343,7 @@ impl FhirService {
                         return Err(FhirError::outside_compartment("the resource ifNoneExist matched").at_entry(i));
                     }
                     let v = found.map(Versioned::from);
-                    responses.push(response_entry("200 OK", v.as_ref(), &t, &base));
+                    responses.push(response_entry("200 OK", v, &t, &base));
                 }
                 Method::Post | Method::Put => {
                     let mut r = e.resource.clone().expect("checked in parse_entries");
@@ -385,7 +385,7 @@ impl FhirService {
                     resource::stamp(&mut r, &id, version, &now);
                     events.push(Self::written_event(ctx, &t, &id, version, &r, current.is_none()));
                     let v = Versioned { resource: r, id: id.clone(), version_id: version, last_updated: now.clone() };
-                    responses.push(response_entry(if created { "201 Created" } else { "200 OK" }, Some(&v), &t, &base));
+                    responses.push(response_entry(if created { "201 Created" } else { "200 OK" }, Some(v), &t, &base));
                 }
                 Method::Delete => {
                     let current =
@@ -429,11 +429,12 @@ impl FhirService {
         // Plain creates go out together in one durable append.
         let now = Timestamp::now().to_rfc3339();
         let mut group: Vec<(usize, String, Versioned, Event)> = Vec::new();
-        for (i, e) in entries.iter().enumerate() {
+        for (i, mut e) in entries.into_iter().enumerate() {
             let (t, id, query) = split_url(&e.url);
             let result: FhirResult<Value> = match (&e.method, id, query) {
                 (Method::Post, None, None) if e.if_none_exist.is_none() => {
-                    let r = e.resource.clone().expect("checked in parse_entries");
+                    // Moved, not cloned: the entry is not needed again.
+                    let r = e.resource.take().expect("checked in parse_entries");
                     let new_id = new_resource_id();
                     let checked = self
                         .check_writable()
@@ -479,7 +480,7 @@ impl FhirService {
                     self.delete(ctx, &t, &id).await.map(|_| json!({"response": {"status": "204 No Content"}}))
                 }
                 (Method::Get, Some(id), None) => {
-                    self.read(ctx, &t, &id).await.map(|v| response_entry("200 OK", Some(&v), &t, &base))
+                    self.read(ctx, &t, &id).await.map(|v| response_entry("200 OK", Some(v), &t, &base))
                 }
                 (Method::Get, None, q) => self
                     .search(ctx, &t, q.as_deref().unwrap_or(""), false)
@@ -499,8 +500,8 @@ impl FhirService {
                 .collect();
             match self.log.append_batch(records).await {
                 Ok(_) => {
-                    for (i, t, v, _) in &group {
-                        responses[*i] = Some(response_entry("201 Created", Some(v), t, &base));
+                    for (i, t, v, _) in group {
+                        responses[i] = Some(response_entry("201 Created", Some(v), &t, &base));
                     }
                 }
                 Err(err) => {
@@ -520,5 +521,5 @@ impl FhirService {
 
 fn write_entry(outcome: WriteOutcome, resource_type: &str, base: &str) -> Value {
     let status = if outcome.created() { "201 Created" } else { "200 OK" };
-    response_entry(status, Some(&outcome.into_versioned()), resource_type, base)
+    response_entry(status, Some(outcome.into_versioned()), resource_type, base)
 }
