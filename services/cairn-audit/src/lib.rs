@@ -93,7 +93,24 @@ pub fn record_keys(event: &Event) -> Vec<RecordKey> {
     }
 }
 
-/// What the store keeps for an audit record instead of its rendered body: the event the record comes
+/// Whether the store keeps an event's records as its [`fact`]: writes and FHIR accesses, the
+/// volume of the trail, whose events carry nothing their records leave out (a write's body aside,
+/// which the fact drops). Authentication events carry hashes of passwords, client secrets, codes and
+/// tokens that their records leave out, so their records are stored rendered.
+pub fn stored_as_fact(event: &Event) -> bool {
+    matches!(
+        event.payload,
+        Payload::ResourceCreated(_)
+            | Payload::ResourceUpdated(_)
+            | Payload::ResourceDeleted(_)
+            | Payload::AccessRead(_)
+            | Payload::AccessSearch(_)
+            | Payload::RequestRefused(_)
+    )
+}
+
+/// What the store keeps for an audit record instead of its rendered body (for the events
+/// [`stored_as_fact`] names): the event the record comes
 /// from, in canonical form, with a write's resource body left out (the records name the version
 /// written; its body is stored once, as the resource). Every record is a pure function of its event,
 /// so [`render`] gives the same record again on read. Measured: storing each write's AuditEvent and

@@ -3,10 +3,11 @@
 //! date-index key (`recorded`), so "who accessed patient X between T1 and T2" reads one patient's
 //! records in one time window.
 //!
-//! A record is stored as its fact (`cairn_audit::fact`: the event, without a write's resource body),
-//! not as the rendered record: [`Rendered`] renders it again for every reader. The record is a pure
-//! function of its event, so readers see exactly what was rendered here, and the store holds a write's
-//! body once instead of three times.
+//! The records of writes and FHIR accesses are stored as their fact (`cairn_audit::fact`: the event,
+//! without a write's resource body), not rendered: [`Rendered`] renders them for every reader, so the
+//! store holds a write's body once instead of three times. Records are rendered by the running build:
+//! a change to the audit shapes changes how past records read (the facts, like the log, do not
+//! change). Authentication events' records are stored rendered (`cairn_audit::stored_as_fact`).
 
 use cairn_audit::RecordKey;
 use cairn_events::Event;
@@ -14,16 +15,34 @@ use cairn_store::{Checkpoint, ResourceStore, ResourceVersion, Result, StoreError
 use std::sync::Arc;
 
 pub fn project(event: &Event) -> Vec<ResourceVersion> {
+    if !cairn_audit::stored_as_fact(event) {
+        // Authentication events: their records are stored rendered (their events hold hashes of
+        // secrets the records leave out).
+        return cairn_audit::audit_events(event)
+            .into_iter()
+            .chain(cairn_audit::provenance(event))
+            .map(|r| {
+                let key = RecordKey {
+                    resource_type: r.resource_type,
+                    id: r.id,
+                    patient: r.patient,
+                    recorded_ms: r.recorded_ms,
+                };
+                let body = serde_json::value::to_raw_value(&r.resource).expect("JSON values serialize");
+                version(key, event.occurred_at.to_rfc3339(), body, false)
+            })
+            .collect();
+    }
     let keys = cairn_audit::record_keys(event);
     if keys.is_empty() {
         return Vec::new();
     }
     let fact = cairn_audit::fact(event);
     let last_updated = event.occurred_at.to_rfc3339();
-    keys.into_iter().map(|k| version(k, last_updated.clone(), fact.clone())).collect()
+    keys.into_iter().map(|k| version(k, last_updated.clone(), fact.clone(), true)).collect()
 }
 
-fn version(k: RecordKey, last_updated: String, fact: Box<serde_json::value::RawValue>) -> ResourceVersion {
+fn version(k: RecordKey, last_updated: String, body: Box<serde_json::value::RawValue>, fact: bool) -> ResourceVersion {
     let date_key = (k.resource_type == "AuditEvent").then_some(k.recorded_ms);
     ResourceVersion {
         resource_type: k.resource_type.to_owned(),
@@ -32,8 +51,8 @@ fn version(k: RecordKey, last_updated: String, fact: Box<serde_json::value::RawV
         last_updated,
         last_updated_ms: k.recorded_ms,
         deleted: false,
-        resource: Some(fact),
-        fact: true,
+        resource: Some(body),
+        fact,
         patient: k.patient,
         identifiers: Vec::new(),
         date_key,
@@ -153,5 +172,45 @@ impl ResourceStore for Rendered {
 
     async fn digest(&self) -> Result<String> {
         self.0.digest().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_events::{EventType, Payload, sample_event};
+
+    /// What a reader gets for every stored record of an event: the rendered record, whether the
+    /// store kept its fact or the record itself; and no authentication event's secret hashes are
+    /// stored.
+    #[test]
+    fn every_stored_record_reads_as_rendered_and_no_secret_hash_is_stored() {
+        for t in EventType::ALL {
+            let e = sample_event(t);
+            let rendered: Vec<_> =
+                cairn_audit::audit_events(&e).into_iter().chain(cairn_audit::provenance(&e)).collect();
+            let stored = project(&e);
+            assert_eq!(stored.len(), rendered.len(), "{t}");
+            for (v, r) in stored.iter().zip(&rendered) {
+                assert_eq!(v.fact, cairn_audit::stored_as_fact(&e), "{t}");
+                let read = render(v.clone()).unwrap();
+                let body: serde_json::Value = serde_json::from_str(read.resource.as_ref().unwrap().get()).unwrap();
+                assert_eq!((read.id.as_str(), &body), (r.id.as_str(), &r.resource), "{t}");
+                assert!(!read.fact);
+            }
+            let secrets: Vec<String> = match &e.payload {
+                Payload::UserCreated(u) => vec![u.password_hash.clone()],
+                Payload::ClientRegistered(c) => c.secret_sha256.iter().cloned().collect(),
+                _ => Vec::new(),
+            };
+            for secret in secrets.iter().filter(|s| !s.is_empty()) {
+                for v in &stored {
+                    assert!(
+                        !v.resource.as_ref().unwrap().get().contains(secret.as_str()),
+                        "{t}: a secret hash is stored"
+                    );
+                }
+            }
+        }
     }
 }

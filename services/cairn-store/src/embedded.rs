@@ -249,9 +249,18 @@ impl ResourceStore for EmbeddedStore {
                 let key = v.key();
                 // One lookup each for `versions` and `current`: an insert hands back what it replaced.
                 let vkey = version_key(&key, v.version_id);
-                if versions_t.insert(vkey.bytes(), v.encode().as_slice()).map_err(|e| self.err(e))?.is_some() {
-                    // Already applied (replay is idempotent): the same bytes were written again, since
-                    // a projection is a pure function of its event.
+                let encoded = v.encode();
+                let replaced = versions_t
+                    .insert(vkey.bytes(), encoded.as_slice())
+                    .map_err(|e| self.err(e))?
+                    .map(|old| old.value().to_vec());
+                if let Some(old) = replaced {
+                    // Already applied (replay is idempotent). A projection is a pure function of its
+                    // event, so these are the same bytes; if a build projected differently, what was
+                    // stored first stays, matching the current pointer and indexes made with it.
+                    if old != encoded {
+                        versions_t.insert(vkey.bytes(), old.as_slice()).map_err(|e| self.err(e))?;
+                    }
                     continue;
                 }
                 let change = KeyBuf::new().i64(v.last_updated_ms).str(&key).u64(v.version_id);

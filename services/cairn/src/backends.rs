@@ -73,15 +73,29 @@ pub async fn open_log(backends: &Backends, data: &DataDir, options: EmbeddedOpti
     }
 }
 
+/// How [`open_store`] treats an embedded store file of another layout (decision 0010).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum OtherLayout {
+    /// Delete it and start again empty: the server's projectors rebuild it from the log.
+    Rebuild,
+    /// Refuse it: a command that only reads the store must not throw it away.
+    Refuse,
+}
+
 /// Opens the projection store (the embedded one in `data`, with a page cache of `cache_bytes`).
 pub async fn open_store(
     backends: &Backends,
     data: &DataDir,
     cache_bytes: usize,
+    other_layout: OtherLayout,
 ) -> anyhow::Result<Arc<dyn ResourceStore>> {
     Ok(match &backends.store {
         StoreBackend::Embedded => {
-            Arc::new(EmbeddedStore::open_or_rebuild(data.store_dir().join("resources.redb"), cache_bytes)?)
+            let path = data.store_dir().join("resources.redb");
+            Arc::new(match other_layout {
+                OtherLayout::Rebuild => EmbeddedStore::open_or_rebuild(path, cache_bytes)?,
+                OtherLayout::Refuse => EmbeddedStore::open_with_cache(path, cache_bytes)?,
+            })
         }
         StoreBackend::Scylla(settings) => Arc::new(
             ScyllaStore::connect(settings)

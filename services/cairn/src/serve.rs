@@ -161,7 +161,9 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     } else {
         None
     };
-    let store = backends::open_store(&settings.backends, &data, settings.store_cache_bytes).await?;
+    let store =
+        backends::open_store(&settings.backends, &data, settings.store_cache_bytes, backends::OtherLayout::Rebuild)
+            .await?;
     let dyn_log = log.clone();
     let mut projector_tasks = Vec::new();
     let progress = start_projection(&RESOURCES, &settings, &open_log, &store, &mut projector_tasks).await?;

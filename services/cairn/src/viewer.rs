@@ -83,10 +83,17 @@ pub async fn serve_view(dir: &std::path::Path, mut settings: Settings, telemetry
     if !store_file.exists() {
         bail!("--store-dir {}: no store/resources.redb; is it a finished replay?", dir.display());
     }
-    let store: Arc<dyn cairn_store::ResourceStore> = Arc::new(
-        cairn_store::embedded::EmbeddedStore::open_with_cache(&store_file, settings.store_cache_bytes)
-            .with_context(|| format!("--store-dir {}", dir.display()))?,
-    );
+    let store: Arc<dyn cairn_store::ResourceStore> =
+        match cairn_store::embedded::EmbeddedStore::open_with_cache(&store_file, settings.store_cache_bytes) {
+            Ok(store) => Arc::new(store),
+            Err(cairn_store::StoreError::OtherFormat { found, .. }) => bail!(
+                "--store-dir {}: this replay was made by another Cairn build (store format {found}, this build \
+                 reads {}); replay again with this build",
+                dir.display(),
+                cairn_store::embedded::FORMAT
+            ),
+            Err(e) => return Err(e).with_context(|| format!("--store-dir {}", dir.display())),
+        };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
