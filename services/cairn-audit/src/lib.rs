@@ -48,15 +48,18 @@ pub fn audit_events(event: &Event) -> Vec<AuditRecord> {
         Payload::RequestRefused(r) => rest::refused(event, r),
         _ => auth::audit(event),
     };
-    let many = bodies.len() > 1;
+    let count = bodies.len();
     bodies
         .into_iter()
         .enumerate()
-        .map(|(n, (body, patient))| {
-            let id = if many { format!("{}-{}", event.id, n + 1) } else { event.id.to_string() };
-            record("AuditEvent", id, body, patient, event)
-        })
+        .map(|(n, (body, patient))| record("AuditEvent", record_id(event, n, count), body, patient, event))
         .collect()
+}
+
+/// The id of the `n`th of an event's `count` AuditEvents: the event id, numbered when there are
+/// several.
+fn record_id(event: &Event, n: usize, count: usize) -> String {
+    if count > 1 { format!("{}-{}", event.id, n + 1) } else { event.id.to_string() }
 }
 
 /// Where an audit record goes in the store: what its index keys need, known without rendering it.
@@ -70,9 +73,10 @@ pub struct RecordKey {
     pub recorded_ms: i64,
 }
 
-/// The records an event gives ([`audit_events`] and [`provenance`]), as their keys. A write (most of
-/// the log, and the projector's hot path) gives one AuditEvent and one Provenance, both named by the
-/// event id and about the event's patient, without rendering either; other events are rendered.
+/// The records an event gives ([`audit_events`] and [`provenance`]), as their keys, without rendering
+/// them for writes and FHIR accesses (the projector's hot path): a write gives one AuditEvent and one
+/// Provenance named by the event id, an access one AuditEvent per patient it touched. Other events
+/// are rendered.
 pub fn record_keys(event: &Event) -> Vec<RecordKey> {
     let key = |resource_type, id, patient| RecordKey {
         resource_type,
@@ -80,11 +84,18 @@ pub fn record_keys(event: &Event) -> Vec<RecordKey> {
         patient,
         recorded_ms: event.occurred_at.as_millis(),
     };
+    let audit_events_about = |patients: Vec<Option<String>>| -> Vec<RecordKey> {
+        let count = patients.len();
+        patients.into_iter().enumerate().map(|(n, p)| key("AuditEvent", record_id(event, n, count), p)).collect()
+    };
     match &event.payload {
         Payload::ResourceCreated(_) | Payload::ResourceUpdated(_) | Payload::ResourceDeleted(_) => vec![
             key("AuditEvent", event.id.to_string(), event.patient.clone()),
             key("Provenance", event.id.to_string(), event.patient.clone()),
         ],
+        Payload::AccessRead(r) => audit_events_about(vec![rest::read_patient(event, r)]),
+        Payload::AccessSearch(s) => audit_events_about(rest::search_patients(event, s)),
+        Payload::RequestRefused(_) => audit_events_about(vec![event.patient.clone()]),
         _ => audit_events(event)
             .into_iter()
             .chain(provenance(event))

@@ -152,22 +152,32 @@ pub fn read(event: &Event, r: &AccessRead) -> Vec<(Value, Option<String>)> {
             .collect()
     };
     data.extend(r.view.as_deref().map(view_entity));
-    let patient = event.patient.clone().or_else(|| r.returned.iter().find_map(|v| v.patient.clone()));
+    let patient = read_patient(event, r);
     set_entities(&mut body, event, data, patient.as_deref());
     vec![(body, patient)]
+}
+
+/// The patient a read's record is about: the event's, else the first returned version's.
+pub fn read_patient(event: &Event, r: &AccessRead) -> Option<String> {
+    event.patient.clone().or_else(|| r.returned.iter().find_map(|v| v.patient.clone()))
+}
+
+/// The patients a search's records are about, in record order: each patient whose data was
+/// returned (`None`: versions outside any compartment), or the event's when nothing was.
+pub fn search_patients(event: &Event, s: &AccessSearch) -> Vec<Option<String>> {
+    let patients: std::collections::BTreeSet<Option<String>> = s.returned.iter().map(|v| v.patient.clone()).collect();
+    if patients.is_empty() { vec![event.patient.clone()] } else { patients.into_iter().collect() }
 }
 
 /// Searches and type or system history: one record per patient whose data was returned (BALP
 /// Patient* shapes), each naming the query and the versions of that patient's data; versions
 /// outside any compartment go into a record without a patient.
 pub fn search(event: &Event, s: &AccessSearch) -> Vec<(Value, Option<String>)> {
-    let mut groups: BTreeMap<Option<String>, Vec<Value>> = BTreeMap::new();
+    let mut groups: BTreeMap<Option<String>, Vec<Value>> =
+        search_patients(event, s).into_iter().map(|p| (p, Vec::new())).collect();
     for v in &s.returned {
         let reference = format!("{}/{}/_history/{}", v.resource_type, v.id, v.version_id);
         groups.entry(v.patient.clone()).or_default().push(data_entity(reference));
-    }
-    if groups.is_empty() {
-        groups.insert(event.patient.clone(), Vec::new());
     }
     let query = base64::engine::general_purpose::STANDARD.encode(match &s.resource_type {
         Some(t) => format!("{t}?{}", s.query),

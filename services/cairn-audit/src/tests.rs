@@ -54,6 +54,8 @@ fn a_search_across_patients_gives_one_record_per_patient() {
         })
         .collect();
     let records = audit_events(&e);
+    let keys: Vec<(String, Option<String>)> = record_keys(&e).into_iter().map(|k| (k.id, k.patient)).collect();
+    assert_eq!(keys, records.iter().map(|r| (r.id.clone(), r.patient.clone())).collect::<Vec<_>>());
     assert_eq!(records.len(), 2);
     assert_eq!(records[0].patient.as_deref(), Some("Patient/p-1"));
     assert_eq!(records[1].patient.as_deref(), Some("Patient/p-2"));
