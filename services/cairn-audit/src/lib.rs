@@ -35,6 +35,18 @@ pub struct AuditRecord {
     pub recorded_ms: i64,
 }
 
+impl AuditRecord {
+    /// Where this record goes in the store.
+    pub fn key(&self) -> RecordKey {
+        RecordKey {
+            resource_type: self.resource_type,
+            id: self.id.clone(),
+            patient: self.patient.clone(),
+            recorded_ms: self.recorded_ms,
+        }
+    }
+}
+
 /// The AuditEvents an event gives (none for events that are not audited on their own: a published
 /// key, an issued code, an introspection; see `docs/decisions/0008-audit-trail.md`). A search that
 /// returned several patients' data gives one AuditEvent per patient (BALP's Patient* shapes).
@@ -96,11 +108,7 @@ pub fn record_keys(event: &Event) -> Vec<RecordKey> {
         Payload::AccessRead(r) => audit_events_about(vec![rest::read_patient(event, r)]),
         Payload::AccessSearch(s) => audit_events_about(rest::search_patients(event, s)),
         Payload::RequestRefused(_) => audit_events_about(vec![event.patient.clone()]),
-        _ => audit_events(event)
-            .into_iter()
-            .chain(provenance(event))
-            .map(|r| key(r.resource_type, r.id, r.patient))
-            .collect(),
+        _ => audit_events(event).iter().chain(provenance(event).as_ref()).map(AuditRecord::key).collect(),
     }
 }
 

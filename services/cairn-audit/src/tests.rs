@@ -166,15 +166,7 @@ fn every_record_has_the_keys_given_and_renders_again_from_its_fact_without_the_b
             assert!(!fact.get().contains(w.resource.get()), "{t}: the body is stored once, as the resource");
         }
         let records: Vec<AuditRecord> = audit_events(&e).into_iter().chain(provenance(&e)).collect();
-        let keys: Vec<RecordKey> = records
-            .iter()
-            .map(|r| RecordKey {
-                resource_type: r.resource_type,
-                id: r.id.clone(),
-                patient: r.patient.clone(),
-                recorded_ms: r.recorded_ms,
-            })
-            .collect();
+        let keys: Vec<RecordKey> = records.iter().map(AuditRecord::key).collect();
         assert_eq!(record_keys(&e), keys, "{t}: the keys are those of the rendered records");
         for r in &records {
             assert_eq!(render(r.resource_type, &r.id, fact.get()).as_ref(), Some(&r.resource), "{t}: {}", r.id);

@@ -22,14 +22,8 @@ pub fn project(event: &Event) -> Vec<ResourceVersion> {
             .into_iter()
             .chain(cairn_audit::provenance(event))
             .map(|r| {
-                let key = RecordKey {
-                    resource_type: r.resource_type,
-                    id: r.id,
-                    patient: r.patient,
-                    recorded_ms: r.recorded_ms,
-                };
                 let body = serde_json::value::to_raw_value(&r.resource).expect("JSON values serialize");
-                version(key, event.occurred_at.to_rfc3339(), body, false)
+                version(r.key(), event.occurred_at.to_rfc3339(), body, false)
             })
             .collect();
     }

@@ -208,17 +208,15 @@ fn by_patient_date_id(key: &[u8]) -> Result<String, BadKey> {
     r.str()
 }
 
-/// The end of the range of every key starting with `prefix`: the prefix with its last byte below
-/// 0xFF raised by one (prefixes here end in a terminator or a type name, never in 0xFF).
+/// The end of the range of every key starting with `prefix`: the prefix with its last byte raised
+/// by one. Prefixes here end in a string terminator (0x00) or in `/`, never in 0xFF.
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xFF {
-            end.push(last + 1);
-            return end;
-        }
+    match end.last_mut() {
+        Some(last) if *last < 0xFF => *last += 1,
+        _ => unreachable!("key prefixes end in a terminator or `/`"),
     }
-    vec![0xFF; prefix.len() + 1]
+    end
 }
 
 fn storage(path: &Path, e: impl std::fmt::Display) -> StoreError {

@@ -18,15 +18,10 @@ impl KeyBuf {
         KeyBuf(Vec::with_capacity(96))
     }
 
-    pub fn str(mut self, s: &str) -> KeyBuf {
-        for &b in s.as_bytes() {
-            self.0.push(b);
-            if b == 0 {
-                self.0.push(0xFF);
-            }
-        }
-        self.0.extend_from_slice(&[0, 0]);
-        self
+    pub fn str(self, s: &str) -> KeyBuf {
+        let mut key = self.str_prefix(s);
+        key.0.extend_from_slice(&[0, 0]);
+        key
     }
 
     /// A string's bytes without the terminator: a prefix of every key whose next string starts
@@ -69,39 +64,36 @@ impl<'a> KeyReader<'a> {
     }
 
     pub fn str(&mut self) -> Result<String, BadKey> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        loop {
-            match (self.0.get(i), self.0.get(i + 1)) {
-                (Some(0), Some(0)) => break,
-                (Some(0), Some(0xFF)) => {
-                    out.push(0);
-                    i += 2;
-                }
-                (Some(&b), _) if b != 0 => {
-                    out.push(b);
-                    i += 1;
-                }
-                _ => return Err(BadKey),
+        let (escaped, rest) = self.split_str()?;
+        self.0 = rest;
+        let mut out = Vec::with_capacity(escaped.len());
+        let mut bytes = escaped.iter();
+        while let Some(&b) = bytes.next() {
+            out.push(b);
+            if b == 0 {
+                bytes.next(); // the 0xFF that escapes it
             }
         }
-        self.0 = &self.0[i + 2..];
         String::from_utf8(out).map_err(|_| BadKey)
     }
 
     /// Skips a string without decoding it.
     pub fn skip_str(&mut self) -> Result<(), BadKey> {
+        self.0 = self.split_str()?.1;
+        Ok(())
+    }
+
+    /// The next string as stored (escaped, without its terminator), and what follows it.
+    fn split_str(&self) -> Result<(&'a [u8], &'a [u8]), BadKey> {
         let mut i = 0;
         loop {
             match (self.0.get(i), self.0.get(i + 1)) {
-                (Some(0), Some(0)) => break,
+                (Some(0), Some(0)) => return Ok((&self.0[..i], &self.0[i + 2..])),
                 (Some(0), Some(0xFF)) => i += 2,
                 (Some(&b), _) if b != 0 => i += 1,
                 _ => return Err(BadKey),
             }
         }
-        self.0 = &self.0[i + 2..];
-        Ok(())
     }
 
     pub fn i64(&mut self) -> Result<i64, BadKey> {
