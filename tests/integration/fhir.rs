@@ -236,6 +236,38 @@ fn prefer_return_minimal_and_operation_outcome(backend: Backend) {
         let oo =
             c.send(reqwest::Method::POST, "/Observation", Some(body), &[("prefer", "return=OperationOutcome")]).await;
         assert_eq!(oo.body["resourceType"], "OperationOutcome");
+
+        // In a batch or transaction the preference applies to each write entry: a gateway gets the
+        // ids and versions without the bodies back. A read entry still carries its resource.
+        let read_id = minimal.header("location").split('/').nth_back(2).unwrap().to_owned();
+        for (kind, prefer) in [("batch", "return=minimal"), ("transaction", "return=OperationOutcome")] {
+            let bundle = json!({"resourceType": "Bundle", "type": kind, "entry": [
+                {"resource": glucose("p1", "2026-11-28", 101.0, &format!("r-{kind}-1")), "request": {"method": "POST", "url": "Observation"}},
+                {"resource": glucose("p1", "2026-11-28", 102.0, &format!("r-{kind}-2")), "request": {"method": "POST", "url": "Observation"}},
+            ]});
+            let mut bundle = bundle;
+            if kind == "batch" {
+                bundle["entry"].as_array_mut().unwrap().push(json!({"request": {"method": "GET", "url": format!("Observation/{read_id}")}}));
+            }
+            let r = c.send(reqwest::Method::POST, "", Some(serde_json::to_vec(&bundle).unwrap()), &[("prefer", prefer)]).await;
+            assert_eq!(r.status, 200, "{kind}: {}", r.body);
+            let entries = r.body["entry"].as_array().unwrap();
+            for e in &entries[..2] {
+                assert_eq!(e["response"]["status"], "201 Created", "{kind}: {e}");
+                assert!(e["response"]["location"].as_str().unwrap().starts_with("Observation/"), "{kind}: {e}");
+                assert_eq!(e["response"]["etag"], "W/\"1\"", "{kind}: {e}");
+                assert!(e.get("resource").is_none(), "{kind}: a {prefer} entry carries no resource: {e}");
+                match prefer {
+                    "return=OperationOutcome" => assert_eq!(e["response"]["outcome"]["resourceType"], "OperationOutcome"),
+                    _ => assert!(e["response"].get("outcome").is_none(), "{e}"),
+                }
+            }
+            if kind == "batch" {
+                assert_eq!(entries[2]["resource"]["id"], read_id.as_str(), "a read entry keeps its resource");
+            }
+        }
+        let stored = c.get("/Observation?identifier=urn:example:meter-1|r-batch-2").await;
+        assert_eq!(stored.body["total"], 1, "a minimal answer still stores the entry: {}", stored.body);
     });
 }
 

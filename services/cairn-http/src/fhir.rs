@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use cairn_fhir::outcome::{Issue, IssueCode, operation_outcome};
-use cairn_service::{Access, FhirError, FhirService, RequestContext, Versioned, WriteOutcome};
+use cairn_service::{Access, FhirError, FhirService, RequestContext, ReturnPreference, Versioned, WriteOutcome};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -247,16 +247,16 @@ fn resource_response(
     v: &Versioned,
     base: &str,
     rtype: &str,
-    prefer: Option<&str>,
+    ret: ReturnPreference,
     location: bool,
 ) -> Response {
-    let mut r = match prefer {
-        Some("minimal") => status.into_response(),
-        Some("OperationOutcome") => {
+    let mut r = match ret {
+        ReturnPreference::Minimal => status.into_response(),
+        ReturnPreference::OperationOutcome => {
             let issue = Issue::information(format!("{rtype}/{} version {}", v.id, v.version_id));
             fhir_json(status, &operation_outcome(&[issue]))
         }
-        _ => fhir_json(status, &v.resource),
+        ReturnPreference::Representation => fhir_json(status, &v.resource),
     };
     let h = r.headers_mut();
     if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{}\"", v.version_id)) {
@@ -271,9 +271,13 @@ fn resource_response(
     r
 }
 
-fn prefer_return(headers: &HeaderMap) -> Option<String> {
-    let prefer = headers.get("prefer")?.to_str().ok()?;
-    prefer.split(',').find_map(|p| p.trim().strip_prefix("return=").map(str::to_owned))
+/// The `return=` preference of the `Prefer` header (RFC 7240; the default when absent or unknown).
+fn prefer_return(headers: &HeaderMap) -> ReturnPreference {
+    let value = headers
+        .get("prefer")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|prefer| prefer.split(',').find_map(|p| p.trim().strip_prefix("return=").map(str::to_owned)));
+    ReturnPreference::from_prefer_return(value.as_deref())
 }
 
 fn lenient(headers: &HeaderMap) -> bool {
@@ -335,7 +339,7 @@ async fn bundle(
         .await
         .map_err(|_| error(413, IssueCode::TooLong, format!("the Bundle exceeds the {limit}-byte limit")));
     let body = checked(&api, &ctx, &target, body).await?;
-    let response = api.service.bundle(&ctx, &body).await?;
+    let response = api.service.bundle(&ctx, &body, prefer_return(&headers)).await?;
     Ok(fhir_json(StatusCode::OK, &response))
 }
 
@@ -360,9 +364,8 @@ async fn update(
 /// 201 for a creation, 200 otherwise, with Location and the body `Prefer: return=` asks for.
 fn write_response(api: &FhirApi, headers: &HeaderMap, rtype: &str, outcome: WriteOutcome) -> Response {
     let status = if outcome.created() { StatusCode::CREATED } else { StatusCode::OK };
-    let prefer = prefer_return(headers);
     let base = &api.service.settings().base_url;
-    resource_response(status, &outcome.into_versioned(), base, rtype, prefer.as_deref(), true)
+    resource_response(status, &outcome.into_versioned(), base, rtype, prefer_return(headers), true)
 }
 
 async fn delete(
@@ -394,7 +397,14 @@ async fn read(
     let ctx = context(&api, &headers, peer.0, &target).await?;
     checked(&api, &ctx, &target, negotiate(&headers, q.as_deref().unwrap_or(""))).await?;
     let v = api.service.read(&ctx, &rtype, &id).await?;
-    Ok(resource_response(StatusCode::OK, &v, &api.service.settings().base_url, &rtype, None, false))
+    Ok(resource_response(
+        StatusCode::OK,
+        &v,
+        &api.service.settings().base_url,
+        &rtype,
+        ReturnPreference::Representation,
+        false,
+    ))
 }
 
 async fn vread(
@@ -408,7 +418,14 @@ async fn vread(
     let ctx = context(&api, &headers, peer.0, &target).await?;
     checked(&api, &ctx, &target, negotiate(&headers, q.as_deref().unwrap_or(""))).await?;
     let v = api.service.vread(&ctx, &rtype, &id, &vid).await?;
-    Ok(resource_response(StatusCode::OK, &v, &api.service.settings().base_url, &rtype, None, false))
+    Ok(resource_response(
+        StatusCode::OK,
+        &v,
+        &api.service.settings().base_url,
+        &rtype,
+        ReturnPreference::Representation,
+        false,
+    ))
 }
 
 async fn search(

@@ -86,6 +86,29 @@ pub struct Settings {
     pub view: Option<String>,
 }
 
+/// What the answer to a write carries (`Prefer: return=`): the resource (the default), nothing, or
+/// an OperationOutcome. In a batch or transaction it applies to each write entry's response; a
+/// gateway that only needs the ids and versions saves both sides the bodies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReturnPreference {
+    #[default]
+    Representation,
+    Minimal,
+    OperationOutcome,
+}
+
+impl ReturnPreference {
+    /// The `return=` value of a `Prefer` header; anything unknown is the default, as the header is
+    /// only a preference (RFC 7240).
+    pub fn from_prefer_return(value: Option<&str>) -> ReturnPreference {
+        match value {
+            Some("minimal") => ReturnPreference::Minimal,
+            Some("OperationOutcome") => ReturnPreference::OperationOutcome,
+            _ => ReturnPreference::Representation,
+        }
+    }
+}
+
 /// A resource at one version, as returned to clients.
 #[derive(Debug, Clone)]
 pub struct Versioned {

@@ -8,8 +8,8 @@
 //! durable append, not a hundred.
 
 use crate::{
-    FhirError, FhirResult, FhirService, Permission, RequestContext, Versioned, WriteOutcome, new_resource_id,
-    parse_etag,
+    FhirError, FhirResult, FhirService, Permission, RequestContext, ReturnPreference, Versioned, WriteOutcome,
+    new_resource_id, parse_etag,
 };
 use cairn_events::{Event, ResourceDeleted, Timestamp};
 use cairn_fhir::outcome::{IssueCode, operation_outcome};
@@ -149,7 +149,9 @@ fn conditional_references(value: &Value, out: &mut BTreeSet<String>) {
     }
 }
 
-fn response_entry(status: &str, v: Option<Versioned>, resource_type: &str, base: &str) -> Value {
+/// A response entry: status, location, etag and lastModified, and what `ret` asks for of the
+/// resource (reads pass `Representation`: the resource is what they are for).
+fn response_entry(status: &str, v: Option<Versioned>, resource_type: &str, base: &str, ret: ReturnPreference) -> Value {
     let mut response = json!({"status": status});
     let mut entry = json!({});
     if let Some(v) = v {
@@ -157,7 +159,17 @@ fn response_entry(status: &str, v: Option<Versioned>, resource_type: &str, base:
         response["etag"] = json!(format!("W/\"{}\"", v.version_id));
         response["lastModified"] = json!(v.last_updated);
         entry["fullUrl"] = json!(format!("{base}/{resource_type}/{}", v.id));
-        entry["resource"] = v.resource;
+        match ret {
+            ReturnPreference::Representation => entry["resource"] = v.resource,
+            ReturnPreference::Minimal => {}
+            ReturnPreference::OperationOutcome => {
+                let issue = cairn_fhir::outcome::Issue::information(format!(
+                    "{resource_type}/{} version {}",
+                    v.id, v.version_id
+                ));
+                response["outcome"] = operation_outcome(&[issue]);
+            }
+        }
     }
     entry["response"] = response;
     entry
@@ -171,13 +183,19 @@ impl FhirService {
     /// POST of a Bundle to the base: `batch` or `transaction`.
     /// A batch or transaction Bundle. A refused Bundle is recorded before it is answered; so is each
     /// refused entry of a batch.
-    pub async fn bundle(&self, ctx: &RequestContext, body: &[u8]) -> FhirResult<Value> {
+    pub async fn bundle(&self, ctx: &RequestContext, body: &[u8], ret: ReturnPreference) -> FhirResult<Value> {
         let mut kind = "batch";
-        let result = self.bundle_unaudited(ctx, body, &mut kind).await;
+        let result = self.bundle_unaudited(ctx, body, ret, &mut kind).await;
         self.audited(ctx, kind, None, None, result).await
     }
 
-    async fn bundle_unaudited(&self, ctx: &RequestContext, body: &[u8], kind: &mut &'static str) -> FhirResult<Value> {
+    async fn bundle_unaudited(
+        &self,
+        ctx: &RequestContext,
+        body: &[u8],
+        ret: ReturnPreference,
+        kind: &mut &'static str,
+    ) -> FhirResult<Value> {
         if body.len() > self.settings.max_bundle_bytes {
             return Err(FhirError::new(
                 413,
@@ -199,9 +217,9 @@ impl FhirService {
             // entry gets its own 405.
             Some("transaction") => {
                 self.check_writable()?;
-                self.transaction(ctx, entries).await
+                self.transaction(ctx, entries, ret).await
             }
-            Some("batch") => self.batch(ctx, entries).await,
+            Some("batch") => self.batch(ctx, entries, ret).await,
             other => Err(FhirError::new(
                 400,
                 IssueCode::Invalid,
@@ -210,7 +228,7 @@ impl FhirService {
         }
     }
 
-    async fn transaction(&self, ctx: &RequestContext, entries: Vec<Entry>) -> FhirResult<Value> {
+    async fn transaction(&self, ctx: &RequestContext, entries: Vec<Entry>, ret: ReturnPreference) -> FhirResult<Value> {
         let base = self.settings.base_url.clone();
         // Lock every resource the transaction updates or deletes, in shard order (no deadlock).
         let mut shards = BTreeSet::new();
@@ -343,7 +361,7 @@ impl FhirService {
                         return Err(FhirError::outside_compartment("the resource ifNoneExist matched").at_entry(i));
                     }
                     let v = found.map(Versioned::from);
-                    responses.push(response_entry("200 OK", v, &t, &base));
+                    responses.push(response_entry("200 OK", v, &t, &base, ret));
                 }
                 Method::Post | Method::Put => {
                     let mut r = e.resource.clone().expect("checked in parse_entries");
@@ -385,7 +403,13 @@ impl FhirService {
                     resource::stamp(&mut r, &id, version, &now);
                     events.push(Self::written_event(ctx, &t, &id, version, &r, current.is_none()));
                     let v = Versioned { resource: r, id: id.clone(), version_id: version, last_updated: now.clone() };
-                    responses.push(response_entry(if created { "201 Created" } else { "200 OK" }, Some(v), &t, &base));
+                    responses.push(response_entry(
+                        if created { "201 Created" } else { "200 OK" },
+                        Some(v),
+                        &t,
+                        &base,
+                        ret,
+                    ));
                 }
                 Method::Delete => {
                     let current =
@@ -423,7 +447,7 @@ impl FhirService {
         Ok(json!({"resourceType": "Bundle", "type": "transaction-response", "entry": responses}))
     }
 
-    async fn batch(&self, ctx: &RequestContext, entries: Vec<Entry>) -> FhirResult<Value> {
+    async fn batch(&self, ctx: &RequestContext, entries: Vec<Entry>, ret: ReturnPreference) -> FhirResult<Value> {
         let base = self.settings.base_url.clone();
         let mut responses: Vec<Option<Value>> = vec![None; entries.len()];
         // Plain creates go out together in one durable append.
@@ -470,18 +494,23 @@ impl FhirService {
                 }
                 (Method::Post, None, None) => {
                     let body = serde_json::to_vec(e.resource.as_ref().expect("checked")).expect("json");
-                    self.create(ctx, &t, &body, e.if_none_exist.as_deref()).await.map(|o| write_entry(o, &t, &base))
+                    self.create(ctx, &t, &body, e.if_none_exist.as_deref())
+                        .await
+                        .map(|o| write_entry(o, &t, &base, ret))
                 }
                 (Method::Put, Some(id), None) => {
                     let body = serde_json::to_vec(e.resource.as_ref().expect("checked")).expect("json");
-                    self.update(ctx, &t, &id, &body, e.if_match.as_deref()).await.map(|o| write_entry(o, &t, &base))
+                    self.update(ctx, &t, &id, &body, e.if_match.as_deref())
+                        .await
+                        .map(|o| write_entry(o, &t, &base, ret))
                 }
                 (Method::Delete, Some(id), None) => {
                     self.delete(ctx, &t, &id).await.map(|_| json!({"response": {"status": "204 No Content"}}))
                 }
-                (Method::Get, Some(id), None) => {
-                    self.read(ctx, &t, &id).await.map(|v| response_entry("200 OK", Some(v), &t, &base))
-                }
+                (Method::Get, Some(id), None) => self
+                    .read(ctx, &t, &id)
+                    .await
+                    .map(|v| response_entry("200 OK", Some(v), &t, &base, ReturnPreference::Representation)),
                 (Method::Get, None, q) => self
                     .search(ctx, &t, q.as_deref().unwrap_or(""), false)
                     .await
@@ -501,7 +530,7 @@ impl FhirService {
             match self.log.append_batch(records).await {
                 Ok(_) => {
                     for (i, t, v, _) in group {
-                        responses[i] = Some(response_entry("201 Created", Some(v), &t, &base));
+                        responses[i] = Some(response_entry("201 Created", Some(v), &t, &base, ret));
                     }
                 }
                 Err(err) => {
@@ -519,7 +548,7 @@ impl FhirService {
     }
 }
 
-fn write_entry(outcome: WriteOutcome, resource_type: &str, base: &str) -> Value {
+fn write_entry(outcome: WriteOutcome, resource_type: &str, base: &str, ret: ReturnPreference) -> Value {
     let status = if outcome.created() { "201 Created" } else { "200 OK" };
-    response_entry(status, Some(outcome.into_versioned()), resource_type, base)
+    response_entry(status, Some(outcome.into_versioned()), resource_type, base, ret)
 }

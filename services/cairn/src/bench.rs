@@ -224,6 +224,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let totals = totals.clone();
             let plan = plan.clone();
             let (workload, batch_size, patients) = (args.workload, args.batch_size, args.patients);
+            let prefer = args.prefer.as_ref().map(|p| format!("return={p}"));
             tasks.push(tokio::spawn(async move {
                 let mut g = Gen(0x9e37_79b9_7f4a_7c15 ^ (worker as u64 + 1).wrapping_mul(0x1000_0000_01b3));
                 let mut lat = Vec::new();
@@ -277,6 +278,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                             };
                             (req, 0)
                         }
+                    };
+                    let req = match (&prefer, workload) {
+                        (Some(p), Workload::Create | Workload::Batch) => req.header("prefer", p),
+                        _ => req,
                     };
                     let req = match &token {
                         Some(t) => req.bearer_auth(t),

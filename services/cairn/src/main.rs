@@ -459,6 +459,11 @@ pub struct BenchArgs {
     /// Distinct patients the readings are spread over
     #[arg(long, default_value_t = 1000)]
     pub patients: u64,
+    /// What writes ask to get back (`Prefer: return=`, workloads create and batch): the stored
+    /// resource (representation, what servers send by default), ids and versions only (minimal, what
+    /// a gateway needs), or an OperationOutcome. Unset: no Prefer header
+    #[arg(long, value_parser = ["representation", "minimal", "OperationOutcome"])]
+    pub prefer: Option<String>,
     /// An initial access token (cairn admin registration-token): the grant, grant-secret and
     /// introspect workloads register their own client with it
     #[arg(long, env = "CAIRN_BENCH_REGISTRATION_TOKEN")]
