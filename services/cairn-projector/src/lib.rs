@@ -113,8 +113,14 @@ pub fn describe_metrics() {
         metrics::Unit::Seconds,
         "Time from an event's append (the log's timestamp) to the start of its projection"
     );
+    metrics::describe_histogram!(
+        "cairn_projection_batch_records",
+        metrics::Unit::Count,
+        "Log records applied in one store transaction (more per transaction: fewer commits per record)"
+    );
     for p in std::iter::once(&RESOURCES).chain(&AUDIT) {
         let _ = metrics::histogram!("cairn_projection_lag_seconds", "projection" => p.name);
+        let _ = metrics::histogram!("cairn_projection_batch_records", "projection" => p.name);
     }
 }
 
@@ -313,6 +319,8 @@ impl Projector {
     /// and a commit on one of the runtime's workers (two, on two cores) would hold up every request
     /// queued behind it.
     fn write(&self, batch: Batch, durable: bool) -> tokio::task::JoinHandle<Result<Batch, ProjectorError>> {
+        metrics::histogram!("cairn_projection_batch_records", "projection" => self.projection.name)
+            .record(batch.records as f64);
         let store = self.store.clone();
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
