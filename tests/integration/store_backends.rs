@@ -46,6 +46,7 @@ fn version(id: &str, v: u64, patient: &str, deleted: bool) -> ResourceVersion {
         patient: Some(patient.into()),
         identifiers: vec![format!("urn:sys|{id}")],
         date_key: Some(v as i64 * 100),
+        parsed: None,
     }
 }
 

@@ -50,11 +50,18 @@ fn version(k: RecordKey, last_updated: String, body: Box<serde_json::value::RawV
         patient: k.patient,
         identifiers: Vec::new(),
         date_key,
+        parsed: None,
     }
 }
 
 /// A version as readers see it: an audit record's fact rendered into the record.
-fn render(mut v: ResourceVersion) -> Result<ResourceVersion> {
+fn render(v: ResourceVersion) -> Result<ResourceVersion> {
+    render_keeping_tree(v, false)
+}
+
+/// [`render`], and with `keep_tree` the rendered record also left in `parsed`, for a scan whose
+/// visitor matches it next: the record is not parsed back from the text just made of it.
+fn render_keeping_tree(mut v: ResourceVersion, keep_tree: bool) -> Result<ResourceVersion> {
     if !v.fact {
         return Ok(v);
     }
@@ -64,6 +71,9 @@ fn render(mut v: ResourceVersion) -> Result<ResourceVersion> {
     })?;
     v.resource = Some(serde_json::value::to_raw_value(&record).expect("JSON values serialize"));
     v.fact = false;
+    if keep_tree {
+        v.parsed = Some(record);
+    }
     Ok(v)
 }
 
@@ -83,7 +93,7 @@ fn rendering_visitor<'a>(
     visit: &'a mut (dyn FnMut(ResourceVersion) -> bool + Send),
     failed: &'a mut Option<StoreError>,
 ) -> impl FnMut(ResourceVersion) -> bool + Send + 'a {
-    move |v| match render(v) {
+    move |v| match render_keeping_tree(v, true) {
         Ok(v) => visit(v),
         Err(e) => {
             *failed = Some(e);

@@ -19,6 +19,7 @@ pub fn project(event: Event) -> Option<ResourceVersion> {
                 patient: keys.patient,
                 identifiers: keys.identifiers,
                 date_key: keys.date_key,
+                parsed: None,
                 resource_type: w.resource_type,
                 id: w.id,
                 version_id: w.version_id,
@@ -41,6 +42,7 @@ pub fn project(event: Event) -> Option<ResourceVersion> {
             patient: None,
             identifiers: Vec::new(),
             date_key: None,
+            parsed: None,
         }),
         _ => None,
     }

@@ -267,6 +267,7 @@ mod tests {
             patient: None,
             identifiers: Vec::new(),
             date_key: None,
+            parsed: None,
         }
     }
 

@@ -793,7 +793,7 @@ impl FhirService {
             return self.scan_as_of(resource_type, query, as_of.timestamp_millis(), visit).await;
         }
         let patient = single_patient(resource_type, query);
-        let mut filter = |v: ResourceVersion| match v.resource_value() {
+        let mut filter = |mut v: ResourceVersion| match v.take_resource_value() {
             Some(r) if search::matches(&r, query) => visit(v, &r),
             _ => true,
         };

@@ -38,6 +38,11 @@ pub struct ResourceVersion {
     /// ... and the date-index key (see `cairn_fhir::index::date_key`), for a patient's readings by time.
     #[serde(default)]
     pub date_key: Option<i64>,
+    /// The resource already parsed, when whoever handed this version over had it as a tree (an
+    /// audit record rendered for a search that matches it next): [`Self::take_resource_value`] takes
+    /// it instead of parsing `resource` again. Never stored.
+    #[serde(skip)]
+    pub parsed: Option<serde_json::Value>,
 }
 
 impl ResourceVersion {
@@ -53,6 +58,11 @@ impl ResourceVersion {
     /// The resource parsed; `None` for a deletion.
     pub fn resource_value(&self) -> Option<serde_json::Value> {
         self.resource.as_ref().map(|r| serde_json::from_str(r.get()).expect("stored resources are valid JSON"))
+    }
+
+    /// The resource parsed, taking the tree in `parsed` when there is one; `None` for a deletion.
+    pub fn take_resource_value(&mut self) -> Option<serde_json::Value> {
+        self.parsed.take().or_else(|| self.resource_value())
     }
 }
 
