@@ -160,9 +160,9 @@ fn a_kafka_restart_loses_no_acknowledged_write() {
 }
 
 /// Why acknowledged writes did not read back, in as much detail as the failure allows: each one read
-/// again after a pause (late, or gone?), where the log holds its event (`cairn log tail`: the
-/// acknowledgement was honest, and the projection or the read's wait is wrong) or that it holds none
-/// (the acknowledgement was not), `/readyz`, and the server's newest warnings.
+/// again after a pause (late, or gone?), where the log holds its event committed (`cairn log tail`:
+/// the acknowledgement was honest, and the projection or the read's wait is wrong), only uncommitted,
+/// or nowhere (the acknowledgement was not), `/readyz`, and the server's newest warnings.
 async fn explain_missing(
     d: &Deployment,
     s: &cairn_tests::Server,
@@ -170,10 +170,18 @@ async fn explain_missing(
     base: &str,
     missing: &[(String, u16)],
 ) -> String {
+    let first_answered = Instant::now();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let (_, tail, tail_err) = tokio::task::block_in_place(|| d.cairn(&["log", "tail", "--topic", "cairn.fhir"]));
+    let mut again = Vec::with_capacity(missing.len());
+    for (id, _) in missing {
+        again.push(http.get(format!("{base}/Observation/{id}")).send().await.map(|r| r.status().as_u16()));
+    }
+    let waited = first_answered.elapsed().as_secs();
+    let (tail_status, tail, tail_err) =
+        tokio::task::block_in_place(|| d.cairn(&["log", "tail", "--topic", "cairn.fhir"]));
     // Everything the partitions hold, aborted and open transactions included (Kafka's console consumer
-    // reading uncommitted): an event there but not above was in a transaction that never committed.
+    // reading uncommitted). An event there but not in the tail above never committed, or sits behind a
+    // transaction still open (a read-committed read stops there).
     let uncommitted = tokio::task::block_in_place(|| {
         let tool = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/kafka-tool");
         std::process::Command::new(tool)
@@ -188,12 +196,20 @@ async fn explain_missing(
             ])
             .args(["--formatter-property", "print.partition=true", "--formatter-property", "print.offset=true"])
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_else(|e| format!("(kafka-tool: {e})"))
     });
+    let (raw_out, raw_problem) = match uncommitted {
+        Ok(o) => {
+            let out = String::from_utf8_lossy(&o.stdout).into_owned();
+            // The consumer exits non-zero when its timeout ends the read: only an empty read is suspect.
+            let problem = out.trim().is_empty().then(|| {
+                format!("kafka-tool consume printed nothing ({}): {}", o.status, String::from_utf8_lossy(&o.stderr))
+            });
+            (out, problem)
+        }
+        Err(e) => (String::new(), Some(format!("kafka-tool could not run: {e}"))),
+    };
     let mut report = format!("{} acknowledged writes did not read back after the restart:\n", missing.len());
-    for (id, status) in missing {
-        let again = http.get(format!("{base}/Observation/{id}")).send().await.map(|r| r.status().as_u16());
+    for ((id, status), again) in missing.iter().zip(again) {
         let in_log: Vec<String> = tail
             .lines()
             .filter(|l| l.contains(id.as_str()))
@@ -201,19 +217,22 @@ async fn explain_missing(
             .map(|l| format!("partition {} offset {} {}", l["partition"], l["offset"], l["event"]["type"]))
             .collect();
         // Lines start "Partition:P<TAB>Offset:O<TAB>".
-        let raw: Vec<String> = uncommitted
+        let raw: Vec<String> = raw_out
             .lines()
             .filter(|l| l.contains(id.as_str()))
             .map(|l| l.split('\t').take(2).collect::<Vec<_>>().join(" "))
             .collect();
         report += &format!(
-            "  Observation/{id}: {status}, 10 s later {again:?}; committed in the log: {}; read uncommitted: {}\n",
+            "  Observation/{id}: {status}, {waited} s later {again:?}; committed in the log: {}; read uncommitted: {}\n",
             if in_log.is_empty() { "nowhere".to_owned() } else { in_log.join(", ") },
             if raw.is_empty() { "nowhere".to_owned() } else { raw.join(", ") }
         );
     }
-    if tail.is_empty() {
-        report += &format!("cairn log tail printed nothing: {tail_err}\n");
+    if !tail_status.success() || tail.is_empty() {
+        report += &format!("cairn log tail is incomplete ({tail_status}): {tail_err}\n");
+    }
+    if let Some(problem) = raw_problem {
+        report += &format!("{problem}\n");
     }
     let ready = match http.get(format!("{}/readyz", s.base_url)).send().await {
         Ok(r) => r.text().await.unwrap_or_default(),

@@ -266,6 +266,30 @@ fn prefer_return_minimal_and_operation_outcome(backend: Backend) {
                 assert_eq!(entries[2]["resource"]["id"], read_id.as_str(), "a read entry keeps its resource");
             }
         }
+        // The other write paths of a batch (an update, a conditional create that finds its match) answer
+        // without the resource too; a refused entry still carries its OperationOutcome.
+        let mut updated = glucose("p1", "2026-11-28", 98.0, "r-m");
+        updated["id"] = json!(read_id);
+        let mut invalid = glucose("p1", "2026-11-28", 1.0, "r-bad");
+        invalid.as_object_mut().unwrap().remove("status");
+        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": updated, "request": {"method": "PUT", "url": format!("Observation/{read_id}")}},
+            {"resource": glucose("p1", "2026-11-28", 101.0, "r-batch-1"),
+             "request": {"method": "POST", "url": "Observation", "ifNoneExist": "identifier=urn:example:meter-1|r-batch-1"}},
+            {"resource": invalid, "request": {"method": "POST", "url": "Observation"}},
+        ]});
+        let r = c
+            .send(reqwest::Method::POST, "", Some(serde_json::to_vec(&bundle).unwrap()), &[("prefer", "return=minimal")])
+            .await;
+        let entries = r.body["entry"].as_array().unwrap();
+        assert_eq!(entries[0]["response"]["status"], "200 OK", "{}", r.body);
+        assert_eq!(entries[0]["response"]["etag"], "W/\"2\"", "{}", r.body);
+        assert_eq!(entries[1]["response"]["status"], "200 OK", "the match is answered: {}", r.body);
+        for e in &entries[..2] {
+            assert!(e.get("resource").is_none(), "{e}");
+        }
+        assert_eq!(entries[2]["response"]["status"], "400", "{}", r.body);
+        assert_eq!(entries[2]["response"]["outcome"]["resourceType"], "OperationOutcome", "{}", r.body);
         let stored = c.get("/Observation?identifier=urn:example:meter-1|r-batch-2").await;
         assert_eq!(stored.body["total"], 1, "a minimal answer still stores the entry: {}", stored.body);
     });

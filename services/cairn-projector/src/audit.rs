@@ -202,6 +202,16 @@ mod tests {
                 assert_eq!((read.id.as_str(), &body), (r.id.as_str(), &r.resource), "{t}");
                 assert!(!read.fact);
             }
+            // A scan's visitor gets the same record as a tree; the tree is never stored.
+            for v in &stored {
+                let scanned = render_keeping_tree(v.clone(), true).unwrap();
+                let text: serde_json::Value = serde_json::from_str(scanned.resource.as_ref().unwrap().get()).unwrap();
+                match &scanned.parsed {
+                    Some(tree) => assert_eq!(tree, &text, "{t}"),
+                    None => assert!(!v.fact, "{t}: a rendered fact keeps its tree"),
+                }
+                assert_eq!(scanned.encode(), render(v.clone()).unwrap().encode(), "{t}");
+            }
             let secrets: Vec<String> = match &e.payload {
                 Payload::UserCreated(u) => vec![u.password_hash.clone()],
                 Payload::ClientRegistered(c) => c.secret_sha256.iter().cloned().collect(),

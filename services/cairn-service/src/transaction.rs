@@ -62,12 +62,14 @@ impl FhirError {
     }
 }
 
-fn parse_entries(bundle: &Value) -> FhirResult<Vec<Entry>> {
-    let Some(entries) = bundle.get("entry") else { return Ok(Vec::new()) };
-    let entries =
-        entries.as_array().ok_or_else(|| FhirError::new(400, IssueCode::Structure, "Bundle.entry must be an array"))?;
+/// The entries of `bundle`, each resource moved out of it (the Bundle is not needed afterwards).
+fn parse_entries(bundle: &mut Value) -> FhirResult<Vec<Entry>> {
+    let Some(entries) = bundle.get_mut("entry") else { return Ok(Vec::new()) };
+    let entries = entries
+        .as_array_mut()
+        .ok_or_else(|| FhirError::new(400, IssueCode::Structure, "Bundle.entry must be an array"))?;
     let mut out = Vec::with_capacity(entries.len());
-    for (i, e) in entries.iter().enumerate() {
+    for (i, e) in entries.iter_mut().enumerate() {
         let request = e.get("request").ok_or_else(|| entry_error(i, "request is required"))?;
         let method = match request.get("method").and_then(Value::as_str) {
             Some("GET") => Method::Get,
@@ -83,19 +85,14 @@ fn parse_entries(bundle: &Value) -> FhirResult<Vec<Entry>> {
             .ok_or_else(|| entry_error(i, "request.url is required"))?
             .trim_start_matches('/')
             .to_owned();
-        let resource = e.get("resource").cloned();
+        let text = |k: &str| request.get(k).and_then(Value::as_str).map(str::to_owned);
+        let (if_none_exist, if_match) = (text("ifNoneExist"), text("ifMatch"));
+        let full_url = e.get("fullUrl").and_then(Value::as_str).map(str::to_owned);
+        let resource = e.get_mut("resource").map(Value::take);
         if matches!(method, Method::Post | Method::Put) && resource.is_none() {
             return Err(entry_error(i, "a POST or PUT entry needs a resource"));
         }
-        let text = |k: &str| request.get(k).and_then(Value::as_str).map(str::to_owned);
-        out.push(Entry {
-            full_url: e.get("fullUrl").and_then(Value::as_str).map(str::to_owned),
-            method,
-            url,
-            resource,
-            if_none_exist: text("ifNoneExist"),
-            if_match: text("ifMatch"),
-        });
+        out.push(Entry { full_url, method, url, resource, if_none_exist, if_match });
     }
     Ok(out)
 }
@@ -203,15 +200,16 @@ impl FhirService {
                 format!("the Bundle exceeds the {}-byte limit", self.settings.max_bundle_bytes),
             ));
         }
-        let bundle = resource::parse_json(body).map_err(FhirError::invalid)?;
+        let mut bundle = resource::parse_json(body).map_err(FhirError::invalid)?;
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
             return Err(FhirError::new(400, IssueCode::Invalid, "POST to the base takes a Bundle"));
         }
         if bundle.get("type").and_then(Value::as_str) == Some("transaction") {
             *kind = "transaction";
         }
-        let entries = parse_entries(&bundle)?;
-        match bundle.get("type").and_then(Value::as_str) {
+        let kind_of_bundle = bundle.get("type").and_then(Value::as_str).map(str::to_owned);
+        let entries = parse_entries(&mut bundle)?;
+        match kind_of_bundle.as_deref() {
             // A transaction writes (its GET entries are refused), so a read-only view refuses it
             // whole; a batch's entries stand alone, so its reads are answered there and each write
             // entry gets its own 405.

@@ -40,7 +40,8 @@ pub struct ResourceVersion {
     pub date_key: Option<i64>,
     /// The resource already parsed, when whoever handed this version over had it as a tree (an
     /// audit record rendered for a search that matches it next): [`Self::take_resource_value`] takes
-    /// it instead of parsing `resource` again. Never stored.
+    /// it instead of parsing `resource` again. Never stored. Whoever sets it sets `resource` from the
+    /// same tree, and whoever changes `resource` clears it.
     #[serde(skip)]
     pub parsed: Option<serde_json::Value>,
 }

@@ -22,6 +22,18 @@ pub struct Telemetry {
 const SECONDS_BUCKETS: &[f64] =
     &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
+/// Records per projector store transaction; a projector takes at most `BATCH_RECORDS` at once, so
+/// samples in the last bucket mean it is running behind.
+const PROJECTION_BATCH_BUCKETS: &[f64] = &[
+    1.0,
+    4.0,
+    16.0,
+    64.0,
+    256.0,
+    1024.0,
+    cairn_projector::BATCH_RECORDS as f64 - 1.0,
+    cairn_projector::BATCH_RECORDS as f64,
+];
 
 /// Full set-up for `cairn serve`.
 pub fn init_server() -> anyhow::Result<Telemetry> {
@@ -44,6 +56,7 @@ pub fn init_server() -> anyhow::Result<Telemetry> {
     let metrics = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full("cairn_log_fsync_batch_records".into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("cairn_projection_batch_records".into()), PROJECTION_BATCH_BUCKETS)?
         .install_recorder()?;
     Ok(Telemetry { metrics, tracer_provider })
 }
