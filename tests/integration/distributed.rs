@@ -97,16 +97,9 @@ fn a_kafka_restart_loses_no_acknowledged_write() {
             }
             let last = format!("{} {}", r.status(), r.text().await.unwrap_or_default());
             if Instant::now() >= deadline {
-                let ready = match http.get(format!("{}/readyz", s.base_url)).send().await {
-                    Ok(r) => r.text().await.unwrap_or_default(),
-                    Err(e) => format!("{e}"),
-                };
-                let log = s.stderr();
-                let problems: Vec<&str> =
-                    log.lines().filter(|l| l.contains("ERROR") || l.contains("WARN")).rev().take(40).collect();
                 panic!(
-                    "reads never answered again after the broker came back (last answer: {last}); /readyz: {ready}; server said (newest first):\n{}",
-                    problems.join("\n")
+                    "reads never answered again after the broker came back (last answer: {last}); {}",
+                    server_state(&http, &s, 40).await
                 );
             }
         }
@@ -234,14 +227,19 @@ async fn explain_missing(
     if let Some(problem) = raw_problem {
         report += &format!("{problem}\n");
     }
+    report + &server_state(http, s, 30).await
+}
+
+/// `/readyz` and the server's `newest` latest warnings and errors, for a failure message.
+async fn server_state(http: &reqwest::Client, s: &cairn_tests::Server, newest: usize) -> String {
     let ready = match http.get(format!("{}/readyz", s.base_url)).send().await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(e) => format!("{e}"),
     };
     let log = s.stderr();
     let problems: Vec<&str> =
-        log.lines().filter(|l| l.contains("ERROR") || l.contains("WARN")).rev().take(30).collect();
-    report + &format!("/readyz: {ready}\nserver said (newest first):\n{}", problems.join("\n"))
+        log.lines().filter(|l| l.contains("ERROR") || l.contains("WARN")).rev().take(newest).collect();
+    format!("/readyz: {ready}\nserver said (newest first):\n{}", problems.join("\n"))
 }
 
 /// Two API processes and two projector processes on one Kafka and one Cassandra: writes through

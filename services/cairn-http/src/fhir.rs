@@ -361,6 +361,18 @@ async fn update(
     Ok(write_response(&api, &headers, &rtype, outcome))
 }
 
+/// A read's answer: the resource, with its ETag and Last-Modified.
+fn read_response(api: &FhirApi, rtype: &str, v: &Versioned) -> Response {
+    resource_response(
+        StatusCode::OK,
+        v,
+        &api.service.settings().base_url,
+        rtype,
+        ReturnPreference::Representation,
+        false,
+    )
+}
+
 /// 201 for a creation, 200 otherwise, with Location and the body `Prefer: return=` asks for.
 fn write_response(api: &FhirApi, headers: &HeaderMap, rtype: &str, outcome: WriteOutcome) -> Response {
     let status = if outcome.created() { StatusCode::CREATED } else { StatusCode::OK };
@@ -397,14 +409,7 @@ async fn read(
     let ctx = context(&api, &headers, peer.0, &target).await?;
     checked(&api, &ctx, &target, negotiate(&headers, q.as_deref().unwrap_or(""))).await?;
     let v = api.service.read(&ctx, &rtype, &id).await?;
-    Ok(resource_response(
-        StatusCode::OK,
-        &v,
-        &api.service.settings().base_url,
-        &rtype,
-        ReturnPreference::Representation,
-        false,
-    ))
+    Ok(read_response(&api, &rtype, &v))
 }
 
 async fn vread(
@@ -418,14 +423,7 @@ async fn vread(
     let ctx = context(&api, &headers, peer.0, &target).await?;
     checked(&api, &ctx, &target, negotiate(&headers, q.as_deref().unwrap_or(""))).await?;
     let v = api.service.vread(&ctx, &rtype, &id, &vid).await?;
-    Ok(resource_response(
-        StatusCode::OK,
-        &v,
-        &api.service.settings().base_url,
-        &rtype,
-        ReturnPreference::Representation,
-        false,
-    ))
+    Ok(read_response(&api, &rtype, &v))
 }
 
 async fn search(
