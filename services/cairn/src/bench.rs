@@ -336,8 +336,38 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("resources written: {resources}; {:.0} resources/s", resources as f64 / elapsed);
     }
     println!("latency ms: {}", distribution(&lat));
+    if resources > 0 {
+        println!("{}", runtime.block_on(settle(&client, &base, args.token.as_deref())));
+    }
     Ok(if errors == 0 && ok > 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }
+
+/// How long after the last write a read saw every write: one `_summary=count` search, which on Cairn
+/// waits for the projection to reach the log's end (answering 503 past the server's read bound) and
+/// elsewhere answers at once. Shows whether the store kept up with the writes, not only the log.
+async fn settle(client: &reqwest::Client, base: &str, token: Option<&str>) -> String {
+    let started = Instant::now();
+    loop {
+        let req = client.get(format!("{base}/Observation?_summary=count"));
+        let req = match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        match req.send().await {
+            Ok(r) if r.status().is_success() => {
+                return format!("reads current again {} ms after the last write", started.elapsed().as_millis());
+            }
+            Ok(r) if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE && started.elapsed() < SETTLE_LIMIT => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(r) => return format!("a read after the run answered HTTP {}", r.status()),
+            Err(e) => return format!("a read after the run failed: {e}"),
+        }
+    }
+}
+
+/// How long the load tool waits for reads to be current after a run.
+const SETTLE_LIMIT: Duration = Duration::from_secs(300);
 
 /// The `p`-quantile of sorted microsecond samples, in milliseconds.
 fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
