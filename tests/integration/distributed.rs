@@ -221,6 +221,42 @@ async fn explain_missing(
             if raw.is_empty() { "nowhere".to_owned() } else { raw.join(", ") }
         );
     }
+    // Per partition, the last offset read committed and the last one read uncommitted: committed
+    // records past a missing event mean its transaction was aborted, none past it that it is open.
+    let last_offset = |lines: Vec<(u64, u64)>| {
+        let mut last = std::collections::BTreeMap::new();
+        for (p, o) in lines {
+            let e = last.entry(p).or_insert(o);
+            *e = (*e).max(o);
+        }
+        last
+    };
+    let committed = last_offset(
+        tail.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|l| Some((l["partition"].as_u64()?, l["offset"].as_u64()?)))
+            .collect(),
+    );
+    let everything = last_offset(
+        raw_out
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                let p = f.next()?.strip_prefix("Partition:")?.parse().ok()?;
+                let o = f.next()?.strip_prefix("Offset:")?.parse().ok()?;
+                Some((p, o))
+            })
+            .collect(),
+    );
+    report += &format!("last offset per partition, committed: {committed:?}; uncommitted too: {everything:?}\n");
+    // The writer's own account of its transactions (commit retries, failures, producer restarts).
+    let log = s.stderr();
+    let transactions: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("commit") || l.contains("transaction") || l.contains("producer"))
+        .take(40)
+        .collect();
+    report += &format!("the server on its transactions (oldest first):\n{}\n", transactions.join("\n"));
     if !tail_status.success() || tail.is_empty() {
         report += &format!("cairn log tail is incomplete ({tail_status}): {tail_err}\n");
     }
