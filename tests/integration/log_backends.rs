@@ -148,3 +148,46 @@ async fn conformance(log: Arc<dyn EventLog>) {
     assert_eq!(log.committed_offset(&group, &a, 1).await.unwrap(), Some(3));
     assert!(matches!(log.commit_offset(&group, &a, 9, 3).await, Err(LogError::UnknownPartition { .. })));
 }
+
+/// An append is acknowledged only once its record reads back committed, and the check tells an
+/// aborted transaction's record from a committed one (written here by a producer of our own, which
+/// aborts its transaction after the broker took the record).
+#[tokio::test]
+#[ignore = "needs Kafka: run with infra/test (it starts Kafka and sets CAIRN_KAFKA_BROKERS)"]
+#[allow(clippy::await_holding_lock)] // held on purpose: a Kafka restart test must not run meanwhile
+async fn kafka_tells_committed_records_from_aborted_ones() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    let _servers = cairn_tests::shared_servers();
+    let log = kafka().await;
+    let topic = unique_name("confirm");
+    log.create_topic(&topic, 1).await.unwrap();
+    let first = log.append(NewRecord::new(&topic, "k", "committed before")).await.unwrap();
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("transactional.id", unique_name("confirm-aborter"))
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(10);
+    let p = producer.clone();
+    tokio::task::spawn_blocking(move || p.init_transactions(timeout)).await.unwrap().unwrap();
+    producer.begin_transaction().unwrap();
+    let wire = format!("{}{topic}", log.settings().topic_prefix);
+    let delivered = producer
+        .send(FutureRecord::to(&wire).partition(0).key("k").payload("aborted"), timeout)
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let p = producer.clone();
+    tokio::task::spawn_blocking(move || p.abort_transaction(timeout)).await.unwrap().unwrap();
+    let aborted = Position { partition: delivered.partition as u32, offset: delivered.offset as u64 };
+    assert_eq!(aborted.offset, first.offset + 2, "the first append's commit marker lies between them");
+
+    let after = log.append(NewRecord::new(&topic, "k", "committed after")).await.unwrap();
+    assert!(log.committed(&topic, first).await.unwrap(), "an acknowledged append is committed");
+    assert!(!log.committed(&topic, aborted).await.unwrap(), "an aborted record is told apart");
+    assert!(log.committed(&topic, after).await.unwrap());
+    let values: Vec<Vec<u8>> = log.read(&topic, 0, 0, 10).await.unwrap().into_iter().map(|r| r.value).collect();
+    assert_eq!(values, vec![b"committed before".to_vec(), b"committed after".to_vec()]);
+}
