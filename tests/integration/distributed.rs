@@ -146,6 +146,12 @@ fn a_kafka_restart_loses_no_acknowledged_write() {
     // Transactions librdkafka reported committed that did not read back committed: refused (503),
     // so the test holds, but each one is a commit the client or the broker lost (decision 0005).
     let contradicted = s.stderr().lines().filter(|l| l.contains("kafka reported a transaction committed")).count();
+    if contradicted > 0 {
+        let kept = std::env::temp_dir().join(format!("cairn-kafka-restart-{}.log", std::process::id()));
+        if std::fs::write(&kept, s.stderr()).is_ok() {
+            eprintln!("kafka restart: a commit was contradicted; the server's whole log: {}", kept.display());
+        }
+    }
     eprintln!(
         "kafka restart: {acked} writes acknowledged ({acked_after_restart} after the restart), {refused} refused with \
          503, {contradicted} commits contradicted by the read-back"
