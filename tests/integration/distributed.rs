@@ -302,6 +302,9 @@ fn broker_batches(topic: &str, at: &[(u64, u64)]) -> String {
     let run_dir = std::env::var("CAIRN_INFRA_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/infra"));
+    if at.is_empty() {
+        return "broker batches: the missing events are in no partition, not even read uncommitted\n".to_owned();
+    }
     let mut partitions: Vec<u64> = at.iter().map(|(p, _)| *p).collect();
     partitions.sort_unstable();
     partitions.dedup();
@@ -324,7 +327,12 @@ fn broker_batches(topic: &str, at: &[(u64, u64)]) -> String {
             .args(["org.apache.kafka.tools.DumpLogSegments", "--print-data-log", "--files", &files])
             .output();
         let text = match dump {
-            Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr);
+                out += &format!("broker files of partition {p}: DumpLogSegments failed ({}): {err}\n", o.status);
+                continue;
+            }
             Err(e) => {
                 out += &format!("broker files of partition {p}: DumpLogSegments could not run: {e}\n");
                 continue;
@@ -335,11 +343,17 @@ fn broker_batches(topic: &str, at: &[(u64, u64)]) -> String {
         let field =
             |l: &str, name: &str| -> Option<u64> { l.split(name).nth(1)?.split_whitespace().next()?.parse().ok() };
         out += &format!("broker batches of partition {p}, offsets {low}..{high}:\n");
-        let mut in_range = false;
+        // Every batch from `low` to `high`, then the next five markers (the one that decided the
+        // transaction can lie further on than a few offsets; each names its producer).
+        let (mut in_range, mut markers_after) = (false, 0);
         for line in text.lines() {
             if let Some(base) = field(line, "baseOffset: ") {
                 let last = field(line, "lastOffset: ").unwrap_or(base);
-                in_range = last >= low && base <= high;
+                let marker = line.contains("isControl: true");
+                in_range = last >= low && (base <= high || (marker && markers_after < 5));
+                if base > high && marker {
+                    markers_after += 1;
+                }
                 if in_range {
                     // "name: value" pairs; keep the ones that tell whose batch it is and what it is.
                     let keep: Vec<String> = line

@@ -149,9 +149,9 @@ async fn conformance(log: Arc<dyn EventLog>) {
     assert!(matches!(log.commit_offset(&group, &a, 9, 3).await, Err(LogError::UnknownPartition { .. })));
 }
 
-/// An append is acknowledged only once its record reads back committed, and the check tells an
-/// aborted transaction's record from a committed one (written here by a producer of our own, which
-/// aborts its transaction after the broker took the record).
+/// An append is acknowledged only once its record reads back committed, and the check tells a
+/// committed record from one of an aborted transaction, and says it cannot tell while the
+/// transaction is still open (records written here by a producer of our own).
 #[tokio::test]
 #[ignore = "needs Kafka: run with infra/test (it starts Kafka and sets CAIRN_KAFKA_BROKERS)"]
 #[allow(clippy::await_holding_lock)] // held on purpose: a Kafka restart test must not run meanwhile
@@ -159,7 +159,11 @@ async fn kafka_tells_committed_records_from_aborted_ones() {
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
     let _servers = cairn_tests::shared_servers();
-    let log = kafka().await;
+    let mut settings = KafkaSettings::new(kafka_brokers());
+    settings.topic_prefix = format!("{}.", unique_name("confirm"));
+    // The wait for an undecided record, kept short.
+    settings.timeout = Duration::from_secs(3);
+    let log = KafkaLog::connect(settings).await.expect("connect to Kafka");
     let topic = unique_name("confirm");
     log.create_topic(&topic, 1).await.unwrap();
     let first = log.append(NewRecord::new(&topic, "k", "committed before")).await.unwrap();
@@ -179,14 +183,22 @@ async fn kafka_tells_committed_records_from_aborted_ones() {
         .await
         .map_err(|(e, _)| e)
         .unwrap();
-    let p = producer.clone();
-    tokio::task::spawn_blocking(move || p.abort_transaction(timeout)).await.unwrap().unwrap();
     let aborted = Position { partition: delivered.partition as u32, offset: delivered.offset as u64 };
     assert_eq!(aborted.offset, first.offset + 2, "the first append's commit marker lies between them");
+    // Open: not decided yet, so neither answer.
+    let undecided = log.committed(&topic, aborted).await;
+    assert!(undecided.is_err(), "an open transaction's record is neither committed nor aborted: {undecided:?}");
 
+    let p = producer.clone();
+    tokio::task::spawn_blocking(move || p.abort_transaction(timeout)).await.unwrap().unwrap();
+    // Aborted, nothing after it but the abort marker (the reader reaches the end past it) ...
+    let asked = std::time::Instant::now();
+    assert!(!log.committed(&topic, aborted).await.unwrap(), "an aborted record is told apart");
+    assert!(asked.elapsed() < Duration::from_secs(2), "told by reading, not by waiting out the timeout");
+    // ... and with a committed record after it.
     let after = log.append(NewRecord::new(&topic, "k", "committed after")).await.unwrap();
     assert!(log.committed(&topic, first).await.unwrap(), "an acknowledged append is committed");
-    assert!(!log.committed(&topic, aborted).await.unwrap(), "an aborted record is told apart");
+    assert!(!log.committed(&topic, aborted).await.unwrap());
     assert!(log.committed(&topic, after).await.unwrap());
     let values: Vec<Vec<u8>> = log.read(&topic, 0, 0, 10).await.unwrap().into_iter().map(|r| r.value).collect();
     assert_eq!(values, vec![b"committed before".to_vec(), b"committed after".to_vec()]);

@@ -33,7 +33,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -170,7 +170,8 @@ impl KafkaLog {
     /// settled within the timeout (a transaction still open before it, the broker away).
     pub async fn committed(&self, topic: &str, at: Position) -> Result<bool> {
         self.check_partition(topic, at.partition)?;
-        match self.confirmer.confirm(self.wire(topic), at, self.settings.timeout).await {
+        let probe = Probe { topic: self.wire(topic), at, key: None };
+        match self.confirmer.confirm(probe, Instant::now() + self.settings.timeout).await {
             Ok(()) => Ok(true),
             Err(Unconfirmed::Aborted(_)) => Ok(false),
             Err(Unconfirmed::Unknown(detail)) => Err(kafka_err("reading back", detail)),
@@ -398,9 +399,15 @@ async fn writer(
     confirmer: Arc<Confirmer>,
 ) {
     let timeout = settings.timeout;
-    // Set when the broker did not commit a transaction librdkafka reported committed: that producer's
-    // account of its transactions is not to be trusted, so it is replaced before the next one.
-    let contradicted = Arc::new(AtomicBool::new(false));
+    // Which producer is current (counted from 1), and the one whose reported commit the broker did
+    // not make (0: none): that producer's account of its transactions is not to be trusted, so it is
+    // replaced before its next transaction. A late verdict on an already replaced one is ignored.
+    let mut generation: u64 = 1;
+    let contradicted = Arc::new(AtomicU64::new(0));
+    // Read-backs in flight: while the partitions' stable offset is held up (another process's
+    // transaction open), commits go on succeeding and would pile up probes, each holding a thread
+    // and a consumer. At the limit the writer waits before its next transaction.
+    let probes = Arc::new(tokio::sync::Semaphore::new(MAX_PROBES));
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         let mut count = group[0].records.len();
@@ -413,7 +420,7 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        if contradicted.swap(false, Ordering::Relaxed) {
+        if contradicted.load(Ordering::Relaxed) == generation {
             producer = None;
         }
         // After a broken transaction the producer is replaced before the next one (a broker restart
@@ -424,6 +431,7 @@ async fn writer(
                 Ok(p) => {
                     tracing::info!("kafka producer restarted; appends resume");
                     *failure.lock().unwrap() = None;
+                    generation += 1;
                     producer = Some(p.clone());
                     p
                 }
@@ -436,25 +444,35 @@ async fn writer(
                 }
             },
         };
+        let Ok(permit) = probes.clone().acquire_owned().await else { return };
         let started = Instant::now();
         match transaction(&current, &group, timeout).await {
             Ok(positions) => {
+                metrics::histogram!("cairn_log_fsync_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("cairn_log_fsync_batch_records").record(count as f64);
                 // Acknowledged only once the transaction's first record reads back committed. This
                 // runs beside the next transaction, which waits for this one's markers anyway.
-                let probe = group
-                    .iter()
-                    .zip(&positions)
-                    .find_map(|(p, pos)| Some((p.records.first()?.wire_topic.clone(), *pos.first()?)));
+                let probe = group.iter().zip(&positions).find_map(|(p, pos)| {
+                    let first = p.records.first()?;
+                    Some(Probe {
+                        topic: first.wire_topic.clone(),
+                        at: *pos.first()?,
+                        key: Some(first.record.key.clone()),
+                    })
+                });
                 let (confirmer, contradicted) = (confirmer.clone(), contradicted.clone());
+                let this_generation = generation;
+                let deadline = Instant::now() + timeout;
                 tokio::spawn(async move {
+                    let confirming = Instant::now();
                     let outcome = match probe {
-                        Some((topic, at)) => confirmer.confirm(topic, at, timeout).await,
+                        Some(probe) => confirmer.confirm(probe, deadline).await,
                         None => Ok(()),
                     };
+                    drop(permit);
+                    metrics::histogram!("cairn_log_readback_seconds").record(confirming.elapsed().as_secs_f64());
                     match outcome {
                         Ok(()) => {
-                            metrics::histogram!("cairn_log_fsync_seconds").record(started.elapsed().as_secs_f64());
-                            metrics::histogram!("cairn_log_fsync_batch_records").record(count as f64);
                             metrics::counter!("cairn_log_appended_records_total").increment(count as u64);
                             for (p, pos) in group.into_iter().zip(positions) {
                                 let _ = p.reply.send(Ok(pos));
@@ -467,7 +485,7 @@ async fn writer(
                                  appends are refused and the producer is replaced"
                             );
                             metrics::counter!("cairn_log_commits_contradicted_total").increment(1);
-                            contradicted.store(true, Ordering::Relaxed);
+                            contradicted.store(this_generation, Ordering::Relaxed);
                             for p in group {
                                 let _ = p.reply.send(Err(LogError::Unavailable(format!(
                                     "kafka: the broker aborted a transaction reported committed: {detail}"
@@ -486,6 +504,7 @@ async fn writer(
                 });
             }
             Err((e, unusable)) => {
+                drop(permit);
                 tracing::error!(error = %e, records = count, "kafka transaction failed; its appends are refused");
                 if unusable {
                     *failure.lock().unwrap() = Some(e.to_string());
@@ -510,8 +529,22 @@ async fn writer(
 /// whole, so one record per transaction settles all of them.
 struct Confirmer {
     settings: KafkaSettings,
-    /// Idle consumers (read_committed, assigned per probe, never in a group's rebalance).
+    /// Idle consumers (read_committed, assigned per probe, never in a group's rebalance), at most
+    /// [`MAX_PROBES`]; one whose probe did not settle is dropped, not kept (after a broker restart a
+    /// client can stay stuck for minutes: see [`MetaClient`]).
     idle: Mutex<Vec<Reader>>,
+}
+
+/// The most read-backs in flight (and idle consumers kept for them).
+const MAX_PROBES: usize = 8;
+
+/// The record a probe reads back: where the delivery report put it, and, when known, its key (a
+/// record with another key there is not ours).
+struct Probe {
+    /// The topic's name on the cluster.
+    topic: String,
+    at: Position,
+    key: Option<Vec<u8>>,
 }
 
 /// Why a committed transaction is not acknowledged.
@@ -537,30 +570,27 @@ impl Confirmer {
             .create_with_context(CairnContext)
     }
 
-    /// Whether the record at `at` of `topic` (its name on the cluster) reads back committed. A
-    /// verdict of "aborted" is checked again on a new consumer before it is believed.
-    async fn confirm(
-        self: &Arc<Self>,
-        topic: String,
-        at: Position,
-        timeout: Duration,
-    ) -> std::result::Result<(), Unconfirmed> {
+    /// Whether the probed record reads back committed by `deadline`. A verdict of "aborted" is
+    /// checked again on a new consumer before it is believed.
+    async fn confirm(self: &Arc<Self>, probe: Probe, deadline: Instant) -> std::result::Result<(), Unconfirmed> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let deadline = Instant::now() + timeout;
             let pooled = this.idle.lock().unwrap().pop();
             let consumer = match pooled {
                 Some(c) => c,
                 None => this.consumer().map_err(|e| Unconfirmed::Unknown(format!("reader: {e}")))?,
             };
-            let verdict = probe(&consumer, &topic, at, deadline);
-            if consumer.unassign().is_ok() {
-                this.idle.lock().unwrap().push(consumer);
+            let verdict = read_back(&consumer, &probe, deadline);
+            if verdict.is_ok() && consumer.unassign().is_ok() {
+                let mut idle = this.idle.lock().unwrap();
+                if idle.len() < MAX_PROBES {
+                    idle.push(consumer);
+                }
             }
             match verdict {
                 Err(Unconfirmed::Aborted(_)) => {
                     let fresh = this.consumer().map_err(|e| Unconfirmed::Unknown(format!("reader: {e}")))?;
-                    probe(&fresh, &topic, at, deadline)
+                    read_back(&fresh, &probe, deadline)
                 }
                 other => other,
             }
@@ -570,9 +600,11 @@ impl Confirmer {
     }
 }
 
-/// Reads `topic` read committed from `at` until its record arrives (committed), a later one
-/// arrives or the end of what is committed lies past it (aborted), or `deadline` passes.
-fn probe(consumer: &Reader, topic: &str, at: Position, deadline: Instant) -> std::result::Result<(), Unconfirmed> {
+/// Reads the probed topic read committed from the probed offset until its record arrives
+/// (committed), a later one arrives or the end of what is committed lies past it (aborted), or
+/// `deadline` passes.
+fn read_back(consumer: &Reader, probe: &Probe, deadline: Instant) -> std::result::Result<(), Unconfirmed> {
+    let (topic, at) = (probe.topic.as_str(), probe.at);
     let partition = at.partition as i32;
     assign(consumer, topic, at.partition, at.offset).map_err(|e| Unconfirmed::Unknown(e.to_string()))?;
     let mut last_error = None;
@@ -580,7 +612,15 @@ fn probe(consumer: &Reader, topic: &str, at: Position, deadline: Instant) -> std
         match consumer.poll(Duration::from_millis(50)) {
             // A reused reader must not hand over anything left from its previous assignment.
             Some(Ok(m)) if m.topic() != topic || m.partition() != partition || (m.offset() as u64) < at.offset => {}
-            Some(Ok(m)) if m.offset() as u64 == at.offset => return Ok(()),
+            Some(Ok(m)) if m.offset() as u64 == at.offset => {
+                return match probe.key.as_deref().is_none_or(|key| m.key().unwrap_or_default() == key) {
+                    true => Ok(()),
+                    false => Err(Unconfirmed::Aborted(format!(
+                        "{topic} partition {partition}: offset {} holds another record",
+                        at.offset
+                    ))),
+                };
+            }
             Some(Ok(m)) => {
                 return Err(Unconfirmed::Aborted(format!(
                     "{topic} partition {partition}: offset {} came next after {}",
