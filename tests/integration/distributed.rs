@@ -69,10 +69,10 @@ fn a_kafka_restart_loses_no_acknowledged_write() {
                             refused += 1;
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
-                        Err(e) => panic!("the server stopped answering: {e:?}"),
+                        Err(e) => return Err(format!("{e:?}")),
                     }
                 }
-                (acked, refused, after)
+                Ok((acked, refused, after))
             }));
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -91,7 +91,10 @@ fn a_kafka_restart_loses_no_acknowledged_write() {
         let deadline = Instant::now() + Duration::from_secs(150);
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let r = http.get(format!("{base}/Observation?_summary=count")).send().await.unwrap();
+            let r = match http.get(format!("{base}/Observation?_summary=count")).send().await {
+                Ok(r) => r,
+                Err(e) => panic!("the server stopped answering ({e:?}); {}", last_words(&s)),
+            };
             if r.status() == 200 {
                 break;
             }
@@ -108,7 +111,10 @@ fn a_kafka_restart_loses_no_acknowledged_write() {
         stop.store(true, Ordering::Relaxed);
         let (mut acked, mut refused, mut after) = (Vec::new(), 0, 0);
         for w in writers {
-            let (a, r, x) = w.await.unwrap();
+            let (a, r, x) = match w.await.unwrap() {
+                Ok(counts) => counts,
+                Err(e) => panic!("the server stopped answering a write ({e}); {}", last_words(&s)),
+            };
             acked.extend(a);
             refused += r;
             after += x;
@@ -383,6 +389,13 @@ fn broker_batches(topic: &str, at: &[(u64, u64)]) -> String {
         }
     }
     out
+}
+
+/// The last lines a server wrote (a panic, a library's assertion), for when it stopped answering.
+fn last_words(s: &cairn_tests::Server) -> String {
+    let log = s.stderr();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+    format!("the server's last lines:\n{}", lines[lines.len().saturating_sub(40)..].join("\n"))
 }
 
 /// `/readyz` and the server's `newest` latest warnings and errors, for a failure message.
