@@ -153,10 +153,7 @@ fn a_kafka_restart_loses_no_acknowledged_write() {
     // so the test holds, but each one is a commit the client or the broker lost (decision 0005).
     let contradicted = s.stderr().lines().filter(|l| l.contains("kafka reported a transaction committed")).count();
     if contradicted > 0 {
-        let kept = std::env::temp_dir().join(format!("cairn-kafka-restart-{}.log", std::process::id()));
-        if std::fs::write(&kept, s.stderr()).is_ok() {
-            eprintln!("kafka restart: a commit was contradicted; the server's whole log: {}", kept.display());
-        }
+        eprintln!("kafka restart: a commit was contradicted; {}", keep_log(&s));
     }
     eprintln!(
         "kafka restart: {acked} writes acknowledged ({acked_after_restart} after the restart), {refused} refused with \
@@ -253,17 +250,7 @@ async fn explain_missing(
             .filter_map(|l| Some((l["partition"].as_u64()?, l["offset"].as_u64()?)))
             .collect(),
     );
-    let everything = last_offset(
-        raw_out
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split('\t');
-                let p = f.next()?.strip_prefix("Partition:")?.parse().ok()?;
-                let o = f.next()?.strip_prefix("Offset:")?.parse().ok()?;
-                Some((p, o))
-            })
-            .collect(),
-    );
+    let everything = last_offset(raw_out.lines().filter_map(raw_position).collect());
     report += &format!("last offset per partition, committed: {committed:?}; uncommitted too: {everything:?}\n");
     // The writer's own account of its transactions (commit retries, failures, producer restarts).
     let log = s.stderr();
@@ -278,20 +265,11 @@ async fn explain_missing(
     let missing_at: Vec<(u64, u64)> = raw_out
         .lines()
         .filter(|l| missing.iter().any(|(id, _)| l.contains(id.as_str())))
-        .filter_map(|l| {
-            let mut f = l.split('\t');
-            let p = f.next()?.strip_prefix("Partition:")?.parse().ok()?;
-            let o = f.next()?.strip_prefix("Offset:")?.parse().ok()?;
-            Some((p, o))
-        })
+        .filter_map(raw_position)
         .collect();
     report += &tokio::task::block_in_place(|| broker_batches(&d.kafka_topic("cairn.fhir"), &missing_at));
     // The whole server log (the failure message carries its warnings only).
-    let kept = std::env::temp_dir().join(format!("cairn-kafka-restart-{}.log", std::process::id()));
-    match std::fs::write(&kept, s.stderr()) {
-        Ok(()) => report += &format!("the server's whole log: {}\n", kept.display()),
-        Err(e) => report += &format!("the server's log could not be kept in {}: {e}\n", kept.display()),
-    }
+    report += &format!("{}\n", keep_log(s));
     if !tail_status.success() || tail.is_empty() {
         report += &format!("cairn log tail is incomplete ({tail_status}): {tail_err}\n");
     }
@@ -305,12 +283,12 @@ async fn explain_missing(
 /// DumpLogSegments), around each (partition, offset) in `at`: producer id and epoch of each batch
 /// and the end-transaction markers, which say whether the broker committed or aborted a transaction.
 fn broker_batches(topic: &str, at: &[(u64, u64)]) -> String {
-    let run_dir = std::env::var("CAIRN_INFRA_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/infra"));
     if at.is_empty() {
         return "broker batches: the missing events are in no partition, not even read uncommitted\n".to_owned();
     }
+    let run_dir = std::env::var("CAIRN_INFRA_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/infra"));
     let mut partitions: Vec<u64> = at.iter().map(|(p, _)| *p).collect();
     partitions.sort_unstable();
     partitions.dedup();
@@ -389,6 +367,23 @@ fn broker_batches(topic: &str, at: &[(u64, u64)]) -> String {
         }
     }
     out
+}
+
+/// (partition, offset) of a line of Kafka's console consumer, which starts "Partition:P<TAB>Offset:O<TAB>".
+fn raw_position(line: &str) -> Option<(u64, u64)> {
+    let mut f = line.split('\t');
+    let p = f.next()?.strip_prefix("Partition:")?.parse().ok()?;
+    let o = f.next()?.strip_prefix("Offset:")?.parse().ok()?;
+    Some((p, o))
+}
+
+/// Writes the server's whole log to a file that outlives the test; says where (or why not).
+fn keep_log(s: &cairn_tests::Server) -> String {
+    let kept = std::env::temp_dir().join(format!("cairn-kafka-restart-{}.log", std::process::id()));
+    match std::fs::write(&kept, s.stderr()) {
+        Ok(()) => format!("the server's whole log: {}", kept.display()),
+        Err(e) => format!("the server's log could not be kept in {}: {e}", kept.display()),
+    }
 }
 
 /// The last lines a server wrote (a panic, a library's assertion), for when it stopped answering.

@@ -114,8 +114,8 @@ pub struct KafkaLog {
     /// producer before the next transaction.
     failure: Arc<Mutex<Option<String>>>,
     groups: Mutex<HashMap<String, Arc<Reader>>>,
-    /// Idle reader consumers for `read`.
-    readers: Arc<Mutex<Vec<Reader>>>,
+    /// Consumers for `read`.
+    readers: Arc<ReaderPool>,
     /// Reads records back read committed (the writer's, before it acknowledges, and `committed`).
     confirmer: Arc<Confirmer>,
 }
@@ -142,6 +142,14 @@ impl KafkaLog {
             let (tx, rx) = mpsc::channel(4096);
             let failure = Arc::new(Mutex::new(None));
             let confirmer = Arc::new(Confirmer::new(&settings));
+            let readers = Arc::new(ReaderPool::new(
+                // A read ends at the partition's end, which a fetch reports only after waiting this long
+                // for more data: keep it short (tails keep the default and are woken by new data).
+                consumer_config(&settings, &format!("{}cairn-reader", settings.topic_prefix))
+                    .set("fetch.wait.max.ms", "20")
+                    .clone(),
+                usize::MAX,
+            ));
             if let Some(producer) = producer {
                 tokio::spawn(writer(settings.clone(), Some(producer), rx, failure.clone(), confirmer.clone()));
             }
@@ -153,7 +161,7 @@ impl KafkaLog {
                 appends: tx,
                 failure,
                 groups: Mutex::new(HashMap::new()),
-                readers: Arc::default(),
+                readers,
                 confirmer,
             }
         };
@@ -437,9 +445,7 @@ async fn writer(
                 }
                 Err(e) => {
                     *failure.lock().unwrap() = Some(e.to_string());
-                    for p in group {
-                        let _ = p.reply.send(Err(LogError::Unavailable(format!("kafka producer unavailable: {e}"))));
-                    }
+                    refuse(group, || LogError::Unavailable(format!("kafka producer unavailable: {e}")));
                     continue;
                 }
             },
@@ -486,19 +492,17 @@ async fn writer(
                             );
                             metrics::counter!("cairn_log_commits_contradicted_total").increment(1);
                             contradicted.store(this_generation, Ordering::Relaxed);
-                            for p in group {
-                                let _ = p.reply.send(Err(LogError::Unavailable(format!(
+                            refuse(group, || {
+                                LogError::Unavailable(format!(
                                     "kafka: the broker aborted a transaction reported committed: {detail}"
-                                ))));
-                            }
+                                ))
+                            });
                         }
                         Err(Unconfirmed::Unknown(detail)) => {
                             tracing::error!(records = count, "kafka commit not confirmed: {detail}");
-                            for p in group {
-                                let _ = p.reply.send(Err(LogError::OutcomeUnknown(format!(
-                                    "kafka: commit not confirmed: {detail}"
-                                ))));
-                            }
+                            refuse(group, || {
+                                LogError::OutcomeUnknown(format!("kafka: commit not confirmed: {detail}"))
+                            });
                         }
                     }
                 });
@@ -510,12 +514,55 @@ async fn writer(
                     *failure.lock().unwrap() = Some(e.to_string());
                     producer = None;
                 }
-                for p in group {
-                    let _ = p.reply.send(Err(match &e {
-                        TransactionError::Unknown(_) => LogError::OutcomeUnknown(format!("kafka: {e}")),
-                        TransactionError::Failed(_) => LogError::Unavailable(format!("kafka transaction failed: {e}")),
-                    }));
-                }
+                refuse(group, || match &e {
+                    TransactionError::Unknown(_) => LogError::OutcomeUnknown(format!("kafka: {e}")),
+                    TransactionError::Failed(_) => LogError::Unavailable(format!("kafka transaction failed: {e}")),
+                });
+            }
+        }
+    }
+}
+
+/// Answers every append of `group` with the error `refusal` makes.
+fn refuse(group: Vec<PendingAppend>, refusal: impl Fn() -> LogError) {
+    for p in group {
+        let _ = p.reply.send(Err(refusal()));
+    }
+}
+
+/// Idle consumers of one configuration, reused: creating one costs a connection and a metadata round
+/// trip. Each is assigned by whoever takes it and unassigned when given back.
+struct ReaderPool {
+    config: ClientConfig,
+    idle: Mutex<Vec<Reader>>,
+    /// The most idle consumers kept; more given back are dropped.
+    keep: usize,
+}
+
+impl ReaderPool {
+    fn new(config: ClientConfig, keep: usize) -> ReaderPool {
+        ReaderPool { config, idle: Mutex::new(Vec::new()), keep }
+    }
+
+    /// An idle consumer, or a new one.
+    fn take(&self) -> KafkaResult<Reader> {
+        let idle = self.idle.lock().unwrap().pop();
+        match idle {
+            Some(c) => Ok(c),
+            None => self.fresh(),
+        }
+    }
+
+    /// A new consumer, never used before.
+    fn fresh(&self) -> KafkaResult<Reader> {
+        self.config.create_with_context(CairnContext)
+    }
+
+    fn give_back(&self, consumer: Reader) {
+        if consumer.unassign().is_ok() {
+            let mut idle = self.idle.lock().unwrap();
+            if idle.len() < self.keep {
+                idle.push(consumer);
             }
         }
     }
@@ -528,11 +575,10 @@ async fn writer(
 /// committed whatever the client library believed. A Kafka transaction commits or aborts as a
 /// whole, so one record per transaction settles all of them.
 struct Confirmer {
-    settings: KafkaSettings,
-    /// Idle consumers (read_committed, assigned per probe, never in a group's rebalance), at most
-    /// [`MAX_PROBES`]; one whose probe did not settle is dropped, not kept (after a broker restart a
-    /// client can stay stuck for minutes: see [`MetaClient`]).
-    idle: Mutex<Vec<Reader>>,
+    /// Consumers assigned per probe (never in a group's rebalance), at most [`MAX_PROBES`] kept; one
+    /// whose probe did not settle is dropped, not kept (after a broker restart a client can stay
+    /// stuck for minutes: see [`MetaClient`]).
+    readers: ReaderPool,
 }
 
 /// The most read-backs in flight (and idle consumers kept for them).
@@ -558,16 +604,13 @@ enum Unconfirmed {
 
 impl Confirmer {
     fn new(settings: &KafkaSettings) -> Confirmer {
-        Confirmer { settings: settings.clone(), idle: Mutex::new(Vec::new()) }
-    }
-
-    fn consumer(&self) -> KafkaResult<Reader> {
-        consumer_config(&self.settings, &format!("{}cairn-confirm", self.settings.topic_prefix))
+        let config = consumer_config(settings, &format!("{}cairn-confirm", settings.topic_prefix))
             // A probe usually waits for the commit markers, which the broker writes a moment after
             // the commit: fetch again at once rather than idle. Measured (Kafka creates, one
             // connection): p50 11 ms at 10 ms, 5.7-6.3 ms at 1 ms, the same as without the probe.
             .set("fetch.wait.max.ms", "1")
-            .create_with_context(CairnContext)
+            .clone();
+        Confirmer { readers: ReaderPool::new(config, MAX_PROBES) }
     }
 
     /// Whether the probed record reads back committed by `deadline`. A verdict of "aborted" is
@@ -575,22 +618,15 @@ impl Confirmer {
     async fn confirm(self: &Arc<Self>, probe: Probe, deadline: Instant) -> std::result::Result<(), Unconfirmed> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let pooled = this.idle.lock().unwrap().pop();
-            let consumer = match pooled {
-                Some(c) => c,
-                None => this.consumer().map_err(|e| Unconfirmed::Unknown(format!("reader: {e}")))?,
-            };
+            let unavailable = |e: KafkaError| Unconfirmed::Unknown(format!("reader: {e}"));
+            let consumer = this.readers.take().map_err(unavailable)?;
             let verdict = read_back(&consumer, &probe, deadline);
-            if verdict.is_ok() && consumer.unassign().is_ok() {
-                let mut idle = this.idle.lock().unwrap();
-                if idle.len() < MAX_PROBES {
-                    idle.push(consumer);
-                }
+            if verdict.is_ok() {
+                this.readers.give_back(consumer);
             }
             match verdict {
                 Err(Unconfirmed::Aborted(_)) => {
-                    let fresh = this.consumer().map_err(|e| Unconfirmed::Unknown(format!("reader: {e}")))?;
-                    read_back(&fresh, &probe, deadline)
+                    read_back(&this.readers.fresh().map_err(unavailable)?, &probe, deadline)
                 }
                 other => other,
             }
@@ -871,10 +907,6 @@ impl EventLog for KafkaLog {
 
     async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>> {
         self.check_partition(topic, partition)?;
-        let mut config = consumer_config(&self.settings, &self.wire("cairn-reader"));
-        // A read ends at the partition's end, which a fetch reports only after waiting this long for
-        // more data: keep it short (tails keep the default and are woken by new data).
-        config.set("fetch.wait.max.ms", "20");
         let topic = self.wire(topic);
         let prefix = self.settings.topic_prefix.len();
         let timeout = self.settings.timeout;
@@ -889,16 +921,9 @@ impl EventLog for KafkaLog {
             if from >= high.max(0) as u64 || max == 0 {
                 return Ok(Vec::new());
             }
-            // Readers are reused: creating one costs a connection and a metadata round trip.
-            let pooled = pool.lock().unwrap().pop();
-            let consumer = match pooled {
-                Some(c) => c,
-                None => config.create_with_context(CairnContext).map_err(|e| kafka_err("reader", e))?,
-            };
+            let consumer = pool.take().map_err(|e| kafka_err("reader", e))?;
             let result = read_with(&consumer, &topic, partition, from, high as u64, max, prefix, timeout);
-            if consumer.unassign().is_ok() {
-                pool.lock().unwrap().push(consumer);
-            }
+            pool.give_back(consumer);
             result
         })
         .await
