@@ -63,6 +63,7 @@ use cairn_log::{EventLog, Record, Tailed};
 use cairn_store::{Checkpoint, ResourceStore};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -158,6 +159,12 @@ impl Projector {
     /// record `keep` refuses (a replay "as of" a moment, `cairn replay`). Calls `applied` with the
     /// number of records of each batch. Returns the next offset of every partition at the cut.
     ///
+    /// The partitions are merged in log-time order, as the live projector meets them. Ids, dates and
+    /// change entries grow with time, so the store then inserts near the end of each index; taking
+    /// the partitions one after another made every partition after the first insert into the middle
+    /// of everything the earlier ones had built (a third slower, and four times the bytes written
+    /// for the same store: docs/performance.md, "Rebuilds merge the partitions").
+    ///
     /// Two batches are in flight: while the store writes one (on a blocking thread), the next is read
     /// and projected, so a rebuild keeps both cores busy.
     pub async fn catch_up_until(
@@ -165,30 +172,37 @@ impl Projector {
         keep: &(dyn Fn(&Record) -> bool + Sync),
         applied: &mut (dyn FnMut(usize) + Send),
     ) -> Result<Vec<u64>, ProjectorError> {
-        let partitions = self.progress.borrow().len() as u32;
         let mut cursor = self.progress.borrow().clone();
+        let mut partitions: Vec<ReadAhead> = cursor
+            .iter()
+            .map(|&next| ReadAhead { records: VecDeque::new(), next_read: next, finished: false })
+            .collect();
         let mut last_durable = Instant::now();
         let mut in_flight: Option<tokio::task::JoinHandle<Result<Batch, ProjectorError>>> = None;
-        for p in 0..partitions {
-            loop {
-                let records = self.log.read(self.projection.topic, p, cursor[p as usize], BATCH_RECORDS).await?;
-                let kept = records.iter().position(|r| !keep(r)).unwrap_or(records.len());
-                if kept > 0 {
-                    let batch = self.prepare(&records[..kept], &[], &cursor);
-                    cursor.clone_from(&batch.next);
-                    if let Some(previous) = in_flight.take() {
-                        self.finish(previous, applied).await?;
+        loop {
+            let mut records = Vec::with_capacity(BATCH_RECORDS);
+            while records.len() < BATCH_RECORDS {
+                for (p, ahead) in partitions.iter_mut().enumerate() {
+                    if ahead.records.is_empty() && !ahead.finished {
+                        ahead.refill(&*self.log, self.projection.topic, p as u32, keep).await?;
                     }
-                    let durable = last_durable.elapsed() >= self.durable_every;
-                    if durable {
-                        last_durable = Instant::now();
-                    }
-                    in_flight = Some(self.write(batch, durable));
                 }
-                if kept < records.len() || records.is_empty() {
-                    break;
-                }
+                let Some(earliest) = pop_earliest(&mut partitions) else { break };
+                records.push(earliest);
             }
+            if records.is_empty() {
+                break;
+            }
+            let batch = self.prepare(&records, &[], &cursor);
+            cursor.clone_from(&batch.next);
+            if let Some(previous) = in_flight.take() {
+                self.finish(previous, applied).await?;
+            }
+            let durable = last_durable.elapsed() >= self.durable_every;
+            if durable {
+                last_durable = Instant::now();
+            }
+            in_flight = Some(self.write(batch, durable));
         }
         if let Some(previous) = in_flight.take() {
             self.finish(previous, applied).await?;
@@ -378,6 +392,44 @@ impl Projector {
     }
 }
 
+/// Records read from one partition ahead of a catch-up's merge.
+struct ReadAhead {
+    records: VecDeque<Record>,
+    /// Where the next read of the partition starts.
+    next_read: u64,
+    /// Nothing more to read: the partition's end, or the cut.
+    finished: bool,
+}
+
+/// Takes the earliest record at the head of any partition (ties: the lower partition).
+fn pop_earliest(partitions: &mut [ReadAhead]) -> Option<Record> {
+    let (_, p) = partitions
+        .iter()
+        .enumerate()
+        .filter_map(|(p, ahead)| ahead.records.front().map(|r| (r.timestamp_ms, p)))
+        .min()?;
+    partitions[p].records.pop_front()
+}
+
+impl ReadAhead {
+    async fn refill(
+        &mut self,
+        log: &dyn EventLog,
+        topic: &str,
+        partition: u32,
+        keep: &(dyn Fn(&Record) -> bool + Sync),
+    ) -> Result<(), ProjectorError> {
+        let records = log.read(topic, partition, self.next_read, BATCH_RECORDS).await?;
+        let kept = records.iter().position(|r| !keep(r)).unwrap_or(records.len());
+        self.finished = kept < records.len() || records.is_empty();
+        if let Some(last) = records[..kept].last() {
+            self.next_read = last.offset + 1;
+        }
+        self.records.extend(records.into_iter().take(kept));
+        Ok(())
+    }
+}
+
 /// One store write: the versions projected from some records, the checkpoints they move, and the
 /// progress once written.
 struct Batch {
@@ -459,4 +511,41 @@ pub enum ProjectorError {
     Store(#[from] cairn_store::StoreError),
     #[error("the store writer stopped: {0}")]
     Stopped(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(partition: u32, offset: u64, timestamp_ms: i64) -> Record {
+        Record {
+            topic: "t".into(),
+            partition,
+            offset,
+            timestamp_ms,
+            key: Vec::new(),
+            value: Vec::new(),
+            prev_hash: None,
+            hash: None,
+        }
+    }
+
+    fn ahead(records: Vec<Record>) -> ReadAhead {
+        ReadAhead { records: records.into(), next_read: 0, finished: true }
+    }
+
+    /// A catch-up applies the partitions merged by log time, each partition in offset order.
+    #[test]
+    fn read_ahead_partitions_merge_in_log_time_order() {
+        let mut partitions = vec![
+            ahead(vec![record(0, 0, 10), record(0, 1, 30), record(0, 2, 30), record(0, 3, 50)]),
+            ahead(vec![]),
+            ahead(vec![record(2, 7, 5), record(2, 8, 30), record(2, 9, 40)]),
+        ];
+        let mut merged = Vec::new();
+        while let Some(r) = pop_earliest(&mut partitions) {
+            merged.push((r.partition, r.offset));
+        }
+        assert_eq!(merged, vec![(2, 7), (0, 0), (0, 1), (0, 2), (2, 8), (2, 9), (0, 3)]);
+    }
 }
