@@ -31,6 +31,7 @@ const PROJECTION_BATCH_BUCKETS: &[f64] = &[
     64.0,
     256.0,
     1024.0,
+    4096.0,
     cairn_projector::BATCH_RECORDS as f64 - 1.0,
     cairn_projector::BATCH_RECORDS as f64,
 ];
