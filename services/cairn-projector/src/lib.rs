@@ -137,7 +137,8 @@ enum Follow {
 /// of the time-ordered tables) once per transaction rather than once per few records: with 1,000
 /// patients a rebuild ran 12.2 k events/s at 2,048 and 16.2 k/s at 16,384, and a live projector
 /// behind a batch load 8.2-8.6 k/s against 10-13 k/s (docs/performance.md, "Larger projector
-/// transactions"). Memory bounds it: a transaction's records and versions take about 100 MB here.
+/// transactions"). Memory bounds it: a transaction's records and versions take about 100 MB here,
+/// and a catch-up also holds up to [`READ_AHEAD_RECORDS`] records per partition read ahead.
 pub const BATCH_RECORDS: usize = 16384;
 
 /// Records a catch-up reads from one partition at a time, ahead of merging the partitions.
@@ -172,7 +173,7 @@ impl Projector {
     /// as the live projector meets them. Ids, dates and
     /// change entries grow with time, so the store then inserts near the end of each index; taking
     /// the partitions one after another made every partition after the first insert into the middle
-    /// of everything the earlier ones had built (a third slower, and four times the bytes written
+    /// of everything the earlier ones had built (twice as slow, and 2.5 times the bytes written
     /// for the same store: docs/performance.md, "Rebuilds merge the partitions by log time").
     ///
     /// Two batches are in flight: while the store writes one (on a blocking thread), the next is read
