@@ -582,4 +582,22 @@ mod tests {
         drop(store);
         EmbeddedStore::open(&path).expect("the new file has this build's layout");
     }
+
+    #[test]
+    fn version_records_are_stored_compressed_and_damage_is_an_error() {
+        let record = br#"{"resource_type":"Observation","id":"a","resource":{"status":"final","code":{"text":"glucose glucose glucose"}}}"#;
+        let stored = pack(record);
+        assert!(stored.len() < record.len(), "{} >= {}", stored.len(), record.len());
+        assert_eq!(unpack(&stored).unwrap(), record);
+
+        let mut huge = stored.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = unpack(&huge).unwrap_err().to_string();
+        assert!(e.contains("does not decompress") && e.contains("claims"), "{e}");
+        let e = unpack(&stored[..2]).unwrap_err().to_string();
+        assert!(e.contains("shorter than its length"), "{e}");
+        let mut cut = stored.clone();
+        cut.truncate(stored.len() - 3);
+        assert!(matches!(unpack(&cut), Err(StoreError::Corrupt(_))));
+    }
 }
