@@ -39,7 +39,7 @@ pub const FORMAT: u64 = 3;
 /// it writes (decision 0010); JSON records shrink to about half. Only this store compresses: the
 /// record itself (what the digest covers, what the CQL store keeps) is unchanged.
 fn pack(record: &[u8]) -> Vec<u8> {
-    lz4_flex::compress_prepend_size(record)
+    lz4_flex::block::compress_prepend_size(record)
 }
 
 /// The largest version record [`unpack`] accepts: far above the API's request limit, and it keeps a
@@ -51,7 +51,12 @@ fn unpack(stored: &[u8]) -> Result<Vec<u8>> {
     let length = stored.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
     match length {
         Some(n) if n <= MAX_RECORD_BYTES => {
-            lz4_flex::decompress_size_prepended(stored).map_err(|e| corrupt(e.to_string()))
+            let record = lz4_flex::block::decompress_size_prepended(stored).map_err(|e| corrupt(e.to_string()))?;
+            // The decoder stops where the data ends; a damaged length would otherwise go unnoticed.
+            if record.len() != n {
+                return Err(corrupt(format!("it claims {n} bytes and holds {}", record.len())));
+            }
+            Ok(record)
         }
         Some(n) => Err(corrupt(format!("it claims {n} bytes"))),
         None => Err(corrupt("it is shorter than its length".into())),
@@ -589,6 +594,11 @@ mod tests {
         let stored = pack(record);
         assert!(stored.len() < record.len(), "{} >= {}", stored.len(), record.len());
         assert_eq!(unpack(&stored).unwrap(), record);
+
+        let mut longer = stored.clone();
+        longer[..4].copy_from_slice(&(record.len() as u32 + 1).to_le_bytes());
+        let e = unpack(&longer).unwrap_err().to_string();
+        assert!(e.contains("holds"), "{e}");
 
         let mut huge = stored.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());

@@ -51,7 +51,8 @@ impl ResourceVersion {
         format!("{}/{}", self.resource_type, self.id)
     }
 
-    /// The version as every backend stores it (JSON): the same bytes everywhere, so digests agree.
+    /// The version's canonical encoding (JSON): what the digest covers and the CQL store keeps; the
+    /// embedded store keeps it LZ4-compressed. The same bytes everywhere, so digests agree.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a ResourceVersion serializes")
     }
