@@ -193,13 +193,9 @@ impl Projector {
         loop {
             let mut records = Vec::with_capacity(BATCH_RECORDS);
             while records.len() < BATCH_RECORDS {
-                for (p, ahead) in partitions.iter_mut().enumerate() {
-                    if ahead.records.is_empty() && !ahead.finished {
-                        ahead.refill(&*self.log, self.projection.topic, p as u32, keep).await?;
-                    }
-                }
-                let Some(earliest) = pop_earliest(&mut partitions) else { break };
-                records.push(earliest);
+                let next = next_in_log_time(&mut partitions, &*self.log, self.projection.topic, keep).await?;
+                let Some(record) = next else { break };
+                records.push(record);
             }
             if records.is_empty() {
                 break;
@@ -410,6 +406,22 @@ struct ReadAhead {
     next_read: u64,
     /// Nothing more to read: the partition's end, or the cut.
     finished: bool,
+}
+
+/// The catch-up's next record in log-time order: refills each partition that ran dry, then takes
+/// the earliest head. `None` once every partition is finished and drained.
+async fn next_in_log_time(
+    partitions: &mut [ReadAhead],
+    log: &dyn EventLog,
+    topic: &str,
+    keep: &(dyn Fn(&Record) -> bool + Sync),
+) -> Result<Option<Record>, ProjectorError> {
+    for (p, ahead) in partitions.iter_mut().enumerate() {
+        if ahead.records.is_empty() && !ahead.finished {
+            ahead.refill(log, topic, p as u32, keep).await?;
+        }
+    }
+    Ok(pop_earliest(partitions))
 }
 
 /// Takes the earliest record at the head of any partition (ties: the lower partition).

@@ -48,19 +48,17 @@ const MAX_RECORD_BYTES: usize = 256 << 20;
 
 fn unpack(stored: &[u8]) -> Result<Vec<u8>> {
     let corrupt = |why: String| StoreError::Corrupt(format!("a version record does not decompress: {why}"));
-    let length = stored.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
-    match length {
-        Some(n) if n <= MAX_RECORD_BYTES => {
-            let record = lz4_flex::block::decompress_size_prepended(stored).map_err(|e| corrupt(e.to_string()))?;
-            // The decoder stops where the data ends; a damaged length would otherwise go unnoticed.
-            if record.len() != n {
-                return Err(corrupt(format!("it claims {n} bytes and holds {}", record.len())));
-            }
-            Ok(record)
-        }
-        Some(n) => Err(corrupt(format!("it claims {n} bytes"))),
-        None => Err(corrupt("it is shorter than its length".into())),
+    let (n, data) =
+        lz4_flex::block::uncompressed_size(stored).map_err(|_| corrupt("it is shorter than its length".into()))?;
+    if n > MAX_RECORD_BYTES {
+        return Err(corrupt(format!("it claims {n} bytes")));
     }
+    let record = lz4_flex::block::decompress(data, n).map_err(|e| corrupt(e.to_string()))?;
+    // The decoder stops where the data ends; a damaged length would otherwise go unnoticed.
+    if record.len() != n {
+        return Err(corrupt(format!("it claims {n} bytes and holds {}", record.len())));
+    }
+    Ok(record)
 }
 
 fn decode_version(stored: &[u8]) -> Result<ResourceVersion> {
