@@ -9,14 +9,19 @@
 //! - `by_patient_date` (patient, type, date key, id): a patient's Observations by effective time;
 //! - `changes` (lastUpdated ms, key, version): every version by time, for type and system history;
 //! - `checkpoints` (topic, partition) -> next offset;
-//! - `meta` `format` -> [`FORMAT`], the layout of the file.
+//! - `meta` `format` -> [`FORMAT`], the layout of the file; `indexes_pending` while a rebuild
+//!   ([`EmbeddedStore::create_for_rebuild`]) has not built the indexes yet.
 
 use crate::digest::StoreDigest;
 use crate::key::{BadKey, KeyBuf, KeyReader};
+use crate::sorter::KeySorter;
 use crate::{Checkpoint, ResourceStore, ResourceVersion, Result, StoreError};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const VERSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("versions");
 const CURRENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("current");
@@ -26,6 +31,9 @@ const BY_PATIENT_DATE: TableDefinition<&[u8], ()> = TableDefinition::new("by_pat
 const CHANGES: TableDefinition<&[u8], ()> = TableDefinition::new("changes");
 const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Present in `meta` from the start of a rebuild until its indexes are built: a file that still has
+/// it was left by an interrupted rebuild, and its indexes are incomplete.
+const INDEXES_PENDING: &str = "indexes_pending";
 type CurrentTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
 type VersionsTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
 
@@ -95,6 +103,88 @@ struct CurrentEntry {
 pub struct EmbeddedStore {
     db: Database,
     path: PathBuf,
+    /// A rebuild in progress: `apply` leaves the indexes alone and [`EmbeddedStore::build_indexes`]
+    /// writes them at the end, in key order.
+    indexes_deferred: AtomicBool,
+}
+
+/// Bytes of index keys [`EmbeddedStore::build_indexes`] is meant to sort in memory per index before
+/// it spills a sorted run to disk (three indexes: about 200 MB at most).
+pub const INDEX_SORT_BUDGET: usize = 64 << 20;
+
+/// How far [`EmbeddedStore::build_indexes`] has come: index keys gathered from the current
+/// resources, then written.
+#[derive(Debug, Clone, Copy)]
+pub struct IndexProgress {
+    pub gathered: u64,
+    pub written: u64,
+    /// The current resources to gather from; the keys to write are known once gathering is done.
+    pub resources: u64,
+    pub keys: Option<u64>,
+}
+
+/// The three index tables of one write transaction, and the index keys one resource puts in them.
+struct IndexTables<'tx> {
+    by_patient: redb::Table<'tx, &'static [u8], ()>,
+    by_patient_date: redb::Table<'tx, &'static [u8], ()>,
+    by_identifier: redb::Table<'tx, &'static [u8], ()>,
+}
+
+#[derive(Clone, Copy)]
+enum Index {
+    Patient,
+    PatientDate,
+    Identifier,
+}
+
+impl Index {
+    const ALL: [Index; 3] = [Index::Patient, Index::PatientDate, Index::Identifier];
+
+    fn table(self) -> TableDefinition<'static, &'static [u8], ()> {
+        match self {
+            Index::Patient => BY_PATIENT,
+            Index::PatientDate => BY_PATIENT_DATE,
+            Index::Identifier => BY_IDENTIFIER,
+        }
+    }
+}
+
+/// The index keys of a current, non-deleted resource `rtype/id` with `entry`'s index values. The
+/// one place that says what the indexes hold, for `apply` and for a rebuild's index build alike.
+fn index_keys(
+    rtype: &str,
+    id: &str,
+    entry: &CurrentEntry,
+    mut key: impl FnMut(Index, KeyBuf) -> Result<()>,
+) -> Result<()> {
+    if let Some(patient) = &entry.patient {
+        key(Index::Patient, KeyBuf::new().str(patient).str(rtype).str(id))?;
+        if let Some(d) = entry.date_key {
+            key(Index::PatientDate, KeyBuf::new().str(patient).str(rtype).i64(d).str(id))?;
+        }
+    }
+    for ident in &entry.identifiers {
+        key(Index::Identifier, KeyBuf::new().str(rtype).str(ident).str(id))?;
+    }
+    Ok(())
+}
+
+impl<'tx> IndexTables<'tx> {
+    fn open(tx: &'tx redb::WriteTransaction) -> std::result::Result<IndexTables<'tx>, redb::TableError> {
+        Ok(IndexTables {
+            by_patient: tx.open_table(BY_PATIENT)?,
+            by_patient_date: tx.open_table(BY_PATIENT_DATE)?,
+            by_identifier: tx.open_table(BY_IDENTIFIER)?,
+        })
+    }
+
+    fn table(&mut self, index: Index) -> &mut redb::Table<'tx, &'static [u8], ()> {
+        match index {
+            Index::Patient => &mut self.by_patient,
+            Index::PatientDate => &mut self.by_patient_date,
+            Index::Identifier => &mut self.by_identifier,
+        }
+    }
 }
 
 impl EmbeddedStore {
@@ -114,20 +204,22 @@ impl EmbeddedStore {
             std::fs::create_dir_all(parent).map_err(|e| storage(&path, e))?;
         }
         let db = redb::Builder::new().set_cache_size(cache_bytes).create(&path).map_err(|e| storage(&path, e))?;
-        let store = EmbeddedStore { db, path };
+        let store = EmbeddedStore { db, path, indexes_deferred: AtomicBool::new(false) };
         let tx = store.db.begin_write().map_err(|e| store.err(e))?;
         {
             let names: Vec<String> = tx.list_tables().map_err(|e| store.err(e))?.map(|t| t.name().to_owned()).collect();
-            let format = if names.iter().any(|n| n == META.name()) {
-                tx.open_table(META)
-                    .map_err(|e| store.err(e))?
-                    .get("format")
-                    .map_err(|e| store.err(e))?
-                    .map(|g| g.value())
-            } else {
-                None
+            let meta = |name: &str| -> Result<Option<u64>> {
+                if !names.iter().any(|n| n == META.name()) {
+                    return Ok(None);
+                }
+                let t = tx.open_table(META).map_err(|e| store.err(e))?;
+                Ok(t.get(name).map_err(|e| store.err(e))?.map(|g| g.value()))
             };
+            let (format, unfinished) = (meta("format")?, meta(INDEXES_PENDING)?.is_some());
             match format {
+                Some(FORMAT) if unfinished => {
+                    return Err(StoreError::Unfinished { path: store.path.display().to_string() });
+                }
                 Some(FORMAT) => {}
                 // A file that holds tables but no format marker is the first layout.
                 found if found.is_some() || !names.is_empty() => {
@@ -156,28 +248,131 @@ impl EmbeddedStore {
         Ok(store)
     }
 
-    /// Like [`EmbeddedStore::open_with_cache`], but a store file of another layout is deleted and
-    /// started again empty, with a warning: it is derived, and the projectors rebuild it from the
-    /// log (their checkpoints went with it).
+    /// Opens the store, or starts a rebuild ([`EmbeddedStore::create_for_rebuild`]) when there is
+    /// none yet, or the file has another layout or is an unfinished rebuild (deleted with a warning:
+    /// it is derived, and the projectors rebuild it from the log; their checkpoints went with it).
+    /// After a rebuild starts ([`EmbeddedStore::rebuilding`]), the caller catches up from the log and
+    /// calls [`EmbeddedStore::build_indexes`] before anything reads the store.
     pub fn open_or_rebuild(path: impl AsRef<Path>, cache_bytes: usize) -> Result<EmbeddedStore> {
         let path = path.as_ref();
+        if !path.exists() {
+            return Self::create_for_rebuild(path, cache_bytes);
+        }
         match Self::open_with_cache(path, cache_bytes) {
-            Err(StoreError::OtherFormat { found, .. }) => {
-                tracing::warn!(
-                    path = %path.display(),
-                    found,
-                    format = FORMAT,
-                    "the projection store has the layout of another Cairn build; rebuilding it from the log"
-                );
+            Err(e @ (StoreError::OtherFormat { .. } | StoreError::Unfinished { .. })) => {
+                tracing::warn!(path = %path.display(), reason = %e, "rebuilding the projection store from the log");
                 std::fs::remove_file(path).map_err(|e| storage(path, e))?;
-                Self::open_with_cache(path, cache_bytes)
+                Self::create_for_rebuild(path, cache_bytes)
             }
             other => other,
         }
     }
 
+    /// Whether this store is a rebuild whose indexes are not built yet.
+    pub fn rebuilding(&self) -> bool {
+        self.indexes_deferred.load(Ordering::Relaxed)
+    }
+
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
         storage(&self.path, e)
+    }
+
+    /// Creates a new store file for a rebuild from the log (`cairn replay`, a server whose store was
+    /// deleted): [`ResourceStore::apply`] then fills the versions, current pointers and change list
+    /// but leaves the indexes alone, and [`EmbeddedStore::build_indexes`] writes them once, in key
+    /// order, at the end. Kept up to date one write at a time instead, the index by patient and date
+    /// took about a quarter of a rebuild: its keys arrive in random order, and every transaction
+    /// rewrote most of its pages. Until the indexes are built the store answers searches wrongly,
+    /// so nothing may read it; a file whose rebuild never finished is refused on opening
+    /// ([`StoreError::Unfinished`]). `path` must not exist yet.
+    pub fn create_for_rebuild(path: impl AsRef<Path>, cache_bytes: usize) -> Result<EmbeddedStore> {
+        let path = path.as_ref();
+        if path.exists() {
+            return Err(storage(path, "a rebuild starts a new file, and this one exists"));
+        }
+        let store = Self::open_with_cache(path, cache_bytes)?;
+        let tx = store.db.begin_write().map_err(|e| store.err(e))?;
+        tx.open_table(META).map_err(|e| store.err(e))?.insert(INDEXES_PENDING, 1).map_err(|e| store.err(e))?;
+        tx.commit().map_err(|e| store.err(e))?;
+        store.indexes_deferred.store(true, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    /// Ends a rebuild begun with [`EmbeddedStore::create_for_rebuild`]: gathers every current,
+    /// non-deleted resource's index keys, sorts them (spilling to run files beside the store when
+    /// they outgrow `sort_budget` bytes per index) and writes each index in key order. The same keys
+    /// as `apply` would have left (`index_keys` is the one place that names them). The last
+    /// transaction is durable and clears the rebuild mark. `progress` is called now and then.
+    pub fn build_indexes(&self, sort_budget: usize, progress: &mut dyn FnMut(IndexProgress)) -> Result<()> {
+        let scratch = self.path.with_extension("index-build");
+        let result = self.build_indexes_in(&scratch, sort_budget, progress);
+        let _ = std::fs::remove_dir_all(&scratch);
+        result
+    }
+
+    fn build_indexes_in(
+        &self,
+        scratch: &Path,
+        sort_budget: usize,
+        progress: &mut dyn FnMut(IndexProgress),
+    ) -> Result<()> {
+        const REPORT_EVERY: u64 = 1 << 16;
+        // Keys per write transaction: a bound on what one transaction holds in memory.
+        const KEYS_PER_TRANSACTION: u64 = 1 << 20;
+        let io = |e: std::io::Error| storage(scratch, e);
+        let _ = std::fs::remove_dir_all(scratch);
+        std::fs::create_dir_all(scratch).map_err(io)?;
+        let mut sorters = Index::ALL.map(|index| KeySorter::new(scratch, index.table().name(), sort_budget));
+        let mut at = IndexProgress { gathered: 0, written: 0, resources: 0, keys: None };
+        {
+            let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+            let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
+            at.resources = current.len().map_err(|e| self.err(e))?;
+            progress(at);
+            for item in current.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let entry: CurrentEntry = decode(v.value())?;
+                at.gathered += 1;
+                if at.gathered.is_multiple_of(REPORT_EVERY) {
+                    progress(at);
+                }
+                if entry.deleted {
+                    continue;
+                }
+                let key = KeyReader::new(k.value()).str().map_err(corrupt)?;
+                let (rtype, id) = key
+                    .split_once('/')
+                    .ok_or_else(|| StoreError::Corrupt(format!("{key}: a current key without a type")))?;
+                index_keys(rtype, id, &entry, |index, k| sorters[index as usize].push(k.bytes()).map_err(io))?;
+            }
+        }
+        at.keys = Some(sorters.iter().map(KeySorter::len).sum());
+        progress(at);
+        for (index, sorter) in Index::ALL.into_iter().zip(sorters) {
+            let mut keys = sorter.finish().map_err(io)?.peekable();
+            while keys.peek().is_some() {
+                let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+                // Not durable: the last transaction is, and until it commits the rebuild mark stays.
+                tx.set_durability(Durability::None).map_err(|e| self.err(e))?;
+                {
+                    let mut table = tx.open_table(index.table()).map_err(|e| self.err(e))?;
+                    for key in keys.by_ref().take(KEYS_PER_TRANSACTION as usize) {
+                        table.insert(key.map_err(io)?.as_slice(), ()).map_err(|e| self.err(e))?;
+                        at.written += 1;
+                        if at.written.is_multiple_of(REPORT_EVERY) {
+                            progress(at);
+                        }
+                    }
+                }
+                tx.commit().map_err(|e| self.err(e))?;
+            }
+        }
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        tx.open_table(META).map_err(|e| self.err(e))?.remove(INDEXES_PENDING).map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        self.indexes_deferred.store(false, Ordering::Relaxed);
+        progress(at);
+        Ok(())
     }
 
     /// The newest version of `key` (possibly a deletion), through tables of one read transaction.
@@ -271,9 +466,8 @@ impl ResourceStore for EmbeddedStore {
         {
             let mut versions_t = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
             let mut current_t = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
-            let mut by_patient = tx.open_table(BY_PATIENT).map_err(|e| self.err(e))?;
-            let mut by_identifier = tx.open_table(BY_IDENTIFIER).map_err(|e| self.err(e))?;
-            let mut by_patient_date = tx.open_table(BY_PATIENT_DATE).map_err(|e| self.err(e))?;
+            let mut indexes = IndexTables::open(&tx).map_err(|e| self.err(e))?;
+            let indexes_deferred = self.indexes_deferred.load(Ordering::Relaxed);
             let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
             for v in versions {
                 let key = v.key();
@@ -315,41 +509,21 @@ impl ResourceStore for EmbeddedStore {
                     current_t.insert(ckey.bytes(), bytes.as_slice()).map_err(|e| self.err(e))?;
                     continue;
                 }
-                let previous = previous.map(|(p, _)| p);
+                if indexes_deferred {
+                    continue;
+                }
                 let (rtype, id) = (v.resource_type.as_str(), v.id.as_str());
-                if let Some(p) = &previous
+                if let Some((p, _)) = &previous
                     && !p.deleted
                 {
-                    if let Some(patient) = &p.patient {
-                        by_patient
-                            .remove(KeyBuf::new().str(patient).str(rtype).str(id).bytes())
-                            .map_err(|e| self.err(e))?;
-                        if let Some(d) = p.date_key {
-                            let k = KeyBuf::new().str(patient).str(rtype).i64(d).str(id);
-                            by_patient_date.remove(k.bytes()).map_err(|e| self.err(e))?;
-                        }
-                    }
-                    for ident in &p.identifiers {
-                        by_identifier
-                            .remove(KeyBuf::new().str(rtype).str(ident).str(id).bytes())
-                            .map_err(|e| self.err(e))?;
-                    }
+                    index_keys(rtype, id, p, |index, k| {
+                        indexes.table(index).remove(k.bytes()).map(drop).map_err(|e| self.err(e))
+                    })?;
                 }
                 if !v.deleted {
-                    if let Some(patient) = &v.patient {
-                        by_patient
-                            .insert(KeyBuf::new().str(patient).str(rtype).str(id).bytes(), ())
-                            .map_err(|e| self.err(e))?;
-                        if let Some(d) = v.date_key {
-                            let k = KeyBuf::new().str(patient).str(rtype).i64(d).str(id);
-                            by_patient_date.insert(k.bytes(), ()).map_err(|e| self.err(e))?;
-                        }
-                    }
-                    for ident in &v.identifiers {
-                        by_identifier
-                            .insert(KeyBuf::new().str(rtype).str(ident).str(id).bytes(), ())
-                            .map_err(|e| self.err(e))?;
-                    }
+                    index_keys(rtype, id, &entry, |index, k| {
+                        indexes.table(index).insert(k.bytes(), ()).map(drop).map_err(|e| self.err(e))
+                    })?;
                 }
             }
             let mut cps = tx.open_table(CHECKPOINTS).map_err(|e| self.err(e))?;
@@ -561,6 +735,109 @@ impl ResourceStore for EmbeddedStore {
 mod tests {
     use super::*;
 
+    fn version(
+        id: &str,
+        version_id: u64,
+        patient: Option<&str>,
+        date_key: Option<i64>,
+        identifiers: &[&str],
+        deleted: bool,
+    ) -> ResourceVersion {
+        ResourceVersion {
+            resource_type: "Observation".into(),
+            id: id.into(),
+            version_id,
+            last_updated: format!("2026-11-29T10:00:{:02}.000Z", version_id),
+            last_updated_ms: 1_796_000_000_000 + version_id as i64,
+            deleted,
+            resource: (!deleted).then(|| {
+                serde_json::value::to_raw_value(&serde_json::json!({"resourceType": "Observation", "id": id})).unwrap()
+            }),
+            fact: false,
+            patient: patient.map(str::to_owned),
+            identifiers: identifiers.iter().map(|s| s.to_string()).collect(),
+            date_key,
+            parsed: None,
+        }
+    }
+
+    /// A rebuild that writes its indexes at the end leaves the same store as one that kept them up
+    /// to date write by write: through updates that move a resource to another patient, date and
+    /// identifier, deletions, re-creations, versions arriving late and versions applied twice.
+    #[test]
+    fn a_rebuild_that_builds_its_indexes_at_the_end_equals_one_that_kept_them_up() {
+        let batches = [
+            vec![
+                version("a", 1, Some("Patient/p1"), Some(10), &["s|x"], false),
+                version("b", 1, Some("Patient/p1"), Some(20), &[], false),
+                version("c", 1, Some("Patient/p2"), None, &["s|y", "s|z"], false),
+                version("e", 1, Some("Patient/p1"), Some(5), &["s|e"], false),
+            ],
+            vec![
+                version("a", 2, Some("Patient/p2"), Some(30), &["s|x2"], false),
+                version("b", 2, Some("Patient/p1"), None, &[], true),
+                version("d", 1, Some("Patient/p3"), Some(40), &["s|d"], false),
+                version("e", 2, Some("Patient/p1"), None, &[], true),
+                version("e", 3, Some("Patient/p4"), Some(6), &["s|e"], false),
+            ],
+            vec![
+                version("a", 1, Some("Patient/p1"), Some(10), &["s|x"], false),
+                version("c", 3, Some("Patient/p5"), Some(50), &["s|y"], false),
+                version("c", 2, Some("Patient/p2"), Some(45), &["s|z"], false),
+                version("d", 2, Some("Patient/p3"), Some(40), &["s|d"], false),
+                version("f", 1, None, None, &[], false),
+            ],
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let kept_up = EmbeddedStore::open(dir.path().join("kept-up.redb")).unwrap();
+        let rebuilt_path = dir.path().join("rebuilt.redb");
+        let rebuilt = EmbeddedStore::create_for_rebuild(&rebuilt_path, 1 << 20).unwrap();
+        let checkpoint = |n| vec![Checkpoint { topic: "t".into(), partition: 0, next_offset: n }];
+        for (n, batch) in batches.iter().enumerate() {
+            rt.block_on(kept_up.apply(batch, &checkpoint(n as u64), false)).unwrap();
+            rt.block_on(rebuilt.apply(batch, &checkpoint(n as u64), false)).unwrap();
+        }
+        let mut reports = 0;
+        rebuilt.build_indexes(1 << 10, &mut |_| reports += 1).unwrap();
+        assert!(reports >= 2);
+        assert_eq!(rt.block_on(rebuilt.digest()).unwrap(), rt.block_on(kept_up.digest()).unwrap());
+        assert!(!rebuilt_path.with_extension("index-build").exists(), "the sort's scratch files are gone");
+        let ids = |store: &EmbeddedStore, patient: &str| {
+            let mut ids = Vec::new();
+            rt.block_on(store.scan_patient_dates("Observation", patient, 0, 100, &mut |v| {
+                ids.push(v.id);
+                true
+            }))
+            .unwrap();
+            ids
+        };
+        assert_eq!(ids(&rebuilt, "Patient/p2"), ["a"]);
+        assert_eq!(ids(&rebuilt, "Patient/p5"), ["c"]);
+        assert_eq!(ids(&rebuilt, "Patient/p1"), Vec::<String>::new());
+        assert_eq!(rt.block_on(rebuilt.find_by_identifier("Observation", "s|e")).unwrap(), ["e"]);
+        drop(rebuilt);
+        EmbeddedStore::open(&rebuilt_path).expect("a finished rebuild opens");
+        assert!(EmbeddedStore::create_for_rebuild(&rebuilt_path, 1 << 20).is_err(), "a rebuild starts a new file");
+    }
+
+    #[test]
+    fn a_rebuild_that_never_built_its_indexes_is_refused_and_started_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resources.redb");
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let store = EmbeddedStore::create_for_rebuild(&path, 1 << 20).unwrap();
+        rt.block_on(store.apply(&[version("a", 1, Some("Patient/p1"), Some(1), &[], false)], &[], true)).unwrap();
+        drop(store);
+        match EmbeddedStore::open(&path) {
+            Err(e @ StoreError::Unfinished { .. }) => assert!(e.to_string().contains("unfinished rebuild"), "{e}"),
+            other => panic!("expected Unfinished, got {:?}", other.map(|_| ())),
+        }
+        let store = EmbeddedStore::open_or_rebuild(&path, 1 << 20).unwrap();
+        assert!(store.rebuilding(), "the rebuild starts again");
+        assert!(rt.block_on(store.current("Observation", "a")).unwrap().is_none(), "started again empty");
+    }
+
     #[test]
     fn a_store_of_the_first_layout_is_refused_and_rebuilt_empty() {
         let dir = tempfile::tempdir().unwrap();
@@ -580,10 +857,14 @@ mod tests {
             other => panic!("expected OtherFormat, got {:?}", other.map(|_| ())),
         }
         let store = EmbeddedStore::open_or_rebuild(&path, 1 << 20).unwrap();
+        assert!(store.rebuilding());
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         assert!(rt.block_on(store.current("Observation", "a")).unwrap().is_none(), "started again empty");
+        store.build_indexes(1 << 20, &mut |_| {}).unwrap();
+        assert!(!store.rebuilding());
         drop(store);
         EmbeddedStore::open(&path).expect("the new file has this build's layout");
+        assert!(!EmbeddedStore::open_or_rebuild(&path, 1 << 20).unwrap().rebuilding(), "an existing store is kept");
     }
 
     #[test]

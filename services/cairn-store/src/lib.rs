@@ -9,6 +9,7 @@
 pub mod digest;
 pub mod embedded;
 pub mod key;
+pub mod sorter;
 
 use serde::{Deserialize, Serialize};
 
@@ -100,6 +101,11 @@ pub enum StoreError {
         embedded::FORMAT
     )]
     OtherFormat { path: String, found: u64 },
+    #[error(
+        "projection store {path} is an unfinished rebuild (its indexes were never built); it is derived \
+         from the log: delete it and it is rebuilt (or replay again)"
+    )]
+    Unfinished { path: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -82,25 +82,37 @@ pub enum OtherLayout {
     Refuse,
 }
 
+/// An open projection store, and when it is an embedded store that starts a rebuild from the log
+/// ([`EmbeddedStore::rebuilding`]), that store, whose indexes must be built before anything reads it.
+pub struct OpenStore {
+    pub store: Arc<dyn ResourceStore>,
+    pub rebuilding: Option<Arc<EmbeddedStore>>,
+}
+
 /// Opens the projection store (the embedded one in `data`, with a page cache of `cache_bytes`).
 pub async fn open_store(
     backends: &Backends,
     data: &DataDir,
     cache_bytes: usize,
     other_layout: OtherLayout,
-) -> anyhow::Result<Arc<dyn ResourceStore>> {
+) -> anyhow::Result<OpenStore> {
     Ok(match &backends.store {
         StoreBackend::Embedded => {
             let path = data.store_dir().join("resources.redb");
-            Arc::new(match other_layout {
+            let store = Arc::new(match other_layout {
                 OtherLayout::Rebuild => EmbeddedStore::open_or_rebuild(path, cache_bytes)?,
                 OtherLayout::Refuse => EmbeddedStore::open_with_cache(path, cache_bytes)?,
-            })
+            });
+            let rebuilding = store.rebuilding().then(|| store.clone());
+            OpenStore { store, rebuilding }
         }
-        StoreBackend::Scylla(settings) => Arc::new(
-            ScyllaStore::connect(settings)
-                .await
-                .with_context(|| format!("projection store on CQL at {}", settings.nodes))?,
-        ),
+        StoreBackend::Scylla(settings) => OpenStore {
+            store: Arc::new(
+                ScyllaStore::connect(settings)
+                    .await
+                    .with_context(|| format!("projection store on CQL at {}", settings.nodes))?,
+            ),
+            rebuilding: None,
+        },
     })
 }

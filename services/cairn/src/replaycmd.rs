@@ -15,6 +15,7 @@ use cairn_events::Timestamp;
 use cairn_log::Record;
 use cairn_log::embedded::EmbeddedOptions;
 use cairn_projector::{AUDIT, Projector, RESOURCES};
+use cairn_store::embedded::{EmbeddedStore, INDEX_SORT_BUDGET, IndexProgress};
 use serde_json::json;
 use sha2::Digest;
 use std::collections::BTreeMap;
@@ -123,8 +124,9 @@ async fn replay(
         let store_file = DataDir::open_or_create(&args.into)?.store_dir().join("resources.redb");
         std::fs::create_dir_all(store_file.parent().expect("a parent"))
             .with_context(|| format!("--into {}", args.into.display()))?;
-        let store: Arc<dyn cairn_store::ResourceStore> =
-            Arc::new(cairn_store::embedded::EmbeddedStore::open_with_cache(&store_file, args.store_cache_mb << 20)?);
+        // A rebuild: the indexes are written once at the end, in key order (`build_indexes`).
+        let rebuilt = Arc::new(EmbeddedStore::create_for_rebuild(&store_file, args.store_cache_mb << 20)?);
+        let store: Arc<dyn cairn_store::ResourceStore> = rebuilt.clone();
         let projections: Vec<&'static cairn_projector::Projection> =
             std::iter::once(&RESOURCES).chain(&AUDIT).collect();
         // The records there are now: an upper bound for the progress line.
@@ -167,6 +169,10 @@ async fn replay(
         let auth_state = serde_json::to_vec_pretty(&auth.snapshot())?;
         std::fs::write(args.into.join("auth-state.json"), &auth_state)
             .with_context(|| format!("--into {}", args.into.display()))?;
+        let indexes = rebuilt.clone();
+        let mut shown = progress.clone_for_indexes();
+        tokio::task::spawn_blocking(move || indexes.build_indexes(INDEX_SORT_BUDGET, &mut |at| shown.indexes(at)))
+            .await??;
         progress.finish();
         let elapsed = started.elapsed();
         let digest = store.digest().await?;
@@ -216,6 +222,29 @@ impl ProgressLine {
                 "\rreplaying: {} of at most {} events ({:.0}/s, at most {:.0} s left)   ",
                 self.done, self.total, rate, left
             );
+        }
+    }
+
+    /// A line for the index build that follows the events, shown like this one.
+    fn clone_for_indexes(&self) -> ProgressLine {
+        ProgressLine { total: 0, done: 0, started: Instant::now(), shown: Instant::now(), visible: self.visible }
+    }
+
+    fn indexes(&mut self, at: IndexProgress) {
+        if self.visible && self.shown.elapsed() >= Duration::from_millis(250) {
+            self.shown = Instant::now();
+            match at.keys {
+                None => eprint!(
+                    "\rbuilding indexes: {} of {} resources read                              ",
+                    at.gathered, at.resources
+                ),
+                Some(keys) => eprint!(
+                    "\rbuilding indexes: {} of {} index keys written ({:.0} s)                    ",
+                    at.written,
+                    keys,
+                    self.started.elapsed().as_secs_f64()
+                ),
+            }
         }
     }
 

@@ -161,18 +161,34 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     } else {
         None
     };
-    let store =
+    let backends::OpenStore { store, rebuilding } =
         backends::open_store(&settings.backends, &data, settings.store_cache_bytes, backends::OtherLayout::Rebuild)
             .await?;
     let dyn_log = log.clone();
-    let mut projector_tasks = Vec::new();
-    let progress = start_projection(&RESOURCES, &settings, &open_log, &store, &mut projector_tasks).await?;
+    let mut projectors = Vec::new();
+    let progress = start_projection(&RESOURCES, &settings, &open_log, &store, &mut projectors).await?;
     // The audit trail of writes is projected with the resources (one transaction); the rest by AUDIT.
     let mut audit_progress = vec![(RESOURCES.topic, progress.clone())];
     for projection in &AUDIT {
-        let progress = start_projection(projection, &settings, &open_log, &store, &mut projector_tasks).await?;
+        let progress = start_projection(projection, &settings, &open_log, &store, &mut projectors).await?;
         audit_progress.push((projection.topic, progress));
     }
+    if let Some(rebuilt) = rebuilding {
+        // A new store, caught up from the embedded log (on Kafka it is still empty): its indexes,
+        // left alone while it caught up, are written now, before any projector follows the log
+        // and anything reads the store.
+        build_indexes(rebuilt).await?;
+    }
+    let projector_tasks: Vec<_> = projectors
+        .into_iter()
+        .map(|(projector, name)| {
+            tokio::spawn(async move {
+                if let Err(e) = projector.run().await {
+                    tracing::error!(projection = name, error = %e, "projector stopped");
+                }
+            })
+        })
+        .collect();
     // What a clean stop lets this process's projectors finish (every topic they read).
     let finishing = if settings.roles.projector { audit_progress.clone() } else { Vec::new() };
     let mut admin_task = None;
@@ -299,7 +315,32 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
     Ok(())
 }
 
-/// Runs `projection` in this process when it has the projector role, and returns what readers wait
+/// Writes the indexes of a rebuilt embedded store (`EmbeddedStore::build_indexes`), saying how far
+/// it got every five seconds.
+async fn build_indexes(store: Arc<cairn_store::embedded::EmbeddedStore>) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || {
+        let mut reported = std::time::Instant::now();
+        store.build_indexes(cairn_store::embedded::INDEX_SORT_BUDGET, &mut |at| {
+            if reported.elapsed() >= std::time::Duration::from_secs(5) {
+                reported = std::time::Instant::now();
+                tracing::info!(
+                    resources_read = at.gathered,
+                    resources = at.resources,
+                    index_keys_written = at.written,
+                    index_keys = at.keys,
+                    "building the store's indexes"
+                );
+            }
+        })
+    })
+    .await??;
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "the store's indexes are built");
+    Ok(())
+}
+
+/// Readies `projection` in this process when it has the projector role (`projectors` gets it, to
+/// run once every projection is ready), and returns what readers wait
 /// on for read-your-writes: this process's progress, or on a shared store the checkpoints every
 /// projector process writes. On the embedded log the projection catches up before serving, so the
 /// first reads are not held back by a long replay (on Kafka the consumer group decides who projects
@@ -309,7 +350,7 @@ async fn start_projection(
     settings: &Settings,
     open_log: &OpenLog,
     store: &Arc<dyn cairn_store::ResourceStore>,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    projectors: &mut Vec<(Projector, &'static str)>,
 ) -> anyhow::Result<Progress> {
     let log = open_log.as_dyn();
     let local = if settings.roles.projector {
@@ -341,11 +382,7 @@ async fn start_projection(
                 "projection caught up"
             );
         }
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = projector.run().await {
-                tracing::error!(projection = projection.name, error = %e, "projector stopped");
-            }
-        }));
+        projectors.push((projector, projection.name));
         Some(progress)
     } else {
         None

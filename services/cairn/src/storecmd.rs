@@ -18,7 +18,7 @@ pub fn digest(args: StoreArgs) -> anyhow::Result<ExitCode> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let digest = rt.block_on(async {
-        let store = backends::open_store(&backends, &data, 64 << 20, backends::OtherLayout::Refuse).await?;
+        let store = backends::open_store(&backends, &data, 64 << 20, backends::OtherLayout::Refuse).await?.store;
         anyhow::Ok(store.digest().await?)
     })?;
     println!("{digest}");

@@ -1,0 +1,197 @@
+//! An external sort of byte keys: what a rebuild uses to write an index in key order.
+//!
+//! Why: inserting keys into a copy-on-write B-tree in random order rewrites a page per key, and a
+//! rebuild's index keys arrive in log order, which for an index by patient and date is random.
+//! Sorted, the same keys fill the index page after page. Keys are gathered in memory up to a
+//! budget; a full buffer is sorted and spilled to a run file; the runs are merged at the end.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Gathers keys, then hands them back in byte order ([`KeySorter::finish`]). Duplicates are kept.
+pub struct KeySorter {
+    dir: PathBuf,
+    name: String,
+    budget: usize,
+    /// The keys gathered since the last spill, back to back, and each one's place in `data`.
+    data: Vec<u8>,
+    spans: Vec<(u32, u32)>,
+    runs: Vec<PathBuf>,
+    len: u64,
+}
+
+impl KeySorter {
+    /// A sorter that keeps up to `budget` bytes of keys in memory and spills to run files named
+    /// after `name` in `dir` (which must exist; the runs are deleted as they are read).
+    pub fn new(dir: &Path, name: &str, budget: usize) -> KeySorter {
+        // Offsets into the buffer are u32.
+        let budget = budget.clamp(1 << 10, u32::MAX as usize / 2);
+        KeySorter {
+            dir: dir.to_path_buf(),
+            name: name.to_owned(),
+            budget,
+            data: Vec::new(),
+            spans: Vec::new(),
+            runs: Vec::new(),
+            len: 0,
+        }
+    }
+
+    pub fn push(&mut self, key: &[u8]) -> io::Result<()> {
+        if self.data.len() + key.len() > self.budget && !self.spans.is_empty() {
+            self.spill()?;
+        }
+        self.spans.push((self.data.len() as u32, key.len() as u32));
+        self.data.extend_from_slice(key);
+        self.len += 1;
+        Ok(())
+    }
+
+    /// How many keys were pushed.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn sort_buffer(&mut self) {
+        let data = &self.data;
+        let key = |&(at, len): &(u32, u32)| &data[at as usize..(at + len) as usize];
+        self.spans.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+    }
+
+    fn spill(&mut self) -> io::Result<()> {
+        self.sort_buffer();
+        let path = self.dir.join(format!("{}.{}.run", self.name, self.runs.len()));
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&path)?);
+        for &(at, len) in &self.spans {
+            out.write_all(&len.to_le_bytes())?;
+            out.write_all(&self.data[at as usize..(at + len) as usize])?;
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+        self.runs.push(path);
+        self.data.clear();
+        self.spans.clear();
+        Ok(())
+    }
+
+    /// Every key pushed, in byte order.
+    pub fn finish(mut self) -> io::Result<SortedKeys> {
+        if self.runs.is_empty() {
+            self.sort_buffer();
+            return Ok(SortedKeys(Source::Memory { data: self.data, spans: self.spans.into_iter() }));
+        }
+        if !self.spans.is_empty() {
+            self.spill()?;
+        }
+        let mut runs = Vec::with_capacity(self.runs.len());
+        let mut heads = BinaryHeap::with_capacity(self.runs.len());
+        for (n, path) in self.runs.iter().enumerate() {
+            let mut run = Run { path: path.clone(), reader: BufReader::with_capacity(256 << 10, File::open(path)?) };
+            if let Some(key) = run.next_key()? {
+                heads.push(Reverse((key, n)));
+            }
+            runs.push(run);
+        }
+        Ok(SortedKeys(Source::Merge { runs, heads }))
+    }
+}
+
+struct Run {
+    path: PathBuf,
+    reader: BufReader<File>,
+}
+
+impl Run {
+    fn next_key(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut len = [0u8; 4];
+        match self.reader.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                // The run is used up: its file is no longer needed.
+                std::fs::remove_file(&self.path)?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        let mut key = vec![0; u32::from_le_bytes(len) as usize];
+        self.reader.read_exact(&mut key)?;
+        Ok(Some(key))
+    }
+}
+
+/// The keys of a [`KeySorter`] in byte order: from memory, or merged from its runs.
+pub struct SortedKeys(Source);
+
+enum Source {
+    Memory { data: Vec<u8>, spans: std::vec::IntoIter<(u32, u32)> },
+    Merge { runs: Vec<Run>, heads: BinaryHeap<Reverse<(Vec<u8>, usize)>> },
+}
+
+impl Iterator for SortedKeys {
+    type Item = io::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match &mut self.0 {
+            Source::Memory { data, spans } => {
+                spans.next().map(|(at, len)| Ok(data[at as usize..(at + len) as usize].to_vec()))
+            }
+            Source::Merge { runs, heads } => {
+                let Reverse((key, n)) = heads.pop()?;
+                match runs[n].next_key() {
+                    Ok(Some(next)) => heads.push(Reverse((next, n))),
+                    Ok(None) => {}
+                    Err(e) => return Some(Err(e)),
+                }
+                Some(Ok(key))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sorted(keys: &[Vec<u8>], budget: usize) -> (Vec<Vec<u8>>, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sorter = KeySorter::new(dir.path(), "t", budget);
+        for k in keys {
+            sorter.push(k).unwrap();
+        }
+        assert_eq!(sorter.len(), keys.len() as u64);
+        let runs = sorter.runs.len();
+        let out: Vec<Vec<u8>> = sorter.finish().unwrap().map(Result::unwrap).collect();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "every run file is deleted once read");
+        (out, runs)
+    }
+
+    #[test]
+    fn keys_come_back_in_byte_order_from_memory_and_from_spilled_runs() {
+        // A scrambled mix of lengths, shared prefixes and duplicates.
+        let mut keys: Vec<Vec<u8>> = (0u32..5000)
+            .map(|i| {
+                let n = i.wrapping_mul(2_654_435_761) % 1777;
+                let mut k = format!("Patient/{}", n % 97).into_bytes();
+                k.extend_from_slice(&n.to_be_bytes()[..(n % 5) as usize]);
+                k
+            })
+            .collect();
+        keys.push(Vec::new());
+        let mut expected = keys.clone();
+        expected.sort();
+
+        let (in_memory, runs) = sorted(&keys, 1 << 20);
+        assert_eq!(runs, 0);
+        assert_eq!(in_memory, expected);
+
+        let (merged, runs) = sorted(&keys, 1 << 10);
+        assert!(runs > 10, "the small budget spilled {runs} runs");
+        assert_eq!(merged, expected);
+    }
+}
