@@ -69,6 +69,31 @@ fn unpack(stored: &[u8]) -> Result<Vec<u8>> {
     Ok(record)
 }
 
+/// A batch at least this large is packed on a helper thread ([`with_packed`]).
+const PACK_AHEAD_MIN: usize = 512;
+const PACK_CHUNK: usize = 256;
+
+/// Runs `write` with the batch's records encoded and packed, in order. A large batch (a projector
+/// behind the log, a rebuild) is packed on a helper thread while `write` inserts what is ready: the
+/// store writes on one core, and encoding and compressing took about a fifth of its time.
+fn with_packed<R>(versions: &[ResourceVersion], write: impl FnOnce(&mut dyn Iterator<Item = Vec<u8>>) -> R) -> R {
+    if versions.len() < PACK_AHEAD_MIN {
+        return write(&mut versions.iter().map(|v| pack(&v.encode())));
+    }
+    std::thread::scope(|scope| {
+        let (ready, packed) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(16);
+        scope.spawn(move || {
+            for chunk in versions.chunks(PACK_CHUNK) {
+                // A failed write stops reading; the helper stops with it.
+                if ready.send(chunk.iter().map(|v| pack(&v.encode())).collect()).is_err() {
+                    return;
+                }
+            }
+        });
+        write(&mut packed.into_iter().flatten())
+    })
+}
+
 fn decode_version(stored: &[u8]) -> Result<ResourceVersion> {
     decode(&unpack(stored)?)
 }
@@ -463,17 +488,19 @@ impl ResourceStore for EmbeddedStore {
     async fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
         tx.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(|e| self.err(e))?;
-        {
+        with_packed(versions, |packed| -> Result<()> {
             let mut versions_t = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
             let mut current_t = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
             let mut indexes = IndexTables::open(&tx).map_err(|e| self.err(e))?;
             let indexes_deferred = self.indexes_deferred.load(Ordering::Relaxed);
             let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
             for v in versions {
+                // Never short: the helper packs every version unless it panicked, which the scope
+                // passes on before this transaction could commit.
+                let encoded = packed.next().ok_or_else(|| self.err("a version record was not packed"))?;
                 let key = v.key();
                 // One lookup each for `versions` and `current`: an insert hands back what it replaced.
                 let vkey = version_key(&key, v.version_id);
-                let encoded = pack(&v.encode());
                 let replaced = versions_t
                     .insert(vkey.bytes(), encoded.as_slice())
                     .map_err(|e| self.err(e))?
@@ -530,7 +557,8 @@ impl ResourceStore for EmbeddedStore {
             for c in checkpoints {
                 cps.insert((c.topic.as_str(), c.partition), c.next_offset).map_err(|e| self.err(e))?;
             }
-        }
+            Ok(())
+        })?;
         tx.commit().map_err(|e| self.err(e))
     }
 
