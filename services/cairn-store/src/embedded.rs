@@ -1,27 +1,31 @@
-//! The embedded projection store: one redb file.
+//! The embedded projection store: one redb file, and beside it the value file (`crate::values`)
+//! that holds every version record.
 //!
 //! Tables (keys are tuples encoded as order-preserving bytes, `crate::key`; `key` is `Type/id`):
-//! - `versions` (key, version) -> ResourceVersion JSON, LZ4-compressed ([`pack`]): every version,
-//!   for vread and history;
+//! - `versions` (key, version) -> where the version record lies in the value file (a
+//!   `values::Pointer`; the record is ResourceVersion JSON, LZ4-compressed, [`pack`]): every
+//!   version, for vread and history;
 //! - `current` key -> CurrentEntry JSON: newest version number and the index keys it put in place;
 //! - `by_patient` (patient, type, id), `by_identifier` (type, system|value, id): indexes over
 //!   current, non-deleted resources (listing a whole type ranges over `current` by key prefix);
 //! - `by_patient_date` (patient, type, date key, id): a patient's Observations by effective time;
 //! - `changes` (lastUpdated ms, key, version): every version by time, for type and system history;
 //! - `checkpoints` (topic, partition) -> next offset;
-//! - `meta` `format` -> [`FORMAT`], the layout of the file; `indexes_pending` while a rebuild
+//! - `meta` `format` -> [`FORMAT`], the layout of the file; `values_len`, the value file's length
+//!   as of this transaction; `indexes_pending` while a rebuild
 //!   ([`EmbeddedStore::create_for_rebuild`]) has not built the indexes yet.
 
 use crate::digest::StoreDigest;
 use crate::key::{BadKey, KeyBuf, KeyReader};
 use crate::sorter::KeySorter;
+use crate::values::{Pointer, ValueFile};
 use crate::{Checkpoint, ResourceStore, ResourceVersion, Result, StoreError};
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const VERSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("versions");
 const CURRENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("current");
@@ -34,13 +38,15 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Present in `meta` from the start of a rebuild until its indexes are built: a file that still has
 /// it was left by an interrupted rebuild, and its indexes are incomplete.
 const INDEXES_PENDING: &str = "indexes_pending";
+/// The value file's committed length, in `meta`.
+const VALUES_LEN: &str = "values_len";
 type CurrentTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
 type VersionsTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
 
 /// The layout of the store file. 1: redb tuple keys (until 2026-11-29); 2: byte keys; 3: version
-/// records compressed. A file of another layout is not read: the store is derived from the log, so
+/// records compressed; 4: version records in the value file. A file of another layout is not read: the store is derived from the log, so
 /// it is rebuilt instead ([`EmbeddedStore::open_or_rebuild`]).
-pub const FORMAT: u64 = 3;
+pub const FORMAT: u64 = 4;
 
 /// A version record as the `versions` table keeps it: LZ4 (the `lz4_flex` crate) with the length
 /// first. Version records are most of what a rebuild writes, and redb's cost grows with the bytes
@@ -94,10 +100,6 @@ fn with_packed<R>(versions: &[ResourceVersion], write: impl FnOnce(&mut dyn Iter
     })
 }
 
-fn decode_version(stored: &[u8]) -> Result<ResourceVersion> {
-    decode(&unpack(stored)?)
-}
-
 fn version_key(key: &str, version: u64) -> KeyBuf {
     KeyBuf::new().str(key).u64(version)
 }
@@ -128,6 +130,10 @@ struct CurrentEntry {
 pub struct EmbeddedStore {
     db: Database,
     path: PathBuf,
+    values: ValueFile,
+    /// The value file's committed length: where the next transaction appends. Only a write
+    /// transaction changes it, after it commits, so writers (one at a time) see it exact.
+    values_end: AtomicU64,
     /// A rebuild in progress: `apply` leaves the indexes alone and [`EmbeddedStore::build_indexes`]
     /// writes them at the end, in key order.
     indexes_deferred: AtomicBool,
@@ -229,48 +235,54 @@ impl EmbeddedStore {
             std::fs::create_dir_all(parent).map_err(|e| storage(&path, e))?;
         }
         let db = redb::Builder::new().set_cache_size(cache_bytes).create(&path).map_err(|e| storage(&path, e))?;
-        let store = EmbeddedStore { db, path, indexes_deferred: AtomicBool::new(false) };
-        let tx = store.db.begin_write().map_err(|e| store.err(e))?;
-        {
-            let names: Vec<String> = tx.list_tables().map_err(|e| store.err(e))?.map(|t| t.name().to_owned()).collect();
+        let err = |e: &dyn std::fmt::Display| storage(&path, e);
+        let tx = db.begin_write().map_err(|e| err(&e))?;
+        let values_len = {
+            let names: Vec<String> = tx.list_tables().map_err(|e| err(&e))?.map(|t| t.name().to_owned()).collect();
             let meta = |name: &str| -> Result<Option<u64>> {
                 if !names.iter().any(|n| n == META.name()) {
                     return Ok(None);
                 }
-                let t = tx.open_table(META).map_err(|e| store.err(e))?;
-                Ok(t.get(name).map_err(|e| store.err(e))?.map(|g| g.value()))
+                let t = tx.open_table(META).map_err(|e| err(&e))?;
+                Ok(t.get(name).map_err(|e| err(&e))?.map(|g| g.value()))
             };
             let (format, unfinished) = (meta("format")?, meta(INDEXES_PENDING)?.is_some());
             match format {
                 Some(FORMAT) if unfinished => {
-                    return Err(StoreError::Unfinished { path: store.path.display().to_string() });
+                    return Err(StoreError::Unfinished { path: path.display().to_string() });
                 }
                 Some(FORMAT) => {}
                 // A file that holds tables but no format marker is the first layout.
                 found if found.is_some() || !names.is_empty() => {
                     return Err(StoreError::OtherFormat {
-                        path: store.path.display().to_string(),
+                        path: path.display().to_string(),
                         found: found.unwrap_or(1),
                     });
                 }
                 _ => {
-                    tx.open_table(META)
-                        .map_err(|e| store.err(e))?
-                        .insert("format", FORMAT)
-                        .map_err(|e| store.err(e))?;
+                    tx.open_table(META).map_err(|e| err(&e))?.insert("format", FORMAT).map_err(|e| err(&e))?;
                 }
             }
+            let values_len = meta(VALUES_LEN)?.unwrap_or(0);
             // Create every table up front so readers never meet a missing one.
-            tx.open_table(VERSIONS).map_err(|e| store.err(e))?;
-            tx.open_table(CURRENT).map_err(|e| store.err(e))?;
-            tx.open_table(BY_PATIENT).map_err(|e| store.err(e))?;
-            tx.open_table(BY_IDENTIFIER).map_err(|e| store.err(e))?;
-            tx.open_table(BY_PATIENT_DATE).map_err(|e| store.err(e))?;
-            tx.open_table(CHANGES).map_err(|e| store.err(e))?;
-            tx.open_table(CHECKPOINTS).map_err(|e| store.err(e))?;
-        }
-        tx.commit().map_err(|e| store.err(e))?;
-        Ok(store)
+            tx.open_table(VERSIONS).map_err(|e| err(&e))?;
+            tx.open_table(CURRENT).map_err(|e| err(&e))?;
+            tx.open_table(BY_PATIENT).map_err(|e| err(&e))?;
+            tx.open_table(BY_IDENTIFIER).map_err(|e| err(&e))?;
+            tx.open_table(BY_PATIENT_DATE).map_err(|e| err(&e))?;
+            tx.open_table(CHANGES).map_err(|e| err(&e))?;
+            tx.open_table(CHECKPOINTS).map_err(|e| err(&e))?;
+            values_len
+        };
+        tx.commit().map_err(|e| err(&e))?;
+        let values = ValueFile::open(&crate::values::path_for(&path), values_len)?;
+        Ok(EmbeddedStore {
+            db,
+            path,
+            values,
+            values_end: AtomicU64::new(values_len),
+            indexes_deferred: AtomicBool::new(false),
+        })
     }
 
     /// Opens the store, or starts a rebuild ([`EmbeddedStore::create_for_rebuild`]) when there is
@@ -287,6 +299,10 @@ impl EmbeddedStore {
             Err(e @ (StoreError::OtherFormat { .. } | StoreError::Unfinished { .. })) => {
                 tracing::warn!(path = %path.display(), reason = %e, "rebuilding the projection store from the log");
                 std::fs::remove_file(path).map_err(|e| storage(path, e))?;
+                let values = crate::values::path_for(path);
+                if values.exists() {
+                    std::fs::remove_file(&values).map_err(|e| storage(&values, e))?;
+                }
                 Self::create_for_rebuild(path, cache_bytes)
             }
             other => other,
@@ -300,6 +316,11 @@ impl EmbeddedStore {
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
         storage(&self.path, e)
+    }
+
+    /// The version a `versions` row points to, read from the value file.
+    fn read_version(&self, pointer: &[u8]) -> Result<ResourceVersion> {
+        decode(&unpack(&self.values.read(Pointer::decode(pointer)?)?)?)
     }
 
     /// Creates a new store file for a rebuild from the log (`cairn replay`, a server whose store was
@@ -410,7 +431,7 @@ impl EmbeddedStore {
         let Some(entry) = current.get(current_key(key).bytes()).map_err(|e| self.err(e))? else { return Ok(None) };
         let entry: CurrentEntry = decode(entry.value())?;
         match versions.get(version_key(key, entry.version_id).bytes()).map_err(|e| self.err(e))? {
-            Some(v) => Ok(Some(decode_version(v.value())?)),
+            Some(v) => Ok(Some(self.read_version(v.value())?)),
             None => Err(StoreError::Corrupt(format!("{key}: current version {} missing", entry.version_id))),
         }
     }
@@ -488,30 +509,35 @@ impl ResourceStore for EmbeddedStore {
     async fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
         tx.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(|e| self.err(e))?;
-        with_packed(versions, |packed| -> Result<()> {
+        let values_end = with_packed(versions, |packed| -> Result<u64> {
             let mut versions_t = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
             let mut current_t = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
             let mut indexes = IndexTables::open(&tx).map_err(|e| self.err(e))?;
             let indexes_deferred = self.indexes_deferred.load(Ordering::Relaxed);
             let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
+            // The records this transaction appends to the value file, from its committed end.
+            let values_start = self.values_end.load(Ordering::Relaxed);
+            let mut appended: Vec<u8> = Vec::new();
             for v in versions {
                 // Never short: the helper packs every version unless it panicked, which the scope
                 // passes on before this transaction could commit.
-                let encoded = packed.next().ok_or_else(|| self.err("a version record was not packed"))?;
+                let packed = packed.next().ok_or_else(|| self.err("a version record was not packed"))?;
                 let key = v.key();
-                // One lookup each for `versions` and `current`: an insert hands back what it replaced.
                 let vkey = version_key(&key, v.version_id);
+                let mark = appended.len();
+                let pointer = crate::values::pointer(values_start + mark as u64, &packed);
+                appended.extend_from_slice(&packed);
+                // One lookup each for `versions` and `current`: an insert hands back what it replaced.
                 let replaced = versions_t
-                    .insert(vkey.bytes(), encoded.as_slice())
+                    .insert(vkey.bytes(), pointer.encode().as_slice())
                     .map_err(|e| self.err(e))?
                     .map(|old| old.value().to_vec());
                 if let Some(old) = replaced {
-                    // Already applied (replay is idempotent). A projection is a pure function of its
-                    // event, so these are the same bytes; if a build projected differently, what was
-                    // stored first stays, matching the current pointer and indexes made with it.
-                    if old != encoded {
-                        versions_t.insert(vkey.bytes(), old.as_slice()).map_err(|e| self.err(e))?;
-                    }
+                    // Already applied (replay is idempotent): the version stored first stays, matching
+                    // the current pointer and indexes made with it (a projection is a pure function
+                    // of its event, so it is the same record unless a build projected differently).
+                    versions_t.insert(vkey.bytes(), old.as_slice()).map_err(|e| self.err(e))?;
+                    appended.truncate(mark);
                     continue;
                 }
                 let change = KeyBuf::new().i64(v.last_updated_ms).str(&key).u64(v.version_id);
@@ -557,9 +583,25 @@ impl ResourceStore for EmbeddedStore {
             for c in checkpoints {
                 cps.insert((c.topic.as_str(), c.partition), c.next_offset).map_err(|e| self.err(e))?;
             }
-            Ok(())
+            // The records go to the value file before the transaction that points at them commits,
+            // and the transaction records the file's new end. A durable transaction makes the
+            // earlier ones durable too: everything in the file is synced before it commits.
+            let values_end = values_start + appended.len() as u64;
+            if !appended.is_empty() {
+                self.values.write_at(values_start, &appended)?;
+                tx.open_table(META)
+                    .map_err(|e| self.err(e))?
+                    .insert(VALUES_LEN, values_end)
+                    .map_err(|e| self.err(e))?;
+            }
+            if durable {
+                self.values.sync()?;
+            }
+            Ok(values_end)
         })?;
-        tx.commit().map_err(|e| self.err(e))
+        tx.commit().map_err(|e| self.err(e))?;
+        self.values_end.store(values_end, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
@@ -580,7 +622,7 @@ impl ResourceStore for EmbeddedStore {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         match versions.get(version_key(&key, version_id).bytes()).map_err(|e| self.err(e))? {
-            Some(g) => Ok(Some(decode_version(g.value())?)),
+            Some(g) => Ok(Some(self.read_version(g.value())?)),
             None => Ok(None),
         }
     }
@@ -593,7 +635,7 @@ impl ResourceStore for EmbeddedStore {
         let end = prefix_end(key.bytes());
         for item in versions.range(key.bytes()..end.as_slice()).map_err(|e| self.err(e))?.rev() {
             let (_, v) = item.map_err(|e| self.err(e))?;
-            out.push(decode_version(v.value())?);
+            out.push(self.read_version(v.value())?);
         }
         Ok(out)
     }
@@ -695,7 +737,7 @@ impl ResourceStore for EmbeddedStore {
                 continue;
             }
             if let Some(v) = versions.get(version_key(&key, version).bytes()).map_err(|e| self.err(e))? {
-                out.push(decode_version(v.value())?);
+                out.push(self.read_version(v.value())?);
             }
         }
         Ok(out)
@@ -725,7 +767,7 @@ impl ResourceStore for EmbeddedStore {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let mut r = KeyReader::new(k.value());
             let (key, version) = (r.str().map_err(corrupt)?, r.u64().map_err(corrupt)?);
-            d.version(&key, version, &unpack(v.value())?);
+            d.version(&key, version, &unpack(&self.values.read(Pointer::decode(v.value())?)?)?);
         }
         let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
         for item in current.iter().map_err(|e| self.err(e))? {
@@ -762,6 +804,7 @@ impl ResourceStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn version(
         id: &str,
@@ -847,6 +890,42 @@ mod tests {
         drop(rebuilt);
         EmbeddedStore::open(&rebuilt_path).expect("a finished rebuild opens");
         assert!(EmbeddedStore::create_for_rebuild(&rebuilt_path, 1 << 20).is_err(), "a rebuild starts a new file");
+    }
+
+    /// Version records live in the value file: a store reopened reads them back, cuts off what no
+    /// committed transaction wrote, and a version applied again does not add to the file.
+    #[test]
+    fn version_records_are_read_from_the_value_file_and_an_uncommitted_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resources.redb");
+        let values = crate::values::path_for(&path);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let store = EmbeddedStore::open(&path).unwrap();
+        let a = version("a", 1, Some("Patient/p1"), Some(1), &[], false);
+        rt.block_on(store.apply(std::slice::from_ref(&a), &[], true)).unwrap();
+        let len = std::fs::metadata(&values).unwrap().len();
+        assert!(len > 0);
+        rt.block_on(store.apply(std::slice::from_ref(&a), &[], true)).unwrap();
+        assert_eq!(std::fs::metadata(&values).unwrap().len(), len, "applied again: nothing appended");
+        let digest = rt.block_on(store.digest()).unwrap();
+        drop(store);
+        // Bytes after the committed end: a transaction that never committed.
+        std::fs::OpenOptions::new().append(true).open(&values).unwrap().write_all(b"junk").unwrap();
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(std::fs::metadata(&values).unwrap().len(), len, "the uncommitted tail is cut");
+        let read = rt.block_on(store.current("Observation", "a")).unwrap().unwrap();
+        assert_eq!(read.encode(), a.encode());
+        assert_eq!(rt.block_on(store.digest()).unwrap(), digest);
+        // The next version lands where the junk was, and both read back.
+        let b = version("a", 2, Some("Patient/p1"), Some(2), &[], false);
+        rt.block_on(store.apply(std::slice::from_ref(&b), &[], false)).unwrap();
+        let history = rt.block_on(store.history("Observation", "a")).unwrap();
+        assert_eq!(history.iter().map(ResourceVersion::encode).collect::<Vec<_>>(), [b.encode(), a.encode()]);
+        drop(store);
+        // A value file that lost committed records is an error, not missing versions.
+        std::fs::OpenOptions::new().write(true).open(&values).unwrap().set_len(len / 2).unwrap();
+        let e = EmbeddedStore::open(&path).err().unwrap().to_string();
+        assert!(e.contains("recorded"), "{e}");
     }
 
     #[test]

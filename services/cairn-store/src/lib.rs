@@ -10,6 +10,7 @@ pub mod digest;
 pub mod embedded;
 pub mod key;
 pub mod sorter;
+mod values;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,156 @@
+//! The embedded store's value file: every version record, packed, appended one after another; the
+//! `versions` table holds a [`Pointer`] to each instead of the record.
+//!
+//! Why: version records are most of the bytes a rebuild writes. In the B-tree each one was copied
+//! into a page, and every page a transaction touched was written again; appended here they are
+//! written once, in order, and the B-tree rows stay small (decision 0010).
+//!
+//! Crash safety: records are written before the transaction that points to them commits, and a
+//! durable transaction syncs this file first. The store records the file's committed length in the
+//! same transaction, and on opening cuts off anything after it: bytes of transactions a crash undid,
+//! which nothing points to. Version records are never removed, so the file never needs compacting.
+
+use crate::{Result, StoreError};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Where a packed record lies in the value file, and its CRC-32C: 16 bytes in the `versions` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pointer {
+    pub offset: u64,
+    pub len: u32,
+    pub crc: u32,
+}
+
+impl Pointer {
+    pub const BYTES: usize = 16;
+
+    pub fn encode(&self) -> [u8; Self::BYTES] {
+        let mut out = [0; Self::BYTES];
+        out[..8].copy_from_slice(&self.offset.to_le_bytes());
+        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        out[12..].copy_from_slice(&self.crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Pointer> {
+        let b: &[u8; Self::BYTES] = bytes
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("a version pointer of {} bytes, not 16", bytes.len())))?;
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+        Ok(Pointer { offset: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")), len: u32_at(8), crc: u32_at(12) })
+    }
+}
+
+/// The value file beside a store file (`resources.redb` → `resources.values`).
+pub fn path_for(store_file: &Path) -> PathBuf {
+    store_file.with_extension("values")
+}
+
+pub struct ValueFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl ValueFile {
+    /// Opens (creating) the value file and cuts it to `committed`, the length the store's last
+    /// committed transaction recorded. A file shorter than that lost records: an error.
+    pub fn open(path: &Path, committed: u64) -> Result<ValueFile> {
+        let err = |e: std::io::Error| StoreError::Storage { path: path.display().to_string(), detail: e.to_string() };
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        if len < committed {
+            return Err(StoreError::Corrupt(format!(
+                "{}: {len} bytes, but the store's last transaction recorded {committed}",
+                path.display()
+            )));
+        }
+        if len > committed {
+            // Records of transactions that never committed (or that a crash undid).
+            file.set_len(committed).map_err(err)?;
+        }
+        Ok(ValueFile { file, path: path.to_path_buf() })
+    }
+
+    fn err(&self, e: std::io::Error) -> StoreError {
+        StoreError::Storage { path: self.path.display().to_string(), detail: e.to_string() }
+    }
+
+    /// Writes `bytes` at `offset` (the committed end: what an earlier, failed transaction left there
+    /// is overwritten), before the transaction pointing at them commits.
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.file.write_all_at(bytes, offset).map_err(|e| self.err(e))
+    }
+
+    /// Makes what was written durable: before a durable transaction commits, since it makes the
+    /// earlier, non-durable ones durable too, and their records with them.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| self.err(e))
+    }
+
+    /// The packed record `pointer` names, checked against its CRC.
+    pub fn read(&self, pointer: Pointer) -> Result<Vec<u8>> {
+        let mut out = vec![0; pointer.len as usize];
+        self.file.read_exact_at(&mut out, pointer.offset).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "{}: the record at {} ({} bytes) cannot be read: {e}",
+                self.path.display(),
+                pointer.offset,
+                pointer.len
+            ))
+        })?;
+        if crc32c::crc32c(&out) != pointer.crc {
+            return Err(StoreError::Corrupt(format!(
+                "{}: the record at {} ({} bytes) fails its checksum",
+                self.path.display(),
+                pointer.offset,
+                pointer.len
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// The pointer a record written at `offset` will have.
+pub fn pointer(offset: u64, packed: &[u8]) -> Pointer {
+    Pointer { offset, len: packed.len() as u32, crc: crc32c::crc32c(packed) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_read_back_damage_is_found_and_an_uncommitted_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resources.values");
+        let file = ValueFile::open(&path, 0).unwrap();
+        let (a, b) = (b"first record".to_vec(), b"second".to_vec());
+        let (pa, pb) = (pointer(0, &a), pointer(a.len() as u64, &b));
+        let mut both = a.clone();
+        both.extend_from_slice(&b);
+        file.write_at(0, &both).unwrap();
+        file.sync().unwrap();
+        assert_eq!(file.read(pa).unwrap(), a);
+        assert_eq!(file.read(pb).unwrap(), b);
+        assert_eq!(Pointer::decode(&pb.encode()).unwrap(), pb);
+        assert!(Pointer::decode(&[0; 15]).is_err());
+
+        // A flipped byte, a pointer past the end.
+        let e = file.read(Pointer { crc: pa.crc ^ 1, ..pa }).unwrap_err().to_string();
+        assert!(e.contains("checksum"), "{e}");
+        let e = file.read(Pointer { offset: 1000, ..pa }).unwrap_err().to_string();
+        assert!(e.contains("cannot be read"), "{e}");
+        drop(file);
+
+        // Reopened at the committed length of the first record only: the second is cut off.
+        let file = ValueFile::open(&path, a.len() as u64).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), a.len() as u64);
+        assert_eq!(file.read(pa).unwrap(), a);
+        drop(file);
+        // A file shorter than what was committed lost records.
+        let e = ValueFile::open(&path, 100).err().unwrap().to_string();
+        assert!(e.contains("recorded 100"), "{e}");
+    }
+}
