@@ -131,8 +131,9 @@ pub struct EmbeddedStore {
     db: Database,
     path: PathBuf,
     values: ValueFile,
-    /// The value file's committed length: where the next transaction appends. Only a write
-    /// transaction changes it, after it commits, so writers (one at a time) see it exact.
+    /// Where the next transaction appends to the value file: the end of what the last write
+    /// transaction wrote there. Only a write transaction changes it, before it commits (redb lets
+    /// one write transaction run at a time, so each sees the one before it).
     values_end: AtomicU64,
     /// A rebuild in progress: `apply` leaves the indexes alone and [`EmbeddedStore::build_indexes`]
     /// writes them at the end, in key order.
@@ -599,9 +600,11 @@ impl ResourceStore for EmbeddedStore {
             }
             Ok(values_end)
         })?;
-        tx.commit().map_err(|e| self.err(e))?;
+        // Moved on before the commit, which lets the next writer in: it must append after these
+        // records. Should the commit fail, they are bytes nothing points to, and the value file's
+        // recorded end (`meta`) does not cover them until a later transaction writes beyond them.
         self.values_end.store(values_end, Ordering::Relaxed);
-        Ok(())
+        tx.commit().map_err(|e| self.err(e))
     }
 
     async fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
@@ -926,6 +929,38 @@ mod tests {
         std::fs::OpenOptions::new().write(true).open(&values).unwrap().set_len(len / 2).unwrap();
         let e = EmbeddedStore::open(&path).err().unwrap().to_string();
         assert!(e.contains("recorded"), "{e}");
+    }
+
+    /// The projectors of several topics write one store at once: each transaction's records land
+    /// after the previous transaction's, never over them.
+    #[test]
+    fn concurrent_writers_never_overwrite_each_others_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(EmbeddedStore::open(dir.path().join("resources.redb")).unwrap());
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                    for n in 0..300 {
+                        let id = format!("w{w}-{n}");
+                        let v = version(&id, 1, Some("Patient/p"), None, &[], false);
+                        rt.block_on(store.apply(&[v], &[], false)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for w in 0..4 {
+            for n in 0..300 {
+                let id = format!("w{w}-{n}");
+                let read = rt.block_on(store.current("Observation", &id)).unwrap().unwrap();
+                assert_eq!(read.id, id);
+            }
+        }
     }
 
     #[test]
