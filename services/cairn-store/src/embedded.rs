@@ -17,15 +17,14 @@
 
 use crate::digest::StoreDigest;
 use crate::key::{BadKey, KeyBuf, KeyReader};
-use crate::sorter::KeySorter;
+use crate::sorter::{KeySorter, difference};
 use crate::values::{Pointer, ValueFile};
 use crate::{Checkpoint, ResourceStore, ResourceVersion, Result, StoreError};
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const VERSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("versions");
 const CURRENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("current");
@@ -135,31 +134,40 @@ pub struct EmbeddedStore {
     /// transaction wrote there. Only a write transaction changes it, before it commits (redb lets
     /// one write transaction run at a time, so each sees the one before it).
     values_end: AtomicU64,
-    /// A rebuild in progress: `apply` leaves the indexes alone and [`EmbeddedStore::build_indexes`]
-    /// writes them at the end, in key order.
-    indexes_deferred: AtomicBool,
+    /// A rebuild in progress: `apply` leaves the index tables alone and gathers the keys it would
+    /// have put in and taken out; [`EmbeddedStore::build_indexes`] writes what is left, in key order.
+    rebuild: Mutex<Option<Gathered>>,
 }
 
-/// Bytes of index keys [`EmbeddedStore::build_indexes`] is meant to sort in memory per index before
-/// it spills a sorted run to disk (three indexes: about 200 MB at most).
-pub const INDEX_SORT_BUDGET: usize = 64 << 20;
+/// Bytes of index keys a rebuild sorts in memory per index, inserted and removed apart, before it
+/// spills a sorted run beside the store file: about 200 MB for the keys inserted into the three
+/// indexes (removed ones are few: those of resources changed or deleted later in the log).
+const INDEX_SORT_BUDGET: usize = 64 << 20;
 
-/// How far [`EmbeddedStore::build_indexes`] has come: index keys gathered from the current
-/// resources, then written.
+/// How far [`EmbeddedStore::build_indexes`] has come: index keys written, of how many.
 #[derive(Debug, Clone, Copy)]
 pub struct IndexProgress {
-    pub gathered: u64,
     pub written: u64,
-    /// The current resources to gather from; the keys to write are known once gathering is done.
-    pub resources: u64,
-    pub keys: Option<u64>,
+    pub keys: u64,
 }
 
-/// The three index tables of one write transaction, and the index keys one resource puts in them.
-struct IndexTables<'tx> {
-    by_patient: redb::Table<'tx, &'static [u8], ()>,
-    by_patient_date: redb::Table<'tx, &'static [u8], ()>,
-    by_identifier: redb::Table<'tx, &'static [u8], ()>,
+/// A rebuild's index keys as `apply` met them: per index, the keys it would have inserted and
+/// removed (sorted runs spill to `scratch`, beside the store file).
+struct Gathered {
+    scratch: PathBuf,
+    /// A write failed: the keys may include some of a transaction that did not commit, so the
+    /// indexes cannot be built from them (the rebuild has to start again).
+    failed: bool,
+    added: [KeySorter; 3],
+    removed: [KeySorter; 3],
+}
+
+/// Where `apply` puts the index keys of the resources it makes current: the index tables of its
+/// write transaction (in [`Index`] order), or during a rebuild the keys gathered for
+/// [`EmbeddedStore::build_indexes`].
+enum IndexSink<'tx, 'g> {
+    Tables([redb::Table<'tx, &'static [u8], ()>; 3]),
+    Gather(&'g mut Gathered),
 }
 
 #[derive(Clone, Copy)]
@@ -181,8 +189,8 @@ impl Index {
     }
 }
 
-/// The index keys of a current, non-deleted resource `rtype/id` with `entry`'s index values. The
-/// one place that says what the indexes hold, for `apply` and for a rebuild's index build alike.
+/// The index keys of a current, non-deleted resource `rtype/id` with `entry`'s index values: the
+/// one place that says what the indexes hold.
 fn index_keys(
     rtype: &str,
     id: &str,
@@ -201,20 +209,23 @@ fn index_keys(
     Ok(())
 }
 
-impl<'tx> IndexTables<'tx> {
-    fn open(tx: &'tx redb::WriteTransaction) -> std::result::Result<IndexTables<'tx>, redb::TableError> {
-        Ok(IndexTables {
-            by_patient: tx.open_table(BY_PATIENT)?,
-            by_patient_date: tx.open_table(BY_PATIENT_DATE)?,
-            by_identifier: tx.open_table(BY_IDENTIFIER)?,
-        })
+impl<'tx> IndexSink<'tx, '_> {
+    fn tables(tx: &'tx redb::WriteTransaction) -> std::result::Result<IndexSink<'tx, 'static>, redb::TableError> {
+        let [p, d, i] = Index::ALL;
+        Ok(IndexSink::Tables([tx.open_table(p.table())?, tx.open_table(d.table())?, tx.open_table(i.table())?]))
     }
 
-    fn table(&mut self, index: Index) -> &mut redb::Table<'tx, &'static [u8], ()> {
-        match index {
-            Index::Patient => &mut self.by_patient,
-            Index::PatientDate => &mut self.by_patient_date,
-            Index::Identifier => &mut self.by_identifier,
+    fn insert(&mut self, index: Index, key: &[u8]) -> std::result::Result<(), String> {
+        match self {
+            IndexSink::Tables(t) => t[index as usize].insert(key, ()).map(drop).map_err(|e| e.to_string()),
+            IndexSink::Gather(g) => g.added[index as usize].push(key).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn remove(&mut self, index: Index, key: &[u8]) -> std::result::Result<(), String> {
+        match self {
+            IndexSink::Tables(t) => t[index as usize].remove(key).map(drop).map_err(|e| e.to_string()),
+            IndexSink::Gather(g) => g.removed[index as usize].push(key).map_err(|e| e.to_string()),
         }
     }
 }
@@ -277,13 +288,7 @@ impl EmbeddedStore {
         };
         tx.commit().map_err(|e| err(&e))?;
         let values = ValueFile::open(&crate::values::path_for(&path), values_len)?;
-        Ok(EmbeddedStore {
-            db,
-            path,
-            values,
-            values_end: AtomicU64::new(values_len),
-            indexes_deferred: AtomicBool::new(false),
-        })
+        Ok(EmbeddedStore { db, path, values, values_end: AtomicU64::new(values_len), rebuild: Mutex::new(None) })
     }
 
     /// Opens the store, or starts a rebuild ([`EmbeddedStore::create_for_rebuild`]) when there is
@@ -312,7 +317,7 @@ impl EmbeddedStore {
 
     /// Whether this store is a rebuild whose indexes are not built yet.
     pub fn rebuilding(&self) -> bool {
-        self.indexes_deferred.load(Ordering::Relaxed)
+        self.rebuild.lock().expect("the rebuild lock").is_some()
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
@@ -326,14 +331,20 @@ impl EmbeddedStore {
 
     /// Creates a new store file for a rebuild from the log (`cairn replay`, a server whose store was
     /// deleted): [`ResourceStore::apply`] then fills the versions, current pointers and change list
-    /// but leaves the indexes alone, and [`EmbeddedStore::build_indexes`] writes them once, in key
-    /// order, at the end. Kept up to date one write at a time instead, the index by patient and date
-    /// took about a quarter of a rebuild: its keys arrive in random order, and every transaction
-    /// rewrote most of its pages. Until the indexes are built the store answers searches wrongly,
-    /// so nothing may read it; a file whose rebuild never finished is refused on opening
+    /// but leaves the index tables alone, gathering the keys it would have inserted and removed, and
+    /// [`EmbeddedStore::build_indexes`] writes what is left of them once, in key order, at the end.
+    /// Kept up to date one write at a time instead, the index by patient and date took about a
+    /// quarter of a rebuild: its keys arrive in random order, and every transaction rewrote most of
+    /// its pages. Until the indexes are built the store answers searches wrongly, so nothing may
+    /// read it; a file whose rebuild never finished is refused on opening
     /// ([`StoreError::Unfinished`]). `path` must not exist yet.
     pub fn create_for_rebuild(path: impl AsRef<Path>, cache_bytes: usize) -> Result<EmbeddedStore> {
-        let path = path.as_ref();
+        Self::create_for_rebuild_sorting(path.as_ref(), cache_bytes, INDEX_SORT_BUDGET)
+    }
+
+    /// [`EmbeddedStore::create_for_rebuild`], sorting up to `sort_budget` bytes of keys per index
+    /// in memory before spilling a sorted run.
+    fn create_for_rebuild_sorting(path: &Path, cache_bytes: usize, sort_budget: usize) -> Result<EmbeddedStore> {
         if path.exists() {
             return Err(storage(path, "a rebuild starts a new file, and this one exists"));
         }
@@ -341,69 +352,57 @@ impl EmbeddedStore {
         let tx = store.db.begin_write().map_err(|e| store.err(e))?;
         tx.open_table(META).map_err(|e| store.err(e))?.insert(INDEXES_PENDING, 1).map_err(|e| store.err(e))?;
         tx.commit().map_err(|e| store.err(e))?;
-        store.indexes_deferred.store(true, Ordering::Relaxed);
+        let scratch = path.with_extension("index-build");
+        // What an interrupted rebuild left.
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).map_err(|e| storage(&scratch, e))?;
+        let sorters = |kind: &str| {
+            Index::ALL.map(|index| KeySorter::new(&scratch, &format!("{}.{kind}", index.table().name()), sort_budget))
+        };
+        let gathered = Gathered { added: sorters("added"), removed: sorters("removed"), scratch, failed: false };
+        *store.rebuild.lock().expect("the rebuild lock") = Some(gathered);
         Ok(store)
     }
 
-    /// Ends a rebuild begun with [`EmbeddedStore::create_for_rebuild`]: gathers every current,
-    /// non-deleted resource's index keys, sorts them (spilling to run files beside the store when
-    /// they outgrow `sort_budget` bytes per index) and writes each index in key order. The same keys
-    /// as `apply` would have left (`index_keys` is the one place that names them). The last
-    /// transaction is durable and clears the rebuild mark. `progress` is called now and then.
-    pub fn build_indexes(&self, sort_budget: usize, progress: &mut dyn FnMut(IndexProgress)) -> Result<()> {
-        let scratch = self.path.with_extension("index-build");
-        let result = self.build_indexes_in(&scratch, sort_budget, progress);
+    /// Ends a rebuild begun with [`EmbeddedStore::create_for_rebuild`]: writes each index from the
+    /// keys `apply` gathered (those it would have inserted, less those it would have removed), in
+    /// key order. The last transaction is durable and clears the rebuild mark. `progress` is called
+    /// now and then. A store that is no rebuild is left as it is.
+    pub fn build_indexes(&self, progress: &mut dyn FnMut(IndexProgress)) -> Result<()> {
+        let gathered = {
+            let mut rebuild = self.rebuild.lock().expect("the rebuild lock");
+            match rebuild.as_ref() {
+                None => return Ok(()),
+                Some(g) if g.failed => return Err(StoreError::Unfinished { path: self.path.display().to_string() }),
+                Some(_) => rebuild.take().expect("a rebuild"),
+            }
+        };
+        let scratch = gathered.scratch.clone();
+        let result = self.write_indexes(gathered, progress);
         let _ = std::fs::remove_dir_all(&scratch);
         result
     }
 
-    fn build_indexes_in(
-        &self,
-        scratch: &Path,
-        sort_budget: usize,
-        progress: &mut dyn FnMut(IndexProgress),
-    ) -> Result<()> {
+    fn write_indexes(&self, gathered: Gathered, progress: &mut dyn FnMut(IndexProgress)) -> Result<()> {
         const REPORT_EVERY: u64 = 1 << 16;
         // Keys per write transaction: a bound on what one transaction holds in memory.
-        const KEYS_PER_TRANSACTION: u64 = 1 << 20;
-        let io = |e: std::io::Error| storage(scratch, e);
-        let _ = std::fs::remove_dir_all(scratch);
-        std::fs::create_dir_all(scratch).map_err(io)?;
-        let mut sorters = Index::ALL.map(|index| KeySorter::new(scratch, index.table().name(), sort_budget));
-        let mut at = IndexProgress { gathered: 0, written: 0, resources: 0, keys: None };
-        {
-            let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-            let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
-            at.resources = current.len().map_err(|e| self.err(e))?;
-            progress(at);
-            for item in current.iter().map_err(|e| self.err(e))? {
-                let (k, v) = item.map_err(|e| self.err(e))?;
-                let entry: CurrentEntry = decode(v.value())?;
-                at.gathered += 1;
-                if at.gathered.is_multiple_of(REPORT_EVERY) {
-                    progress(at);
-                }
-                if entry.deleted {
-                    continue;
-                }
-                let key = KeyReader::new(k.value()).str().map_err(corrupt)?;
-                let (rtype, id) = key
-                    .split_once('/')
-                    .ok_or_else(|| StoreError::Corrupt(format!("{key}: a current key without a type")))?;
-                index_keys(rtype, id, &entry, |index, k| sorters[index as usize].push(k.bytes()).map_err(io))?;
-            }
-        }
-        at.keys = Some(sorters.iter().map(KeySorter::len).sum());
+        const KEYS_PER_TRANSACTION: usize = 1 << 20;
+        let io = |e: std::io::Error| storage(&gathered.scratch, e);
+        let added: u64 = gathered.added.iter().map(KeySorter::len).sum();
+        let removed: u64 = gathered.removed.iter().map(KeySorter::len).sum();
+        // Every key a rebuild removes it added before (it starts empty).
+        let mut at = IndexProgress { written: 0, keys: added.saturating_sub(removed) };
         progress(at);
-        for (index, sorter) in Index::ALL.into_iter().zip(sorters) {
-            let mut keys = sorter.finish().map_err(io)?.peekable();
+        let Gathered { added, removed, .. } = gathered;
+        for ((index, added), removed) in Index::ALL.into_iter().zip(added).zip(removed) {
+            let mut keys = difference(added.finish().map_err(io)?, removed.finish().map_err(io)?).peekable();
             while keys.peek().is_some() {
                 let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
                 // Not durable: the last transaction is, and until it commits the rebuild mark stays.
                 tx.set_durability(Durability::None).map_err(|e| self.err(e))?;
                 {
                     let mut table = tx.open_table(index.table()).map_err(|e| self.err(e))?;
-                    for key in keys.by_ref().take(KEYS_PER_TRANSACTION as usize) {
+                    for key in keys.by_ref().take(KEYS_PER_TRANSACTION) {
                         table.insert(key.map_err(io)?.as_slice(), ()).map_err(|e| self.err(e))?;
                         at.written += 1;
                         if at.written.is_multiple_of(REPORT_EVERY) {
@@ -417,9 +416,113 @@ impl EmbeddedStore {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         tx.open_table(META).map_err(|e| self.err(e))?.remove(INDEXES_PENDING).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
-        self.indexes_deferred.store(false, Ordering::Relaxed);
         progress(at);
         Ok(())
+    }
+
+    /// [`ResourceStore::apply`]: one write transaction, its index keys gathered into `rebuild`
+    /// during a rebuild.
+    fn write(
+        &self,
+        rebuild: &mut Option<Gathered>,
+        versions: &[ResourceVersion],
+        checkpoints: &[Checkpoint],
+        durable: bool,
+    ) -> Result<()> {
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        tx.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(|e| self.err(e))?;
+        let values_end = with_packed(versions, |packed| -> Result<u64> {
+            let mut versions_t = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
+            let mut current_t = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
+            let mut indexes = match rebuild.as_mut() {
+                Some(gathered) => IndexSink::Gather(gathered),
+                None => IndexSink::tables(&tx).map_err(|e| self.err(e))?,
+            };
+            let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
+            // The records this transaction appends to the value file, from its committed end.
+            let values_start = self.values_end.load(Ordering::Relaxed);
+            let mut appended: Vec<u8> = Vec::new();
+            for v in versions {
+                // Never short: the helper packs every version unless it panicked, which the scope
+                // passes on before this transaction could commit.
+                let packed = packed.next().ok_or_else(|| self.err("a version record was not packed"))?;
+                let key = v.key();
+                let vkey = version_key(&key, v.version_id);
+                let mark = appended.len();
+                let pointer = crate::values::pointer(values_start + mark as u64, &packed);
+                appended.extend_from_slice(&packed);
+                // One lookup each for `versions` and `current`: an insert hands back what it replaced.
+                let replaced = versions_t
+                    .insert(vkey.bytes(), pointer.encode().as_slice())
+                    .map_err(|e| self.err(e))?
+                    .map(|old| old.value().to_vec());
+                if let Some(old) = replaced {
+                    // Already applied (replay is idempotent): the version stored first stays, matching
+                    // the current pointer and indexes made with it (a projection is a pure function
+                    // of its event, so it is the same record unless a build projected differently).
+                    versions_t.insert(vkey.bytes(), old.as_slice()).map_err(|e| self.err(e))?;
+                    appended.truncate(mark);
+                    continue;
+                }
+                let change = KeyBuf::new().i64(v.last_updated_ms).str(&key).u64(v.version_id);
+                changes.insert(change.bytes(), ()).map_err(|e| self.err(e))?;
+                let ckey = current_key(&key);
+                let entry = CurrentEntry {
+                    version_id: v.version_id,
+                    deleted: v.deleted,
+                    patient: v.patient.clone(),
+                    identifiers: v.identifiers.clone(),
+                    date_key: v.date_key,
+                };
+                let previous: Option<(CurrentEntry, Vec<u8>)> =
+                    match current_t.insert(ckey.bytes(), encode(&entry).as_slice()).map_err(|e| self.err(e))? {
+                        Some(g) => Some((decode(g.value())?, g.value().to_vec())),
+                        None => None,
+                    };
+                if let Some((p, bytes)) = &previous
+                    && p.version_id > v.version_id
+                {
+                    // An older version arriving late does not become current: put the newer back.
+                    current_t.insert(ckey.bytes(), bytes.as_slice()).map_err(|e| self.err(e))?;
+                    continue;
+                }
+                let (rtype, id) = (v.resource_type.as_str(), v.id.as_str());
+                if let Some((p, _)) = &previous
+                    && !p.deleted
+                {
+                    index_keys(rtype, id, p, |index, k| indexes.remove(index, k.bytes()).map_err(|e| self.err(e)))?;
+                }
+                if !v.deleted {
+                    index_keys(rtype, id, &entry, |index, k| {
+                        indexes.insert(index, k.bytes()).map_err(|e| self.err(e))
+                    })?;
+                }
+            }
+            let mut cps = tx.open_table(CHECKPOINTS).map_err(|e| self.err(e))?;
+            for c in checkpoints {
+                cps.insert((c.topic.as_str(), c.partition), c.next_offset).map_err(|e| self.err(e))?;
+            }
+            // The records go to the value file before the transaction that points at them commits,
+            // and the transaction records the file's new end. A durable transaction makes the
+            // earlier ones durable too: everything in the file is synced before it commits.
+            let values_end = values_start + appended.len() as u64;
+            if !appended.is_empty() {
+                self.values.write_at(values_start, &appended)?;
+                tx.open_table(META)
+                    .map_err(|e| self.err(e))?
+                    .insert(VALUES_LEN, values_end)
+                    .map_err(|e| self.err(e))?;
+            }
+            if durable {
+                self.values.sync()?;
+            }
+            Ok(values_end)
+        })?;
+        // Moved on before the commit, which lets the next writer in: it must append after these
+        // records. Should the commit fail, they are bytes nothing points to, and the value file's
+        // recorded end (`meta`) does not cover them until a later transaction writes beyond them.
+        self.values_end.store(values_end, Ordering::Relaxed);
+        tx.commit().map_err(|e| self.err(e))
     }
 
     /// The newest version of `key` (possibly a deletion), through tables of one read transaction.
@@ -508,103 +611,13 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 #[async_trait::async_trait]
 impl ResourceStore for EmbeddedStore {
     async fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()> {
-        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        tx.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(|e| self.err(e))?;
-        let values_end = with_packed(versions, |packed| -> Result<u64> {
-            let mut versions_t = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
-            let mut current_t = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
-            let mut indexes = IndexTables::open(&tx).map_err(|e| self.err(e))?;
-            let indexes_deferred = self.indexes_deferred.load(Ordering::Relaxed);
-            let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
-            // The records this transaction appends to the value file, from its committed end.
-            let values_start = self.values_end.load(Ordering::Relaxed);
-            let mut appended: Vec<u8> = Vec::new();
-            for v in versions {
-                // Never short: the helper packs every version unless it panicked, which the scope
-                // passes on before this transaction could commit.
-                let packed = packed.next().ok_or_else(|| self.err("a version record was not packed"))?;
-                let key = v.key();
-                let vkey = version_key(&key, v.version_id);
-                let mark = appended.len();
-                let pointer = crate::values::pointer(values_start + mark as u64, &packed);
-                appended.extend_from_slice(&packed);
-                // One lookup each for `versions` and `current`: an insert hands back what it replaced.
-                let replaced = versions_t
-                    .insert(vkey.bytes(), pointer.encode().as_slice())
-                    .map_err(|e| self.err(e))?
-                    .map(|old| old.value().to_vec());
-                if let Some(old) = replaced {
-                    // Already applied (replay is idempotent): the version stored first stays, matching
-                    // the current pointer and indexes made with it (a projection is a pure function
-                    // of its event, so it is the same record unless a build projected differently).
-                    versions_t.insert(vkey.bytes(), old.as_slice()).map_err(|e| self.err(e))?;
-                    appended.truncate(mark);
-                    continue;
-                }
-                let change = KeyBuf::new().i64(v.last_updated_ms).str(&key).u64(v.version_id);
-                changes.insert(change.bytes(), ()).map_err(|e| self.err(e))?;
-                let ckey = current_key(&key);
-                let entry = CurrentEntry {
-                    version_id: v.version_id,
-                    deleted: v.deleted,
-                    patient: v.patient.clone(),
-                    identifiers: v.identifiers.clone(),
-                    date_key: v.date_key,
-                };
-                let previous: Option<(CurrentEntry, Vec<u8>)> =
-                    match current_t.insert(ckey.bytes(), encode(&entry).as_slice()).map_err(|e| self.err(e))? {
-                        Some(g) => Some((decode(g.value())?, g.value().to_vec())),
-                        None => None,
-                    };
-                if let Some((p, bytes)) = &previous
-                    && p.version_id > v.version_id
-                {
-                    // An older version arriving late does not become current: put the newer back.
-                    current_t.insert(ckey.bytes(), bytes.as_slice()).map_err(|e| self.err(e))?;
-                    continue;
-                }
-                if indexes_deferred {
-                    continue;
-                }
-                let (rtype, id) = (v.resource_type.as_str(), v.id.as_str());
-                if let Some((p, _)) = &previous
-                    && !p.deleted
-                {
-                    index_keys(rtype, id, p, |index, k| {
-                        indexes.table(index).remove(k.bytes()).map(drop).map_err(|e| self.err(e))
-                    })?;
-                }
-                if !v.deleted {
-                    index_keys(rtype, id, &entry, |index, k| {
-                        indexes.table(index).insert(k.bytes(), ()).map(drop).map_err(|e| self.err(e))
-                    })?;
-                }
-            }
-            let mut cps = tx.open_table(CHECKPOINTS).map_err(|e| self.err(e))?;
-            for c in checkpoints {
-                cps.insert((c.topic.as_str(), c.partition), c.next_offset).map_err(|e| self.err(e))?;
-            }
-            // The records go to the value file before the transaction that points at them commits,
-            // and the transaction records the file's new end. A durable transaction makes the
-            // earlier ones durable too: everything in the file is synced before it commits.
-            let values_end = values_start + appended.len() as u64;
-            if !appended.is_empty() {
-                self.values.write_at(values_start, &appended)?;
-                tx.open_table(META)
-                    .map_err(|e| self.err(e))?
-                    .insert(VALUES_LEN, values_end)
-                    .map_err(|e| self.err(e))?;
-            }
-            if durable {
-                self.values.sync()?;
-            }
-            Ok(values_end)
-        })?;
-        // Moved on before the commit, which lets the next writer in: it must append after these
-        // records. Should the commit fail, they are bytes nothing points to, and the value file's
-        // recorded end (`meta`) does not cover them until a later transaction writes beyond them.
-        self.values_end.store(values_end, Ordering::Relaxed);
-        tx.commit().map_err(|e| self.err(e))
+        let mut rebuild = self.rebuild.lock().expect("the rebuild lock");
+        let result = self.write(&mut rebuild, versions, checkpoints, durable);
+        if let (Err(_), Some(gathered)) = (&result, rebuild.as_mut()) {
+            // Its gathered keys may include some of the transaction that failed.
+            gathered.failed = true;
+        }
+        result
     }
 
     async fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
@@ -866,14 +879,15 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let kept_up = EmbeddedStore::open(dir.path().join("kept-up.redb")).unwrap();
         let rebuilt_path = dir.path().join("rebuilt.redb");
-        let rebuilt = EmbeddedStore::create_for_rebuild(&rebuilt_path, 1 << 20).unwrap();
+        // A small sort budget: the gathered keys spill to sorted runs.
+        let rebuilt = EmbeddedStore::create_for_rebuild_sorting(&rebuilt_path, 1 << 20, 64).unwrap();
         let checkpoint = |n| vec![Checkpoint { topic: "t".into(), partition: 0, next_offset: n }];
         for (n, batch) in batches.iter().enumerate() {
             rt.block_on(kept_up.apply(batch, &checkpoint(n as u64), false)).unwrap();
             rt.block_on(rebuilt.apply(batch, &checkpoint(n as u64), false)).unwrap();
         }
         let mut reports = 0;
-        rebuilt.build_indexes(1 << 10, &mut |_| reports += 1).unwrap();
+        rebuilt.build_indexes(&mut |_| reports += 1).unwrap();
         assert!(reports >= 2);
         assert_eq!(rt.block_on(rebuilt.digest()).unwrap(), rt.block_on(kept_up.digest()).unwrap());
         assert!(!rebuilt_path.with_extension("index-build").exists(), "the sort's scratch files are gone");
@@ -1002,7 +1016,7 @@ mod tests {
         assert!(store.rebuilding());
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         assert!(rt.block_on(store.current("Observation", "a")).unwrap().is_none(), "started again empty");
-        store.build_indexes(1 << 20, &mut |_| {}).unwrap();
+        store.build_indexes(&mut |_| {}).unwrap();
         assert!(!store.rebuilding());
         drop(store);
         EmbeddedStore::open(&path).expect("the new file has this build's layout");

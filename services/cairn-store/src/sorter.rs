@@ -154,6 +154,62 @@ impl Iterator for SortedKeys {
     }
 }
 
+/// The keys of `added` less those of `removed`, counted: a key comes out (once) when `added` holds
+/// it more often than `removed`. In byte order. For keys put in a set and taken out again: what the
+/// set holds in the end.
+pub fn difference(added: SortedKeys, removed: SortedKeys) -> Difference {
+    Difference { added: added.peekable(), removed: removed.peekable() }
+}
+
+pub struct Difference {
+    added: std::iter::Peekable<SortedKeys>,
+    removed: std::iter::Peekable<SortedKeys>,
+}
+
+impl Difference {
+    fn next_key(&mut self) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            let Some(key) = self.added.next().transpose()? else { return Ok(None) };
+            let mut adds = 1u64;
+            while let Some(Ok(next)) = self.added.peek() {
+                if *next != key {
+                    break;
+                }
+                adds += 1;
+                self.added.next();
+            }
+            let mut removes = 0u64;
+            loop {
+                match self.removed.peek() {
+                    Some(Ok(next)) if *next < key => {
+                        self.removed.next();
+                    }
+                    Some(Ok(next)) if *next == key => {
+                        removes += 1;
+                        self.removed.next();
+                    }
+                    Some(Err(_)) => return Err(self.removed.next().expect("peeked").expect_err("an error")),
+                    _ => break,
+                }
+            }
+            if let Some(Err(_)) = self.added.peek() {
+                return Err(self.added.next().expect("peeked").expect_err("an error"));
+            }
+            if adds > removes {
+                return Ok(Some(key));
+            }
+        }
+    }
+}
+
+impl Iterator for Difference {
+    type Item = io::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_key().transpose()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +249,23 @@ mod tests {
         let (merged, runs) = sorted(&keys, 1 << 10);
         assert!(runs > 10, "the small budget spilled {runs} runs");
         assert_eq!(merged, expected);
+    }
+
+    #[test]
+    fn the_difference_keeps_a_key_added_more_often_than_removed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sorter = |name: &str, keys: &[&str]| {
+            let mut s = KeySorter::new(dir.path(), name, 1 << 10);
+            for k in keys {
+                s.push(k.as_bytes()).unwrap();
+            }
+            s.finish().unwrap()
+        };
+        // b: added, removed, added again (present); c: added and removed (gone); d: added twice,
+        // removed twice (gone); a, e: only added.
+        let added = sorter("added", &["e", "b", "c", "d", "a", "b", "d"]);
+        let removed = sorter("removed", &["d", "c", "b", "d"]);
+        let left: Vec<String> = difference(added, removed).map(|k| String::from_utf8(k.unwrap()).unwrap()).collect();
+        assert_eq!(left, ["a", "b", "e"]);
     }
 }

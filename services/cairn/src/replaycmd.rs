@@ -15,7 +15,7 @@ use cairn_events::Timestamp;
 use cairn_log::Record;
 use cairn_log::embedded::EmbeddedOptions;
 use cairn_projector::{AUDIT, Projector, RESOURCES};
-use cairn_store::embedded::{EmbeddedStore, INDEX_SORT_BUDGET, IndexProgress};
+use cairn_store::embedded::{EmbeddedStore, IndexProgress};
 use serde_json::json;
 use sha2::Digest;
 use std::collections::BTreeMap;
@@ -171,8 +171,7 @@ async fn replay(
             .with_context(|| format!("--into {}", args.into.display()))?;
         let indexes = rebuilt.clone();
         let mut shown = progress.clone_for_indexes();
-        tokio::task::spawn_blocking(move || indexes.build_indexes(INDEX_SORT_BUDGET, &mut |at| shown.indexes(at)))
-            .await??;
+        tokio::task::spawn_blocking(move || indexes.build_indexes(&mut |at| shown.indexes(at))).await??;
         progress.finish();
         let elapsed = started.elapsed();
         let digest = store.digest().await?;
@@ -233,18 +232,12 @@ impl ProgressLine {
     fn indexes(&mut self, at: IndexProgress) {
         if self.visible && self.shown.elapsed() >= Duration::from_millis(250) {
             self.shown = Instant::now();
-            match at.keys {
-                None => eprint!(
-                    "\rbuilding indexes: {} of {} resources read                              ",
-                    at.gathered, at.resources
-                ),
-                Some(keys) => eprint!(
-                    "\rbuilding indexes: {} of {} index keys written ({:.0} s)                    ",
-                    at.written,
-                    keys,
-                    self.started.elapsed().as_secs_f64()
-                ),
-            }
+            eprint!(
+                "\rbuilding indexes: {} of {} index keys written ({:.0} s)                    ",
+                at.written,
+                at.keys,
+                self.started.elapsed().as_secs_f64()
+            );
         }
     }
 

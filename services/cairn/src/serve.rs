@@ -321,16 +321,10 @@ async fn build_indexes(store: Arc<cairn_store::embedded::EmbeddedStore>) -> anyh
     let started = std::time::Instant::now();
     tokio::task::spawn_blocking(move || {
         let mut reported = std::time::Instant::now();
-        store.build_indexes(cairn_store::embedded::INDEX_SORT_BUDGET, &mut |at| {
+        store.build_indexes(&mut |at| {
             if reported.elapsed() >= std::time::Duration::from_secs(5) {
                 reported = std::time::Instant::now();
-                tracing::info!(
-                    resources_read = at.gathered,
-                    resources = at.resources,
-                    index_keys_written = at.written,
-                    index_keys = at.keys,
-                    "building the store's indexes"
-                );
+                tracing::info!(index_keys_written = at.written, index_keys = at.keys, "building the store's indexes");
             }
         })
     })
