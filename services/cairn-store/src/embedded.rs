@@ -165,6 +165,7 @@ struct Gathered {
 /// Where `apply` puts the index keys of the resources it makes current: the index tables of its
 /// write transaction (in [`Index`] order), or during a rebuild the keys gathered for
 /// [`EmbeddedStore::build_indexes`].
+#[allow(clippy::large_enum_variant)] // one per transaction, on the stack
 enum IndexSink<'tx, 'g> {
     Tables([redb::Table<'tx, &'static [u8], ()>; 3]),
     Gather(&'g mut Gathered),
