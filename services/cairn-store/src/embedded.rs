@@ -18,7 +18,7 @@
 use crate::digest::StoreDigest;
 use crate::key::{BadKey, KeyBuf, KeyReader};
 use crate::sorter::{KeySorter, difference};
-use crate::values::{Pointer, ValueFile};
+use crate::values::{Appender, Pointer, ValueFile};
 use crate::{Checkpoint, ResourceStore, ResourceVersion, Result, StoreError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
@@ -441,17 +441,14 @@ impl EmbeddedStore {
             };
             let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
             // The records this transaction appends to the value file, from its committed end.
-            let values_start = self.values_end.load(Ordering::Relaxed);
-            let mut appended: Vec<u8> = Vec::new();
+            let mut appended = Appender::new(&self.values, self.values_end.load(Ordering::Relaxed));
             for v in versions {
                 // Never short: the helper packs every version unless it panicked, which the scope
                 // passes on before this transaction could commit.
                 let packed = packed.next().ok_or_else(|| self.err("a version record was not packed"))?;
                 let key = v.key();
                 let vkey = version_key(&key, v.version_id);
-                let mark = appended.len();
-                let pointer = crate::values::pointer(values_start + mark as u64, &packed);
-                appended.extend_from_slice(&packed);
+                let pointer = appended.pointer_for(&packed);
                 // One lookup each for `versions` and `current`: an insert hands back what it replaced.
                 let replaced = versions_t
                     .insert(vkey.bytes(), pointer.encode().as_slice())
@@ -462,9 +459,9 @@ impl EmbeddedStore {
                     // the current pointer and indexes made with it (a projection is a pure function
                     // of its event, so it is the same record unless a build projected differently).
                     versions_t.insert(vkey.bytes(), old.as_slice()).map_err(|e| self.err(e))?;
-                    appended.truncate(mark);
                     continue;
                 }
+                appended.append(&packed)?;
                 let change = KeyBuf::new().i64(v.last_updated_ms).str(&key).u64(v.version_id);
                 changes.insert(change.bytes(), ()).map_err(|e| self.err(e))?;
                 let ckey = current_key(&key);
@@ -506,9 +503,9 @@ impl EmbeddedStore {
             // The records go to the value file before the transaction that points at them commits,
             // and the transaction records the file's new end. A durable transaction makes the
             // earlier ones durable too: everything in the file is synced before it commits.
-            let values_end = values_start + appended.len() as u64;
-            if !appended.is_empty() {
-                self.values.write_at(values_start, &appended)?;
+            let values_start = self.values_end.load(Ordering::Relaxed);
+            let values_end = appended.finish()?;
+            if values_end != values_start {
                 tx.open_table(META)
                     .map_err(|e| self.err(e))?
                     .insert(VALUES_LEN, values_end)

@@ -117,6 +117,56 @@ pub fn pointer(offset: u64, packed: &[u8]) -> Pointer {
     Pointer { offset, len: packed.len() as u32, crc: crc32c::crc32c(packed) }
 }
 
+/// One transaction's records, appended from `start` (the end of the previous transaction's) and
+/// written out about a mebibyte at a time: a large batch does not pile up in one growing buffer.
+pub struct Appender<'a> {
+    file: &'a ValueFile,
+    start: u64,
+    written: u64,
+    buf: Vec<u8>,
+}
+
+const APPEND_PIECE: usize = 1 << 20;
+
+impl<'a> Appender<'a> {
+    pub fn new(file: &'a ValueFile, start: u64) -> Appender<'a> {
+        Appender { file, start, written: 0, buf: Vec::with_capacity(APPEND_PIECE + (64 << 10)) }
+    }
+
+    /// Where `packed` will be if it is appended next.
+    pub fn pointer_for(&self, packed: &[u8]) -> Pointer {
+        pointer(self.end(), packed)
+    }
+
+    pub fn append(&mut self, packed: &[u8]) -> Result<()> {
+        self.buf.extend_from_slice(packed);
+        if self.buf.len() >= APPEND_PIECE {
+            self.write_out()?;
+        }
+        Ok(())
+    }
+
+    fn write_out(&mut self) -> Result<()> {
+        self.file.write_at(self.start + self.written, &self.buf)?;
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// The end of what was appended.
+    pub fn end(&self) -> u64 {
+        self.start + self.written + self.buf.len() as u64
+    }
+
+    /// Writes out the rest; the new end of the file.
+    pub fn finish(mut self) -> Result<u64> {
+        if !self.buf.is_empty() {
+            self.write_out()?;
+        }
+        Ok(self.end())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +199,25 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), a.len() as u64);
         assert_eq!(file.read(pa).unwrap(), a);
         drop(file);
+        // Records appended in pieces land back to back from the committed end.
+        let file = ValueFile::open(&path, a.len() as u64).unwrap();
+        let big = vec![7u8; APPEND_PIECE + 10];
+        let mut appender = Appender::new(&file, a.len() as u64);
+        let pointers: Vec<Pointer> = [&big, &b, &big]
+            .into_iter()
+            .map(|r| {
+                let p = appender.pointer_for(r);
+                appender.append(r).unwrap();
+                p
+            })
+            .collect();
+        let end = appender.finish().unwrap();
+        assert_eq!(end, a.len() as u64 + 2 * big.len() as u64 + b.len() as u64);
+        assert_eq!(file.read(pointers[1]).unwrap(), b);
+        assert_eq!(file.read(pointers[2]).unwrap(), big);
+        assert_eq!(file.read(pa).unwrap(), a);
+        drop(file);
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(a.len() as u64).unwrap();
         // A file shorter than what was committed lost records.
         let e = ValueFile::open(&path, 100).err().unwrap().to_string();
         assert!(e.contains("recorded 100"), "{e}");
