@@ -47,9 +47,9 @@ type VersionsTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
 /// it is rebuilt instead ([`EmbeddedStore::open_or_rebuild`]).
 pub const FORMAT: u64 = 4;
 
-/// A version record as the `versions` table keeps it: LZ4 (the `lz4_flex` crate) with the length
-/// first. Version records are most of what a rebuild writes, and redb's cost grows with the bytes
-/// it writes (decision 0010); JSON records shrink to about half. Only this store compresses: the
+/// A version record as the value file keeps it (the `versions` table points to it): LZ4 (the
+/// `lz4_flex` crate) with the length first. Version records are most of what a rebuild writes
+/// (decision 0010); JSON records shrink to about half. Only this store compresses: the
 /// record itself (what the digest covers, what the CQL store keeps) is unchanged.
 fn pack(record: &[u8]) -> Vec<u8> {
     lz4_flex::block::compress_prepend_size(record)
@@ -131,12 +131,14 @@ pub struct EmbeddedStore {
     path: PathBuf,
     values: ValueFile,
     /// Where the next transaction appends to the value file: the end of what the last write
-    /// transaction wrote there. Only a write transaction changes it, before it commits (redb lets
-    /// one write transaction run at a time, so each sees the one before it).
+    /// transaction wrote there. Only `apply` changes it, before it commits; one `apply` runs at a
+    /// time (it holds `rebuild`'s lock, and redb runs one write transaction at a time), so each
+    /// sees the one before it.
     values_end: AtomicU64,
     /// A rebuild in progress: `apply` leaves the index tables alone and gathers the keys it would
     /// have put in and taken out; [`EmbeddedStore::build_indexes`] writes what is left, in key order.
-    rebuild: Mutex<Option<Gathered>>,
+    /// Every `apply` holds this lock for its whole transaction.
+    rebuild: Mutex<Rebuild>,
 }
 
 /// Bytes of index keys a rebuild sorts in memory per index, inserted and removed apart, before it
@@ -151,13 +153,23 @@ pub struct IndexProgress {
     pub keys: u64,
 }
 
+/// Where a store is in a rebuild ([`EmbeddedStore::create_for_rebuild`]).
+enum Rebuild {
+    /// No rebuild: `apply` keeps the index tables up to date.
+    None,
+    /// `apply` gathers index keys.
+    Gathering(Box<Gathered>),
+    /// [`EmbeddedStore::build_indexes`] is writing them: no `apply` until it is done.
+    Building,
+    /// A write failed while gathering (the keys may include some of a transaction that did not
+    /// commit), or the index build failed: the rebuild has to start again.
+    Failed,
+}
+
 /// A rebuild's index keys as `apply` met them: per index, the keys it would have inserted and
 /// removed (sorted runs spill to `scratch`, beside the store file).
 struct Gathered {
     scratch: PathBuf,
-    /// A write failed: the keys may include some of a transaction that did not commit, so the
-    /// indexes cannot be built from them (the rebuild has to start again).
-    failed: bool,
     added: [KeySorter; 3],
     removed: [KeySorter; 3],
 }
@@ -231,6 +243,16 @@ impl<'tx> IndexSink<'tx, '_> {
     }
 }
 
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // redb's own drop (after this) commits durably, which makes the last non-durable
+        // transactions durable: their records must be on disk first.
+        if let Err(e) = self.values.sync() {
+            tracing::error!(error = %e, "projection store: syncing the value file at close failed");
+        }
+    }
+}
+
 impl EmbeddedStore {
     /// Opens (creating if needed) the store file with redb's default cache. Prefer
     /// [`EmbeddedStore::open_with_cache`]: see there.
@@ -243,7 +265,13 @@ impl EmbeddedStore {
     /// 256 MiB cache it stays near 400 MB. A file of another layout is refused
     /// ([`StoreError::OtherFormat`]).
     pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: usize) -> Result<EmbeddedStore> {
-        let path = path.as_ref().to_path_buf();
+        Self::open_marked(path.as_ref(), cache_bytes, false)
+    }
+
+    /// Opens the store; a new file is marked an unfinished rebuild with `rebuild` (in the
+    /// transaction that gives it its format, so no crash leaves a new file looking finished).
+    fn open_marked(path: &Path, cache_bytes: usize, rebuild: bool) -> Result<EmbeddedStore> {
+        let path = path.to_path_buf();
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| storage(&path, e))?;
         }
@@ -273,7 +301,11 @@ impl EmbeddedStore {
                     });
                 }
                 _ => {
-                    tx.open_table(META).map_err(|e| err(&e))?.insert("format", FORMAT).map_err(|e| err(&e))?;
+                    let mut meta = tx.open_table(META).map_err(|e| err(&e))?;
+                    meta.insert("format", FORMAT).map_err(|e| err(&e))?;
+                    if rebuild {
+                        meta.insert(INDEXES_PENDING, 1).map_err(|e| err(&e))?;
+                    }
                 }
             }
             let values_len = meta(VALUES_LEN)?.unwrap_or(0);
@@ -289,7 +321,13 @@ impl EmbeddedStore {
         };
         tx.commit().map_err(|e| err(&e))?;
         let values = ValueFile::open(&crate::values::path_for(&path), values_len)?;
-        Ok(EmbeddedStore { db, path, values, values_end: AtomicU64::new(values_len), rebuild: Mutex::new(None) })
+        Ok(EmbeddedStore {
+            db,
+            path,
+            values,
+            values_end: AtomicU64::new(values_len),
+            rebuild: Mutex::new(Rebuild::None),
+        })
     }
 
     /// Opens the store, or starts a rebuild ([`EmbeddedStore::create_for_rebuild`]) when there is
@@ -303,7 +341,7 @@ impl EmbeddedStore {
             return Self::create_for_rebuild(path, cache_bytes);
         }
         match Self::open_with_cache(path, cache_bytes) {
-            Err(e @ (StoreError::OtherFormat { .. } | StoreError::Unfinished { .. })) => {
+            Err(e @ (StoreError::OtherFormat { .. } | StoreError::Unfinished { .. } | StoreError::Damaged { .. })) => {
                 tracing::warn!(path = %path.display(), reason = %e, "rebuilding the projection store from the log");
                 std::fs::remove_file(path).map_err(|e| storage(path, e))?;
                 let values = crate::values::path_for(path);
@@ -318,7 +356,7 @@ impl EmbeddedStore {
 
     /// Whether this store is a rebuild whose indexes are not built yet.
     pub fn rebuilding(&self) -> bool {
-        self.rebuild.lock().expect("the rebuild lock").is_some()
+        !matches!(*self.rebuild.lock().expect("the rebuild lock"), Rebuild::None)
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
@@ -349,10 +387,7 @@ impl EmbeddedStore {
         if path.exists() {
             return Err(storage(path, "a rebuild starts a new file, and this one exists"));
         }
-        let store = Self::open_with_cache(path, cache_bytes)?;
-        let tx = store.db.begin_write().map_err(|e| store.err(e))?;
-        tx.open_table(META).map_err(|e| store.err(e))?.insert(INDEXES_PENDING, 1).map_err(|e| store.err(e))?;
-        tx.commit().map_err(|e| store.err(e))?;
+        let store = Self::open_marked(path, cache_bytes, true)?;
         let scratch = path.with_extension("index-build");
         // What an interrupted rebuild left.
         let _ = std::fs::remove_dir_all(&scratch);
@@ -360,8 +395,8 @@ impl EmbeddedStore {
         let sorters = |kind: &str| {
             Index::ALL.map(|index| KeySorter::new(&scratch, &format!("{}.{kind}", index.table().name()), sort_budget))
         };
-        let gathered = Gathered { added: sorters("added"), removed: sorters("removed"), scratch, failed: false };
-        *store.rebuild.lock().expect("the rebuild lock") = Some(gathered);
+        let gathered = Gathered { added: sorters("added"), removed: sorters("removed"), scratch };
+        *store.rebuild.lock().expect("the rebuild lock") = Rebuild::Gathering(Box::new(gathered));
         Ok(store)
     }
 
@@ -372,15 +407,22 @@ impl EmbeddedStore {
     pub fn build_indexes(&self, progress: &mut dyn FnMut(IndexProgress)) -> Result<()> {
         let gathered = {
             let mut rebuild = self.rebuild.lock().expect("the rebuild lock");
-            match rebuild.as_ref() {
-                None => return Ok(()),
-                Some(g) if g.failed => return Err(StoreError::Unfinished { path: self.path.display().to_string() }),
-                Some(_) => rebuild.take().expect("a rebuild"),
+            match std::mem::replace(&mut *rebuild, Rebuild::Building) {
+                Rebuild::Gathering(gathered) => gathered,
+                Rebuild::None => {
+                    *rebuild = Rebuild::None;
+                    return Ok(());
+                }
+                other => {
+                    *rebuild = other;
+                    return Err(StoreError::Unfinished { path: self.path.display().to_string() });
+                }
             }
         };
         let scratch = gathered.scratch.clone();
-        let result = self.write_indexes(gathered, progress);
+        let result = self.write_indexes(*gathered, progress);
         let _ = std::fs::remove_dir_all(&scratch);
+        *self.rebuild.lock().expect("the rebuild lock") = if result.is_ok() { Rebuild::None } else { Rebuild::Failed };
         result
     }
 
@@ -416,6 +458,8 @@ impl EmbeddedStore {
         }
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         tx.open_table(META).map_err(|e| self.err(e))?.remove(INDEXES_PENDING).map_err(|e| self.err(e))?;
+        // Durable, so it makes every earlier transaction durable: their records first.
+        self.values.sync()?;
         tx.commit().map_err(|e| self.err(e))?;
         progress(at);
         Ok(())
@@ -425,7 +469,7 @@ impl EmbeddedStore {
     /// during a rebuild.
     fn write(
         &self,
-        rebuild: &mut Option<Gathered>,
+        gathered: Option<&mut Gathered>,
         versions: &[ResourceVersion],
         checkpoints: &[Checkpoint],
         durable: bool,
@@ -435,7 +479,7 @@ impl EmbeddedStore {
         let values_end = with_packed(versions, |packed| -> Result<u64> {
             let mut versions_t = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
             let mut current_t = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
-            let mut indexes = match rebuild.as_mut() {
+            let mut indexes = match gathered {
                 Some(gathered) => IndexSink::Gather(gathered),
                 None => IndexSink::tables(&tx).map_err(|e| self.err(e))?,
             };
@@ -610,10 +654,18 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 impl ResourceStore for EmbeddedStore {
     async fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()> {
         let mut rebuild = self.rebuild.lock().expect("the rebuild lock");
-        let result = self.write(&mut rebuild, versions, checkpoints, durable);
-        if let (Err(_), Some(gathered)) = (&result, rebuild.as_mut()) {
-            // Its gathered keys may include some of the transaction that failed.
-            gathered.failed = true;
+        let gathered = match &mut *rebuild {
+            Rebuild::None => None,
+            Rebuild::Gathering(gathered) => Some(&mut **gathered),
+            Rebuild::Building | Rebuild::Failed => {
+                return Err(StoreError::Unfinished { path: self.path.display().to_string() });
+            }
+        };
+        let gathering = gathered.is_some();
+        let result = self.write(gathered, versions, checkpoints, durable);
+        if result.is_err() && gathering {
+            // The gathered keys may include some of the transaction that failed.
+            *rebuild = Rebuild::Failed;
         }
         result
     }
@@ -940,7 +992,10 @@ mod tests {
         // A value file that lost committed records is an error, not missing versions.
         std::fs::OpenOptions::new().write(true).open(&values).unwrap().set_len(len / 2).unwrap();
         let e = EmbeddedStore::open(&path).err().unwrap().to_string();
-        assert!(e.contains("recorded"), "{e}");
+        assert!(e.contains("recorded") && e.contains("delete it and it is rebuilt"), "{e}");
+        let store = EmbeddedStore::open_or_rebuild(&path, 1 << 20).unwrap();
+        assert!(store.rebuilding(), "a damaged store is started again");
+        assert!(rt.block_on(store.current("Observation", "a")).unwrap().is_none());
     }
 
     /// The projectors of several topics write one store at once: each transaction's records land

@@ -107,6 +107,11 @@ pub enum StoreError {
          from the log: delete it and it is rebuilt (or replay again)"
     )]
     Unfinished { path: String },
+    #[error(
+        "projection store {path} is damaged ({detail}); it is derived from the log: delete it and it is \
+         rebuilt (or replay again)"
+    )]
+    Damaged { path: String, detail: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -116,7 +121,9 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub trait ResourceStore: Send + Sync + 'static {
     /// Applies versions and checkpoints in one atomic write. Versions already present are skipped
     /// (idempotent replay). `durable` asks for an fsync; without it the write is atomic and visible
-    /// but may be lost in a crash, which replay from the last durable checkpoint repairs.
+    /// but may be lost in a crash, which replay from the last durable checkpoint repairs. (An
+    /// embedded store being rebuilt from the log writes its indexes only at the end,
+    /// `EmbeddedStore::build_indexes`: nothing reads it before.)
     async fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()>;
 
     async fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>>;

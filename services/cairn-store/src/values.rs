@@ -5,8 +5,10 @@
 //! into a page, and every page a transaction touched was written again; appended here they are
 //! written once, in order, and the B-tree rows stay small (decision 0010).
 //!
-//! Crash safety: records are written before the transaction that points to them commits, and a
-//! durable transaction syncs this file first. The store records the file's committed length in the
+//! Crash safety: records are written before the transaction that points to them commits, and the
+//! file is synced before every durable redb commit (a durable commit makes the earlier non-durable
+//! ones durable too; redb also commits durably when the database is dropped, so the store syncs
+//! this file when it is dropped). The store records the file's committed length in the
 //! same transaction, and on opening cuts off anything after it: bytes of transactions a crash undid,
 //! which nothing points to. Version records are never removed, so the file never needs compacting.
 
@@ -14,6 +16,7 @@ use crate::{Result, StoreError};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where a packed record lies in the value file, and its CRC-32C: 16 bytes in the `versions` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,42 +54,65 @@ pub fn path_for(store_file: &Path) -> PathBuf {
 pub struct ValueFile {
     file: File,
     path: PathBuf,
+    /// A sync failed: what was written since the last good one may be lost, and a later sync that
+    /// succeeds would not say so. Every later write and sync fails.
+    sync_failed: AtomicBool,
 }
 
 impl ValueFile {
-    /// Opens (creating) the value file and cuts it to `committed`, the length the store's last
-    /// committed transaction recorded. A file shorter than that lost records: an error.
+    /// Opens the value file and cuts it to `committed`, the length the store's last committed
+    /// transaction recorded (creating it, with its directory entry synced, when that is 0). A file
+    /// missing or shorter than that lost records: [`StoreError::Damaged`].
     pub fn open(path: &Path, committed: u64) -> Result<ValueFile> {
         let err = |e: std::io::Error| StoreError::Storage { path: path.display().to_string(), detail: e.to_string() };
+        let damaged = |detail: String| StoreError::Damaged { path: path.display().to_string(), detail };
+        let created = !path.exists();
+        if created && committed > 0 {
+            return Err(damaged(format!("its value file is missing, and {committed} bytes were written to it")));
+        }
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(err)?;
+        if created && let Some(dir) = path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        }
         let len = file.metadata().map_err(err)?.len();
         if len < committed {
-            return Err(StoreError::Corrupt(format!(
-                "{}: {len} bytes, but the store's last transaction recorded {committed}",
-                path.display()
+            return Err(damaged(format!(
+                "its value file holds {len} bytes, and the last transaction recorded {committed}"
             )));
         }
         if len > committed {
             // Records of transactions that never committed (or that a crash undid).
             file.set_len(committed).map_err(err)?;
         }
-        Ok(ValueFile { file, path: path.to_path_buf() })
+        Ok(ValueFile { file, path: path.to_path_buf(), sync_failed: AtomicBool::new(false) })
     }
 
     fn err(&self, e: std::io::Error) -> StoreError {
         StoreError::Storage { path: self.path.display().to_string(), detail: e.to_string() }
     }
 
-    /// Writes `bytes` at `offset` (the committed end: what an earlier, failed transaction left there
-    /// is overwritten), before the transaction pointing at them commits.
+    fn usable(&self) -> Result<()> {
+        if self.sync_failed.load(Ordering::Relaxed) {
+            return Err(self.err(std::io::Error::other("an earlier sync failed; restart to check the store")));
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at `offset`, past everything a committed transaction wrote, before the
+    /// transaction pointing at them commits.
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.usable()?;
         self.file.write_all_at(bytes, offset).map_err(|e| self.err(e))
     }
 
     /// Makes what was written durable: before a durable transaction commits, since it makes the
     /// earlier, non-durable ones durable too, and their records with them.
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| self.err(e))
+        self.usable()?;
+        self.file.sync_data().map_err(|e| {
+            self.sync_failed.store(true, Ordering::Relaxed);
+            self.err(e)
+        })
     }
 
     /// The packed record `pointer` names, checked against its CRC.
@@ -218,8 +244,12 @@ mod tests {
         assert_eq!(file.read(pa).unwrap(), a);
         drop(file);
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(a.len() as u64).unwrap();
-        // A file shorter than what was committed lost records.
+        // A file shorter than what was committed, or missing, lost records.
         let e = ValueFile::open(&path, 100).err().unwrap().to_string();
-        assert!(e.contains("recorded 100"), "{e}");
+        assert!(e.contains("damaged") && e.contains("recorded 100"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        let e = ValueFile::open(&path, 100).err().unwrap().to_string();
+        assert!(e.contains("missing"), "{e}");
+        assert!(!path.exists(), "not created empty");
     }
 }
