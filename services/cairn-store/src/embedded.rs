@@ -127,7 +127,8 @@ struct CurrentEntry {
 }
 
 pub struct EmbeddedStore {
-    db: Database,
+    /// Always `Some` until [`Drop`] takes it: closed only once the value file is synced.
+    db: Option<Database>,
     path: PathBuf,
     values: ValueFile,
     /// Where the next transaction appends to the value file: the end of what the last write
@@ -245,10 +246,17 @@ impl<'tx> IndexSink<'tx, '_> {
 
 impl Drop for EmbeddedStore {
     fn drop(&mut self) {
-        // redb's own drop (after this) commits durably, which makes the last non-durable
-        // transactions durable: their records must be on disk first.
-        if let Err(e) = self.values.sync() {
-            tracing::error!(error = %e, "projection store: syncing the value file at close failed");
+        // redb's drop commits durably, which makes the last non-durable transactions durable: their
+        // records must be on disk first. If they cannot be synced, the database is not closed
+        // properly, and its next opening falls back to its last durable transaction, whose records
+        // were synced.
+        let db = self.db.take();
+        match self.values.sync() {
+            Ok(()) => drop(db),
+            Err(e) => {
+                tracing::error!(error = %e, "projection store: the value file cannot be synced; closed without a last commit");
+                std::mem::forget(db);
+            }
         }
     }
 }
@@ -322,7 +330,7 @@ impl EmbeddedStore {
         tx.commit().map_err(|e| err(&e))?;
         let values = ValueFile::open(&crate::values::path_for(&path), values_len)?;
         Ok(EmbeddedStore {
-            db,
+            db: Some(db),
             path,
             values,
             values_end: AtomicU64::new(values_len),
@@ -361,6 +369,10 @@ impl EmbeddedStore {
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
         storage(&self.path, e)
+    }
+
+    fn db(&self) -> &Database {
+        self.db.as_ref().expect("the database is open until the store is dropped")
     }
 
     /// The version a `versions` row points to, read from the value file.
@@ -440,7 +452,7 @@ impl EmbeddedStore {
         for ((index, added), removed) in Index::ALL.into_iter().zip(added).zip(removed) {
             let mut keys = difference(added.finish().map_err(io)?, removed.finish().map_err(io)?).peekable();
             while keys.peek().is_some() {
-                let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+                let mut tx = self.db().begin_write().map_err(|e| self.err(e))?;
                 // Not durable: the last transaction is, and until it commits the rebuild mark stays.
                 tx.set_durability(Durability::None).map_err(|e| self.err(e))?;
                 {
@@ -456,7 +468,7 @@ impl EmbeddedStore {
                 tx.commit().map_err(|e| self.err(e))?;
             }
         }
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         tx.open_table(META).map_err(|e| self.err(e))?.remove(INDEXES_PENDING).map_err(|e| self.err(e))?;
         // Durable, so it makes every earlier transaction durable: their records first.
         self.values.sync()?;
@@ -474,7 +486,10 @@ impl EmbeddedStore {
         checkpoints: &[Checkpoint],
         durable: bool,
     ) -> Result<()> {
-        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        // After a failed sync nothing commits, not even checkpoints alone: they could move past
+        // records that were lost.
+        self.values.usable()?;
+        let mut tx = self.db().begin_write().map_err(|e| self.err(e))?;
         tx.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(|e| self.err(e))?;
         let values_end = with_packed(versions, |packed| -> Result<u64> {
             let mut versions_t = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
@@ -560,8 +575,8 @@ impl EmbeddedStore {
             }
             Ok(values_end)
         })?;
-        // Moved on before the commit, which lets the next writer in: it must append after these
-        // records. Should the commit fail, they are bytes nothing points to, and the value file's
+        // Moved on before the commit: the next writer must append after these records, however
+        // the commit ends. Should it fail, they are bytes nothing points to, and the value file's
         // recorded end (`meta`) does not cover them until a later transaction writes beyond them.
         self.values_end.store(values_end, Ordering::Relaxed);
         tx.commit().map_err(|e| self.err(e))
@@ -671,13 +686,13 @@ impl ResourceStore for EmbeddedStore {
     }
 
     async fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(CHECKPOINTS).map_err(|e| self.err(e))?;
         Ok(t.get((topic, partition)).map_err(|e| self.err(e))?.map(|g| g.value()))
     }
 
     async fn current(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         self.current_version(&current, &versions, &format!("{resource_type}/{id}"))
@@ -685,7 +700,7 @@ impl ResourceStore for EmbeddedStore {
 
     async fn version(&self, resource_type: &str, id: &str, version_id: u64) -> Result<Option<ResourceVersion>> {
         let key = format!("{resource_type}/{id}");
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         match versions.get(version_key(&key, version_id).bytes()).map_err(|e| self.err(e))? {
             Some(g) => Ok(Some(self.read_version(g.value())?)),
@@ -695,7 +710,7 @@ impl ResourceStore for EmbeddedStore {
 
     async fn history(&self, resource_type: &str, id: &str) -> Result<Vec<ResourceVersion>> {
         let key = current_key(&format!("{resource_type}/{id}"));
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         let end = prefix_end(key.bytes());
@@ -712,7 +727,7 @@ impl ResourceStore for EmbeddedStore {
         patient: Option<&str>,
         visit: &mut (dyn FnMut(ResourceVersion) -> bool + Send),
     ) -> Result<()> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         match patient {
             Some(p) => {
                 let from = KeyBuf::new().str(p).str(resource_type);
@@ -740,7 +755,7 @@ impl ResourceStore for EmbeddedStore {
     }
 
     async fn count_current(&self, resource_type: &str) -> Result<u64> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let current = tx.open_table(CURRENT).map_err(|e| self.err(e))?;
         let from = type_prefix(resource_type);
         let to = prefix_end(from.bytes());
@@ -761,7 +776,7 @@ impl ResourceStore for EmbeddedStore {
         to: i64,
         visit: &mut (dyn FnMut(ResourceVersion) -> bool + Send),
     ) -> Result<()> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let ranges = [(i64::MIN, i64::MIN.saturating_add(1)), (from.max(i64::MIN + 1), to)];
         for (lo, hi) in ranges {
             if lo >= hi {
@@ -784,7 +799,7 @@ impl ResourceStore for EmbeddedStore {
         to_ms: i64,
         limit: usize,
     ) -> Result<Vec<ResourceVersion>> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
@@ -810,7 +825,7 @@ impl ResourceStore for EmbeddedStore {
     }
 
     async fn find_by_identifier(&self, resource_type: &str, identifier: &str) -> Result<Vec<String>> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(BY_IDENTIFIER).map_err(|e| self.err(e))?;
         let from = KeyBuf::new().str(resource_type).str(identifier);
         let to = prefix_end(from.bytes());
@@ -826,7 +841,7 @@ impl ResourceStore for EmbeddedStore {
     }
 
     async fn digest(&self) -> Result<String> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let mut d = StoreDigest::new();
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         for item in versions.iter().map_err(|e| self.err(e))? {
@@ -941,6 +956,14 @@ mod tests {
         assert!(reports >= 2);
         assert_eq!(rt.block_on(rebuilt.digest()).unwrap(), rt.block_on(kept_up.digest()).unwrap());
         assert!(!rebuilt_path.with_extension("index-build").exists(), "the sort's scratch files are gone");
+        // Built, the store keeps its indexes up write by write, like any other.
+        assert!(!rebuilt.rebuilding());
+        rebuilt.build_indexes(&mut |_| panic!("nothing to build twice")).unwrap();
+        let later =
+            [version("c", 4, Some("Patient/p2"), Some(60), &["s|w"], false), version("g", 1, None, None, &[], false)];
+        rt.block_on(kept_up.apply(&later, &checkpoint(9), true)).unwrap();
+        rt.block_on(rebuilt.apply(&later, &checkpoint(9), true)).unwrap();
+        assert_eq!(rt.block_on(rebuilt.digest()).unwrap(), rt.block_on(kept_up.digest()).unwrap());
         let ids = |store: &EmbeddedStore, patient: &str| {
             let mut ids = Vec::new();
             rt.block_on(store.scan_patient_dates("Observation", patient, 0, 100, &mut |v| {
@@ -950,8 +973,8 @@ mod tests {
             .unwrap();
             ids
         };
-        assert_eq!(ids(&rebuilt, "Patient/p2"), ["a"]);
-        assert_eq!(ids(&rebuilt, "Patient/p5"), ["c"]);
+        assert_eq!(ids(&rebuilt, "Patient/p5"), Vec::<String>::new(), "c moved on to p2");
+        assert_eq!(ids(&rebuilt, "Patient/p2"), ["a", "c"]);
         assert_eq!(ids(&rebuilt, "Patient/p1"), Vec::<String>::new());
         assert_eq!(rt.block_on(rebuilt.find_by_identifier("Observation", "s|e")).unwrap(), ["e"]);
         drop(rebuilt);

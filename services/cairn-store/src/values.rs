@@ -66,12 +66,14 @@ impl ValueFile {
     pub fn open(path: &Path, committed: u64) -> Result<ValueFile> {
         let err = |e: std::io::Error| StoreError::Storage { path: path.display().to_string(), detail: e.to_string() };
         let damaged = |detail: String| StoreError::Damaged { path: path.display().to_string(), detail };
-        let created = !path.exists();
+        let created = !std::fs::exists(path).map_err(err)?;
         if created && committed > 0 {
             return Err(damaged(format!("its value file is missing, and {committed} bytes were written to it")));
         }
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(err)?;
-        if created && let Some(dir) = path.parent() {
+        if created {
+            // Its directory entry too, so a crash does not lose the file while the store names it.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
             File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
         }
         let len = file.metadata().map_err(err)?.len();
@@ -91,7 +93,8 @@ impl ValueFile {
         StoreError::Storage { path: self.path.display().to_string(), detail: e.to_string() }
     }
 
-    fn usable(&self) -> Result<()> {
+    /// An error once a sync has failed.
+    pub fn usable(&self) -> Result<()> {
         if self.sync_failed.load(Ordering::Relaxed) {
             return Err(self.err(std::io::Error::other("an earlier sync failed; restart to check the store")));
         }
