@@ -7,8 +7,8 @@
 //!
 //! Crash safety: records are written before the transaction that points to them commits, and the
 //! file is synced before every durable redb commit (a durable commit makes the earlier non-durable
-//! ones durable too; redb also commits durably when the database is dropped, so the store syncs
-//! this file when it is dropped). The store records the file's committed length in the
+//! ones durable too; redb also commits durably when the database is closed, so the store closes it
+//! only after syncing this file). The store records the file's committed length in the
 //! same transaction, and on opening cuts off anything after it: bytes of transactions a crash undid,
 //! which nothing points to. Version records are never removed, so the file never needs compacting.
 
