@@ -364,11 +364,25 @@ impl EmbeddedStore {
 
     /// Whether this store is a rebuild whose indexes are not built yet.
     pub fn rebuilding(&self) -> bool {
-        !matches!(*self.rebuild.lock().expect("the rebuild lock"), Rebuild::None)
+        !matches!(*self.rebuild_state(), Rebuild::None)
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
         storage(&self.path, e)
+    }
+
+    /// The rebuild's state, locked. A write that panicked while holding it (its transaction was
+    /// dropped, not committed) may have gathered keys of that transaction: a rebuild then fails,
+    /// as after a write that returned an error, instead of every later write panicking too.
+    fn rebuild_state(&self) -> std::sync::MutexGuard<'_, Rebuild> {
+        self.rebuild.lock().unwrap_or_else(|poisoned| {
+            self.rebuild.clear_poison();
+            let mut state = poisoned.into_inner();
+            if matches!(*state, Rebuild::Gathering(_) | Rebuild::Building) {
+                *state = Rebuild::Failed;
+            }
+            state
+        })
     }
 
     fn db(&self) -> &Database {
@@ -408,7 +422,7 @@ impl EmbeddedStore {
             Index::ALL.map(|index| KeySorter::new(&scratch, &format!("{}.{kind}", index.table().name()), sort_budget))
         };
         let gathered = Gathered { added: sorters("added"), removed: sorters("removed"), scratch };
-        *store.rebuild.lock().expect("the rebuild lock") = Rebuild::Gathering(Box::new(gathered));
+        *store.rebuild_state() = Rebuild::Gathering(Box::new(gathered));
         Ok(store)
     }
 
@@ -418,7 +432,7 @@ impl EmbeddedStore {
     /// now and then. A store that is no rebuild is left as it is.
     pub fn build_indexes(&self, progress: &mut dyn FnMut(IndexProgress)) -> Result<()> {
         let gathered = {
-            let mut rebuild = self.rebuild.lock().expect("the rebuild lock");
+            let mut rebuild = self.rebuild_state();
             match std::mem::replace(&mut *rebuild, Rebuild::Building) {
                 Rebuild::Gathering(gathered) => gathered,
                 Rebuild::None => {
@@ -434,7 +448,7 @@ impl EmbeddedStore {
         let scratch = gathered.scratch.clone();
         let result = self.write_indexes(*gathered, progress);
         let _ = std::fs::remove_dir_all(&scratch);
-        *self.rebuild.lock().expect("the rebuild lock") = if result.is_ok() { Rebuild::None } else { Rebuild::Failed };
+        *self.rebuild_state() = if result.is_ok() { Rebuild::None } else { Rebuild::Failed };
         result
     }
 
@@ -668,7 +682,7 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 #[async_trait::async_trait]
 impl ResourceStore for EmbeddedStore {
     async fn apply(&self, versions: &[ResourceVersion], checkpoints: &[Checkpoint], durable: bool) -> Result<()> {
-        let mut rebuild = self.rebuild.lock().expect("the rebuild lock");
+        let mut rebuild = self.rebuild_state();
         let gathered = match &mut *rebuild {
             Rebuild::None => None,
             Rebuild::Gathering(gathered) => Some(&mut **gathered),

@@ -159,47 +159,46 @@ impl Iterator for SortedKeys {
 /// it more often than `removed`. In byte order. For keys put in a set and taken out again: what the
 /// set holds in the end.
 pub fn difference(added: SortedKeys, removed: SortedKeys) -> Difference {
-    Difference { added: added.peekable(), removed: removed.peekable() }
+    Difference { added: Ahead { keys: added, head: None }, removed: Ahead { keys: removed, head: None } }
 }
 
 pub struct Difference {
-    added: std::iter::Peekable<SortedKeys>,
-    removed: std::iter::Peekable<SortedKeys>,
+    added: Ahead,
+    removed: Ahead,
+}
+
+/// Sorted keys with the next one read ahead.
+struct Ahead {
+    keys: SortedKeys,
+    head: Option<Vec<u8>>,
+}
+
+impl Ahead {
+    /// The next key, taken if `wanted` says so (else left for the next call).
+    fn take_if(&mut self, wanted: impl Fn(&[u8]) -> bool) -> io::Result<Option<Vec<u8>>> {
+        if self.head.is_none() {
+            self.head = self.keys.next().transpose()?;
+        }
+        Ok(self.head.take_if(|key| wanted(key)))
+    }
 }
 
 impl Difference {
     fn next_key(&mut self) -> io::Result<Option<Vec<u8>>> {
-        loop {
-            let Some(key) = self.added.next().transpose()? else { return Ok(None) };
+        while let Some(key) = self.added.take_if(|_| true)? {
             let mut adds = 1u64;
-            while let Some(Ok(next)) = self.added.peek() {
-                if *next != key {
-                    break;
-                }
+            while self.added.take_if(|k| k == key.as_slice())?.is_some() {
                 adds += 1;
-                self.added.next();
             }
             let mut removes = 0u64;
-            loop {
-                match self.removed.peek() {
-                    Some(Ok(next)) if *next < key => {
-                        self.removed.next();
-                    }
-                    Some(Ok(next)) if *next == key => {
-                        removes += 1;
-                        self.removed.next();
-                    }
-                    Some(Err(_)) => return Err(self.removed.next().expect("peeked").expect_err("an error")),
-                    _ => break,
-                }
-            }
-            if let Some(Err(_)) = self.added.peek() {
-                return Err(self.added.next().expect("peeked").expect_err("an error"));
+            while let Some(removed) = self.removed.take_if(|k| k <= key.as_slice())? {
+                removes += u64::from(removed == key);
             }
             if adds > removes {
                 return Ok(Some(key));
             }
         }
+        Ok(None)
     }
 }
 

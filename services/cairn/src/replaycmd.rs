@@ -170,7 +170,7 @@ async fn replay(
         std::fs::write(args.into.join("auth-state.json"), &auth_state)
             .with_context(|| format!("--into {}", args.into.display()))?;
         let indexes = rebuilt.clone();
-        let mut shown = progress.clone_for_indexes();
+        let mut shown = progress.index_line();
         tokio::task::spawn_blocking(move || indexes.build_indexes(&mut |at| shown.indexes(at))).await??;
         progress.finish();
         let elapsed = started.elapsed();
@@ -224,8 +224,9 @@ impl ProgressLine {
         }
     }
 
-    /// A line for the index build that follows the events, shown like this one.
-    fn clone_for_indexes(&self) -> ProgressLine {
+    /// A line of its own for the index build that follows the events (it runs on another
+    /// thread), shown where this one is.
+    fn index_line(&self) -> ProgressLine {
         ProgressLine { total: 0, done: 0, started: Instant::now(), shown: Instant::now(), visible: self.visible }
     }
 

@@ -174,9 +174,8 @@ async fn serve(mut settings: Settings, telemetry: &Telemetry) -> anyhow::Result<
         audit_progress.push((projection.topic, progress));
     }
     if let Some(rebuilt) = rebuilding {
-        // A new store, caught up from the embedded log (on Kafka it is still empty): its indexes,
-        // left alone while it caught up, are written now, before any projector follows the log
-        // and anything reads the store.
+        // A new store, caught up from the log: its indexes, left alone while it caught up, are
+        // written now, before any projector follows the log and anything reads the store.
         build_indexes(rebuilt).await?;
     }
     let projector_tasks: Vec<_> = projectors
