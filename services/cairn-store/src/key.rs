@@ -27,6 +27,11 @@ impl KeyBuf {
     /// A string's bytes without the terminator: a prefix of every key whose next string starts
     /// with `s` (for ranges over `Type/`).
     pub fn str_prefix(mut self, s: &str) -> KeyBuf {
+        // Strings with a 0x00 in them are rare: the rest are copied whole.
+        if !s.as_bytes().contains(&0) {
+            self.0.extend_from_slice(s.as_bytes());
+            return self;
+        }
         for &b in s.as_bytes() {
             self.0.push(b);
             if b == 0 {

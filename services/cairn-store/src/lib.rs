@@ -9,6 +9,7 @@
 pub mod digest;
 pub mod embedded;
 pub mod key;
+mod seen;
 pub mod sorter;
 mod values;
 

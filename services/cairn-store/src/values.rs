@@ -129,7 +129,11 @@ impl ValueFile {
                 pointer.len
             ))
         })?;
-        if crc32c::crc32c(&out) != pointer.crc {
+        self.checked(pointer, out)
+    }
+
+    fn checked(&self, pointer: Pointer, record: Vec<u8>) -> Result<Vec<u8>> {
+        if crc32c::crc32c(&record) != pointer.crc {
             return Err(StoreError::Corrupt(format!(
                 "{}: the record at {} ({} bytes) fails its checksum",
                 self.path.display(),
@@ -137,7 +141,7 @@ impl ValueFile {
                 pointer.len
             )));
         }
-        Ok(out)
+        Ok(record)
     }
 }
 
@@ -180,6 +184,30 @@ impl<'a> Appender<'a> {
         self.written += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
+    }
+
+    /// The packed record `pointer` names, which this transaction may have appended (and not yet
+    /// written out): a resource updated twice in one transaction.
+    pub fn read(&self, pointer: Pointer) -> Result<Vec<u8>> {
+        let buffered = self.start + self.written;
+        // A record is appended whole, and written out whole with the rest of the buffer.
+        match pointer.offset.checked_sub(buffered) {
+            Some(at) => {
+                let record = usize::try_from(at)
+                    .ok()
+                    .and_then(|at| self.buf.get(at..at.checked_add(pointer.len as usize)?))
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "{}: the record at {} ({} bytes) lies past the end of what was appended",
+                            self.file.path.display(),
+                            pointer.offset,
+                            pointer.len
+                        ))
+                    })?;
+                self.file.checked(pointer, record.to_vec())
+            }
+            None => self.file.read(pointer),
+        }
     }
 
     /// The end of what was appended.
@@ -232,7 +260,7 @@ mod tests {
         let file = ValueFile::open(&path, a.len() as u64).unwrap();
         let big = vec![7u8; APPEND_PIECE + 10];
         let mut appender = Appender::new(&file, a.len() as u64);
-        let pointers: Vec<Pointer> = [&big, &b, &big]
+        let pointers: Vec<Pointer> = [&big, &b, &big, &b]
             .into_iter()
             .map(|r| {
                 let p = appender.pointer_for(r);
@@ -240,8 +268,23 @@ mod tests {
                 p
             })
             .collect();
+        // Before the transaction ends, its records read back from the file (written out) or from
+        // the appender's buffer (not yet), and a pointer past what was appended is refused.
+        assert_eq!(appender.read(pointers[0]).unwrap(), big);
+        assert_eq!(appender.read(pointers[1]).unwrap(), b);
+        assert_eq!(appender.read(pointers[2]).unwrap(), big);
+        assert_eq!(appender.end() - appender.start - appender.written, b.len() as u64, "the last is buffered");
+        assert_eq!(appender.read(pointers[3]).unwrap(), b);
+        assert_eq!(appender.read(pa).unwrap(), a);
+        for damaged in [pointers[2], pointers[3]] {
+            let e = appender.read(Pointer { crc: damaged.crc ^ 1, ..damaged }).unwrap_err().to_string();
+            assert!(e.contains("checksum"), "{e}");
+        }
+        let e = appender.read(Pointer { offset: appender.end(), ..pointers[1] }).unwrap_err().to_string();
+        assert!(e.contains("past the end"), "{e}");
         let end = appender.finish().unwrap();
-        assert_eq!(end, a.len() as u64 + 2 * big.len() as u64 + b.len() as u64);
+        assert_eq!(end, a.len() as u64 + 2 * big.len() as u64 + 2 * b.len() as u64);
+        assert_eq!(file.read(pointers[3]).unwrap(), b);
         assert_eq!(file.read(pointers[1]).unwrap(), b);
         assert_eq!(file.read(pointers[2]).unwrap(), big);
         assert_eq!(file.read(pa).unwrap(), a);
