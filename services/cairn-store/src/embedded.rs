@@ -432,14 +432,15 @@ impl EmbeddedStore {
     }
 
     /// Creates a new store file for a rebuild from the log (`cairn replay`, a server whose store was
-    /// deleted): [`ResourceStore::apply`] then fills the versions, current pointers and change list
+    /// deleted): [`ResourceStore::apply`] then fills the versions and the change list
     /// but leaves the index tables alone, gathering the keys it would have inserted and removed, and
     /// [`EmbeddedStore::build_indexes`] writes what is left of them once, in key order, at the end.
     /// Kept up to date one write at a time instead, the index by patient and date took about a
     /// quarter of a rebuild: its keys arrive in random order, and every transaction rewrote most of
     /// its pages. Until the indexes are built the store answers searches wrongly, so nothing may
     /// read it; a file whose rebuild never finished is refused on opening
-    /// ([`StoreError::Unfinished`]). `path` must not exist yet.
+    /// ([`StoreError::Unfinished`]), so nothing is synced before the build's last commit either.
+    /// `path` must not exist yet.
     pub fn create_for_rebuild(path: impl AsRef<Path>, cache_bytes: usize) -> Result<EmbeddedStore> {
         Self::create_for_rebuild_sorting(path.as_ref(), cache_bytes, INDEX_SORT_BUDGET, SEEN_FILTER_LOG2_BITS)
     }
