@@ -238,20 +238,72 @@ impl Index {
     }
 }
 
-/// The index keys of `v` while it is its resource's current version (none for a deletion): the one
-/// place that says what the indexes hold.
-fn index_keys(v: &ResourceVersion, mut key: impl FnMut(Index, KeyBuf) -> Result<()>) -> Result<()> {
+/// What the indexes hold of a version, as [`index_keys`] reads it: from a version being applied, or
+/// from the record of the one it replaces ([`StoredIndexValues`]).
+struct IndexValues<'a> {
+    resource_type: &'a str,
+    id: &'a str,
+    deleted: bool,
+    patient: Option<&'a str>,
+    date_key: Option<i64>,
+    identifiers: &'a [String],
+}
+
+impl<'a> From<&'a ResourceVersion> for IndexValues<'a> {
+    fn from(v: &'a ResourceVersion) -> Self {
+        IndexValues {
+            resource_type: &v.resource_type,
+            id: &v.id,
+            deleted: v.deleted,
+            patient: v.patient.as_deref(),
+            date_key: v.date_key,
+            identifiers: &v.identifiers,
+        }
+    }
+}
+
+/// A stored version record's index values, decoded without its resource (which the decoder skips
+/// over instead of copying): what an update reads of the version it replaces.
+#[derive(Deserialize)]
+struct StoredIndexValues {
+    resource_type: String,
+    id: String,
+    deleted: bool,
+    #[serde(default)]
+    patient: Option<String>,
+    #[serde(default)]
+    identifiers: Vec<String>,
+    #[serde(default)]
+    date_key: Option<i64>,
+}
+
+impl<'a> From<&'a StoredIndexValues> for IndexValues<'a> {
+    fn from(v: &'a StoredIndexValues) -> Self {
+        IndexValues {
+            resource_type: &v.resource_type,
+            id: &v.id,
+            deleted: v.deleted,
+            patient: v.patient.as_deref(),
+            date_key: v.date_key,
+            identifiers: &v.identifiers,
+        }
+    }
+}
+
+/// The index keys of a version while it is its resource's current version (none for a deletion):
+/// the one place that says what the indexes hold.
+fn index_keys(v: IndexValues<'_>, mut key: impl FnMut(Index, KeyBuf) -> Result<()>) -> Result<()> {
     if v.deleted {
         return Ok(());
     }
-    let (rtype, id) = (v.resource_type.as_str(), v.id.as_str());
-    if let Some(patient) = &v.patient {
+    let (rtype, id) = (v.resource_type, v.id);
+    if let Some(patient) = v.patient {
         key(Index::Patient, KeyBuf::new().str(patient).str(rtype).str(id))?;
         if let Some(d) = v.date_key {
             key(Index::PatientDate, KeyBuf::new().str(patient).str(rtype).i64(d).str(id))?;
         }
     }
-    for ident in &v.identifiers {
+    for ident in v.identifiers {
         key(Index::Identifier, KeyBuf::new().str(rtype).str(ident).str(id))?;
     }
     Ok(())
@@ -285,6 +337,12 @@ impl Drop for EmbeddedStore {
         // properly, and its next opening falls back to its last durable transaction, whose records
         // were synced.
         let db = self.db.take();
+        // A store dropped before its rebuild was finished is refused and built again whatever is
+        // on disk: no sync of what may be gigabytes.
+        if self.rebuilding() {
+            drop(db);
+            return;
+        }
         match self.values.sync() {
             Ok(()) => drop(db),
             Err(e) => {
@@ -494,34 +552,35 @@ impl EmbeddedStore {
             }
         };
         let scratch = gathered.scratch.clone();
-        let result = self.with_early_writeback(|| self.write_indexes(*gathered, progress));
+        let result = self.write_indexes(*gathered, progress);
         let _ = std::fs::remove_dir_all(&scratch);
         *self.rebuild_state() = if result.is_ok() { Rebuild::None } else { Rebuild::Failed };
         result
     }
 
-    /// Runs `build` (the index build) while a helper thread gets the page cache's writeback under
-    /// way: it syncs the value file, which the build no longer writes, then the store file now and
-    /// then. The build's last, durable commit then waits for little more than the writeback of
-    /// its own last pages, not of everything the rebuild wrote (measured on a 750 k-event
-    /// rebuild: about a second of its five). A sync of the store file between redb's own ones
-    /// makes nothing durable that the kernel could not have written back on its own at any time.
-    fn with_early_writeback<R>(&self, build: impl FnOnce() -> R) -> R {
+    /// Runs `build` (writing the index tables) while a helper thread gets the page cache's
+    /// writeback under way: it syncs the value file, which the build no longer writes, then the
+    /// store file now and then. The build's last, durable commit, made after this returns, then
+    /// waits for little more than the writeback of its own pages, not of everything the rebuild
+    /// wrote (measured on a 750 k-event rebuild: about a second of its five). A sync of the store
+    /// file between redb's own ones makes nothing durable that the kernel could not have written
+    /// back on its own at any time. A sync that fails fails the build: on some kernels the error
+    /// is reported once, to whichever sync meets it first, so redb's own might not hear of it.
+    fn with_early_writeback(&self, build: impl FnOnce() -> Result<()>) -> Result<()> {
         let (done, stop) = std::sync::mpsc::channel::<()>();
         std::thread::scope(|scope| {
-            scope.spawn(move || {
-                // A failure here fails the build's last sync too (`ValueFile::sync` remembers it).
-                if self.values.sync().is_err() {
-                    return;
-                }
-                let Ok(store_file) = std::fs::File::open(&self.path) else { return };
+            let writeback = scope.spawn(move || -> Result<()> {
+                self.values.sync()?;
+                let store_file = std::fs::File::open(&self.path).map_err(|e| self.err(e))?;
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(EARLY_WRITEBACK_EVERY) {
-                    let _ = store_file.sync_data();
+                    store_file.sync_data().map_err(|e| self.err(format!("syncing the store file: {e}")))?;
                 }
+                Ok(())
             });
-            let result = build();
+            let built = build();
             drop(done);
-            result
+            let synced = writeback.join().unwrap_or_else(|_| Err(self.err("the writeback thread panicked")));
+            built.and(synced)
         })
     }
 
@@ -536,25 +595,28 @@ impl EmbeddedStore {
         let mut at = IndexProgress { written: 0, keys: added.saturating_sub(removed) };
         progress(at);
         let Gathered { added, removed, .. } = gathered;
-        for ((index, added), removed) in Index::ALL.into_iter().zip(added).zip(removed) {
-            let mut keys = difference(added.finish().map_err(io)?, removed.finish().map_err(io)?).peekable();
-            while keys.peek().is_some() {
-                let mut tx = self.db().begin_write().map_err(|e| self.err(e))?;
-                // Not durable: the last transaction is, and until it commits the rebuild mark stays.
-                tx.set_durability(Durability::None).map_err(|e| self.err(e))?;
-                {
-                    let mut table = tx.open_table(index.table()).map_err(|e| self.err(e))?;
-                    for key in keys.by_ref().take(KEYS_PER_TRANSACTION) {
-                        table.insert(key.map_err(io)?.as_slice(), ()).map_err(|e| self.err(e))?;
-                        at.written += 1;
-                        if at.written.is_multiple_of(REPORT_EVERY) {
-                            progress(at);
+        self.with_early_writeback(|| {
+            for ((index, added), removed) in Index::ALL.into_iter().zip(added).zip(removed) {
+                let mut keys = difference(added.finish().map_err(io)?, removed.finish().map_err(io)?).peekable();
+                while keys.peek().is_some() {
+                    let mut tx = self.db().begin_write().map_err(|e| self.err(e))?;
+                    // Not durable: the last transaction is, and until it commits the rebuild mark stays.
+                    tx.set_durability(Durability::None).map_err(|e| self.err(e))?;
+                    {
+                        let mut table = tx.open_table(index.table()).map_err(|e| self.err(e))?;
+                        for key in keys.by_ref().take(KEYS_PER_TRANSACTION) {
+                            table.insert(key.map_err(io)?.as_slice(), ()).map_err(|e| self.err(e))?;
+                            at.written += 1;
+                            if at.written.is_multiple_of(REPORT_EVERY) {
+                                progress(at);
+                            }
                         }
                     }
+                    tx.commit().map_err(|e| self.err(e))?;
                 }
-                tx.commit().map_err(|e| self.err(e))?;
             }
-        }
+            Ok(())
+        })?;
         let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         tx.open_table(META).map_err(|e| self.err(e))?.remove(INDEXES_PENDING).map_err(|e| self.err(e))?;
         // Durable, so it makes every earlier transaction durable: their records first.
@@ -639,10 +701,12 @@ impl EmbeddedStore {
                 if let Some(row) = previous
                     && !row.deleted
                 {
-                    let replaced: ResourceVersion = decode(&unpack(&appended.read(row.pointer)?)?)?;
-                    index_keys(&replaced, |index, k| indexes.remove(index, k.bytes()).map_err(|e| self.err(e)))?;
+                    let replaced: StoredIndexValues = decode(&unpack(&appended.read(row.pointer)?)?)?;
+                    index_keys((&replaced).into(), |index, k| {
+                        indexes.remove(index, k.bytes()).map_err(|e| self.err(e))
+                    })?;
                 }
-                index_keys(v, |index, k| indexes.insert(index, k.bytes()).map_err(|e| self.err(e)))?;
+                index_keys(v.into(), |index, k| indexes.insert(index, k.bytes()).map_err(|e| self.err(e)))?;
             }
             let mut cps = tx.open_table(CHECKPOINTS).map_err(|e| self.err(e))?;
             for c in checkpoints {
@@ -689,23 +753,27 @@ impl EmbeddedStore {
         rows: redb::Range<'_, &'static [u8], &'static [u8]>,
         mut visit: impl FnMut(&[u8], VersionRow) -> Result<bool>,
     ) -> Result<()> {
-        // A row is its resource's newest when the next row belongs to another resource.
-        let mut pending: Option<(Vec<u8>, VersionRow)> = None;
+        // A row is its resource's newest when the next row belongs to another resource. The key
+        // and row of the one before, if any (one buffer for them all).
+        let mut pending: Option<VersionRow> = None;
+        let mut pending_key = Vec::new();
         for item in rows {
             let (k, row) = item.map_err(|e| self.err(e))?;
             let (resource, _) = split_version_key(k.value())?;
-            // Pending keys split before: they are longer than the version.
-            let same = pending.as_ref().is_some_and(|(p, _)| p[..p.len() - 8] == *resource);
+            // The pending key split before: it is longer than its version.
+            let same = pending.is_some() && pending_key[..pending_key.len() - 8] == *resource;
             if !same
-                && let Some((previous, previous_row)) = pending.take()
-                && !visit(&previous, previous_row)?
+                && let Some(previous) = pending.take()
+                && !visit(&pending_key, previous)?
             {
                 return Ok(());
             }
-            pending = Some((k.value().to_vec(), VersionRow::decode(row.value())?));
+            pending = Some(VersionRow::decode(row.value())?);
+            pending_key.clear();
+            pending_key.extend_from_slice(k.value());
         }
-        if let Some((last, row)) = pending {
-            visit(&last, row)?;
+        if let Some(last) = pending {
+            visit(&pending_key, last)?;
         }
         Ok(())
     }

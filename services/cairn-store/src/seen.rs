@@ -17,7 +17,7 @@ pub struct SeenResources {
     mask: u64,
 }
 
-/// Bits per key: with 2^28 bits and 30 M resources (a 10 M-event log), a few per cent false
+/// Bits set per key: with 2^28 bits and 30 M resources (a 10 M-event log), a few per cent false
 /// positives.
 const PROBES: u32 = 4;
 
