@@ -23,6 +23,7 @@ use crate::values::{Appender, Pointer, ValueFile};
 use crate::{Checkpoint, ResourceStore, ResourceVersion, Result, StoreError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::Deserialize;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -238,54 +239,33 @@ impl Index {
     }
 }
 
-/// What the indexes hold of a version, as [`index_keys`] reads it: from a version being applied, or
-/// from the record of the one it replaces ([`StoredIndexValues`]).
+/// What the indexes hold of a version, as [`index_keys`] reads it: borrowed from a version being
+/// applied, or decoded from the record of the one it replaces (without its resource, which the
+/// decoder skips over instead of copying).
+#[derive(Deserialize)]
 struct IndexValues<'a> {
-    resource_type: &'a str,
-    id: &'a str,
+    #[serde(borrow)]
+    resource_type: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
     deleted: bool,
-    patient: Option<&'a str>,
+    #[serde(default, borrow)]
+    patient: Option<Cow<'a, str>>,
+    #[serde(default)]
     date_key: Option<i64>,
-    identifiers: &'a [String],
+    #[serde(default)]
+    identifiers: Cow<'a, [String]>,
 }
 
 impl<'a> From<&'a ResourceVersion> for IndexValues<'a> {
     fn from(v: &'a ResourceVersion) -> Self {
         IndexValues {
-            resource_type: &v.resource_type,
-            id: &v.id,
+            resource_type: Cow::Borrowed(&v.resource_type),
+            id: Cow::Borrowed(&v.id),
             deleted: v.deleted,
-            patient: v.patient.as_deref(),
+            patient: v.patient.as_deref().map(Cow::Borrowed),
             date_key: v.date_key,
-            identifiers: &v.identifiers,
-        }
-    }
-}
-
-/// A stored version record's index values, decoded without its resource (which the decoder skips
-/// over instead of copying): what an update reads of the version it replaces.
-#[derive(Deserialize)]
-struct StoredIndexValues {
-    resource_type: String,
-    id: String,
-    deleted: bool,
-    #[serde(default)]
-    patient: Option<String>,
-    #[serde(default)]
-    identifiers: Vec<String>,
-    #[serde(default)]
-    date_key: Option<i64>,
-}
-
-impl<'a> From<&'a StoredIndexValues> for IndexValues<'a> {
-    fn from(v: &'a StoredIndexValues) -> Self {
-        IndexValues {
-            resource_type: &v.resource_type,
-            id: &v.id,
-            deleted: v.deleted,
-            patient: v.patient.as_deref(),
-            date_key: v.date_key,
-            identifiers: &v.identifiers,
+            identifiers: Cow::Borrowed(&v.identifiers),
         }
     }
 }
@@ -296,14 +276,14 @@ fn index_keys(v: IndexValues<'_>, mut key: impl FnMut(Index, KeyBuf) -> Result<(
     if v.deleted {
         return Ok(());
     }
-    let (rtype, id) = (v.resource_type, v.id);
-    if let Some(patient) = v.patient {
+    let (rtype, id) = (&*v.resource_type, &*v.id);
+    if let Some(patient) = v.patient.as_deref() {
         key(Index::Patient, KeyBuf::new().str(patient).str(rtype).str(id))?;
         if let Some(d) = v.date_key {
             key(Index::PatientDate, KeyBuf::new().str(patient).str(rtype).i64(d).str(id))?;
         }
     }
-    for ident in v.identifiers {
+    for ident in v.identifiers.iter() {
         key(Index::Identifier, KeyBuf::new().str(rtype).str(ident).str(id))?;
     }
     Ok(())
@@ -701,10 +681,10 @@ impl EmbeddedStore {
                 if let Some(row) = previous
                     && !row.deleted
                 {
-                    let replaced: StoredIndexValues = decode(&unpack(&appended.read(row.pointer)?)?)?;
-                    index_keys((&replaced).into(), |index, k| {
-                        indexes.remove(index, k.bytes()).map_err(|e| self.err(e))
-                    })?;
+                    let record = unpack(&appended.read(row.pointer)?)?;
+                    let replaced: IndexValues<'_> =
+                        serde_json::from_slice(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    index_keys(replaced, |index, k| indexes.remove(index, k.bytes()).map_err(|e| self.err(e)))?;
                 }
                 index_keys(v.into(), |index, k| indexes.insert(index, k.bytes()).map_err(|e| self.err(e)))?;
             }
