@@ -758,6 +758,49 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    /// The digest's first section, every version's record: read and decompressed on a helper
+    /// thread while this one hashes them (about half the work each; the digest of a 750 k-event
+    /// replay took as long as a third of the replay).
+    fn digest_versions(&self, versions: &VersionsTable, d: &mut StoreDigest) -> Result<()> {
+        const CHUNK: usize = 512;
+        type Chunk = Vec<(String, u64, Vec<u8>)>;
+        let rows = versions.iter().map_err(|e| self.err(e))?;
+        std::thread::scope(|scope| {
+            let (ready, chunks) = std::sync::mpsc::sync_channel::<Result<Chunk>>(8);
+            scope.spawn(move || {
+                let read = |item: std::result::Result<_, redb::StorageError>| -> Result<(String, u64, Vec<u8>)> {
+                    let (k, v): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) = item.map_err(|e| self.err(e))?;
+                    let mut r = KeyReader::new(k.value());
+                    let (key, version) = (r.str().map_err(corrupt)?, r.u64().map_err(corrupt)?);
+                    Ok((key, version, unpack(&self.values.read(VersionRow::decode(v.value())?.pointer)?)?))
+                };
+                let mut chunk = Vec::with_capacity(CHUNK);
+                for item in rows {
+                    match read(item) {
+                        Ok(record) => chunk.push(record),
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    }
+                    // The hashing side stopped (an error): stop too.
+                    if chunk.len() == CHUNK
+                        && ready.send(Ok(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)))).is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = ready.send(Ok(chunk));
+            });
+            for chunk in chunks {
+                for (key, version, record) in chunk? {
+                    d.version(&key, version, &record);
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Visits the current, non-deleted resources of `resource_type` named by the keys in
     /// `[from, to)` of `index` (`id_of` reads the id out of a key); `visit` returns false to stop.
     fn visit_index(
@@ -995,12 +1038,7 @@ impl ResourceStore for EmbeddedStore {
         let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let mut d = StoreDigest::new();
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
-        for item in versions.iter().map_err(|e| self.err(e))? {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let mut r = KeyReader::new(k.value());
-            let (key, version) = (r.str().map_err(corrupt)?, r.u64().map_err(corrupt)?);
-            d.version(&key, version, &unpack(&self.values.read(VersionRow::decode(v.value())?.pointer)?)?);
-        }
+        self.digest_versions(&versions, &mut d)?;
         self.visit_newest(versions.iter().map_err(|e| self.err(e))?, |k, row| {
             let mut r = KeyReader::new(k);
             d.current(&r.str().map_err(corrupt)?, r.u64().map_err(corrupt)?, row.deleted);
@@ -1199,6 +1237,33 @@ mod tests {
         let store = EmbeddedStore::open_or_rebuild(&path, 1 << 20).unwrap();
         assert!(store.rebuilding(), "a damaged store is started again");
         assert!(rt.block_on(store.current("Observation", "a")).unwrap().is_none());
+    }
+
+    /// The digest reads every record (on a helper thread, in chunks) in key order, whatever order
+    /// they were written in, and a damaged record fails it.
+    #[test]
+    fn the_digest_covers_every_record_and_fails_on_a_damaged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let versions: Vec<ResourceVersion> =
+            (0..1500).map(|n| version(&format!("o{n:04}"), 1, Some("Patient/p"), Some(n), &[], false)).collect();
+        let store = EmbeddedStore::open(dir.path().join("one.redb")).unwrap();
+        rt.block_on(store.apply(&versions, &[], true)).unwrap();
+        let other = EmbeddedStore::open(dir.path().join("other.redb")).unwrap();
+        for batch in versions.rchunks(400) {
+            rt.block_on(other.apply(batch, &[], true)).unwrap();
+        }
+        let digest = rt.block_on(store.digest()).unwrap();
+        assert_eq!(rt.block_on(other.digest()).unwrap(), digest);
+        // The last record written, "o1499", sorts last: its damage is met after several chunks.
+        let values = crate::values::path_for(&dir.path().join("one.redb"));
+        let len = std::fs::metadata(&values).unwrap().len();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&values).unwrap();
+        let mut last = [0u8];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut last, len - 1).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[last[0] ^ 0xFF], len - 1).unwrap();
+        let e = rt.block_on(store.digest()).unwrap_err().to_string();
+        assert!(e.contains("checksum"), "{e}");
     }
 
     /// The projectors of several topics write one store at once: each transaction's records land

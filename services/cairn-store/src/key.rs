@@ -71,6 +71,10 @@ impl<'a> KeyReader<'a> {
     pub fn str(&mut self) -> Result<String, BadKey> {
         let (escaped, rest) = self.split_str()?;
         self.0 = rest;
+        // Strings with a 0x00 in them are rare: the rest are copied whole.
+        if !escaped.contains(&0) {
+            return std::str::from_utf8(escaped).map(str::to_owned).map_err(|_| BadKey);
+        }
         let mut out = Vec::with_capacity(escaped.len());
         let mut bytes = escaped.iter();
         while let Some(&b) = bytes.next() {
@@ -90,12 +94,13 @@ impl<'a> KeyReader<'a> {
 
     /// The next string as stored (escaped, without its terminator), and what follows it.
     fn split_str(&self) -> Result<(&'a [u8], &'a [u8]), BadKey> {
-        let mut i = 0;
+        let mut from = 0;
         loop {
-            match (self.0.get(i), self.0.get(i + 1)) {
-                (Some(0), Some(0)) => return Ok((&self.0[..i], &self.0[i + 2..])),
-                (Some(0), Some(0xFF)) => i += 2,
-                (Some(&b), _) if b != 0 => i += 1,
+            // Every 0x00 starts a terminator (0x00 0x00) or an escape (0x00 0xFF).
+            let zero = from + self.0[from..].iter().position(|&b| b == 0).ok_or(BadKey)?;
+            match self.0.get(zero + 1) {
+                Some(0) => return Ok((&self.0[..zero], &self.0[zero + 2..])),
+                Some(0xFF) => from = zero + 2,
                 _ => return Err(BadKey),
             }
         }
@@ -140,6 +145,17 @@ mod tests {
                 assert_eq!(ka.cmp(&key(&b.0, b.1, &b.2)), a.cmp(b), "{a:?} vs {b:?}");
             }
         }
+    }
+
+    #[test]
+    fn damaged_strings_do_not_decode() {
+        assert_eq!(KeyReader::new(b"a\0\xFFb\0\0").str().unwrap(), "a\0b");
+        for damaged in [&b"abc"[..], b"a\0", b"a\0\x01", b"a\0\xFF", b"\xFF\0\0"] {
+            assert!(KeyReader::new(damaged).str().is_err(), "{damaged:?}");
+        }
+        let mut r = KeyReader::new(b"a\0\0b");
+        r.skip_str().unwrap();
+        assert!(r.skip_str().is_err(), "no terminator");
     }
 
     #[test]
