@@ -136,10 +136,16 @@ impl VersionRow {
     }
 
     fn decode(bytes: &[u8]) -> Result<VersionRow> {
-        let bad = || StoreError::Corrupt(format!("a version row of {} bytes, not {}", bytes.len(), Self::BYTES));
-        let (pointer, deleted) = match bytes {
-            [pointer @ .., flags @ (0 | 1)] if bytes.len() == Self::BYTES => (pointer, *flags == 1),
-            _ => return Err(bad()),
+        let (pointer, flags) = match bytes {
+            [pointer @ .., flags] if bytes.len() == Self::BYTES => (pointer, *flags),
+            _ => {
+                let detail = format!("a version row of {} bytes, not {}", bytes.len(), Self::BYTES);
+                return Err(StoreError::Corrupt(detail));
+            }
+        };
+        let deleted = match flags {
+            0 | 1 => flags == 1,
+            _ => return Err(StoreError::Corrupt(format!("a version row with flags {flags:#04x}"))),
         };
         Ok(VersionRow { pointer: Pointer::decode(pointer)?, deleted })
     }
@@ -1237,6 +1243,20 @@ mod tests {
         let store = EmbeddedStore::open_or_rebuild(&path, 1 << 20).unwrap();
         assert!(store.rebuilding(), "a damaged store is started again");
         assert!(rt.block_on(store.current("Observation", "a")).unwrap().is_none());
+    }
+
+    #[test]
+    fn version_rows_round_trip_and_damage_is_an_error() {
+        let row = VersionRow { pointer: Pointer { offset: 7, len: 9, crc: 11 }, deleted: true };
+        let bytes = row.encode();
+        let back = VersionRow::decode(&bytes).unwrap();
+        assert_eq!((back.pointer, back.deleted), (row.pointer, true));
+        let e = VersionRow::decode(&bytes[..16]).err().unwrap().to_string();
+        assert!(e.contains("16 bytes, not 17"), "{e}");
+        let mut flags = bytes;
+        flags[16] = 2;
+        let e = VersionRow::decode(&flags).err().unwrap().to_string();
+        assert!(e.contains("flags 0x02"), "{e}");
     }
 
     /// The digest reads every record (on a helper thread, in chunks) in key order, whatever order
