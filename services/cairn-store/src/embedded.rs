@@ -111,9 +111,8 @@ fn resource_prefix(key: &str) -> KeyBuf {
 
 /// The resource part of a `versions` key (its prefix, [`resource_prefix`]) and its version.
 fn split_version_key(vkey: &[u8]) -> Result<(&[u8], u64)> {
-    let at = vkey.len().checked_sub(8).ok_or_else(|| corrupt(BadKey))?;
-    let (resource, version) = vkey.split_at(at);
-    Ok((resource, u64::from_be_bytes(version.try_into().expect("8 bytes"))))
+    let (resource, version) = vkey.split_last_chunk::<8>().ok_or_else(|| corrupt(BadKey))?;
+    Ok((resource, u64::from_be_bytes(*version)))
 }
 
 /// A `versions` row: where the version record lies in the value file, and whether the version is a
@@ -151,13 +150,21 @@ impl VersionRow {
     }
 }
 
+/// Where a version just inserted stands among its resource's versions ([`EmbeddedStore::standing`]).
+enum Standing {
+    /// A newer version came first: this one never becomes current (an older version arriving late).
+    Late,
+    /// It is the resource's current version now, replacing `replaces` (none for a new resource).
+    Current { replaces: Option<VersionRow> },
+}
+
 /// Every `versions` key of one resource type starts with this.
 fn type_prefix(resource_type: &str) -> KeyBuf {
     KeyBuf::new().str_prefix(&format!("{resource_type}/"))
 }
 
 fn corrupt(_: BadKey) -> StoreError {
-    StoreError::Corrupt("an index key does not decode".into())
+    StoreError::Corrupt("a key does not decode".into())
 }
 
 pub struct EmbeddedStore {
@@ -472,7 +479,12 @@ impl EmbeddedStore {
     }
 
     fn read_record(&self, pointer: Pointer) -> Result<ResourceVersion> {
-        decode(&unpack(&self.values.read(pointer)?)?)
+        decode(&self.record_bytes(pointer)?)
+    }
+
+    /// The version record `pointer` names, as the digest covers it (unpacked JSON).
+    fn record_bytes(&self, pointer: Pointer) -> Result<Vec<u8>> {
+        unpack(&self.values.read(pointer)?)
     }
 
     /// Creates a new store file for a rebuild from the log (`cairn replay`, a server whose store was
@@ -657,40 +669,24 @@ impl EmbeddedStore {
                 appended.append(&packed)?;
                 let change = KeyBuf::new().i64(v.last_updated_ms).str(&key).u64(v.version_id);
                 changes.insert(change.bytes(), ()).map_err(|e| self.err(e))?;
-                // The resource's versions, newest first: this one, unless a newer one came first
-                // (an older version arriving late does not become current), then the one it
-                // replaces as current. A rebuild knows a resource it has not met yet has no others.
+                // A rebuild knows a resource it has not met yet has no other versions.
                 let first_met = match &mut indexes {
                     IndexSink::Gather(gathered) => gathered.seen.insert(&key),
                     IndexSink::Tables(_) => false,
                 };
-                let previous = if first_met {
-                    None
+                let standing = if first_met {
+                    Standing::Current { replaces: None }
                 } else {
-                    let prefix = resource_prefix(&key);
-                    let end = prefix_end(prefix.bytes());
-                    let mut newest = versions_t.range(prefix.bytes()..end.as_slice()).map_err(|e| self.err(e))?.rev();
-                    let (newest_key, _) = newest
-                        .next()
-                        .ok_or_else(|| self.err("a version just inserted is missing"))?
-                        .map_err(|e| self.err(e))?;
-                    if newest_key.value() != vkey.bytes() {
-                        continue;
-                    }
-                    match newest.next() {
-                        Some(item) => Some(VersionRow::decode(item.map_err(|e| self.err(e))?.1.value())?),
-                        None => None,
-                    }
+                    self.standing(&versions_t, &key, vkey.bytes())?
                 };
-                // Its index keys go, unless it is a deletion (it has none). Its record may have
-                // been appended in this transaction.
-                if let Some(row) = previous
+                let Standing::Current { replaces } = standing else { continue };
+                // The replaced version's index keys go, unless it is a deletion (it has none). Its
+                // record may have been appended in this transaction.
+                if let Some(row) = replaces
                     && !row.deleted
                 {
                     let record = unpack(&appended.read(row.pointer)?)?;
-                    let replaced: IndexValues<'_> =
-                        serde_json::from_slice(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    index_keys(replaced, |index, k| indexes.remove(index, k.bytes()).map_err(|e| self.err(e)))?;
+                    index_keys(decode(&record)?, |index, k| indexes.remove(index, k.bytes()).map_err(|e| self.err(e)))?;
                 }
                 index_keys(v.into(), |index, k| indexes.insert(index, k.bytes()).map_err(|e| self.err(e)))?;
             }
@@ -721,11 +717,42 @@ impl EmbeddedStore {
         tx.commit().map_err(|e| self.err(e))
     }
 
+    /// The `versions` rows whose keys start with `prefix` (a resource's, [`resource_prefix`], or a
+    /// type's, [`type_prefix`]), in key order: a resource's versions oldest first.
+    fn rows_with_prefix<'t>(
+        &self,
+        versions: &'t impl ReadableTable<&'static [u8], &'static [u8]>,
+        prefix: &KeyBuf,
+    ) -> Result<redb::Range<'t, &'static [u8], &'static [u8]>> {
+        let end = prefix_end(prefix.bytes());
+        versions.range(prefix.bytes()..end.as_slice()).map_err(|e| self.err(e))
+    }
+
+    /// Where the version `vkey` of `key`, just inserted, stands among the resource's versions.
+    fn standing(
+        &self,
+        versions: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        key: &str,
+        vkey: &[u8],
+    ) -> Result<Standing> {
+        let mut newest_first = self.rows_with_prefix(versions, &resource_prefix(key))?.rev();
+        let (newest, _) = newest_first
+            .next()
+            .ok_or_else(|| self.err("a version just inserted is missing"))?
+            .map_err(|e| self.err(e))?;
+        if newest.value() != vkey {
+            return Ok(Standing::Late);
+        }
+        let replaces = match newest_first.next() {
+            Some(item) => Some(VersionRow::decode(item.map_err(|e| self.err(e))?.1.value())?),
+            None => None,
+        };
+        Ok(Standing::Current { replaces })
+    }
+
     /// The newest version of `key` (possibly a deletion), through `versions` of a read transaction.
     fn current_version(&self, versions: &VersionsTable, key: &str) -> Result<Option<ResourceVersion>> {
-        let prefix = resource_prefix(key);
-        let end = prefix_end(prefix.bytes());
-        match versions.range(prefix.bytes()..end.as_slice()).map_err(|e| self.err(e))?.next_back() {
+        match self.rows_with_prefix(versions, &resource_prefix(key))?.next_back() {
             Some(item) => Ok(Some(self.read_version(item.map_err(|e| self.err(e))?.1.value())?)),
             None => Ok(None),
         }
@@ -778,7 +805,7 @@ impl EmbeddedStore {
                     let (k, v): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) = item.map_err(|e| self.err(e))?;
                     let mut r = KeyReader::new(k.value());
                     let (key, version) = (r.str().map_err(corrupt)?, r.u64().map_err(corrupt)?);
-                    Ok((key, version, unpack(&self.values.read(VersionRow::decode(v.value())?.pointer)?)?))
+                    Ok((key, version, self.record_bytes(VersionRow::decode(v.value())?.pointer)?))
                 };
                 let mut chunk = Vec::with_capacity(CHUNK);
                 for item in rows {
@@ -866,7 +893,7 @@ fn storage(path: &Path, e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage { path: path.display().to_string(), detail: e.to_string() }
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T> {
+fn decode<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
@@ -918,12 +945,10 @@ impl ResourceStore for EmbeddedStore {
     }
 
     async fn history(&self, resource_type: &str, id: &str) -> Result<Vec<ResourceVersion>> {
-        let key = resource_prefix(&format!("{resource_type}/{id}"));
         let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
-        let end = prefix_end(key.bytes());
-        for item in versions.range(key.bytes()..end.as_slice()).map_err(|e| self.err(e))?.rev() {
+        for item in self.rows_with_prefix(&versions, &resource_prefix(&format!("{resource_type}/{id}")))?.rev() {
             let (_, v) = item.map_err(|e| self.err(e))?;
             out.push(self.read_version(v.value())?);
         }
@@ -945,9 +970,7 @@ impl ResourceStore for EmbeddedStore {
             }
             None => {
                 let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
-                let from = type_prefix(resource_type);
-                let to = prefix_end(from.bytes());
-                let rows = versions.range(from.bytes()..to.as_slice()).map_err(|e| self.err(e))?;
+                let rows = self.rows_with_prefix(&versions, &type_prefix(resource_type))?;
                 self.visit_newest(rows, |_, row| Ok(row.deleted || visit(self.read_record(row.pointer)?)))?;
             }
         }
@@ -957,10 +980,8 @@ impl ResourceStore for EmbeddedStore {
     async fn count_current(&self, resource_type: &str) -> Result<u64> {
         let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
-        let from = type_prefix(resource_type);
-        let to = prefix_end(from.bytes());
         let mut n = 0;
-        let rows = versions.range(from.bytes()..to.as_slice()).map_err(|e| self.err(e))?;
+        let rows = self.rows_with_prefix(&versions, &type_prefix(resource_type))?;
         self.visit_newest(rows, |_, row| {
             n += u64::from(!row.deleted);
             Ok(true)

@@ -129,11 +129,12 @@ impl ValueFile {
                 pointer.len
             ))
         })?;
-        self.checked(pointer, out)
+        self.check(pointer, &out)?;
+        Ok(out)
     }
 
-    fn checked(&self, pointer: Pointer, record: Vec<u8>) -> Result<Vec<u8>> {
-        if crc32c::crc32c(&record) != pointer.crc {
+    fn check(&self, pointer: Pointer, record: &[u8]) -> Result<()> {
+        if crc32c::crc32c(record) != pointer.crc {
             return Err(StoreError::Corrupt(format!(
                 "{}: the record at {} ({} bytes) fails its checksum",
                 self.path.display(),
@@ -141,7 +142,7 @@ impl ValueFile {
                 pointer.len
             )));
         }
-        Ok(record)
+        Ok(())
     }
 }
 
@@ -204,7 +205,8 @@ impl<'a> Appender<'a> {
                             pointer.len
                         ))
                     })?;
-                self.file.checked(pointer, record.to_vec())
+                self.file.check(pointer, record)?;
+                Ok(record.to_vec())
             }
             None => self.file.read(pointer),
         }
