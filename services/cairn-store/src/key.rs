@@ -41,6 +41,13 @@ impl KeyBuf {
         self
     }
 
+    /// Elements already encoded: a part of another key (a `versions` key's resource in a
+    /// change entry).
+    pub fn encoded(mut self, elements: &[u8]) -> KeyBuf {
+        self.0.extend_from_slice(elements);
+        self
+    }
+
     pub fn i64(mut self, n: i64) -> KeyBuf {
         self.0.extend_from_slice(&((n as u64) ^ (1 << 63)).to_be_bytes());
         self

@@ -9,7 +9,6 @@
 pub mod digest;
 pub mod embedded;
 pub mod key;
-mod seen;
 pub mod sorter;
 mod values;
 
@@ -57,7 +56,15 @@ impl ResourceVersion {
     /// The version's canonical encoding (JSON): what the digest covers and the CQL store keeps; the
     /// embedded store keeps it LZ4-compressed. The same bytes everywhere, so digests agree.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a ResourceVersion serializes")
+        // Room for the resource and the fields around it, so the buffer seldom grows and copies.
+        let mut out = Vec::with_capacity(self.resource.as_ref().map_or(0, |r| r.get().len()) + 512);
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`ResourceVersion::encode`], appended to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        serde_json::to_writer(out, self).expect("a ResourceVersion serializes")
     }
 
     /// The resource parsed; `None` for a deletion.

@@ -33,7 +33,9 @@ impl KeySorter {
             dir: dir.to_path_buf(),
             name: name.to_owned(),
             budget,
-            data: Vec::new(),
+            // The whole budget up front (reserved, not touched): grown by doubling instead, the
+            // buffer was copied and fresh pages zeroed again at every step.
+            data: Vec::with_capacity(budget),
             spans: Vec::new(),
             runs: Vec::new(),
             len: 0,
