@@ -78,12 +78,13 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let path = args.into.join("replay.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&manifest)?).with_context(|| format!("{}", path.display()))?;
     println!(
-        "replayed {} events up to {} into {} in {:.1} s ({} events/s); store digest {}",
+        "replayed {} events up to {} into {} in {:.1} s ({} events/s; the indexes took {:.1} s of it); store digest {}",
         manifest["events"],
         manifest["until_log_time"].as_str().unwrap_or_default(),
         args.into.display(),
         manifest["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
         manifest["events_per_second"],
+        manifest["index_build_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
         manifest["store_digest"].as_str().unwrap_or_default()
     );
     Ok(ExitCode::SUCCESS)
@@ -171,7 +172,9 @@ async fn replay(
             .with_context(|| format!("--into {}", args.into.display()))?;
         let indexes = rebuilt.clone();
         let mut shown = progress.index_line();
+        let building = Instant::now();
         tokio::task::spawn_blocking(move || indexes.build_indexes(&mut |at| shown.indexes(at))).await??;
+        let index_build = building.elapsed();
         progress.finish();
         let elapsed = started.elapsed();
         let digest = store.digest().await?;
@@ -182,6 +185,7 @@ async fn replay(
             "cut": cut,
             "events": progress.done,
             "elapsed_ms": elapsed.as_millis() as u64,
+            "index_build_ms": index_build.as_millis() as u64,
             "events_per_second": (progress.done as f64 / elapsed.as_secs_f64().max(1e-9)).round(),
             "store_digest": digest,
             "auth_state_sha256": hex::encode(sha2::Sha256::digest(&auth_state)),
