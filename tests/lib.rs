@@ -142,8 +142,22 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what its servers said last (cargo prints a failed test's output):
+        // a rare failure under the whole suite's load can then be understood from that run alone.
+        if std::thread::panicking() {
+            let stderr = self.stderr();
+            let lines: Vec<&str> = stderr.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(SHOWN_ON_FAILURE)..];
+            eprintln!("--- cairn serve at {}: the last {} lines of its stderr ---", self.base_url, tail.len());
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
     }
 }
+
+/// How many lines of a server's stderr a failing test shows.
+const SHOWN_ON_FAILURE: usize = 80;
 
 pub fn signal(pid: u32, name: &str) {
     let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap();
