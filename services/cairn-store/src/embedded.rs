@@ -73,7 +73,7 @@ impl Packer {
         }
         let n = lz4_flex::block::compress_into_with_table(&self.encoded, &mut self.compressed, &mut self.table)
             .expect("the output has room for the worst case");
-        // A record of 64 KiB or more made the table a large one; smaller records go back to the
+        // A record of 65,535 bytes or more made the table a large one; smaller records go back to the
         // small one, so every record packs to the same bytes as LZ4 packing it alone.
         if self.encoded.len() >= u16::MAX as usize {
             self.table = lz4_flex::block::CompressTable::default();
@@ -670,7 +670,7 @@ impl EmbeddedStore {
                 &mut versions_t,
                 keyed,
                 |(vkey, _)| vkey.bytes(),
-                |gap, (vkey, v)| {
+                |gap, after, (vkey, v)| {
                     let (vkey, v) = (vkey.bytes(), *v);
                     // Never short: the helper packs every version unless it panicked, which the scope
                     // passes on before this transaction could commit.
@@ -680,9 +680,9 @@ impl EmbeddedStore {
                     // and the version stored first stays, matching the indexes made with it; a
                     // projection is a pure function of its event), a newer version of the resource
                     // after it, or the version this one replaces before it.
-                    let newer = match gap.peek_next().map_err(|e| self.err(e))? {
-                        Some((next, _)) if next.value() == vkey => return Ok(()),
-                        Some((next, _)) => split_version_key(next.value())?.0 == resource,
+                    let newer = match after {
+                        Some(next) if next == vkey => return Ok(()),
+                        Some(next) => split_version_key(next)?.0 == resource,
                         None => false,
                     };
                     let replaces = match gap.peek_prev().map_err(|e| self.err(e))? {
@@ -756,18 +756,21 @@ impl EmbeddedStore {
         versions.range(prefix.bytes()..end.as_slice()).map_err(|e| self.err(e))
     }
 
-    /// Calls `at_gap` for each of `items` (ascending by `key_of`, each key once) with a cursor of
-    /// `table` standing in the gap where the item's key belongs: after every row below it, before
-    /// any row at or above it. The cursor moves forward only, and stays where it is while the keys
-    /// go into the same gap: redb then splices a run of inserts into a leaf at once, about three
-    /// times as fast as inserting each key (its changelog for 4.4), which makes sorted batches and
-    /// appends at the end of a table cheap. `at_gap` inserts before the cursor, or not.
+    /// Calls `at_gap` for each of `items` (keys from `key_of`, never descending) with a cursor of
+    /// `table` standing in the gap where the item's key belongs: after every row below it (and
+    /// after an earlier item of the same key that was inserted), before any row at or above it,
+    /// whose key `at_gap` is given (`None` at the table's end). The cursor moves forward only, and
+    /// stays where it is while the keys go into the same gap: redb then splices a run of inserts
+    /// into a leaf at once, about three times as fast as inserting each key (its changelog for
+    /// 4.4), which makes sorted batches and appends at the end of a table cheap. `at_gap` inserts
+    /// before the cursor, or not.
+    #[allow(clippy::type_complexity)]
     fn walk_ascending<V: redb::Value + 'static, T>(
         &self,
         table: &mut redb::Table<'_, &'static [u8], V>,
         items: impl IntoIterator<Item = Result<T>>,
         key_of: impl Fn(&T) -> &[u8],
-        mut at_gap: impl FnMut(&mut redb::CursorMut<'_, &'static [u8], V>, &T) -> Result<()>,
+        mut at_gap: impl FnMut(&mut redb::CursorMut<'_, &'static [u8], V>, Option<&[u8]>, &T) -> Result<()>,
     ) -> Result<()> {
         let mut items = items.into_iter();
         // The item that moved the cursor on.
@@ -781,19 +784,19 @@ impl EmbeddedStore {
                 },
             };
             let mut gap = table.lower_bound_mut(Bound::Included(key_of(&first))).map_err(|e| self.err(e))?;
-            at_gap(&mut gap, &first)?;
+            // The row after the gap stays the same while inserts go before the cursor. Kept here:
+            // with inserts pending, redb finds it by searching the tree from its root again.
+            let after = gap.peek_next().map_err(|e| self.err(e))?.map(|(next, _)| next.value().to_vec());
+            let after = after.as_deref();
+            at_gap(&mut gap, after, &first)?;
             for item in items.by_ref() {
                 let item = item?;
                 // The gap stays while no row below the key lies after it.
-                let stays = match gap.peek_next().map_err(|e| self.err(e))? {
-                    Some((next, _)) => next.value() >= key_of(&item),
-                    None => true,
-                };
-                if !stays {
+                if after.is_some_and(|next| next < key_of(&item)) {
                     moved_by = Some(item);
                     break;
                 }
-                at_gap(&mut gap, &item)?;
+                at_gap(&mut gap, after, &item)?;
             }
             gap.close().map_err(|e| self.err(e))?;
         }
@@ -810,11 +813,9 @@ impl EmbeddedStore {
             table,
             keys,
             |k| k.as_ref(),
-            |gap, key| {
+            |gap, after, key| {
                 let key = key.as_ref();
-                if let Some((next, _)) = gap.peek_next().map_err(|e| self.err(e))?
-                    && next.value() == key
-                {
+                if after == Some(key) {
                     return Ok(());
                 }
                 gap.insert_before(key, ()).map_err(|e| self.err(e))
@@ -1211,6 +1212,7 @@ mod tests {
                 version("b", 1, Some("Patient/p1"), Some(20), &[], false),
                 version("c", 1, Some("Patient/p2"), None, &["s|y", "s|z"], false),
                 version("e", 1, Some("Patient/p1"), Some(5), &["s|e"], false),
+                version("j", 3, Some("Patient/p11"), Some(90), &["s|j3"], false),
             ],
             vec![
                 version("a", 2, Some("Patient/p2"), Some(30), &["s|x2"], false),
@@ -1218,6 +1220,7 @@ mod tests {
                 version("d", 1, Some("Patient/p3"), Some(40), &["s|d"], false),
                 version("e", 2, Some("Patient/p1"), None, &[], true),
                 version("e", 3, Some("Patient/p4"), Some(6), &["s|e"], false),
+                version("i", 2, Some("Patient/p10"), Some(80), &["s|i2"], false),
             ],
             vec![
                 version("a", 1, Some("Patient/p1"), Some(10), &["s|x"], false),
@@ -1232,6 +1235,11 @@ mod tests {
                 version("h", 1, Some("Patient/p6"), Some(70), &["s|h1"], false),
                 version("h", 2, Some("Patient/p7"), Some(71), &["s|h2"], false),
                 version("h", 3, Some("Patient/p8"), Some(72), &["s|h3"], false),
+                // Late: older than a version stored by an earlier transaction (two of j at once,
+                // while the cursor stays in one gap). They are kept for history, never current.
+                version("i", 1, Some("Patient/p12"), Some(81), &["s|i1"], false),
+                version("j", 1, Some("Patient/p13"), Some(91), &["s|j1"], false),
+                version("j", 2, Some("Patient/p13"), Some(92), &["s|j2"], false),
             ],
         ];
         let dir = tempfile::tempdir().unwrap();
@@ -1279,19 +1287,30 @@ mod tests {
             assert!(rt.block_on(store.find_by_identifier("Observation", "s|h1")).unwrap().is_empty());
             assert_eq!(rt.block_on(store.find_by_identifier("Observation", "s|h3")).unwrap(), ["h"]);
             let current = rt.block_on(store.current("Observation", "c")).unwrap().unwrap();
-            assert_eq!(current.version_id, 4, "the late version 2 of c never became current");
+            assert_eq!(current.version_id, 4, "c's newest version is current");
+            for (id, newest, patient, late_patient, late_identifier) in
+                [("i", 2, "Patient/p10", "Patient/p12", "s|i1"), ("j", 3, "Patient/p11", "Patient/p13", "s|j1")]
+            {
+                let current = rt.block_on(store.current("Observation", id)).unwrap().unwrap();
+                assert_eq!(current.version_id, newest, "a late version of {id} never became current");
+                assert_eq!(ids(store, patient), [id]);
+                assert_eq!(ids(store, late_patient), Vec::<String>::new(), "no index keys of {id}'s late versions");
+                assert!(rt.block_on(store.find_by_identifier("Observation", late_identifier)).unwrap().is_empty());
+                let history = rt.block_on(store.history("Observation", id)).unwrap();
+                assert_eq!(history.len() as u64, newest, "late versions are kept for history");
+            }
             assert!(rt.block_on(store.current("Observation", "b")).unwrap().unwrap().deleted);
             let f = rt.block_on(store.current("Observation", "f")).unwrap().unwrap();
             assert_eq!(f.patient, None, "of f/1 twice in one transaction, the first is stored");
-            // a, c, d, e, f, h and the later g are current; b is deleted.
-            assert_eq!(rt.block_on(store.count_current("Observation")).unwrap(), 7);
+            // a, c, d, e, f, h, i, j and the later g are current; b is deleted.
+            assert_eq!(rt.block_on(store.count_current("Observation")).unwrap(), 9);
             let mut listed = Vec::new();
             rt.block_on(store.scan_current("Observation", None, &mut |v| {
                 listed.push(format!("{}/{}", v.id, v.version_id));
                 true
             }))
             .unwrap();
-            assert_eq!(listed, ["a/2", "c/4", "d/2", "e/3", "f/1", "g/1", "h/3"]);
+            assert_eq!(listed, ["a/2", "c/4", "d/2", "e/3", "f/1", "g/1", "h/3", "i/2", "j/3"]);
         }
         drop(rebuilt);
         EmbeddedStore::open(&rebuilt_path).expect("a finished rebuild opens");
