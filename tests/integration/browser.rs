@@ -17,6 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct Chromedriver {
     child: Child,
     url: String,
+    /// chromedriver's and Chromium's temporary files (profile and scoped dirs): killed rather than
+    /// quit, Chromium leaves them behind, and every run added some to /tmp. Deleted after the kill.
+    _tmp: tempfile::TempDir,
 }
 
 impl Drop for Chromedriver {
@@ -35,13 +38,15 @@ async fn start_chromedriver() -> Chromedriver {
         "CAIRN_CHROMEDRIVER is not set: run the tests with infra/test, which installs Chromium and chromedriver",
     );
     let port = free_port();
+    let tmp = tempfile::tempdir().unwrap();
     let child = Command::new(&path)
         .arg(format!("--port={port}"))
+        .env("TMPDIR", tmp.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {path}: {e}"));
-    let driver = Chromedriver { child, url: format!("http://127.0.0.1:{port}") };
+    let driver = Chromedriver { child, url: format!("http://127.0.0.1:{port}"), _tmp: tmp };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(r) = reqwest::get(format!("{}/status", driver.url)).await
