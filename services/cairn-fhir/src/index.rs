@@ -1,6 +1,7 @@
 //! The index keys the store keeps for a resource: its patient compartment and its identifiers.
 
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// The patient compartment of a resource as `Patient/<id>`: a Patient itself, an Observation's
 /// subject when it is a Patient, a Device's patient.
@@ -27,24 +28,24 @@ pub fn patient_reference(r: &str) -> Option<String> {
     }
 }
 
-/// Only the elements the indexes read, parsed from raw resource text: the rest of the document is
-/// skipped without building it (the projector's hot path).
+/// Only the elements the indexes read, found in raw resource text: the rest of the document is
+/// skipped without building it, and these are borrowed as text (the projector's hot path).
 #[derive(serde::Deserialize)]
-struct IndexedElements {
-    #[serde(default)]
-    subject: Option<Value>,
-    #[serde(default)]
-    patient: Option<Value>,
-    #[serde(default)]
-    identifier: Option<Value>,
-    #[serde(default, rename = "effectiveDateTime")]
-    effective_date_time: Option<Value>,
-    #[serde(default, rename = "effectiveInstant")]
-    effective_instant: Option<Value>,
-    #[serde(default, rename = "effectivePeriod")]
-    effective_period: Option<Value>,
-    #[serde(default)]
-    meta: Option<Value>,
+struct IndexedElements<'a> {
+    #[serde(default, borrow)]
+    subject: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    patient: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    identifier: Option<&'a RawValue>,
+    #[serde(default, borrow, rename = "effectiveDateTime")]
+    effective_date_time: Option<&'a RawValue>,
+    #[serde(default, borrow, rename = "effectiveInstant")]
+    effective_instant: Option<&'a RawValue>,
+    #[serde(default, borrow, rename = "effectivePeriod")]
+    effective_period: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    meta: Option<&'a RawValue>,
 }
 
 /// The index keys of a resource given as raw JSON: patient compartment, identifiers, date key and
@@ -56,32 +57,123 @@ pub struct IndexKeys {
     pub last_updated: Option<String>,
 }
 
+impl IndexKeys {
+    const NONE: IndexKeys = IndexKeys { patient: None, identifiers: Vec::new(), date_key: None, last_updated: None };
+}
+
+/// A field of an element, read from the element's raw text when that is simple: an object (not an
+/// array, which serde would read into a struct by position) without escapes, whose fields are plain
+/// strings or absent, each named once. `None` when not simple: the caller reads the element as a tree.
+fn simple_fields<'a, T: serde::Deserialize<'a>>(raw: &'a RawValue) -> Option<T> {
+    let text = raw.get();
+    if !text.starts_with('{') || text.contains('\\') {
+        return None;
+    }
+    serde_json::from_str(text).ok()
+}
+
+#[derive(serde::Deserialize)]
+struct ReferenceFields<'a> {
+    #[serde(default, borrow)]
+    reference: Option<&'a str>,
+}
+
+#[derive(serde::Deserialize)]
+struct IdentifierFields<'a> {
+    #[serde(default, borrow)]
+    system: Option<&'a str>,
+    #[serde(default, borrow)]
+    value: Option<&'a str>,
+}
+
+#[derive(serde::Deserialize)]
+struct MetaFields<'a> {
+    #[serde(default, borrow, rename = "lastUpdated")]
+    last_updated: Option<&'a str>,
+}
+
+/// An element as a tree: the slow path, and the elements a resource has few of (the `effective[x]`
+/// the date index reads). `None` if it is no valid JSON value.
+fn tree(raw: &RawValue) -> Option<Value> {
+    serde_json::from_str(raw.get()).ok()
+}
+
+/// The index keys of a resource. The same keys as reading the elements as trees
+/// ([`patient_of`], [`identifiers_of`], [`date_key`]) would give, and none at all when an element is
+/// not valid JSON as a tree reads it (the projector's answer for a resource it cannot read); a test
+/// holds the two ways equal.
 pub fn index_keys(resource_type: &str, id: &str, raw: &str) -> IndexKeys {
-    let Ok(e) = serde_json::from_str::<IndexedElements>(raw) else {
-        return IndexKeys { patient: None, identifiers: Vec::new(), date_key: None, last_updated: None };
+    let Ok(e) = serde_json::from_str::<IndexedElements>(raw) else { return IndexKeys::NONE };
+    // Skipped text is checked less strictly than a tree checks it (a lone surrogate in an escape):
+    // every element with an escape is read as a tree once, whatever the type needs of it.
+    let escaped = [e.subject, e.patient, e.identifier, e.meta].into_iter().flatten();
+    if escaped.filter(|r| r.get().contains('\\')).any(|r| tree(r).is_none()) {
+        return IndexKeys::NONE;
+    }
+    let reference = |element: Option<&RawValue>| -> Option<Option<String>> {
+        let Some(raw) = element else { return Some(None) };
+        let text = match simple_fields::<ReferenceFields>(raw) {
+            Some(r) => r.reference.map(str::to_owned),
+            None => tree(raw)?.get("reference").and_then(Value::as_str).map(str::to_owned),
+        };
+        Some(text.as_deref().and_then(patient_reference))
     };
-    let mut view = serde_json::Map::new();
-    view.insert("resourceType".into(), Value::String(resource_type.to_owned()));
+    let patient = match resource_type {
+        "Patient" => Some(Some(format!("Patient/{id}"))),
+        "Observation" => reference(e.subject),
+        "Device" => reference(e.patient),
+        _ => Some(None),
+    };
+    let Some(patient) = patient else { return IndexKeys::NONE };
+    let Some(identifiers) = e.identifier.map_or(Some(Vec::new()), identifiers_in) else { return IndexKeys::NONE };
+    let last_updated = match e.meta {
+        None => None,
+        Some(raw) => match simple_fields::<MetaFields>(raw) {
+            Some(m) => m.last_updated.map(str::to_owned),
+            None => {
+                let Some(meta) = tree(raw) else { return IndexKeys::NONE };
+                meta.get("lastUpdated").and_then(Value::as_str).map(str::to_owned)
+            }
+        },
+    };
+    let mut effective = serde_json::Map::new();
     for (k, v) in [
-        ("subject", e.subject),
-        ("patient", e.patient),
-        ("identifier", e.identifier),
         ("effectiveDateTime", e.effective_date_time),
         ("effectiveInstant", e.effective_instant),
         ("effectivePeriod", e.effective_period),
     ] {
-        if let Some(v) = v {
-            view.insert(k.into(), v);
+        if let Some(raw) = v {
+            let Some(v) = tree(raw) else { return IndexKeys::NONE };
+            effective.insert(k.into(), v);
         }
     }
-    let last_updated = e.meta.as_ref().and_then(|m| m.get("lastUpdated")).and_then(Value::as_str).map(str::to_owned);
-    let view = Value::Object(view);
-    IndexKeys {
-        patient: patient_of(resource_type, id, &view),
-        identifiers: identifiers_of(&view),
-        date_key: date_key(resource_type, &view),
-        last_updated,
+    IndexKeys { patient, identifiers, date_key: date_key(resource_type, &Value::Object(effective)), last_updated }
+}
+
+/// [`identifiers_of`] for a raw `identifier` element; `None` if it is no valid JSON value.
+fn identifiers_in(raw: &RawValue) -> Option<Vec<String>> {
+    let text = raw.get();
+    if !text.starts_with('[') || text.contains('\\') {
+        let mut resource = serde_json::Map::new();
+        resource.insert("identifier".into(), tree(raw)?);
+        return Some(identifiers_of(&Value::Object(resource)));
     }
+    let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let (system, value) = match simple_fields::<IdentifierFields>(item) {
+            Some(i) => (i.system.map(str::to_owned), i.value.map(str::to_owned)),
+            None => {
+                let i = tree(item)?;
+                let field = |name: &str| i.get(name).and_then(Value::as_str).map(str::to_owned);
+                (field("system"), field("value"))
+            }
+        };
+        if let Some(value) = value {
+            out.push(format!("{}|{value}", system.as_deref().unwrap_or("")));
+        }
+    }
+    Some(out)
 }
 
 /// Identifiers as `system|value` (system empty when absent).
@@ -168,7 +260,134 @@ pub fn date_bounds(query: &crate::search::SearchQuery) -> Option<(i64, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
+
+    /// What `index_keys` computed before it read elements as text: every element as a tree.
+    fn index_keys_from_trees(resource_type: &str, id: &str, raw: &str) -> IndexKeys {
+        #[derive(serde::Deserialize)]
+        struct Trees {
+            #[serde(default)]
+            subject: Option<Value>,
+            #[serde(default)]
+            patient: Option<Value>,
+            #[serde(default)]
+            identifier: Option<Value>,
+            #[serde(default, rename = "effectiveDateTime")]
+            effective_date_time: Option<Value>,
+            #[serde(default, rename = "effectiveInstant")]
+            effective_instant: Option<Value>,
+            #[serde(default, rename = "effectivePeriod")]
+            effective_period: Option<Value>,
+            #[serde(default)]
+            meta: Option<Value>,
+        }
+        let Ok(e) = serde_json::from_str::<Trees>(raw) else { return IndexKeys::NONE };
+        let mut view = serde_json::Map::new();
+        for (k, v) in [
+            ("subject", e.subject),
+            ("patient", e.patient),
+            ("identifier", e.identifier),
+            ("effectiveDateTime", e.effective_date_time),
+            ("effectiveInstant", e.effective_instant),
+            ("effectivePeriod", e.effective_period),
+        ] {
+            if let Some(v) = v {
+                view.insert(k.into(), v);
+            }
+        }
+        let last_updated =
+            e.meta.as_ref().and_then(|m| m.get("lastUpdated")).and_then(Value::as_str).map(str::to_owned);
+        let view = Value::Object(view);
+        IndexKeys {
+            patient: patient_of(resource_type, id, &view),
+            identifiers: identifiers_of(&view),
+            date_key: date_key(resource_type, &view),
+            last_updated,
+        }
+    }
+
+    /// Element texts to build resources from: ordinary ones, and each way of being unusual (wrong
+    /// types, arrays where objects belong, a field named twice, escapes, a lone surrogate that only
+    /// a tree refuses).
+    fn element(name: &'static str) -> impl Strategy<Value = String> {
+        let values: Vec<&'static str> = match name {
+            "subject" | "patient" => vec![
+                r#"{"reference":"Patient/p1"}"#,
+                r#"{"display":"x","reference":"https://h.org/fhir/Patient/p2/_history/3"}"#,
+                r#"{"reference":"Group/g"}"#,
+                r#"{"reference":5}"#,
+                r#"{"reference":"Patient/a","reference":"Patient/b"}"#,
+                r#"{"reference":"Patient\/p3"}"#,
+                r#"{"display":"\ud800","reference":"Patient/p4"}"#,
+                r#"["Patient/p5"]"#,
+                r#""Patient/p6""#,
+                r#"null"#,
+                r#"{}"#,
+            ],
+            "identifier" => vec![
+                r#"[{"system":"s","value":"v"},{"value":"w"}]"#,
+                r#"[{"value":1},{"system":2,"value":"x"},"y",["s","v"],null]"#,
+                r#"[{"value":"a","value":"b"}]"#,
+                r#"[{"system":"urn:\u0041","value":"q\"uote"}]"#,
+                r#"[{"value":"\udc00"}]"#,
+                r#"{"system":"s","value":"v"}"#,
+                r#"[]"#,
+                r#"null"#,
+            ],
+            "meta" => vec![
+                r#"{"lastUpdated":"2026-01-02T03:04:05.006Z","versionId":"1"}"#,
+                r#"{"lastUpdated":7}"#,
+                r#"{"lastUpdated":"a","lastUpdated":"b"}"#,
+                r#"{"lastUpdated":"2026-01-02T03:04:05Z","tag":[{"code":"\ud800"}]}"#,
+                r#"["2026"]"#,
+                r#"null"#,
+            ],
+            "effectiveDateTime" => vec![r#""2026-03-10T23:30:00Z""#, r#""2026-03""#, r#"5"#, r#""\ud800""#],
+            "effectivePeriod" => {
+                vec![r#"{"start":"2026-03-09T22:00:00Z","end":"2026-03-10T02:00:00Z"}"#, r#"{"start":"2026-01-01"}"#]
+            }
+            _ => vec![r#""2026-03-11T00:00:00.000Z""#],
+        };
+        proptest::sample::select(values).prop_map(|v| v.to_owned())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+        #[test]
+        fn index_keys_from_text_equal_index_keys_from_trees(
+            resource_type in proptest::sample::select(vec!["Observation", "Device", "Patient", "Provenance"]),
+            elements in proptest::collection::vec(
+                proptest::sample::select(vec!["subject", "patient", "identifier", "meta", "effectiveDateTime", "effectivePeriod", "effectiveInstant", "status"])
+                    .prop_flat_map(|name| (Just(name), element(name))),
+                0..6,
+            ),
+        ) {
+            let fields: Vec<String> = elements.iter().map(|(name, text)| format!("{name:?}:{text}")).collect();
+            let raw = format!(r#"{{"resourceType":"{resource_type}",{}"id":"r1"}}"#, fields.iter().map(|f| format!("{f},")).collect::<String>());
+            let (text, trees) = (index_keys(resource_type, "r1", &raw), index_keys_from_trees(resource_type, "r1", &raw));
+            prop_assert_eq!(&text.patient, &trees.patient, "{}", raw);
+            prop_assert_eq!(&text.identifiers, &trees.identifiers, "{}", raw);
+            prop_assert_eq!(text.date_key, trees.date_key, "{}", raw);
+            prop_assert_eq!(&text.last_updated, &trees.last_updated, "{}", raw);
+        }
+    }
+
+    #[test]
+    fn index_keys_read_an_ordinary_observation() {
+        let raw = r#"{"resourceType":"Observation","id":"o1","meta":{"lastUpdated":"2026-01-02T03:04:05.006Z"},"identifier":[{"system":"s","value":"v"}],"subject":{"reference":"Patient/p1"},"effectiveDateTime":"2026-03-10T23:30:00Z"}"#;
+        let keys = index_keys("Observation", "o1", raw);
+        assert_eq!(keys.patient.as_deref(), Some("Patient/p1"));
+        assert_eq!(keys.identifiers, ["s|v"]);
+        assert_eq!(keys.date_key, Some(1_773_185_400_000));
+        assert_eq!(keys.last_updated.as_deref(), Some("2026-01-02T03:04:05.006Z"));
+        let broken = r#"{"resourceType":"Observation","subject":{"reference":"Patient/p1","display":"\ud800"}}"#;
+        assert_eq!(
+            index_keys("Observation", "o1", broken).patient,
+            None,
+            "a lone surrogate makes the resource unreadable"
+        );
+    }
 
     #[test]
     fn compartments_and_identifiers() {
