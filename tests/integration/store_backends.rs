@@ -74,6 +74,7 @@ async fn conformance(store: &dyn ResourceStore) -> String {
         })
         .await
         .unwrap();
+    seen.sort();
     assert_eq!(seen, vec!["a", "b"], "a moved to p2 with its new version");
     let mut seen = Vec::new();
     store
@@ -168,5 +169,45 @@ async fn conformance(store: &dyn ResourceStore) -> String {
             .unwrap();
         assert_eq!(seen, expected, "{patient}");
     }
+
+    // A compartment holds resources with a date key and without (the embedded store keeps them in
+    // two indexes): a scan finds each once, through updates that add and drop the date key.
+    let with = |id: &str, v: u64, resource_type: &str, date_key: Option<i64>| ResourceVersion {
+        resource_type: resource_type.into(),
+        date_key,
+        ..version(id, v, "Patient/p9", false)
+    };
+    store
+        .apply(
+            &[
+                with("m1", 1, "Observation", Some(300)),
+                with("m2", 1, "Observation", Some(100)),
+                with("m3", 1, "Observation", None),
+                with("dev", 1, "Device", None),
+            ],
+            &[cp(7)],
+            false,
+        )
+        .await
+        .unwrap();
+    let compartment = |resource_type: &'static str| async move {
+        let mut seen = Vec::new();
+        store
+            .scan_current(resource_type, Some("Patient/p9"), &mut |v| {
+                seen.push(v.id);
+                true
+            })
+            .await
+            .unwrap();
+        seen.sort();
+        seen
+    };
+    assert_eq!(compartment("Observation").await, ["m1", "m2", "m3"]);
+    assert_eq!(compartment("Device").await, ["dev"]);
+    store
+        .apply(&[with("m1", 2, "Observation", None), with("m3", 2, "Observation", Some(200))], &[cp(8)], false)
+        .await
+        .unwrap();
+    assert_eq!(compartment("Observation").await, ["m1", "m2", "m3"]);
     store.digest().await.unwrap()
 }

@@ -6,9 +6,13 @@
 //!   (the record is ResourceVersion JSON, LZ4-compressed, [`Packer`]) and whether it is a deletion.
 //!   Every version, for vread and history; a resource's versions are adjacent, the newest last,
 //!   so the last one is its current version (listing a whole type ranges over them by key prefix);
-//! - `by_patient` (patient, type, id), `by_identifier` (type, system|value, id): indexes over
-//!   current, non-deleted resources;
-//! - `by_patient_date` (patient, type, date key, id): a patient's Observations by effective time;
+//! - `by_patient_date` (patient, type, date key, id): a patient's Observations by effective time
+//!   and AuditEvents by recording time;
+//! - `by_patient` (patient, type, id): the resources in a patient's compartment that have no date
+//!   key (Patients, Devices); with `by_patient_date` it finds a whole compartment, and a resource is
+//!   in one of the two only;
+//! - `by_identifier` (type, system|value, id). The three indexes are over current, non-deleted
+//!   resources;
 //! - `changes` (lastUpdated ms, key, version): every version by time, for type and system history;
 //! - `checkpoints` (topic, partition) -> next offset;
 //! - `meta` `format` -> [`FORMAT`], the layout of the file; `values_len`, the value file's length
@@ -44,9 +48,10 @@ type VersionsTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
 
 /// The layout of the store file. 1: redb tuple keys (until 2026-11-29); 2: byte keys; 3: version
 /// records compressed; 4: version records in the value file; 5: no `current` table (the newest
-/// row in `versions` is the current version). A file of another layout is not read: the store is
-/// derived from the log, so it is rebuilt instead ([`EmbeddedStore::open_or_rebuild`]).
-pub const FORMAT: u64 = 5;
+/// row in `versions` is the current version); 6: a resource with a date key is in `by_patient_date`
+/// only, no longer in `by_patient` too. A file of another layout is not read: the store is derived
+/// from the log, so it is rebuilt instead ([`EmbeddedStore::open_or_rebuild`]).
+pub const FORMAT: u64 = 6;
 
 /// Packs version records as the value file keeps them (the `versions` table points to them): the
 /// record's JSON ([`ResourceVersion::encode`]) compressed with LZ4 (the `lz4_flex` crate, block
@@ -302,16 +307,19 @@ impl<'a> From<&'a ResourceVersion> for IndexValues<'a> {
 }
 
 /// The index keys of a version while it is its resource's current version (none for a deletion):
-/// the one place that says what the indexes hold.
+/// the one place that says what the indexes hold. A version in a patient's compartment goes to the
+/// patient-date index when it has a date key and to the patient index otherwise: a compartment is
+/// read from both, and a write's Observation and AuditEvent cost one key each, not two (a third of
+/// a device upload's index keys: docs/performance.md, "Fewer index keys").
 fn index_keys(v: IndexValues<'_>, mut key: impl FnMut(Index, KeyBuf) -> Result<()>) -> Result<()> {
     if v.deleted {
         return Ok(());
     }
     let (rtype, id) = (&*v.resource_type, &*v.id);
     if let Some(patient) = v.patient.as_deref() {
-        key(Index::Patient, KeyBuf::new().str(patient).str(rtype).str(id))?;
-        if let Some(d) = v.date_key {
-            key(Index::PatientDate, KeyBuf::new().str(patient).str(rtype).i64(d).str(id))?;
+        match v.date_key {
+            Some(d) => key(Index::PatientDate, KeyBuf::new().str(patient).str(rtype).i64(d).str(id))?,
+            None => key(Index::Patient, KeyBuf::new().str(patient).str(rtype).str(id))?,
         }
     }
     for ident in v.identifiers.iter() {
@@ -909,6 +917,63 @@ impl EmbeddedStore {
 
     /// Visits the current, non-deleted resources of `resource_type` named by the keys in
     /// `[from, to)` of `index` (`id_of` reads the id out of a key); `visit` returns false to stop.
+    /// The digest's patient index (section 3, every resource in a compartment by patient, type and
+    /// id) from the two tables that hold it here: `by_patient`, and the resources with a date key
+    /// from `by_patient_date` (`index_keys`). Both are ordered by (patient, type) first; within one,
+    /// the two sets of ids are merged in id order. Holds one compartment's ids of a type at a time.
+    fn digest_compartments(
+        &self,
+        by_patient: &redb::ReadOnlyTable<&'static [u8], ()>,
+        by_patient_date: &redb::ReadOnlyTable<&'static [u8], ()>,
+        d: &mut StoreDigest,
+    ) -> Result<()> {
+        // Each row as ((patient, type) key prefix, patient, type, id).
+        type Row = (Vec<u8>, String, String, String);
+        let row = |key: &[u8], dated: bool| -> Result<Row> {
+            let mut r = KeyReader::new(key);
+            let (p, t) = (r.str().map_err(corrupt)?, r.str().map_err(corrupt)?);
+            if dated {
+                r.i64().map_err(corrupt)?;
+            }
+            let id = r.str().map_err(corrupt)?;
+            Ok((KeyBuf::new().str(&p).str(&t).bytes().to_vec(), p, t, id))
+        };
+        let read =
+            |item: std::result::Result<(redb::AccessGuard<&[u8]>, redb::AccessGuard<()>), redb::StorageError>,
+             dated: bool| {
+                let (k, _) = item.map_err(|e| self.err(e))?;
+                row(k.value(), dated)
+            };
+        let mut undated = by_patient.iter().map_err(|e| self.err(e))?.map(|item| read(item, false)).peekable();
+        let mut dated = by_patient_date.iter().map_err(|e| self.err(e))?.map(|item| read(item, true)).peekable();
+        loop {
+            // The next compartment and type: the smaller head.
+            let next = match (undated.peek(), dated.peek()) {
+                (None, None) => return Ok(()),
+                (Some(Err(_)), _) => return undated.next().expect("peeked").map(drop),
+                (_, Some(Err(_))) => return dated.next().expect("peeked").map(drop),
+                (Some(Ok(u)), Some(Ok(t))) => u.0.clone().min(t.0.clone()),
+                (Some(Ok(u)), None) => u.0.clone(),
+                (None, Some(Ok(t))) => t.0.clone(),
+            };
+            let mut group: Vec<Row> = Vec::new();
+            group.extend(
+                std::iter::from_fn(|| undated.next_if(|r| r.as_ref().is_ok_and(|r| r.0 == next)))
+                    .map(|r| r.expect("matched Ok")),
+            );
+            group.extend(
+                std::iter::from_fn(|| dated.next_if(|r| r.as_ref().is_ok_and(|r| r.0 == next)))
+                    .map(|r| r.expect("matched Ok")),
+            );
+            let (p, t) = (group[0].1.clone(), group[0].2.clone());
+            let mut ids: Vec<String> = group.into_iter().map(|r| r.3).collect();
+            ids.sort_by_cached_key(|id| KeyBuf::new().str(id).bytes().to_vec());
+            for id in &ids {
+                d.by_patient(&p, &t, id);
+            }
+        }
+    }
+
     fn visit_index(
         &self,
         tx: &redb::ReadTransaction,
@@ -1037,9 +1102,13 @@ impl ResourceStore for EmbeddedStore {
         let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         match patient {
             Some(p) => {
+                // The compartment's resources with a date key, then those without (`index_keys`).
                 let from = KeyBuf::new().str(p).str(resource_type);
                 let to = prefix_end(from.bytes());
-                self.visit_index(&tx, BY_PATIENT, resource_type, (from.bytes(), &to), by_patient_id, visit)?;
+                let bounds = (from.bytes(), to.as_slice());
+                if self.visit_index(&tx, BY_PATIENT_DATE, resource_type, bounds, by_patient_date_id, visit)? {
+                    self.visit_index(&tx, BY_PATIENT, resource_type, bounds, by_patient_id, visit)?;
+                }
             }
             None => {
                 let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
@@ -1145,13 +1214,8 @@ impl ResourceStore for EmbeddedStore {
             Ok(true)
         })?;
         let by_patient = tx.open_table(BY_PATIENT).map_err(|e| self.err(e))?;
-        for item in by_patient.iter().map_err(|e| self.err(e))? {
-            let (k, _) = item.map_err(|e| self.err(e))?;
-            let mut r = KeyReader::new(k.value());
-            let (p, t, id) = (r.str().map_err(corrupt)?, r.str().map_err(corrupt)?, r.str().map_err(corrupt)?);
-            d.by_patient(&p, &t, &id);
-        }
         let by_patient_date = tx.open_table(BY_PATIENT_DATE).map_err(|e| self.err(e))?;
+        self.digest_compartments(&by_patient, &by_patient_date, &mut d)?;
         for item in by_patient_date.iter().map_err(|e| self.err(e))? {
             let (k, _) = item.map_err(|e| self.err(e))?;
             let mut r = KeyReader::new(k.value());
@@ -1315,6 +1379,61 @@ mod tests {
         drop(rebuilt);
         EmbeddedStore::open(&rebuilt_path).expect("a finished rebuild opens");
         assert!(EmbeddedStore::create_for_rebuild(&rebuilt_path, 1 << 20).is_err(), "a rebuild starts a new file");
+    }
+
+    /// A compartment's resources with a date key are in the patient-date index only, the others in
+    /// the patient index; the digest still lists the whole compartment by patient, type and id, as
+    /// the CQL store's single patient index gives it (the cross-backend test compares the two).
+    #[test]
+    fn a_compartment_is_split_between_the_patient_indexes_and_digested_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let store = EmbeddedStore::open(dir.path().join("s.redb")).unwrap();
+        let device = |id: &str, patient: &str| ResourceVersion {
+            resource_type: "Device".into(),
+            ..version(id, 1, Some(patient), None, &[], false)
+        };
+        let batch = [
+            version("o3", 1, Some("Patient/p1"), Some(10), &[], false),
+            version("o1", 1, Some("Patient/p1"), Some(30), &[], false),
+            version("o2", 1, Some("Patient/p1"), None, &[], false),
+            version("o4", 1, Some("Patient/p2"), Some(20), &[], false),
+            device("d1", "Patient/p1"),
+            version("o5", 1, None, Some(20), &[], false),
+        ];
+        rt.block_on(store.apply(&batch, &[], false)).unwrap();
+        let rows = |table: TableDefinition<&[u8], ()>| {
+            let tx = store.db().begin_read().unwrap();
+            let t = tx.open_table(table).unwrap();
+            t.iter().unwrap().map(|item| item.unwrap().0.value().to_vec()).collect::<Vec<_>>()
+        };
+        let (undated, dated) = (rows(BY_PATIENT), rows(BY_PATIENT_DATE));
+        let ids = |keys: &[Vec<u8>], id_of: fn(&[u8]) -> std::result::Result<String, BadKey>| {
+            keys.iter().map(|k| id_of(k).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&undated, by_patient_id), ["d1", "o2"]);
+        assert_eq!(ids(&dated, by_patient_date_id), ["o3", "o1", "o4"]);
+
+        let tx = store.db().begin_read().unwrap();
+        let mut ours = StoreDigest::new();
+        store
+            .digest_compartments(
+                &tx.open_table(BY_PATIENT).unwrap(),
+                &tx.open_table(BY_PATIENT_DATE).unwrap(),
+                &mut ours,
+            )
+            .unwrap();
+        let mut expected = StoreDigest::new();
+        for (p, t, id) in [
+            ("Patient/p1", "Device", "d1"),
+            ("Patient/p1", "Observation", "o1"),
+            ("Patient/p1", "Observation", "o2"),
+            ("Patient/p1", "Observation", "o3"),
+            ("Patient/p2", "Observation", "o4"),
+        ] {
+            expected.by_patient(p, t, id);
+        }
+        assert_eq!(ours.finish(), expected.finish());
     }
 
     /// Version records live in the value file: a store reopened reads them back, cuts off what no

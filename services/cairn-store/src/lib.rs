@@ -215,8 +215,8 @@ pub trait ResourceStore: Send + Sync + 'static {
     /// Every version of one resource, newest first.
     async fn history(&self, resource_type: &str, id: &str) -> Result<Vec<ResourceVersion>>;
 
-    /// Current, non-deleted resources of a type, optionally only one patient's compartment. `visit`
-    /// returns false to stop.
+    /// Current, non-deleted resources of a type, optionally only one patient's compartment, in no
+    /// order the caller may rely on (searches sort what they find). `visit` returns false to stop.
     async fn scan_current(
         &self,
         resource_type: &str,
