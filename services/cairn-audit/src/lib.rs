@@ -147,7 +147,7 @@ pub fn fact(event: &Event) -> Box<RawValue> {
         Payload::ResourceUpdated(w) => Some(Payload::ResourceUpdated(without_body(w))),
         _ => None,
     };
-    let bytes = match payload {
+    match payload {
         Some(payload) => Event {
             id: event.id,
             schema_version: event.schema_version,
@@ -159,11 +159,9 @@ pub fn fact(event: &Event) -> Box<RawValue> {
             prev_hash: None,
             hash: None,
         }
-        .canonical_bytes(),
-        None => event.canonical_bytes(),
-    };
-    let text = String::from_utf8(bytes).expect("canonical events are UTF-8");
-    RawValue::from_string(text).expect("canonical events are JSON")
+        .canonical_raw(),
+        None => event.canonical_raw(),
+    }
 }
 
 /// The audit record `resource_type`/`id` rendered from its [`fact`]; `None` if the fact is not an

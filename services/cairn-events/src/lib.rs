@@ -275,6 +275,12 @@ impl Event {
         serde_json::to_vec(&WireRef::from(self)).expect("events always serialize")
     }
 
+    /// [`Event::canonical_bytes`] as a JSON value, without reading the text back to check it (as
+    /// `RawValue::from_string` would): what the audit trail stores as a record's fact.
+    pub fn canonical_raw(&self) -> Box<serde_json::value::RawValue> {
+        serde_json::value::to_raw_value(&WireRef::from(self)).expect("events always serialize")
+    }
+
     /// Parses canonical bytes read from the log. The chain fields stay `None`; the log sets them.
     pub fn from_canonical_bytes(bytes: &[u8]) -> Result<Event, EventError> {
         let wire: WireOwned = serde_json::from_slice(bytes)?;
@@ -336,26 +342,120 @@ impl<'a> From<&'a Event> for WireRef<'a> {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// An event as read from its JSON: the envelope's fields, and the payload read in place once the
+/// type (and a schema version this build reads) came before it, as they do in canonical bytes. A
+/// payload that comes first (`cairn log tail` output, whose keys are sorted) is kept as text and
+/// read after. Reading it in place spares a second pass over a write's resource and a copy of it
+/// (the projector's hot path, docs/performance.md). Written out because serde's derive cannot hand
+/// one field's value to the reading of another; it accepts what the derive with
+/// `deny_unknown_fields` accepted, in a JSON object.
 struct WireOwned {
     id: Uuid,
-    #[serde(rename = "type")]
     event_type: EventType,
     schema_version: u32,
     occurred_at: Timestamp,
-    #[serde(default)]
     actor: Actor,
-    #[serde(default)]
     request_id: Option<String>,
-    #[serde(default)]
     patient: Option<String>,
-    payload: Box<serde_json::value::RawValue>,
+    payload: WirePayload,
+}
+
+// Lives on the stack while one event is read; boxing the payload would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+enum WirePayload {
+    Read(Payload),
+    Text(Box<serde_json::value::RawValue>),
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum WireField {
+    Id,
+    Type,
+    SchemaVersion,
+    OccurredAt,
+    Actor,
+    RequestId,
+    Patient,
+    Payload,
     // Accepted (and ignored) so that `cairn log tail` output can be parsed back.
-    #[serde(default, rename = "prev_hash")]
-    _prev_hash: Option<ChainHash>,
-    #[serde(default, rename = "hash")]
-    _hash: Option<ChainHash>,
+    PrevHash,
+    Hash,
+}
+
+const WIRE_FIELDS: &[&str] =
+    &["id", "type", "schema_version", "occurred_at", "actor", "request_id", "patient", "payload", "prev_hash", "hash"];
+
+impl<'de> Deserialize<'de> for WireOwned {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_struct("WireOwned", WIRE_FIELDS, WireVisitor)
+    }
+}
+
+struct WireVisitor;
+
+/// Reads a payload of a known type in place.
+struct PayloadOf(EventType);
+
+impl<'de> serde::de::DeserializeSeed<'de> for PayloadOf {
+    type Value = Payload;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Payload, D::Error> {
+        Payload::deserialize_as(self.0, d)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for WireVisitor {
+    type Value = WireOwned;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an event object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<WireOwned, A::Error> {
+        use serde::de::Error;
+        fn once<T, E: Error>(slot: &mut Option<T>, value: T, name: &'static str) -> Result<(), E> {
+            match slot.replace(value) {
+                Some(_) => Err(E::duplicate_field(name)),
+                None => Ok(()),
+            }
+        }
+        let (mut id, mut event_type, mut schema_version, mut occurred_at) = (None, None, None, None);
+        let (mut actor, mut request_id, mut patient, mut payload) = (None, None, None, None);
+        let (mut prev_hash, mut hash) = (None::<Option<ChainHash>>, None::<Option<ChainHash>>);
+        while let Some(field) = map.next_key::<WireField>()? {
+            match field {
+                WireField::Id => once(&mut id, map.next_value()?, "id")?,
+                WireField::Type => once(&mut event_type, map.next_value()?, "type")?,
+                WireField::SchemaVersion => once(&mut schema_version, map.next_value()?, "schema_version")?,
+                WireField::OccurredAt => once(&mut occurred_at, map.next_value()?, "occurred_at")?,
+                WireField::Actor => once(&mut actor, map.next_value()?, "actor")?,
+                WireField::RequestId => once(&mut request_id, map.next_value()?, "request_id")?,
+                WireField::Patient => once(&mut patient, map.next_value()?, "patient")?,
+                WireField::PrevHash => once(&mut prev_hash, map.next_value()?, "prev_hash")?,
+                WireField::Hash => once(&mut hash, map.next_value()?, "hash")?,
+                WireField::Payload => {
+                    let value = match (event_type, schema_version) {
+                        (Some(t), Some(v)) if v <= SCHEMA_VERSION => {
+                            WirePayload::Read(map.next_value_seed(PayloadOf(t))?)
+                        }
+                        _ => WirePayload::Text(map.next_value()?),
+                    };
+                    once(&mut payload, value, "payload")?;
+                }
+            }
+        }
+        Ok(WireOwned {
+            id: id.ok_or_else(|| A::Error::missing_field("id"))?,
+            event_type: event_type.ok_or_else(|| A::Error::missing_field("type"))?,
+            schema_version: schema_version.ok_or_else(|| A::Error::missing_field("schema_version"))?,
+            occurred_at: occurred_at.ok_or_else(|| A::Error::missing_field("occurred_at"))?,
+            actor: actor.unwrap_or_default(),
+            request_id: request_id.unwrap_or_default(),
+            patient: patient.unwrap_or_default(),
+            payload: payload.ok_or_else(|| A::Error::missing_field("payload"))?,
+        })
+    }
 }
 
 impl WireOwned {
@@ -363,7 +463,10 @@ impl WireOwned {
         if self.schema_version > SCHEMA_VERSION {
             return Err(EventError::TooNew { found: self.schema_version, supported: SCHEMA_VERSION });
         }
-        let payload = Payload::from_json(self.event_type, self.payload.get())?;
+        let payload = match self.payload {
+            WirePayload::Read(p) => p,
+            WirePayload::Text(text) => Payload::from_json(self.event_type, text.get())?,
+        };
         Ok(Event {
             id: self.id,
             schema_version: self.schema_version,
@@ -390,6 +493,7 @@ mod tests {
             let back = Event::from_canonical_bytes(&bytes).unwrap();
             assert_eq!(back, e, "{t}");
             assert_eq!(back.canonical_bytes(), bytes, "{t}: re-encoding changed the bytes");
+            assert_eq!(e.canonical_raw().get().as_bytes(), bytes, "{t}: the raw value is the canonical text");
         }
     }
 
@@ -431,6 +535,56 @@ mod tests {
             assert_eq!(Event::peek_type(&sample_event(t).canonical_bytes()), Some(t));
         }
         assert_eq!(Event::peek_type(b"{\"type\":\"auth.logout\"}"), None);
+    }
+
+    /// In canonical bytes the type comes before the payload, which is read in place; with sorted
+    /// keys (`cairn log tail` output) the payload comes first and is read after. One event either way.
+    #[test]
+    fn the_payload_is_read_in_place_or_after_the_type_alike() {
+        for t in EventType::ALL {
+            let e = sample_event(t);
+            let canonical = e.canonical_bytes();
+            let text = String::from_utf8(canonical.clone()).unwrap();
+            assert!(text.find("\"type\"").unwrap() < text.find("\"payload\"").unwrap(), "{t}");
+            let sorted = serde_json::to_vec(&e.to_json_with_chain()).unwrap();
+            let sorted_text = String::from_utf8(sorted.clone()).unwrap();
+            assert!(sorted_text.find("\"payload\"").unwrap() < sorted_text.find("\"type\"").unwrap(), "{t}");
+            assert_eq!(Event::from_canonical_bytes(&canonical).unwrap(), e, "{t}");
+            assert_eq!(Event::from_canonical_bytes(&sorted).unwrap(), e, "{t}");
+        }
+    }
+
+    /// The envelope is as strict as it was when serde derived its reading (`deny_unknown_fields`).
+    #[test]
+    fn the_envelope_refuses_unknown_repeated_and_missing_fields() {
+        let e = sample_event(EventType::FhirResourceCreated);
+        let text = String::from_utf8(e.canonical_bytes()).unwrap();
+        let body = text.strip_prefix('{').unwrap();
+        let payload_at = text.find(",\"payload\":").unwrap();
+        for (case, bad) in [
+            ("unknown field", format!("{{\"extra\":1,{body}")),
+            ("type twice", format!("{{\"type\":\"fhir.resource.deleted\",{body}")),
+            ("payload twice", text.replacen(",\"payload\":", ",\"payload\":{},\"payload\":", 1)),
+            ("no payload", format!("{}}}", &text[..payload_at])),
+            ("no id", text.replacen("\"id\":", "\"ID\":", 1)),
+            ("not an object", "[1]".to_owned()),
+        ] {
+            assert!(Event::from_canonical_bytes(bad.as_bytes()).is_err(), "{case}: {bad}");
+        }
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_before_its_payload_is_read() {
+        let e = sample_event(EventType::FhirResourceCreated);
+        let text = String::from_utf8(e.canonical_bytes()).unwrap();
+        let at = text.find(",\"payload\":").unwrap();
+        let newer = format!("{},\"payload\":{{\"shape\":\"of tomorrow\"}}}}", &text[..at]).replacen(
+            &format!("\"schema_version\":{SCHEMA_VERSION}"),
+            &format!("\"schema_version\":{}", SCHEMA_VERSION + 1),
+            1,
+        );
+        let err = Event::from_canonical_bytes(newer.as_bytes()).unwrap_err();
+        assert!(matches!(err, EventError::TooNew { .. }), "{err}");
     }
 
     #[test]

@@ -63,31 +63,40 @@ impl Payload {
     }
 
     pub(crate) fn from_json(t: EventType, json: &str) -> Result<Payload, EventError> {
+        let mut d = serde_json::Deserializer::from_str(json);
+        let payload = Payload::deserialize_as(t, &mut d)?;
+        d.end()?;
+        Ok(payload)
+    }
+
+    /// The payload of an event of type `t`, from any deserializer: from its own text
+    /// ([`Payload::from_json`]), or in place inside the envelope (`WireOwned`), read once.
+    pub(crate) fn deserialize_as<'de, D: serde::Deserializer<'de>>(t: EventType, d: D) -> Result<Payload, D::Error> {
         Ok(match t {
-            EventType::AuthLoginSucceeded => Payload::LoginSucceeded(serde_json::from_str(json)?),
-            EventType::AuthLoginFailed => Payload::LoginFailed(serde_json::from_str(json)?),
-            EventType::AuthTokenIssued => Payload::TokenIssued(serde_json::from_str(json)?),
-            EventType::AuthTokenRevoked => Payload::TokenRevoked(serde_json::from_str(json)?),
-            EventType::AuthClientRegistered => Payload::ClientRegistered(serde_json::from_str(json)?),
-            EventType::AuthClientDisabled => Payload::ClientDisabled(serde_json::from_str(json)?),
-            EventType::AuthUserCreated => Payload::UserCreated(serde_json::from_str(json)?),
-            EventType::AuthUserDisabled => Payload::UserDisabled(serde_json::from_str(json)?),
-            EventType::AuthKeyPublished => Payload::KeyPublished(serde_json::from_str(json)?),
-            EventType::AuthTokenRefused => Payload::TokenRefused(serde_json::from_str(json)?),
-            EventType::AuthTokenIntrospected => Payload::TokenIntrospected(serde_json::from_str(json)?),
-            EventType::AuthConsentRecorded => Payload::ConsentRecorded(serde_json::from_str(json)?),
-            EventType::AuthCodeIssued => Payload::CodeIssued(serde_json::from_str(json)?),
-            EventType::AuthCodeRedeemed => Payload::CodeRedeemed(serde_json::from_str(json)?),
-            EventType::AuthLogout => Payload::Logout(serde_json::from_str(json)?),
-            EventType::AuthIdpRegistered => Payload::IdpRegistered(serde_json::from_str(json)?),
-            EventType::AuthIdpDisabled => Payload::IdpDisabled(serde_json::from_str(json)?),
-            EventType::AuthIdentityLinked => Payload::IdentityLinked(serde_json::from_str(json)?),
-            EventType::FhirResourceCreated => Payload::ResourceCreated(serde_json::from_str(json)?),
-            EventType::FhirResourceUpdated => Payload::ResourceUpdated(serde_json::from_str(json)?),
-            EventType::FhirResourceDeleted => Payload::ResourceDeleted(serde_json::from_str(json)?),
-            EventType::FhirAccessRead => Payload::AccessRead(serde_json::from_str(json)?),
-            EventType::FhirAccessSearch => Payload::AccessSearch(serde_json::from_str(json)?),
-            EventType::FhirRequestRefused => Payload::RequestRefused(serde_json::from_str(json)?),
+            EventType::AuthLoginSucceeded => Payload::LoginSucceeded(Deserialize::deserialize(d)?),
+            EventType::AuthLoginFailed => Payload::LoginFailed(Deserialize::deserialize(d)?),
+            EventType::AuthTokenIssued => Payload::TokenIssued(Deserialize::deserialize(d)?),
+            EventType::AuthTokenRevoked => Payload::TokenRevoked(Deserialize::deserialize(d)?),
+            EventType::AuthClientRegistered => Payload::ClientRegistered(Deserialize::deserialize(d)?),
+            EventType::AuthClientDisabled => Payload::ClientDisabled(Deserialize::deserialize(d)?),
+            EventType::AuthUserCreated => Payload::UserCreated(Deserialize::deserialize(d)?),
+            EventType::AuthUserDisabled => Payload::UserDisabled(Deserialize::deserialize(d)?),
+            EventType::AuthKeyPublished => Payload::KeyPublished(Deserialize::deserialize(d)?),
+            EventType::AuthTokenRefused => Payload::TokenRefused(Deserialize::deserialize(d)?),
+            EventType::AuthTokenIntrospected => Payload::TokenIntrospected(Deserialize::deserialize(d)?),
+            EventType::AuthConsentRecorded => Payload::ConsentRecorded(Deserialize::deserialize(d)?),
+            EventType::AuthCodeIssued => Payload::CodeIssued(Deserialize::deserialize(d)?),
+            EventType::AuthCodeRedeemed => Payload::CodeRedeemed(Deserialize::deserialize(d)?),
+            EventType::AuthLogout => Payload::Logout(Deserialize::deserialize(d)?),
+            EventType::AuthIdpRegistered => Payload::IdpRegistered(Deserialize::deserialize(d)?),
+            EventType::AuthIdpDisabled => Payload::IdpDisabled(Deserialize::deserialize(d)?),
+            EventType::AuthIdentityLinked => Payload::IdentityLinked(Deserialize::deserialize(d)?),
+            EventType::FhirResourceCreated => Payload::ResourceCreated(Deserialize::deserialize(d)?),
+            EventType::FhirResourceUpdated => Payload::ResourceUpdated(Deserialize::deserialize(d)?),
+            EventType::FhirResourceDeleted => Payload::ResourceDeleted(Deserialize::deserialize(d)?),
+            EventType::FhirAccessRead => Payload::AccessRead(Deserialize::deserialize(d)?),
+            EventType::FhirAccessSearch => Payload::AccessSearch(Deserialize::deserialize(d)?),
+            EventType::FhirRequestRefused => Payload::RequestRefused(Deserialize::deserialize(d)?),
         })
     }
 }
