@@ -602,36 +602,66 @@ impl EmbeddedStore {
         const REPORT_EVERY: u64 = 1 << 16;
         // Keys per write transaction: a bound on what one transaction holds in memory.
         const KEYS_PER_TRANSACTION: usize = 1 << 20;
-        let io = |e: std::io::Error| storage(&gathered.scratch, e);
+        // Keys handed from the merge to the writer at a time.
+        const KEYS_PER_CHUNK: usize = 4096;
         let added: u64 = gathered.added.iter().map(KeySorter::len).sum();
         let removed: u64 = gathered.removed.iter().map(KeySorter::len).sum();
         // Every key a rebuild removes it added before (it starts empty).
         let mut at = IndexProgress { written: 0, keys: added.saturating_sub(removed) };
         progress(at);
-        let Gathered { added, removed, .. } = gathered;
+        let Gathered { added, removed, scratch } = gathered;
         self.with_early_writeback(|| {
-            for ((index, added), removed) in Index::ALL.into_iter().zip(added).zip(removed) {
-                let mut keys = difference(added.finish().map_err(io)?, removed.finish().map_err(io)?).peekable();
-                while keys.peek().is_some() {
-                    let mut tx = self.db().begin_write().map_err(|e| self.err(e))?;
-                    // Not durable: the last transaction is, and until it commits the rebuild mark stays.
-                    tx.set_durability(Durability::None).map_err(|e| self.err(e))?;
-                    {
-                        let mut table = tx.open_table(index.table()).map_err(|e| self.err(e))?;
-                        // Ascending, and after every key the table holds (it started empty).
-                        let batch = keys.by_ref().take(KEYS_PER_TRANSACTION).map(|key| {
-                            at.written += 1;
-                            if at.written.is_multiple_of(REPORT_EVERY) {
-                                progress(at);
+            std::thread::scope(|scope| {
+                // The keys, index after index, sorted and merged on a helper thread while this one
+                // inserts them: merging many runs (a rebuild of millions of events spills dozens)
+                // cost the single-threaded build a share of its time while the other core idled.
+                let (send, received) = std::sync::mpsc::sync_channel::<(Index, Vec<Vec<u8>>)>(16);
+                let merging = scope.spawn(move || -> std::io::Result<()> {
+                    for ((index, added), removed) in Index::ALL.into_iter().zip(added).zip(removed) {
+                        let mut keys = difference(added.finish()?, removed.finish()?);
+                        loop {
+                            let chunk = keys.by_ref().take(KEYS_PER_CHUNK).collect::<std::io::Result<Vec<_>>>()?;
+                            // Nothing left, or the writer stopped (its error is the one reported).
+                            if chunk.is_empty() || send.send((index, chunk)).is_err() {
+                                break;
                             }
-                            key.map_err(io)
-                        });
-                        self.insert_ascending(&mut table, batch)?;
+                        }
                     }
-                    tx.commit().map_err(|e| self.err(e))?;
-                }
-            }
-            Ok(())
+                    Ok(())
+                });
+                let mut keys = received
+                    .into_iter()
+                    .flat_map(|(index, chunk)| chunk.into_iter().map(move |k| (index, k)))
+                    .peekable();
+                let written = (|| {
+                    while let Some(&(index, _)) = keys.peek() {
+                        let mut tx = self.db().begin_write().map_err(|e| self.err(e))?;
+                        // Not durable: the last transaction is, and until it commits the rebuild mark stays.
+                        tx.set_durability(Durability::None).map_err(|e| self.err(e))?;
+                        {
+                            let mut table = tx.open_table(index.table()).map_err(|e| self.err(e))?;
+                            // Ascending, and after every key the table holds (it started empty).
+                            let batch = std::iter::from_fn(|| keys.next_if(|(i, _)| *i as usize == index as usize))
+                                .take(KEYS_PER_TRANSACTION)
+                                .map(|(_, key)| {
+                                    at.written += 1;
+                                    if at.written.is_multiple_of(REPORT_EVERY) {
+                                        progress(at);
+                                    }
+                                    Ok(key)
+                                });
+                            self.insert_ascending(&mut table, batch)?;
+                        }
+                        tx.commit().map_err(|e| self.err(e))?;
+                    }
+                    Ok(())
+                })();
+                // A failed write stops the merge (its sends fail); a failed merge ends the keys
+                // early, and its error fails the build before the rebuild mark is cleared.
+                drop(keys);
+                let merged = merging.join().unwrap_or_else(|_| Err(std::io::Error::other("the index merge panicked")));
+                written.and(merged.map_err(|e| storage(&scratch, e)))
+            })
         })?;
         let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         tx.open_table(META).map_err(|e| self.err(e))?.remove(INDEXES_PENDING).map_err(|e| self.err(e))?;
