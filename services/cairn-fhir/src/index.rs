@@ -104,8 +104,14 @@ fn tree(raw: &RawValue) -> Option<Value> {
 /// holds the two ways equal.
 pub fn index_keys(resource_type: &str, id: &str, raw: &str) -> IndexKeys {
     let Ok(e) = serde_json::from_str::<IndexedElements>(raw) else { return IndexKeys::NONE };
-    // Skipped text is checked less strictly than a tree checks it (a lone surrogate in an escape):
-    // every element with an escape is read as a tree once, whatever the type needs of it.
+    // Text taken as it is gets fewer checks than a tree (serde_json's bound of 127 levels, counted
+    // from the resource; a lone surrogate in an escape): an element a tree would refuse makes the
+    // resource unreadable, as when every element was read as a tree.
+    let elements =
+        [e.subject, e.patient, e.identifier, e.meta, e.effective_date_time, e.effective_instant, e.effective_period];
+    if elements.into_iter().flatten().any(|r| nesting(r.get()) > MAX_ELEMENT_NESTING) {
+        return IndexKeys::NONE;
+    }
     let escaped = [e.subject, e.patient, e.identifier, e.meta].into_iter().flatten();
     if escaped.filter(|r| r.get().contains('\\')).any(|r| tree(r).is_none()) {
         return IndexKeys::NONE;
@@ -148,6 +154,36 @@ pub fn index_keys(resource_type: &str, id: &str, raw: &str) -> IndexKeys {
         }
     }
     IndexKeys { patient, identifiers, date_key: date_key(resource_type, &Value::Object(effective)), last_updated }
+}
+
+/// The deepest an element may nest: serde_json reads trees 127 levels deep, and the resource's own
+/// object is the first.
+const MAX_ELEMENT_NESTING: usize = 126;
+
+/// How deeply the objects and arrays of a JSON text nest (a scalar: 0). The text is valid JSON.
+fn nesting(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// [`identifiers_of`] for a raw `identifier` element; `None` if it is no valid JSON value.
@@ -370,6 +406,34 @@ mod tests {
             prop_assert_eq!(&text.identifiers, &trees.identifiers, "{}", raw);
             prop_assert_eq!(text.date_key, trees.date_key, "{}", raw);
             prop_assert_eq!(&text.last_updated, &trees.last_updated, "{}", raw);
+        }
+    }
+
+    /// A tree is at most 127 levels deep for serde_json, counted from the resource: an element
+    /// nested deeper made the whole resource unreadable, and still does, whichever way it is read.
+    #[test]
+    fn index_keys_refuse_elements_nested_as_deep_as_trees_refuse_them() {
+        assert_eq!(nesting(r#"{"a":"[[\"{{\\","b":[1,{}]}"#), 3, "brackets in strings do not count");
+        assert_eq!(nesting(r#""x""#), 0);
+        let deep = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        for levels in 120..132 {
+            let nested = deep(levels);
+            for element in [
+                format!(r#""subject":{{"reference":"Patient/p1","extension":{nested}}}"#),
+                format!(r#""meta":{{"lastUpdated":"2026-01-02T03:04:05Z","tag":{nested}}}"#),
+                format!(r#""identifier":[{{"system":"s","value":"v","period":{nested}}}]"#),
+                format!(r#""effectivePeriod":{{"start":"2026-01-01T00:00:00Z","x":{nested}}}"#),
+                format!(r#""effectiveDateTime":"2026-01-01T00:00:00Z","status":{nested}"#),
+            ] {
+                let raw = format!(r#"{{"resourceType":"Observation",{element},"id":"r1"}}"#);
+                let (text, trees) =
+                    (index_keys("Observation", "r1", &raw), index_keys_from_trees("Observation", "r1", &raw));
+                let what = format!("{levels} levels: {}", &element[..20]);
+                assert_eq!(text.patient, trees.patient, "{what}");
+                assert_eq!(text.identifiers, trees.identifiers, "{what}");
+                assert_eq!(text.date_key, trees.date_key, "{what}");
+                assert_eq!(text.last_updated, trees.last_updated, "{what}");
+            }
         }
     }
 
