@@ -394,6 +394,21 @@ impl<'de> Deserialize<'de> for WireOwned {
 
 struct WireVisitor;
 
+/// Whether a payload of type `t` is read in place: the types the projectors meet by the million,
+/// whose payloads hold no JSON tree. A tree read in place lies one level deeper than read from the
+/// payload's own text, and serde_json refuses trees deeper than 127 levels: a client's `jwks` that
+/// read before would not (a test holds the two ways alike).
+fn read_in_place(t: EventType) -> bool {
+    matches!(
+        t,
+        EventType::FhirResourceCreated
+            | EventType::FhirResourceUpdated
+            | EventType::FhirResourceDeleted
+            | EventType::FhirAccessRead
+            | EventType::FhirAccessSearch
+    )
+}
+
 /// Reads a payload of a known type in place.
 struct PayloadOf(EventType);
 
@@ -436,7 +451,7 @@ impl<'de> serde::de::Visitor<'de> for WireVisitor {
                 WireField::Hash => once(&mut hash, map.next_value()?, "hash")?,
                 WireField::Payload => {
                     let value = match (event_type, schema_version) {
-                        (Some(t), Some(v)) if v <= SCHEMA_VERSION => {
+                        (Some(t), Some(v)) if v <= SCHEMA_VERSION && read_in_place(t) => {
                             WirePayload::Read(map.next_value_seed(PayloadOf(t))?)
                         }
                         _ => WirePayload::Text(map.next_value()?),
@@ -570,6 +585,27 @@ mod tests {
             ("not an object", "[1]".to_owned()),
         ] {
             assert!(Event::from_canonical_bytes(bad.as_bytes()).is_err(), "{case}: {bad}");
+        }
+    }
+
+    /// A registered client's `jwks` is a tree: as deep as it may be in the payload's own text, the
+    /// event reads the same in canonical order and with sorted keys.
+    #[test]
+    fn deep_trees_in_a_payload_read_alike_both_ways() {
+        for levels in 120..130 {
+            let mut e = sample_event(EventType::AuthClientRegistered);
+            let mut deep = serde_json::json!([]);
+            for _ in 1..levels {
+                deep = serde_json::json!([deep]);
+            }
+            let Payload::ClientRegistered(c) = &mut e.payload else { unreachable!() };
+            c.jwks = Some(serde_json::json!({"keys": [], "x": deep}));
+            let canonical = Event::from_canonical_bytes(&e.canonical_bytes()).map_err(|e| e.to_string());
+            let sorted = Event::from_canonical_bytes(&serde_json::to_vec(&e.to_json_with_chain()).unwrap());
+            assert_eq!(canonical.is_ok(), sorted.is_ok(), "{levels} levels: {canonical:?}");
+            if levels == 120 {
+                assert_eq!(canonical.unwrap(), e);
+            }
         }
     }
 
