@@ -9,8 +9,8 @@
 //! - `by_patient_date` (patient, type, date key, id): a patient's Observations by effective time
 //!   and AuditEvents by recording time;
 //! - `by_patient` (patient, type, id): the resources in a patient's compartment that have no date
-//!   key (Patients, Devices); with `by_patient_date` it finds a whole compartment, and a resource is
-//!   in one of the two only;
+//!   key (Patients, Devices, Provenances); with `by_patient_date` it finds a whole compartment, and a
+//!   resource is in one of the two only (`index_keys`);
 //! - `by_identifier` (type, system|value, id). The three indexes are over current, non-deleted
 //!   resources;
 //! - `changes` (lastUpdated ms, key, version): every version by time, for type and system history;
@@ -621,9 +621,12 @@ impl EmbeddedStore {
                         let mut keys = difference(added.finish()?, removed.finish()?);
                         loop {
                             let chunk = keys.by_ref().take(KEYS_PER_CHUNK).collect::<std::io::Result<Vec<_>>>()?;
-                            // Nothing left, or the writer stopped (its error is the one reported).
-                            if chunk.is_empty() || send.send((index, chunk)).is_err() {
+                            if chunk.is_empty() {
                                 break;
+                            }
+                            if send.send((index, chunk)).is_err() {
+                                // The writer stopped: its error is the one reported.
+                                return Ok(());
                             }
                         }
                     }
@@ -945,8 +948,6 @@ impl EmbeddedStore {
         })
     }
 
-    /// Visits the current, non-deleted resources of `resource_type` named by the keys in
-    /// `[from, to)` of `index` (`id_of` reads the id out of a key); `visit` returns false to stop.
     /// The digest's patient index (section 3, every resource in a compartment by patient, type and
     /// id) from the two tables that hold it here: `by_patient`, and the resources with a date key
     /// from `by_patient_date` (`index_keys`). Both are ordered by (patient, type) first; within one,
@@ -1004,6 +1005,8 @@ impl EmbeddedStore {
         }
     }
 
+    /// Visits the current, non-deleted resources of `resource_type` named by the keys in
+    /// `[from, to)` of `index` (`id_of` reads the id out of a key); `visit` returns false to stop.
     fn visit_index(
         &self,
         tx: &redb::ReadTransaction,

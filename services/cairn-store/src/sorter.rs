@@ -111,7 +111,7 @@ impl KeySorter {
 /// and such a group is small enough to stay in the cache.
 fn sort_spans(data: &[u8], spans: &mut Vec<(u32, u32)>) {
     let mut entries: Vec<Entry> = spans.iter().map(|&(at, len)| Entry { chunk: 0, at, len }).collect();
-    sort_entries(data, &mut entries, 0);
+    sort_entries(data, &mut entries);
     spans.clear();
     spans.extend(entries.iter().map(|e| (e.at, e.len)));
 }
@@ -134,40 +134,46 @@ impl Entry {
 
 const CHUNK: usize = 7;
 
-/// Sorts `entries`, whose keys are equal before `depth`.
-fn sort_entries(data: &[u8], entries: &mut [Entry], depth: usize) {
-    if entries.len() < 2 {
-        return;
-    }
-    // Bytes every key here shares from `depth` on need not be looked at again and again.
-    let first = &entries[0].key(data)[depth.min(entries[0].len as usize)..];
-    let mut shared = first.len();
-    for e in &entries[1..] {
-        let rest = &e.key(data)[depth.min(e.len as usize)..];
-        shared = shared.min(rest.len()).min(first.iter().zip(rest).take_while(|(a, b)| a == b).count());
-        if shared == 0 {
-            break;
+/// Sorts `entries`. Groups still to sort wait on a stack of their own rather than in recursion: a
+/// group goes seven bytes deeper each time, and a long key (an identifier) would go deep.
+fn sort_entries(data: &[u8], entries: &mut [Entry]) {
+    // (start, end, depth): entries[start..end] have keys equal before `depth`.
+    let mut groups = vec![(0, entries.len(), 0)];
+    while let Some((start, end, depth)) = groups.pop() {
+        let group = &mut entries[start..end];
+        if group.len() < 2 {
+            continue;
         }
-    }
-    let depth = depth + shared;
-    for e in entries.iter_mut() {
-        let rest = e.key(data).get(depth..).unwrap_or(&[]);
-        let n = rest.len().min(CHUNK);
-        let mut bytes = [0u8; 8];
-        bytes[..n].copy_from_slice(&rest[..n]);
-        bytes[CHUNK] = n as u8;
-        e.chunk = u64::from_be_bytes(bytes);
-    }
-    entries.sort_unstable_by_key(|e| e.chunk);
-    let mut start = 0;
-    while start < entries.len() {
-        let chunk = entries[start].chunk;
-        let end = start + entries[start..].iter().take_while(|e| e.chunk == chunk).count();
-        // Fewer than seven bytes left means these keys ended here, equal.
-        if end - start > 1 && (chunk & 0xff) as usize == CHUNK {
-            sort_entries(data, &mut entries[start..end], depth + CHUNK);
+        // Bytes every key here shares from `depth` on need not be looked at again and again.
+        let first = &group[0].key(data)[depth.min(group[0].len as usize)..];
+        let mut shared = first.len();
+        for e in &group[1..] {
+            let rest = &e.key(data)[depth.min(e.len as usize)..];
+            shared = shared.min(rest.len()).min(first.iter().zip(rest).take_while(|(a, b)| a == b).count());
+            if shared == 0 {
+                break;
+            }
         }
-        start = end;
+        let depth = depth + shared;
+        for e in group.iter_mut() {
+            let rest = e.key(data).get(depth..).unwrap_or(&[]);
+            let n = rest.len().min(CHUNK);
+            let mut bytes = [0u8; 8];
+            bytes[..n].copy_from_slice(&rest[..n]);
+            bytes[CHUNK] = n as u8;
+            e.chunk = u64::from_be_bytes(bytes);
+        }
+        group.sort_unstable_by_key(|e| e.chunk);
+        let mut at = 0;
+        while at < group.len() {
+            let chunk = group[at].chunk;
+            let same = group[at..].iter().take_while(|e| e.chunk == chunk).count();
+            // Fewer than seven bytes left means these keys ended here, equal.
+            if same > 1 && (chunk & 0xff) as usize == CHUNK {
+                groups.push((start + at, start + at + same, depth + CHUNK));
+            }
+            at += same;
+        }
     }
 }
 
@@ -353,6 +359,22 @@ mod tests {
             expected.sort();
             assert_eq!(ours, expected, "round {round}");
         }
+        // Long keys that differ only at their ends: thousands of seven-byte steps deep.
+        let long: Vec<Vec<u8>> = [b"b".as_slice(), b"a", b"", b"a\0", b"a"]
+            .iter()
+            .map(|end| [vec![b'k'; 60_000], end.to_vec()].concat())
+            .collect();
+        let mut data = Vec::new();
+        let mut spans = Vec::new();
+        for k in &long {
+            spans.push((data.len() as u32, k.len() as u32));
+            data.extend_from_slice(k);
+        }
+        sort_spans(&data, &mut spans);
+        let ours: Vec<&[u8]> = spans.iter().map(|&(at, len)| &data[at as usize..(at + len) as usize]).collect();
+        let mut expected: Vec<&[u8]> = long.iter().map(Vec::as_slice).collect();
+        expected.sort();
+        assert_eq!(ours, expected, "long keys");
     }
 
     #[test]
