@@ -977,32 +977,37 @@ impl EmbeddedStore {
             };
         let mut undated = by_patient.iter().map_err(|e| self.err(e))?.map(|item| read(item, false)).peekable();
         let mut dated = by_patient_date.iter().map_err(|e| self.err(e))?.map(|item| read(item, true)).peekable();
-        loop {
-            // The next compartment and type: the smaller head.
-            let next = match (undated.peek(), dated.peek()) {
-                (None, None) => return Ok(()),
-                (Some(Err(_)), _) => return undated.next().expect("peeked").map(drop),
-                (_, Some(Err(_))) => return dated.next().expect("peeked").map(drop),
-                (Some(Ok(u)), Some(Ok(t))) => u.0.clone().min(t.0.clone()),
-                (Some(Ok(u)), None) => u.0.clone(),
-                (None, Some(Ok(t))) => t.0.clone(),
-            };
-            let mut group: Vec<Row> = Vec::new();
-            group.extend(
-                std::iter::from_fn(|| undated.next_if(|r| r.as_ref().is_ok_and(|r| r.0 == next)))
-                    .map(|r| r.expect("matched Ok")),
-            );
-            group.extend(
-                std::iter::from_fn(|| dated.next_if(|r| r.as_ref().is_ok_and(|r| r.0 == next)))
-                    .map(|r| r.expect("matched Ok")),
-            );
-            let (p, t) = (group[0].1.clone(), group[0].2.clone());
-            let mut ids: Vec<String> = group.into_iter().map(|r| r.3).collect();
+        // Takes the rows of `group` at the head of `rows`, and an error there.
+        fn take_group(
+            rows: &mut std::iter::Peekable<impl Iterator<Item = Result<Row>>>,
+            group: &[u8],
+            names: &mut Option<(String, String)>,
+            ids: &mut Vec<String>,
+        ) -> Result<()> {
+            while let Some(row) = rows.next_if(|r| r.as_ref().map_or(true, |r| r.0 == group)) {
+                let (_, p, t, id) = row?;
+                names.get_or_insert((p, t));
+                ids.push(id);
+            }
+            Ok(())
+        }
+        // The next compartment and type: the smaller head (an error sorts first, and is taken).
+        while let Some(next) = [undated.peek(), dated.peek()]
+            .into_iter()
+            .flatten()
+            .map(|r| r.as_ref().map_or(Vec::new(), |r| r.0.clone()))
+            .min()
+        {
+            let (mut names, mut ids) = (None, Vec::new());
+            take_group(&mut undated, &next, &mut names, &mut ids)?;
+            take_group(&mut dated, &next, &mut names, &mut ids)?;
+            let Some((p, t)) = names else { continue };
             ids.sort_by_cached_key(|id| KeyBuf::new().str(id).bytes().to_vec());
             for id in &ids {
                 d.by_patient(&p, &t, id);
             }
         }
+        Ok(())
     }
 
     /// Visits the current, non-deleted resources of `resource_type` named by the keys in
