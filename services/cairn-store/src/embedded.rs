@@ -49,9 +49,10 @@ type VersionsTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
 /// The layout of the store file. 1: redb tuple keys (until 2026-11-29); 2: byte keys; 3: version
 /// records compressed; 4: version records in the value file; 5: no `current` table (the newest
 /// row in `versions` is the current version); 6: a resource with a date key is in `by_patient_date`
-/// only, no longer in `by_patient` too. A file of another layout is not read: the store is derived
+/// only, no longer in `by_patient` too; 7: a record may be spliced from another (`Packer`). A file
+/// of another layout is not read: the store is derived
 /// from the log, so it is rebuilt instead ([`EmbeddedStore::open_or_rebuild`]).
-pub const FORMAT: u64 = 6;
+pub const FORMAT: u64 = 7;
 
 /// Packs version records as the value file keeps them (the `versions` table points to them): the
 /// record's JSON ([`ResourceVersion::encode`]) compressed with LZ4 (the `lz4_flex` crate, block
@@ -60,12 +61,30 @@ pub const FORMAT: u64 = 6;
 /// digest covers, what the CQL store keeps) is unchanged. A packer keeps its buffers and LZ4's
 /// table from one record to the next: allocating and zeroing them for each record took about a
 /// fifth of packing a rebuild's records.
+///
+/// A write's AuditEvent and Provenance differ only in their type and date key: the rest of their
+/// records (`ResourceVersion::encode_into`'s middle: id, times, patient, and the fact they are
+/// both rendered from) is the same. The second of the two in a batch is packed as a splice
+/// ([`Packer::pack_spliced`]): its type and date key as they are, and where its middle lies in the
+/// first one's record: 82 bytes for a Provenance that packed whole to about 440 (a quarter of what
+/// a write event put in the value file). A spliced record is marked in its length's
+/// top bit ([`SPLICED`]): [length | flag][the other record's pointer][where the middle starts in
+/// that record][where it goes in this one][its length][the rest of this record].
 #[derive(Default)]
 struct Packer {
     table: lz4_flex::block::CompressTable,
     encoded: Vec<u8>,
     compressed: Vec<u8>,
 }
+
+/// Set in a packed record's length when its middle is spliced in from another record. Records are
+/// far below 2^31 bytes ([`MAX_RECORD_BYTES`]), so the bit is free in the plain format.
+const SPLICED: u32 = 1 << 31;
+/// Where a spliced record holds the pointer of the record its middle comes from, filled in by the
+/// writer once that record's place in the value file is known.
+const SPLICE_POINTER: std::ops::Range<usize> = 4..4 + Pointer::BYTES;
+/// The bytes before the rest of a spliced record: its length, the pointer, and three `u32`s.
+const SPLICE_HEADER: usize = SPLICE_POINTER.end + 12;
 
 impl Packer {
     /// The version's record, packed.
@@ -88,25 +107,140 @@ impl Packer {
         packed.extend_from_slice(&self.compressed[..n]);
         packed
     }
+
+    /// The version's record without its middle, which another record holds at `from`; the other
+    /// record's pointer is left zero ([`SPLICE_POINTER`]) for the writer. The rest (a type and a
+    /// date key) is a few dozen bytes, too few for LZ4 to shrink.
+    fn pack_spliced(&mut self, version: &ResourceVersion, from: usize) -> Vec<u8> {
+        self.encoded.clear();
+        let middle = version.encode_into(&mut self.encoded);
+        let rest = self.encoded.len() - middle.len();
+        let mut packed = Vec::with_capacity(SPLICE_HEADER + rest);
+        packed.extend_from_slice(&(self.encoded.len() as u32 | SPLICED).to_le_bytes());
+        packed.extend_from_slice(&[0; Pointer::BYTES]);
+        for n in [from, middle.start, middle.len()] {
+            packed.extend_from_slice(&(n as u32).to_le_bytes());
+        }
+        packed.extend_from_slice(&self.encoded[..middle.start]);
+        packed.extend_from_slice(&self.encoded[middle.end..]);
+        packed
+    }
+}
+
+/// One version's packed record, as the packer hands it to the writer.
+struct Packed {
+    bytes: Vec<u8>,
+    /// Spliced from the record of the batch's version at this index: its pointer goes into
+    /// `bytes` ([`SPLICE_POINTER`]) once that record is appended.
+    spliced_from: Option<usize>,
+}
+
+/// Packs a batch's versions in order, splicing each audit record (a fact,
+/// `ResourceVersion::fact`) whose middle an earlier version of the batch has too from that
+/// version's record.
+struct BatchPacker<'a> {
+    packer: Packer,
+    batch: &'a [&'a ResourceVersion],
+    /// The first fact of the batch under each id, by its index. Keyed by the id (a middle holds
+    /// it), not the fact's text: hashing that took half as long as compressing a record.
+    first_with_id: foldhash::HashMap<&'a str, usize>,
+}
+
+impl<'a> BatchPacker<'a> {
+    fn new(batch: &'a [&'a ResourceVersion]) -> BatchPacker<'a> {
+        BatchPacker { packer: Packer::default(), batch, first_with_id: Default::default() }
+    }
+
+    /// The version whose record `version`'s middle can be spliced from: the batch's first fact under
+    /// its id, when that is not `version` itself and has the same middle.
+    fn splice_source(&mut self, index: usize, version: &'a ResourceVersion) -> Option<usize> {
+        if !version.fact {
+            return None;
+        }
+        let first = *self.first_with_id.entry(&version.id).or_insert(index);
+        (first != index && same_middle(version, self.batch[first])).then_some(first)
+    }
+
+    /// The batch's version at `index`, packed.
+    fn pack(&mut self, index: usize) -> Packed {
+        let version = self.batch[index];
+        match self.splice_source(index, version) {
+            Some(first) => Packed {
+                bytes: self.packer.pack_spliced(version, self.batch[first].middle_start()),
+                spliced_from: Some(first),
+            },
+            None => Packed { bytes: self.packer.pack(version), spliced_from: None },
+        }
+    }
+}
+
+/// Whether `a` and `b` encode to the same middle (`ResourceVersion::encode_into`).
+fn same_middle(a: &ResourceVersion, b: &ResourceVersion) -> bool {
+    a.resource.as_ref().map(|r| r.get()) == b.resource.as_ref().map(|r| r.get())
+        && a.id == b.id
+        && a.version_id == b.version_id
+        && a.last_updated == b.last_updated
+        && a.last_updated_ms == b.last_updated_ms
+        && a.deleted == b.deleted
+        && a.fact == b.fact
+        && a.patient == b.patient
+        && a.identifiers == b.identifiers
 }
 
 /// The largest version record [`unpack`] accepts: far above the API's request limit, and it keeps a
 /// damaged length from asking for gigabytes.
 const MAX_RECORD_BYTES: usize = 256 << 20;
 
-fn unpack(stored: &[u8]) -> Result<Vec<u8>> {
+/// The record `stored` packs; `read` gives the packed record a pointer names (the one a spliced
+/// record's middle comes from).
+fn unpack(stored: &[u8], read: impl FnOnce(Pointer) -> Result<Vec<u8>>) -> Result<Vec<u8>> {
     let corrupt = |why: String| StoreError::Corrupt(format!("a version record does not decompress: {why}"));
     let (n, data) =
         lz4_flex::block::uncompressed_size(stored).map_err(|_| corrupt("it is shorter than its length".into()))?;
-    if n > MAX_RECORD_BYTES {
-        return Err(corrupt(format!("it claims {n} bytes")));
+    if !is_spliced(stored) {
+        return decompress(data, n).map_err(corrupt);
     }
-    let record = lz4_flex::block::decompress(data, n).map_err(|e| corrupt(e.to_string()))?;
+    let n = n & !(SPLICED as usize);
+    let (header, rest) =
+        stored.split_at_checked(SPLICE_HEADER).ok_or_else(|| corrupt("it is shorter than its header".into()))?;
+    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes")) as usize;
+    let (from, at, len) = (u32_at(SPLICE_POINTER.end), u32_at(SPLICE_POINTER.end + 4), u32_at(SPLICE_POINTER.end + 8));
+    if rest.len().checked_add(len) != Some(n) || at > rest.len() {
+        return Err(corrupt(format!("it claims {n} bytes, {} of them its own and {len} at {at}", rest.len())));
+    }
+    let other = unpack_whole(&read(Pointer::decode(&header[SPLICE_POINTER])?)?)
+        .map_err(|e| corrupt(format!("the record it is spliced from: {e}")))?;
+    let middle = other.get(from..from + len).ok_or_else(|| {
+        corrupt(format!("its middle lies past the end of the record it is in ({} bytes)", other.len()))
+    })?;
+    let mut record = Vec::with_capacity(n);
+    record.extend_from_slice(&rest[..at]);
+    record.extend_from_slice(middle);
+    record.extend_from_slice(&rest[at..]);
+    Ok(record)
+}
+
+/// The `n` bytes LZ4 `data` holds; why not, when it holds something else.
+fn decompress(data: &[u8], n: usize) -> std::result::Result<Vec<u8>, String> {
+    if n > MAX_RECORD_BYTES {
+        return Err(format!("it claims {n} bytes"));
+    }
+    let record = lz4_flex::block::decompress(data, n).map_err(|e| e.to_string())?;
     // The decoder stops where the data ends; a damaged length would otherwise go unnoticed.
     if record.len() != n {
-        return Err(corrupt(format!("it claims {n} bytes and holds {}", record.len())));
+        return Err(format!("it claims {n} bytes and holds {}", record.len()));
     }
     Ok(record)
+}
+
+fn is_spliced(stored: &[u8]) -> bool {
+    stored.first_chunk::<4>().is_some_and(|n| u32::from_le_bytes(*n) & SPLICED != 0)
+}
+
+/// [`unpack`] for a record that is packed whole: one a spliced record's middle comes from, which is
+/// never spliced itself (so no chain of records needs reading, and none can loop).
+fn unpack_whole(stored: &[u8]) -> Result<Vec<u8>> {
+    unpack(stored, |_| Err(StoreError::Corrupt("it is spliced from another record itself".into())))
 }
 
 /// A batch at least this large is packed on a helper thread ([`with_packed`]).
@@ -116,18 +250,19 @@ const PACK_CHUNK: usize = 256;
 /// Runs `write` with the batch's records encoded and packed, in order. A large batch (a projector
 /// behind the log, a rebuild) is packed on a helper thread while `write` inserts what is ready: the
 /// store writes on one core, and encoding and compressing took about a fifth of its time.
-fn with_packed<R>(versions: &[&ResourceVersion], write: impl FnOnce(&mut dyn Iterator<Item = Vec<u8>>) -> R) -> R {
+fn with_packed<R>(versions: &[&ResourceVersion], write: impl FnOnce(&mut dyn Iterator<Item = Packed>) -> R) -> R {
     if versions.len() < PACK_AHEAD_MIN {
-        let mut packer = Packer::default();
-        return write(&mut versions.iter().map(|v| packer.pack(v)));
+        let mut packer = BatchPacker::new(versions);
+        return write(&mut (0..versions.len()).map(|i| packer.pack(i)));
     }
     std::thread::scope(|scope| {
-        let (ready, packed) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(16);
+        let (ready, packed) = std::sync::mpsc::sync_channel::<Vec<Packed>>(16);
         scope.spawn(move || {
-            let mut packer = Packer::default();
-            for chunk in versions.chunks(PACK_CHUNK) {
+            let mut packer = BatchPacker::new(versions);
+            for start in (0..versions.len()).step_by(PACK_CHUNK) {
+                let chunk = (start..(start + PACK_CHUNK).min(versions.len())).map(|i| packer.pack(i)).collect();
                 // A failed write stops reading; the helper stops with it.
-                if ready.send(chunk.iter().map(|v| packer.pack(v)).collect()).is_err() {
+                if ready.send(chunk).is_err() {
                     return;
                 }
             }
@@ -510,7 +645,7 @@ impl EmbeddedStore {
 
     /// The version record `pointer` names, as the digest covers it (unpacked JSON).
     fn record_bytes(&self, pointer: Pointer) -> Result<Vec<u8>> {
-        unpack(&self.values.read(pointer)?)
+        unpack(&self.values.read(pointer)?, |other| self.values.read(other))
     }
 
     /// Creates a new store file for a rebuild from the log (`cairn replay`, a server whose store was
@@ -706,6 +841,11 @@ impl EmbeddedStore {
             // The records this transaction appends to the value file, from its committed end.
             let mut appended = Appender::new(&self.values, self.values_end.load(Ordering::Relaxed));
             let mut changes = Vec::with_capacity(ordered.len());
+            // Where this transaction appended each version's record, by its place in the batch, for
+            // the records spliced from it. Only records packed whole are named here: the record a
+            // middle is spliced from is always one.
+            let mut appended_at: Vec<Option<Pointer>> = vec![None; ordered.len()];
+            let mut packed = packed.enumerate();
             let keyed = ordered.iter().map(Ok);
             self.walk_ascending(
                 &mut versions_t,
@@ -715,7 +855,7 @@ impl EmbeddedStore {
                     let (vkey, v) = (vkey.bytes(), *v);
                     // Never short: the helper packs every version unless it panicked, which the scope
                     // passes on before this transaction could commit.
-                    let packed = packed.next().ok_or_else(|| self.err("a version record was not packed"))?;
+                    let (index, packed) = packed.next().ok_or_else(|| self.err("a version record was not packed"))?;
                     let (resource, _) = split_version_key(vkey)?;
                     // The rows beside the gap: this very version (applied before: replay is idempotent,
                     // and the version stored first stays, matching the indexes made with it; a
@@ -733,9 +873,23 @@ impl EmbeddedStore {
                         }
                         _ => None,
                     };
+                    let packed = match packed.spliced_from.map(|from| appended_at[from]) {
+                        None => packed.bytes,
+                        Some(Some(from)) => {
+                            let mut bytes = packed.bytes;
+                            bytes[SPLICE_POINTER].copy_from_slice(&from.encode());
+                            bytes
+                        }
+                        // The version its middle is in was stored before this batch (an event applied
+                        // again): packed whole instead. Rare, so here rather than on the helper.
+                        Some(None) => Packer::default().pack(v),
+                    };
                     let row = VersionRow { pointer: appended.pointer_for(&packed), deleted: v.deleted };
                     gap.insert_before(vkey, row.encode().as_slice()).map_err(|e| self.err(e))?;
                     appended.append(&packed)?;
+                    if !is_spliced(&packed) {
+                        appended_at[index] = Some(row.pointer);
+                    }
                     changes.push(KeyBuf::new().i64(v.last_updated_ms).encoded(resource).u64(v.version_id));
                     if newer {
                         // An older version arriving late: it never becomes current.
@@ -746,7 +900,7 @@ impl EmbeddedStore {
                     if let Some(row) = replaces
                         && !row.deleted
                     {
-                        let record = unpack(&appended.read(row.pointer)?)?;
+                        let record = unpack(&appended.read(row.pointer)?, |other| appended.read(other))?;
                         index_keys(decode(&record)?, |index, k| {
                             indexes.remove(index, k.bytes()).map_err(|e| self.err(e))
                         })?;
@@ -1303,6 +1457,16 @@ mod tests {
         }
     }
 
+    impl EmbeddedStore {
+        /// The `versions` row of `key` (`Type/id`) at `version_id`.
+        fn version_row(&self, key: &str, version_id: u64) -> VersionRow {
+            let tx = self.db().begin_read().unwrap();
+            let versions = tx.open_table(VERSIONS).unwrap();
+            let row = versions.get(version_key(key, version_id).bytes()).unwrap().unwrap();
+            VersionRow::decode(row.value()).unwrap()
+        }
+    }
+
     /// A rebuild that writes its indexes at the end leaves the same store as one that kept them up
     /// to date write by write: through updates that move a resource to another patient, date and
     /// identifier, deletions, re-creations, versions arriving late and versions applied twice.
@@ -1644,7 +1808,7 @@ mod tests {
         for v in &versions {
             let packed = packer.pack(v);
             assert_eq!(packed, lz4_flex::block::compress_prepend_size(&v.encode()));
-            assert_eq!(unpack(&packed).unwrap(), v.encode());
+            assert_eq!(unpack_whole(&packed).unwrap(), v.encode());
         }
         let record = versions[0].encode();
         let stored = packer.pack(&versions[0]);
@@ -1652,17 +1816,124 @@ mod tests {
 
         let mut longer = stored.clone();
         longer[..4].copy_from_slice(&(record.len() as u32 + 1).to_le_bytes());
-        let e = unpack(&longer).unwrap_err().to_string();
+        let e = unpack_whole(&longer).unwrap_err().to_string();
         assert!(e.contains("holds"), "{e}");
 
         let mut huge = stored.clone();
-        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        let e = unpack(&huge).unwrap_err().to_string();
+        huge[..4].copy_from_slice(&(!SPLICED).to_le_bytes());
+        let e = unpack_whole(&huge).unwrap_err().to_string();
         assert!(e.contains("does not decompress") && e.contains("claims"), "{e}");
-        let e = unpack(&stored[..2]).unwrap_err().to_string();
+        let e = unpack_whole(&stored[..2]).unwrap_err().to_string();
         assert!(e.contains("shorter than its length"), "{e}");
         let mut cut = stored.clone();
         cut.truncate(stored.len() - 3);
-        assert!(matches!(unpack(&cut), Err(StoreError::Corrupt(_))));
+        assert!(matches!(unpack_whole(&cut), Err(StoreError::Corrupt(_))));
+    }
+
+    /// A write's AuditEvent and Provenance in one batch: the Provenance is spliced from the
+    /// AuditEvent's record; other records holding the same fact are not (their middles differ).
+    /// Every version reads back as it was, the digest is the one of the same versions stored one
+    /// per transaction (each packed whole), and damage to the record spliced from is an error.
+    #[test]
+    fn a_provenance_is_spliced_from_its_audit_events_record() {
+        let fact = serde_json::value::to_raw_value(&serde_json::json!({
+            "id": "e1", "actor": {"sub": "device-7", "client_id": "gateway"},
+            // Text LZ4 does not shrink, as a fact's ids and hashes.
+            "hashes": (0..80u64).map(|i| format!("{:016x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15))).collect::<Vec<_>>(),
+        }))
+        .unwrap();
+        let record = |resource_type: &str, id: &str, version_id: u64| ResourceVersion {
+            resource_type: resource_type.into(),
+            fact: true,
+            resource: Some(fact.clone()),
+            date_key: (resource_type == "AuditEvent").then_some(1),
+            ..version(id, version_id, Some("Patient/p1"), None, &[], false)
+        };
+        let (audit, provenance) = (record("AuditEvent", "e1", 1), record("Provenance", "e1", 1));
+        // The same fact under another id, and in a second version of the Provenance (which
+        // replaces the spliced one in the same transaction: its index keys are read back, with the
+        // record it is spliced from, before anything is written out).
+        let (other, provenance2) = (record("Device", "d9", 1), record("Provenance", "e1", 2));
+        let batch = [provenance.clone(), other.clone(), audit.clone(), provenance2.clone()];
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let shared = EmbeddedStore::open(dir.path().join("shared.redb")).unwrap();
+        rt.block_on(shared.apply(&batch, &[], true)).unwrap();
+        let alone = EmbeddedStore::open(dir.path().join("alone.redb")).unwrap();
+        for v in &batch {
+            rt.block_on(alone.apply(std::slice::from_ref(v), &[], true)).unwrap();
+        }
+        let packed = |store: &EmbeddedStore, key: &str, version: u64| {
+            store.values.read(store.version_row(key, version).pointer).unwrap()
+        };
+        let spliced = packed(&shared, "Provenance/e1", 1);
+        assert!(is_spliced(&spliced));
+        let audit_row = shared.version_row("AuditEvent/e1", 1);
+        assert_eq!(Pointer::decode(&spliced[SPLICE_POINTER]).unwrap(), audit_row.pointer);
+        assert!(spliced.len() < fact.get().len() / 4, "{} bytes", spliced.len());
+        for (key, version) in [("AuditEvent/e1", 1), ("Device/d9", 1), ("Provenance/e1", 2)] {
+            assert!(!is_spliced(&packed(&shared, key, version)), "{key}");
+            assert_eq!(packed(&shared, key, version), packed(&alone, key, version), "{key}");
+        }
+        for store in [&shared, &alone] {
+            for v in [&audit, &provenance, &other, &provenance2] {
+                let read = rt.block_on(store.version(&v.resource_type, &v.id, v.version_id)).unwrap().unwrap();
+                assert_eq!(read.encode(), v.encode());
+            }
+            let current = rt.block_on(store.current("Provenance", "e1")).unwrap().unwrap();
+            assert_eq!(current.version_id, 2);
+        }
+        assert_eq!(rt.block_on(shared.digest()).unwrap(), rt.block_on(alone.digest()).unwrap());
+
+        // Applied again, with every version already stored: nothing changes.
+        let values_len = |s: &EmbeddedStore| s.values_end.load(Ordering::Relaxed);
+        let before = values_len(&shared);
+        rt.block_on(shared.apply(&batch, &[], true)).unwrap();
+        assert_eq!(values_len(&shared), before);
+        // A Provenance whose AuditEvent was stored by an earlier batch is packed whole.
+        let (audit2, provenance_late) = (record("AuditEvent", "e2", 1), record("Provenance", "e2", 1));
+        rt.block_on(shared.apply(std::slice::from_ref(&audit2), &[], true)).unwrap();
+        rt.block_on(shared.apply(&[audit2.clone(), provenance_late.clone()], &[], true)).unwrap();
+        assert!(!is_spliced(&packed(&shared, "Provenance/e2", 1)));
+        let read = rt.block_on(shared.current("Provenance", "e2")).unwrap().unwrap();
+        assert_eq!(read.encode(), provenance_late.encode());
+
+        // A record spliced from one that is spliced itself is refused (no chains, no loops).
+        let e = unpack(&spliced, |_| Ok(spliced.clone())).unwrap_err().to_string();
+        assert!(e.contains("the record it is spliced from") && e.contains("spliced from another"), "{e}");
+        // Lengths that do not add up.
+        let mut longer = spliced.clone();
+        longer[..4].copy_from_slice(&((spliced.len() as u32 + 9999) | SPLICED).to_le_bytes());
+        let e = unpack(&longer, |p| shared.values.read(p)).unwrap_err().to_string();
+        assert!(e.contains("claims"), "{e}");
+        let e = unpack(&spliced[..SPLICE_HEADER - 1], |p| shared.values.read(p)).unwrap_err().to_string();
+        assert!(e.contains("shorter than its header"), "{e}");
+        // Damage to the AuditEvent's record fails its checksum, read through the Provenance.
+        let path = crate::values::path_for(&dir.path().join("shared.redb"));
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(audit_row.pointer.offset + 6)).unwrap();
+        file.write_all(b"\xff").unwrap();
+        drop(file);
+        let e = rt.block_on(shared.version("Provenance", "e1", 1)).unwrap_err().to_string();
+        assert!(e.contains("checksum"), "{e}");
+
+        // A batch large enough to be packed on the helper thread: every Provenance spliced, the
+        // digest the same as with each record packed whole.
+        let pairs: Vec<ResourceVersion> = (0..300)
+            .flat_map(|n| [record("AuditEvent", &format!("w{n:03}"), 1), record("Provenance", &format!("w{n:03}"), 1)])
+            .collect();
+        assert!(pairs.len() >= PACK_AHEAD_MIN);
+        let large = EmbeddedStore::open(dir.path().join("large.redb")).unwrap();
+        rt.block_on(large.apply(&pairs, &[], true)).unwrap();
+        let whole = EmbeddedStore::open(dir.path().join("whole.redb")).unwrap();
+        for v in &pairs {
+            rt.block_on(whole.apply(std::slice::from_ref(v), &[], false)).unwrap();
+        }
+        for n in [0, 150, 299] {
+            assert!(is_spliced(&packed(&large, &format!("Provenance/w{n:03}"), 1)), "{n}");
+            let read = rt.block_on(large.current("Provenance", &format!("w{n:03}"))).unwrap().unwrap();
+            assert_eq!(read.encode(), pairs[2 * n + 1].encode());
+        }
+        assert_eq!(rt.block_on(large.digest()).unwrap(), rt.block_on(whole.digest()).unwrap());
     }
 }

@@ -66,12 +66,15 @@ impl ResourceVersion {
     /// `Serialize` (field order, escaping, `null`s), written directly. Every stored version is encoded
     /// once for the store and again for the digest; through serde this took about a sixth of a
     /// rebuild's CPU, mostly in escaping field names and short strings byte by byte. A test holds the
-    /// two encodings equal.
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
+    /// two encodings equal. Returns where in `out` the fields from `id` to `identifiers` lie: all
+    /// but the type and the date key, which is what a write's AuditEvent and Provenance have in
+    /// common (the embedded store keeps it once).
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> std::ops::Range<usize> {
         let resource = self.resource.as_deref().map(|r| r.get().len()).unwrap_or(4);
         out.reserve(160 + resource);
         out.extend_from_slice(br#"{"resource_type":"#);
         json_str(out, &self.resource_type);
+        let middle_start = out.len();
         out.extend_from_slice(br#","id":"#);
         json_str(out, &self.id);
         out.extend_from_slice(br#","version_id":"#);
@@ -101,12 +104,22 @@ impl ResourceVersion {
             }
             json_str(out, identifier);
         }
-        out.extend_from_slice(br#"],"date_key":"#);
+        out.push(b']');
+        let middle = middle_start..out.len();
+        out.extend_from_slice(br#","date_key":"#);
         match self.date_key {
             Some(k) => out.extend_from_slice(itoa::Buffer::new().format(k).as_bytes()),
             None => out.extend_from_slice(b"null"),
         }
         out.push(b'}');
+        middle
+    }
+
+    /// Where [`ResourceVersion::encode_into`]'s middle starts in the record: after the type.
+    pub fn middle_start(&self) -> usize {
+        let mut resource_type = Vec::with_capacity(self.resource_type.len() + 2);
+        json_str(&mut resource_type, &self.resource_type);
+        br#"{"resource_type":"#.len() + resource_type.len()
     }
 
     /// The resource parsed; `None` for a deletion.
@@ -304,7 +317,10 @@ mod tests {
             for resource in [None, Some(r#"{"resourceType":"Observation","a":[1,"\u0000"]}"#), Some("null")] {
                 let v = version(text, resource, i % 2 == 0, i % 5 == 0);
                 let mut ours = b"prefix".to_vec();
-                v.encode_into(&mut ours);
+                let middle = v.encode_into(&mut ours);
+                assert_eq!(middle.start, 6 + v.middle_start(), "text {text:?}");
+                assert!(ours[middle.start..].starts_with(br#","id":"#) && ours[..middle.end].ends_with(b"]"));
+                assert!(ours[middle.end..].starts_with(br#","date_key":"#), "text {text:?}");
                 assert_eq!(
                     String::from_utf8_lossy(&ours[6..]),
                     String::from_utf8_lossy(&serde_json::to_vec(&v).unwrap()),
