@@ -89,8 +89,14 @@ const SPLICE_HEADER: usize = SPLICE_POINTER.end + 12;
 impl Packer {
     /// The version's record, packed.
     fn pack(&mut self, version: &ResourceVersion) -> Vec<u8> {
+        self.pack_locating_middle(version).0
+    }
+
+    /// [`Packer::pack`], and where the record's middle lies in it (unpacked), for the records
+    /// spliced from it.
+    fn pack_locating_middle(&mut self, version: &ResourceVersion) -> (Vec<u8>, std::ops::Range<usize>) {
         self.encoded.clear();
-        version.encode_into(&mut self.encoded);
+        let middle = version.encode_into(&mut self.encoded);
         let most = lz4_flex::block::get_maximum_output_size(self.encoded.len());
         if self.compressed.len() < most {
             self.compressed.resize(most, 0);
@@ -105,7 +111,7 @@ impl Packer {
         let mut packed = Vec::with_capacity(4 + n);
         packed.extend_from_slice(&(self.encoded.len() as u32).to_le_bytes());
         packed.extend_from_slice(&self.compressed[..n]);
-        packed
+        (packed, middle)
     }
 
     /// The version's record without its middle, which another record holds at `from`; the other
@@ -141,9 +147,10 @@ struct Packed {
 struct BatchPacker<'a> {
     packer: Packer,
     batch: &'a [&'a ResourceVersion],
-    /// The first fact of the batch under each id, by its index. Keyed by the id (a middle holds
-    /// it), not the fact's text: hashing that took half as long as compressing a record.
-    first_with_id: foldhash::HashMap<&'a str, usize>,
+    /// The first fact of the batch under each id: its index, and where its middle starts in its
+    /// record. Keyed by the id (a middle holds it), not the fact's text: hashing that took half as
+    /// long as compressing a record.
+    first_with_id: foldhash::HashMap<&'a str, (usize, usize)>,
 }
 
 impl<'a> BatchPacker<'a> {
@@ -151,25 +158,23 @@ impl<'a> BatchPacker<'a> {
         BatchPacker { packer: Packer::default(), batch, first_with_id: Default::default() }
     }
 
-    /// The version whose record `version`'s middle can be spliced from: the batch's first fact under
-    /// its id, when that is not `version` itself and has the same middle.
-    fn splice_source(&mut self, index: usize, version: &'a ResourceVersion) -> Option<usize> {
-        if !version.fact {
-            return None;
-        }
-        let first = *self.first_with_id.entry(&version.id).or_insert(index);
-        (first != index && same_middle(version, self.batch[first])).then_some(first)
-    }
-
-    /// The batch's version at `index`, packed.
+    /// The batch's version at `index`, packed: spliced from the batch's first fact under its id
+    /// when that has the same middle.
     fn pack(&mut self, index: usize) -> Packed {
         let version = self.batch[index];
-        match self.splice_source(index, version) {
-            Some(first) => Packed {
-                bytes: self.packer.pack_spliced(version, self.batch[first].middle_start()),
-                spliced_from: Some(first),
-            },
-            None => Packed { bytes: self.packer.pack(version), spliced_from: None },
+        if !version.fact {
+            return Packed { bytes: self.packer.pack(version), spliced_from: None };
+        }
+        match self.first_with_id.get(version.id.as_str()) {
+            Some(&(first, from)) if same_middle(version, self.batch[first]) => {
+                Packed { bytes: self.packer.pack_spliced(version, from), spliced_from: Some(first) }
+            }
+            Some(_) => Packed { bytes: self.packer.pack(version), spliced_from: None },
+            None => {
+                let (bytes, middle) = self.packer.pack_locating_middle(version);
+                self.first_with_id.insert(&version.id, (index, middle.start));
+                Packed { bytes, spliced_from: None }
+            }
         }
     }
 }
