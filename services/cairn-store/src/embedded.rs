@@ -20,6 +20,7 @@
 //!   ([`EmbeddedStore::create_for_rebuild`]) has not built the indexes yet.
 
 use crate::digest::StoreDigest;
+use crate::drop_behind::DropBehind;
 use crate::key::{BadKey, KeyBuf, KeyReader};
 use crate::sorter::{KeySorter, difference};
 use crate::values::{Appender, Pointer, ValueFile};
@@ -349,6 +350,8 @@ pub struct EmbeddedStore {
     /// have put in and taken out; [`EmbeddedStore::build_indexes`] writes what is left, in key order.
     /// Every `apply` holds this lock for its whole transaction.
     rebuild: Mutex<Rebuild>,
+    /// While a rebuild writes: its pages leave the page cache once on disk ([`DropBehind`]).
+    drop_behind: Mutex<Option<DropBehind>>,
 }
 
 /// Bytes of index keys a rebuild sorts in memory per index, inserted and removed apart, before it
@@ -585,6 +588,7 @@ impl EmbeddedStore {
             values,
             values_end: AtomicU64::new(values_len),
             rebuild: Mutex::new(Rebuild::None),
+            drop_behind: Mutex::new(None),
         })
     }
 
@@ -681,6 +685,9 @@ impl EmbeddedStore {
         let sorters = |kind: &str| {
             Index::ALL.map(|index| KeySorter::new(&scratch, &format!("{}.{kind}", index.table().name()), sort_budget))
         };
+        let values = crate::values::path_for(path);
+        *store.drop_behind.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(DropBehind::start(&[path, &values], &scratch));
         let gathered = Gathered { added: sorters("added"), removed: sorters("removed"), scratch };
         *store.rebuild_state() = Rebuild::Gathering(Box::new(gathered));
         Ok(store)
@@ -707,6 +714,8 @@ impl EmbeddedStore {
         };
         let scratch = gathered.scratch.clone();
         let result = self.write_indexes(*gathered, progress);
+        // What a live server reads next is what it writes next: its pages stay cached from now on.
+        drop(self.drop_behind.lock().unwrap_or_else(|e| e.into_inner()).take());
         let _ = std::fs::remove_dir_all(&scratch);
         *self.rebuild_state() = if result.is_ok() { Rebuild::None } else { Rebuild::Failed };
         result
@@ -1547,9 +1556,12 @@ mod tests {
                 rt.block_on(store.apply(batch, &checkpoint(n as u64), false)).unwrap();
             }
         }
+        let dropping = |store: &EmbeddedStore| store.drop_behind.lock().unwrap().is_some();
+        assert!(dropping(&rebuilt) && !dropping(&kept_up), "only a rebuild's pages leave the cache");
         let mut reports = 0;
         rebuilt.build_indexes(&mut |_| reports += 1).unwrap();
         assert!(reports >= 2);
+        assert!(!dropping(&rebuilt), "built, it is a live store, whose newest pages stay cached");
         assert_eq!(rt.block_on(rebuilt.digest()).unwrap(), rt.block_on(kept_up.digest()).unwrap());
         assert!(!rebuilt_path.with_extension("index-build").exists(), "the sort's scratch files are gone");
         // Built, the store keeps its indexes up write by write, like any other.

@@ -7,6 +7,7 @@
 //! any point is repaired by replaying from the checkpoint.
 
 pub mod digest;
+mod drop_behind;
 pub mod embedded;
 pub mod key;
 pub mod sorter;
