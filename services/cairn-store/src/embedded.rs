@@ -362,6 +362,10 @@ const INDEX_SORT_BUDGET: usize = 64 << 20;
 /// How often [`EmbeddedStore::with_early_writeback`] syncs the store file during an index build.
 const EARLY_WRITEBACK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How often a rebuild drops its written pages from the page cache ([`DropBehind`]): about 250 MB
+/// written in between at full speed.
+const DROP_BEHIND_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How far [`EmbeddedStore::build_indexes`] has come: index keys written, of how many.
 #[derive(Debug, Clone, Copy)]
 pub struct IndexProgress {
@@ -668,12 +672,17 @@ impl EmbeddedStore {
     /// ([`StoreError::Unfinished`]), so nothing is synced before the build's last commit either.
     /// `path` must not exist yet.
     pub fn create_for_rebuild(path: impl AsRef<Path>, cache_bytes: usize) -> Result<EmbeddedStore> {
-        Self::create_for_rebuild_sorting(path.as_ref(), cache_bytes, INDEX_SORT_BUDGET)
+        Self::create_for_rebuild_sorting(path.as_ref(), cache_bytes, INDEX_SORT_BUDGET, DROP_BEHIND_EVERY)
     }
 
     /// [`EmbeddedStore::create_for_rebuild`], sorting up to `sort_budget` bytes of keys per index
-    /// in memory before spilling a sorted run.
-    fn create_for_rebuild_sorting(path: &Path, cache_bytes: usize, sort_budget: usize) -> Result<EmbeddedStore> {
+    /// in memory before spilling a sorted run, and dropping written pages every `drop_every`.
+    fn create_for_rebuild_sorting(
+        path: &Path,
+        cache_bytes: usize,
+        sort_budget: usize,
+        drop_every: std::time::Duration,
+    ) -> Result<EmbeddedStore> {
         if path.exists() {
             return Err(storage(path, "a rebuild starts a new file, and this one exists"));
         }
@@ -687,7 +696,7 @@ impl EmbeddedStore {
         };
         let values = crate::values::path_for(path);
         *store.drop_behind.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(DropBehind::start(&[path, &values], &scratch));
+            Some(DropBehind::start(drop_every, &[path, &values], &scratch));
         let gathered = Gathered { added: sorters("added"), removed: sorters("removed"), scratch };
         *store.rebuild_state() = Rebuild::Gathering(Box::new(gathered));
         Ok(store)
@@ -707,6 +716,9 @@ impl EmbeddedStore {
                     return Ok(());
                 }
                 other => {
+                    if matches!(other, Rebuild::Failed) {
+                        self.stop_drop_behind();
+                    }
                     *rebuild = other;
                     return Err(StoreError::Unfinished { path: self.path.display().to_string() });
                 }
@@ -715,10 +727,18 @@ impl EmbeddedStore {
         let scratch = gathered.scratch.clone();
         let result = self.write_indexes(*gathered, progress);
         // What a live server reads next is what it writes next: its pages stay cached from now on.
-        drop(self.drop_behind.lock().unwrap_or_else(|e| e.into_inner()).take());
+        self.stop_drop_behind();
         let _ = std::fs::remove_dir_all(&scratch);
         *self.rebuild_state() = if result.is_ok() { Rebuild::None } else { Rebuild::Failed };
         result
+    }
+
+    /// Stops and joins the rebuild's [`DropBehind`] helper, if it runs: the rebuild has ended, built
+    /// or failed.
+    fn stop_drop_behind(&self) {
+        // Taken out first: the helper is joined without the lock held.
+        let helper = self.drop_behind.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(helper);
     }
 
     /// Runs `build` (writing the index tables) while a helper thread gets the page cache's
@@ -1284,6 +1304,7 @@ impl ResourceStore for EmbeddedStore {
         if result.is_err() && gathering {
             // The gathered keys may include some of the transaction that failed.
             *rebuild = Rebuild::Failed;
+            self.stop_drop_behind();
         }
         result
     }
@@ -1549,7 +1570,9 @@ mod tests {
         let kept_up = EmbeddedStore::open(dir.path().join("kept-up.redb")).unwrap();
         let rebuilt_path = dir.path().join("rebuilt.redb");
         // A small sort budget: the gathered keys spill to sorted runs.
-        let rebuilt = EmbeddedStore::create_for_rebuild_sorting(&rebuilt_path, 1 << 20, 64).unwrap();
+        // Its written pages dropped from the cache all along: they read back the same.
+        let every = std::time::Duration::from_millis(1);
+        let rebuilt = EmbeddedStore::create_for_rebuild_sorting(&rebuilt_path, 1 << 20, 64, every).unwrap();
         let checkpoint = |n| vec![Checkpoint { topic: "t".into(), partition: 0, next_offset: n }];
         for (n, batch) in batches.iter().enumerate() {
             for store in [&kept_up, &rebuilt] {

@@ -19,7 +19,8 @@ pub struct KeySorter {
     /// The keys gathered since the last spill, back to back, and each one's place in `data`.
     data: Vec<u8>,
     spans: Vec<(u32, u32)>,
-    runs: Vec<PathBuf>,
+    /// The run files, each with the handle it was written through.
+    runs: Vec<(PathBuf, File)>,
     len: u64,
 }
 
@@ -73,9 +74,9 @@ impl KeySorter {
             out.write_all(&len.to_le_bytes())?;
             out.write_all(&self.data[at as usize..(at + len) as usize])?;
         }
-        // Not synced: after a crash the rebuild starts again and the runs are thrown away.
-        out.flush()?;
-        self.runs.push(path);
+        // Not synced here: after a crash the rebuild starts again and the runs are thrown away.
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        self.runs.push((path, file));
         self.data.clear();
         self.spans.clear();
         Ok(())
@@ -92,7 +93,11 @@ impl KeySorter {
         }
         let mut runs = Vec::with_capacity(self.runs.len());
         let mut heads = BinaryHeap::with_capacity(self.runs.len());
-        for (n, path) in self.runs.iter().enumerate() {
+        for (n, (path, written)) in self.runs.iter().enumerate() {
+            // Synced before it is read back, through the handle it was written with: a failed
+            // writeback is reported here, not read back as other bytes once the run's pages left
+            // the cache (a rebuild drops them: drop_behind.rs). Written back long before, by now.
+            written.sync_data()?;
             let mut run = Run { path: path.clone(), reader: BufReader::with_capacity(256 << 10, File::open(path)?) };
             if let Some(key) = run.next_key()? {
                 heads.push(Reverse((key, n)));
