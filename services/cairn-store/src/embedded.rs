@@ -115,21 +115,21 @@ impl Packer {
         (packed, middle)
     }
 
-    /// The version's record without its middle, which another record holds at `from`; the other
-    /// record's pointer is left zero ([`SPLICE_POINTER`]) for the writer. The rest (a type and a
+    /// The version's record without its middle, which another record holds at `from` (where the
+    /// same middle lies in that record, unpacked); the other record's pointer is left zero
+    /// ([`SPLICE_POINTER`]) for the writer. The middle is not encoded again. The rest (a type and a
     /// date key) is a few dozen bytes, too few for LZ4 to shrink.
-    fn pack_spliced(&mut self, version: &ResourceVersion, from: usize) -> Vec<u8> {
+    fn pack_spliced(&mut self, version: &ResourceVersion, from: std::ops::Range<usize>) -> Vec<u8> {
         self.encoded.clear();
-        let middle = version.encode_into(&mut self.encoded);
-        let rest = self.encoded.len() - middle.len();
+        let at = version.encode_around_middle(&mut self.encoded);
+        let rest = self.encoded.len();
         let mut packed = Vec::with_capacity(SPLICE_HEADER + rest);
-        packed.extend_from_slice(&(self.encoded.len() as u32 | SPLICED).to_le_bytes());
+        packed.extend_from_slice(&((rest + from.len()) as u32 | SPLICED).to_le_bytes());
         packed.extend_from_slice(&[0; Pointer::BYTES]);
-        for n in [from, middle.start, middle.len()] {
+        for n in [from.start, at, from.len()] {
             packed.extend_from_slice(&(n as u32).to_le_bytes());
         }
-        packed.extend_from_slice(&self.encoded[..middle.start]);
-        packed.extend_from_slice(&self.encoded[middle.end..]);
+        packed.extend_from_slice(&self.encoded);
         packed
     }
 }
@@ -148,10 +148,10 @@ struct Packed {
 struct BatchPacker<'a> {
     packer: Packer,
     batch: &'a [&'a ResourceVersion],
-    /// The first fact of the batch under each id: its index, and where its middle starts in its
+    /// The first fact of the batch under each id: its index, and where its middle lies in its
     /// record. Keyed by the id (a middle holds it), not the fact's text: hashing that took half as
     /// long as compressing a record.
-    first_with_id: foldhash::HashMap<&'a str, (usize, usize)>,
+    first_with_id: foldhash::HashMap<&'a str, (usize, std::ops::Range<usize>)>,
 }
 
 impl<'a> BatchPacker<'a> {
@@ -167,30 +167,17 @@ impl<'a> BatchPacker<'a> {
             return Packed { bytes: self.packer.pack(version), spliced_from: None };
         }
         match self.first_with_id.get(version.id.as_str()) {
-            Some(&(first, from)) if same_middle(version, self.batch[first]) => {
-                Packed { bytes: self.packer.pack_spliced(version, from), spliced_from: Some(first) }
+            Some((first, from)) if version.same_middle(self.batch[*first]) => {
+                Packed { bytes: self.packer.pack_spliced(version, from.clone()), spliced_from: Some(*first) }
             }
             Some(_) => Packed { bytes: self.packer.pack(version), spliced_from: None },
             None => {
                 let (bytes, middle) = self.packer.pack_locating_middle(version);
-                self.first_with_id.insert(&version.id, (index, middle.start));
+                self.first_with_id.insert(&version.id, (index, middle));
                 Packed { bytes, spliced_from: None }
             }
         }
     }
-}
-
-/// Whether `a` and `b` encode to the same middle (`ResourceVersion::encode_into`).
-fn same_middle(a: &ResourceVersion, b: &ResourceVersion) -> bool {
-    a.resource.as_ref().map(|r| r.get()) == b.resource.as_ref().map(|r| r.get())
-        && a.id == b.id
-        && a.version_id == b.version_id
-        && a.last_updated == b.last_updated
-        && a.last_updated_ms == b.last_updated_ms
-        && a.deleted == b.deleted
-        && a.fact == b.fact
-        && a.patient == b.patient
-        && a.identifiers == b.identifiers
 }
 
 /// The largest version record [`unpack`] accepts: far above the API's request limit, and it keeps a
